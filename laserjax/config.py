@@ -1,0 +1,398 @@
+"""Run configuration: validated dataclasses loaded from YAML with `key=value` overrides.
+
+Every check that can fail does so at construction, before any compile, with a message that names
+the field and the fix. Checks that need the model (token ids inside the vocabulary) run in
+`Config.validate_against_vocab`, called by the trainer as soon as the model config is known.
+
+Defaults are the paper's (LASER_SPEC section 2); the demo and real-model YAMLs under configs/
+override what they must.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config field is invalid; the message names the field and the fix."""
+
+
+def _check(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field `{field}`: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Where the policy comes from and how it is computed."""
+
+    path: str = ""
+    """A Hugging Face hub id or a local checkpoint directory; empty for the demo's toy model."""
+    toy: dict[str, Any] | None = None
+    """For the CPU demo: keyword overrides of `laserjax.toy_task.TOY_MODEL` (no checkpoint)."""
+    dtype: str = "bfloat16"
+    """Activation dtype; loss math is always float32."""
+    param_dtype: str = "float32"
+    remat: bool = False
+    """Rematerialise each transformer block in the backward pass (trades FLOPs for memory)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path) != (self.toy is not None), "model.path",
+               "set exactly one of `model.path` (hub id or directory) and `model.toy`")
+        for f in ("dtype", "param_dtype"):
+            _check(getattr(self, f) in ("float32", "bfloat16", "float16"), f"model.{f}",
+                   f"unknown dtype {getattr(self, f)!r}; use float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenConfig:
+    """Special token ids. `self_reward_token_id` is z_c (LASER_SPEC section 1)."""
+
+    eos_ids: tuple[int, ...] = ()
+    """Ids that end a response; empty means: take them from the tokenizer/generation config."""
+    pad_id: int = -1
+    """-1 means: the tokenizer's pad id (or the first EOS id when it has none)."""
+    self_reward_token_id: int = 151652
+    """z_c: Qwen2.5 `<|vision_start|>` = 151652; Llama-3 / OctoThinker reserved id 128002."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+        _check(self.self_reward_token_id >= 0, "tokens.self_reward_token_id",
+               "must be a token id >= 0 (Qwen2.5: 151652, Llama-3: 128002)")
+        _check(self.self_reward_token_id not in self.eos_ids, "tokens.self_reward_token_id",
+               f"z_c = {self.self_reward_token_id} is also an EOS id; choose a token the model never "
+               "emits")
+        _check(self.self_reward_token_id != self.pad_id, "tokens.self_reward_token_id",
+               f"z_c = {self.self_reward_token_id} equals the pad id; choose another token")
+
+
+@dataclasses.dataclass(frozen=True)
+class LaserConfig:
+    """The LaSeR terms (LASER_SPEC sections 1-4). `algorithm: grpo` turns all of them off."""
+
+    algorithm: Literal["laser", "grpo"] = "laser"
+    beta_v: float = 0.1
+    c_ref: float = -23.0
+    """Measure it for your model: `python -m laserjax calibrate` (spec section 1)."""
+    alpha: float = 0.1
+    """Weight of the self-reward MSE."""
+    tau: float = 0.1
+    """Weight of the self-reward advantage A_s in the mixed advantage."""
+    std_threshold: float = 0.1
+    """T: a group whose score std is <= T falls back to A_v."""
+    reasoning_warmup_steps: int = 200
+    self_reward_warmup_steps: int = 200
+
+    def __post_init__(self) -> None:
+        _check(self.algorithm in ("laser", "grpo"), "laser.algorithm",
+               f"unknown algorithm {self.algorithm!r}; use laser or grpo")
+        _check(self.beta_v > 0, "laser.beta_v", "must be > 0 (the paper uses 0.1)")
+        _check(self.alpha >= 0, "laser.alpha", "must be >= 0 (the paper uses 0.1)")
+        _check(0 <= self.tau <= 1, "laser.tau", "must be in [0, 1] (the paper uses 0.1)")
+        _check(self.std_threshold >= 0, "laser.std_threshold", "must be >= 0 (the paper uses 0.1)")
+        for f in ("reasoning_warmup_steps", "self_reward_warmup_steps"):
+            _check(getattr(self, f) >= 0, f"laser.{f}",
+                   f"must be >= 0, got {getattr(self, f)}; use 0 to switch the warm-up off")
+
+    @property
+    def enabled(self) -> bool:
+        return self.algorithm == "laser"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """The GRPO/PPO clipped surrogate (LASER_SPEC section 2)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0
+    """c of dual-clip PPO for negative advantages; 0 switches it off (must be > 1 otherwise)."""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    kl_coef: float = 0.0
+    kl_type: Literal["low_var_kl", "k1", "k2"] = "low_var_kl"
+
+    def __post_init__(self) -> None:
+        _check(self.clip_low > 0 and self.clip_high > 0, "policy_loss.clip_low/clip_high",
+               "must be > 0 (the paper uses 0.2/0.2)")
+        _check(self.dual_clip == 0 or self.dual_clip > 1, "policy_loss.dual_clip",
+               "must be 0 (off) or > 1 (the paper uses 3.0)")
+        _check(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+               "policy_loss.loss_agg", "use token-mean, seq-mean-token-mean or seq-mean-token-sum")
+        _check(self.kl_coef >= 0, "policy_loss.kl_coef", "must be >= 0")
+        _check(self.kl_type in ("low_var_kl", "k1", "k2"), "policy_loss.kl_type",
+               "use low_var_kl, k1 or k2")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with grad-norm clipping (LASER_SPEC section 2: lr 1e-6 constant, wd 0.01, clip 1)."""
+
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.learning_rate > 0, "optim.learning_rate", "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.grad_clip > 0, "optim.grad_clip", "must be > 0 (the paper uses 1.0)")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """The sampler's settings for training rollouts (LASER_SPEC section 5)."""
+
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = full vocabulary."""
+    max_prompt_len: int = 2048
+    max_new_tokens: int = 8192
+    prompt_buckets: tuple[int, ...] = ()
+    """Padded prompt lengths the sampler compiles for; empty = powers of two up to max_prompt_len."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1 (K)")
+        _check(self.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _check(self.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = full vocabulary)")
+        _check(self.max_prompt_len > 0, "rollout.max_prompt_len", "must be > 0")
+        _check(self.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
+        _check(all(b > 0 for b in self.prompt_buckets), "rollout.prompt_buckets",
+               "every bucket must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training data and held-out evaluation data."""
+
+    train: str = ""
+    """jsonl / parquet path or a Hugging Face dataset id (`hf:org/name[:split]`); empty for the
+    demo, whose task is generated in code."""
+    eval: tuple[str, ...] = ()
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    template: Literal["chat", "plain"] = "chat"
+    prompt_overflow: Literal["filter", "error"] = "filter"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eval", tuple(self.eval))
+        _check(self.template in ("chat", "plain"), "data.template", "use chat or plain")
+        _check(self.prompt_overflow in ("filter", "error"), "data.prompt_overflow",
+               "use filter (drop and count) or error")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: batch over (data, fsdp), params over fsdp, heads/MLP over tensor.
+
+    -1 on one axis means: all the devices the other axes leave.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+        _check(all(s == -1 or s >= 1 for s in sizes), "mesh", "axis sizes must be >= 1 or -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop: how many prompts per step, how long, how often to evaluate and save."""
+
+    total_steps: int = 1000
+    prompts_per_step: int = 128
+    micro_batch_size: int = 0
+    """Rows (samples) per micro-batch for gradient accumulation; 0 = the whole step batch."""
+    seed: int = 0
+    eval_every: int = 0
+    """0 = evaluate only at the start and the end."""
+    eval_samples: int = 4
+    """k for held-out maj@k / weighted maj@k."""
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    export_hf: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "laserjax"
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.total_steps >= 1, "train.total_steps", "must be >= 1")
+        _check(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.eval_samples >= 1, "train.eval_samples", "must be >= 1")
+        _check(self.save_every >= 1, "train.save_every", "must be >= 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(path="Qwen/Qwen2.5-7B"))
+    tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
+    laser: LaserConfig = dataclasses.field(default_factory=LaserConfig)
+    policy_loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    output_dir: str = "runs/laserjax"
+    algorithm: str = ""
+    """Shorthand for `laser.algorithm` (`algorithm=grpo` on the command line)."""
+
+    def __post_init__(self) -> None:
+        if self.algorithm:
+            object.__setattr__(self, "laser",
+                               dataclasses.replace(self.laser, algorithm=self.algorithm))
+            object.__setattr__(self, "algorithm", "")
+        rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
+        mb = self.train.micro_batch_size
+        _check(mb == 0 or rows % mb == 0, "train.micro_batch_size",
+               f"the step batch has prompts_per_step * samples_per_prompt = {rows} rows, which "
+               f"{mb} does not divide; pick a divisor of {rows} (or 0 for no accumulation)")
+        _check(bool(self.output_dir), "output_dir", "must be a directory path")
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.train.prompts_per_step * self.rollout.samples_per_prompt
+
+    def validate_against_vocab(self, vocab_size: int, eos_ids: tuple[int, ...], pad_id: int) -> None:
+        """Token-id checks that need the model's vocabulary; run before any compile."""
+        z = self.tokens.self_reward_token_id
+        _check(0 <= z < vocab_size, "tokens.self_reward_token_id",
+               f"z_c = {z} is outside the vocabulary [0, {vocab_size}); pick a reserved/special "
+               "token id of this model that it never emits")
+        _check(z not in eos_ids, "tokens.self_reward_token_id",
+               f"z_c = {z} is one of the EOS ids {list(eos_ids)}; choose a token never emitted")
+        _check(z != pad_id, "tokens.self_reward_token_id",
+               f"z_c = {z} equals the pad id; choose another token")
+        for e in eos_ids:
+            _check(0 <= e < vocab_size, "tokens.eos_ids", f"EOS id {e} is outside [0, {vocab_size})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML file + `section.key=value` overrides -> Config.
+
+
+def _coerce(tp: Any, value: Any, field: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None or value == "null":
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, field)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config field `{field}`: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(args[0], v, field) for v in value if v != "")
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field `{field}`: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config field `{field}`: expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"config field `{field}`: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"config field `{name}`: unknown field; known fields of "
+                              f"`{prefix.rstrip('.') or 'config'}`: {', '.join(fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config field `{name}`: expected a section (mapping)")
+            kwargs[key] = _build(tp, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(tp, value, name)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override `{dotted}`: `{p}` is not a section")
+    node[leaf] = value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of the config, e.g. for `config.yaml` in the run directory."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return [fix(v) for v in x]
+        return x
+
+    return fix(out)
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config and apply `section.key=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: write it as section.key=value, "
+                              "e.g. laser.alpha=0.05 or algorithm=grpo")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, data, "")
