@@ -1,0 +1,441 @@
+"""The decoder-only transformer of the Qwen2 / Qwen2.5 and Llama-3 families, in flax.nnx.
+
+One model, three ways to run it:
+
+- `model(tokens_bt, positions_bt, mask_bt)`: the training forward over whole sequences (left-padded
+  prompts and right-padded responses in one batch; `positions_bt` counts real tokens only).
+  `model.hidden(...)` stops before the LM head so the train step can compute log-probs in chunks.
+- `model.prefill(...)`: runs the prompts once and returns their keys/values as a `PrefixCache`.
+- `model.decode(...)`: one token for each of the K samples of each prompt. The K samples of a prompt
+  attend to the prompt's keys/values in the shared `PrefixCache` (read once per prompt, never copied
+  K times) and to their own generated keys/values in the `SuffixCache`.
+
+Naming follows the Hugging Face modules (`self_attn.q_proj`, `mlp.gate_proj`, ...) so that the
+weight table in `hf_params.py` reads one to one. Kernels are stored `[in, out]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name: str | jnp.dtype) -> jnp.dtype:
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}")
+    return jnp.dtype(_DTYPES[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    """Hashable copy of the HF rope parameters beyond theta (llama3 / linear scaling)."""
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    max_position_embeddings: int = 32768
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config field `model_type`: {self.model_type!r} is not supported; "
+                             f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"config fields `num_attention_heads` ({self.num_heads}) must be a "
+                             f"multiple of `num_key_value_heads` ({self.num_kv_heads})")
+        to_dtype(self.dtype), to_dtype(self.param_dtype)
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        return dict(self.rope_scaling or ())
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
+        """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config field `model_type`: {model_type!r} is not supported; "
+                             f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if hf.get("use_sliding_window"):
+            raise ValueError("config field `use_sliding_window` is true; laserjax implements full "
+                             "attention only (every released Qwen2.5 checkpoint sets it false)")
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"):
+            if f not in hf:
+                raise ValueError(f"config field `{f}` is missing from the Hugging Face config")
+        # transformers 5 writes `rope_parameters` (theta included); older files `rope_theta` and
+        # `rope_scaling`.
+        rope = dict(hf.get("rope_parameters") or {})
+        if hf.get("rope_scaling"):
+            rope = {**dict(hf["rope_scaling"]), **rope}
+        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"config field `rope_scaling.rope_type`: {rope_type!r} is not "
+                             "supported; use default, linear or llama3")
+        rope = {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
+        num_heads = hf["num_attention_heads"]
+        attention_bias = bool(hf.get("attention_bias", False))
+        kwargs = dict(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type == "llama" and attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        )
+        return cls(**(kwargs | overrides))
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str | pathlib.Path, **overrides: Any) -> TransformerConfig:
+        cfg_file = pathlib.Path(path) / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"no config.json in {str(path)!r}")
+        return cls.from_hf(json.loads(cfg_file.read_text()), **overrides)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` fields for this architecture (used by the exporter)."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta} | self.rope
+        hf: dict[str, Any] = dict(
+            model_type=self.model_type,
+            architectures=["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta,
+            rope_parameters=rope,
+        )
+        if self.rope_scaling:
+            hf["rope_scaling"] = rope
+        if self.model_type == "llama":
+            hf |= dict(attention_bias=self.o_bias, mlp_bias=self.mlp_bias)
+        else:
+            hf |= dict(use_sliding_window=False)
+        return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding.
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> jax.Array:
+    """Inverse frequencies, with Llama-3.1 style scaling when the config asks for it."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    rope = cfg.rope
+    if rope.get("rope_type") == "linear":
+        inv_freq = inv_freq / rope["factor"]
+    elif rope.get("rope_type") == "llama3":
+        factor = rope["factor"]
+        low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE, as Hugging Face's Qwen2/Llama (not the interleaved variant)."""
+    angles_btf = positions_bt[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([angles_btf, angles_btf], axis=-1)[..., None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x = x_bthd.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_bthd.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV caches for the sampler.
+
+
+@flax.struct.dataclass
+class PrefixCache:
+    """Keys/values of the prompts, one copy per prompt, shared by its K samples."""
+
+    k_lbphd: jax.Array
+    v_lbphd: jax.Array
+    mask_bp: jax.Array
+
+
+@flax.struct.dataclass
+class SuffixCache:
+    """Keys/values of the generated tokens, one row per sample: [layers, prompts, K, T, ...]."""
+
+    k_lbkthd: jax.Array
+    v_lbkthd: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: TransformerConfig, batch: int, k: int, length: int) -> SuffixCache:
+        shape = (cfg.num_layers, batch, k, length, cfg.num_kv_heads, cfg.head_dim)
+        dtype = to_dtype(cfg.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype: jnp.dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As Hugging Face: normalise in float32, cast back, then scale.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel stored [in, out] in param_dtype, computed in dtype."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def _attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts: jax.Array
+            ) -> jax.Array:
+    """Grouped-query attention; softmax in float32; masked keys get a large negative score."""
+    b, t, h, d = q_bthd.shape
+    g = h // k_bshd.shape[2]
+    q = q_bthd.reshape(b, t, k_bshd.shape[2], g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bshd, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bshd.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bshd)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        dt, pdt = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kw = dict(dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias, **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, **kw)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array):
+        b, t, _ = x_btd.shape
+        q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+        return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
+
+    def __call__(self, x_btd, positions_bt, mask_bts, inv_freq):
+        q, k, v = self.qkv(x_btd, positions_bt, inv_freq)
+        out = _attend(q, k, v, mask_bts)
+        return self.o_proj(out.reshape(*out.shape[:2], -1)), (k, v)
+
+    def attend_cached(self, q_bkhd, prefix_k, prefix_v, prefix_mask_bp, suffix_k, suffix_v,
+                      suffix_mask_t):
+        """Decode attention: K samples per prompt over the shared prefix plus their own suffix.
+
+        The prefix keys/values are read once per prompt for all K samples; this step's key/value
+        must already be written into suffix_k/v.
+        """
+        b, kk = q_bkhd.shape[:2]
+        n_kv, d = self.num_kv_heads, self.head_dim
+        g = self.num_heads // n_kv
+        q = q_bkhd.reshape(b, kk, n_kv, g, d)
+        neg = jnp.finfo(jnp.float32).min
+        s_pre = jnp.einsum("bjngd,bpnd->bjngp", q, prefix_k, preferred_element_type=jnp.float32)
+        s_pre = jnp.where(prefix_mask_bp[:, None, None, None, :], s_pre, neg)
+        s_suf = jnp.einsum("bjngd,bjtnd->bjngt", q, suffix_k, preferred_element_type=jnp.float32)
+        s_suf = jnp.where(suffix_mask_t, s_suf, neg)
+        p = prefix_k.shape[1]
+        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1) / math.sqrt(d), axis=-1)
+        probs = probs.astype(prefix_v.dtype)
+        out = (jnp.einsum("bjngp,bpnd->bjngd", probs[..., :p], prefix_v)
+               + jnp.einsum("bjngt,bjtnd->bjngd", probs[..., p:], suffix_v))
+        return self.o_proj(out.reshape(b, kk, -1))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        kw = dict(bias=cfg.mlp_bias, dtype=to_dtype(cfg.dtype),
+                  param_dtype=to_dtype(cfg.param_dtype), rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        pdt = to_dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, positions_bt, mask_bts, inv_freq):
+        h, kv = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask_bts, inv_freq)
+        x_btd = x_btd + h
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), param_dtype))
+
+    def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt = to_dtype(cfg.param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pdt, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=to_dtype(cfg.dtype),
+            param_dtype=pdt, rngs=rngs)
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return to_dtype(self.cfg.dtype)
+
+    def logits(self, h_btd: jax.Array) -> jax.Array:
+        """Final-norm-ed hidden states -> float32 logits (float32 accumulation of the matmul)."""
+        if self.lm_head is None:
+            w_dv = self.embed_tokens.embedding[...].astype(self.dtype).T
+        else:
+            w_dv = self.lm_head.kernel[...].astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", h_btd.astype(self.dtype), w_dv,
+                          preferred_element_type=jnp.float32)
+
+    # -- training forward -------------------------------------------------------------------
+
+    def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array,
+               *, return_kv: bool = False):
+        """Final-normalised hidden states [B, T, D] for a batch of padded sequences.
+
+        Attention is causal by index and ignores keys where mask_bt is False, so one batch can
+        hold left-padded prompts followed by right-padded responses.
+        """
+        t = tokens_bt.shape[1]
+        causal_tt = jnp.tril(jnp.ones((t, t), bool))
+        mask_bts = causal_tt[None] & mask_bt[:, None, :]
+        inv_freq = rope_inv_freq(self.cfg)
+        x = self.embed_tokens(tokens_bt, self.dtype)
+
+        def block_fn(block, x):
+            return block(x, positions_bt, mask_bts, inv_freq)
+
+        if self.cfg.remat:
+            block_fn = nnx.remat(block_fn, prevent_cse=False)
+        kvs = []
+        for block in self.layers:
+            x, kv = block_fn(block, x)
+            kvs.append(kv)
+        x = self.norm(x)
+        return (x, kvs) if return_kv else x
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array
+                 ) -> jax.Array:
+        return self.logits(self.hidden(tokens_bt, positions_bt, mask_bt))
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def prefill(self, tokens_bp: jax.Array, positions_bp: jax.Array, mask_bp: jax.Array
+                ) -> tuple[jax.Array, PrefixCache]:
+        """Run left-padded prompts once: logits of the last position [B, V] and the prefix cache."""
+        h, kvs = self.hidden(tokens_bp, positions_bp, mask_bp, return_kv=True)
+        cache = PrefixCache(k_lbphd=jnp.stack([k for k, _ in kvs]),
+                            v_lbphd=jnp.stack([v for _, v in kvs]), mask_bp=mask_bp)
+        return self.logits(h[:, -1]), cache
+
+    def decode(self, tokens_bk: jax.Array, positions_bk: jax.Array, prefix: PrefixCache,
+               suffix: SuffixCache, step: jax.Array) -> tuple[jax.Array, SuffixCache]:
+        """One token for each of K samples per prompt, written at suffix index `step`.
+
+        Sample j of prompt b attends to prompt b's prefix keys and to its own suffix keys
+        0..step. Returns float32 logits [B, K, V] and the updated suffix cache.
+        """
+        inv_freq = rope_inv_freq(self.cfg)
+        x = self.embed_tokens(tokens_bk, self.dtype)
+        suffix_mask_t = jnp.arange(suffix.k_lbkthd.shape[3]) <= step
+        k_cache, v_cache = suffix.k_lbkthd, suffix.v_lbkthd
+        for i, block in enumerate(self.layers):
+            h = block.input_layernorm(x)
+            q, k_new, v_new = block.self_attn.qkv(h, positions_bk, inv_freq)
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k_new[None, :, :, None].astype(k_cache.dtype), (i, 0, 0, step, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v_new[None, :, :, None].astype(v_cache.dtype), (i, 0, 0, step, 0, 0))
+            x = x + block.self_attn.attend_cached(
+                q, prefix.k_lbphd[i], prefix.v_lbphd[i], prefix.mask_bp, k_cache[i], v_cache[i],
+                suffix_mask_t)
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        return self.logits(self.norm(x)), SuffixCache(k_cache, v_cache)
