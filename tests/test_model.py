@@ -1,0 +1,201 @@
+"""The transformer against Hugging Face transformers' PyTorch models (tiny random configs)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_utils import KINDS, load_hf_torch, make_tiny_hf
+
+from laserjax.config import MeshConfig
+from laserjax.model import SuffixCache, Transformer, TransformerConfig
+from laserjax.model.hf_params import load_pretrained, save_pretrained
+from laserjax.sharding import make_mesh
+
+ATOL_FP32 = 1e-4
+
+
+def padded_batch(seed: int = 0, lengths=(12, 9, 5), vocab: int = 96, offset: int = 300):
+    """Left-padded token batch; positions start at `offset` so RoPE scaling at long range counts."""
+    rng = np.random.default_rng(seed)
+    t = max(lengths)
+    tokens = rng.integers(0, vocab, (len(lengths), t))
+    mask = np.arange(t)[None] >= (t - np.array(lengths))[:, None]
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0) + offset
+    return tokens, mask, positions
+
+
+def hf_logits(hf_model, tokens, mask, positions) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)),
+                        position_ids=torch.tensor(positions)).logits.float().numpy()
+
+
+def jax_logits(model, tokens, mask, positions) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fp32_logits_match_transformers(tmp_path, kind):
+    path = make_tiny_hf(tmp_path, kind)
+    tokens, mask, positions = padded_batch()
+    ref = hf_logits(load_hf_torch(path), tokens, mask, positions)
+    out = jax_logits(load_pretrained(str(path)), tokens, mask, positions)
+    assert np.abs(out - ref)[mask].max() <= ATOL_FP32
+
+
+def test_config_reads_rope_theta_from_old_and_new_layouts():
+    base = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8,
+                num_hidden_layers=1, num_attention_heads=2)
+    old = TransformerConfig.from_hf(base | {"rope_theta": 1e6})
+    new = TransformerConfig.from_hf(base | {"rope_parameters": {"rope_type": "default",
+                                                                "rope_theta": 1e6}})
+    assert old.rope_theta == new.rope_theta == 1e6
+
+
+@pytest.mark.parametrize("kind", ["qwen2_tied", "llama3"])
+def test_export_round_trip_through_transformers(tmp_path, kind):
+    """laserjax (random init) -> save_pretrained -> transformers gives the same logits."""
+    cfg = TransformerConfig.from_hf(json.loads(
+        (make_tiny_hf(tmp_path, kind) / "config.json").read_text()))
+    model = Transformer(cfg, rngs=nnx.Rngs(3))
+    out_dir = save_pretrained(model, tmp_path / "export", max_shard_bytes=20_000)
+    assert (out_dir / "model.safetensors.index.json").is_file()  # several shards were written
+    hf = load_hf_torch(out_dir)
+    if cfg.tie_word_embeddings:
+        from safetensors import safe_open
+
+        names = set()
+        for f in out_dir.glob("*.safetensors"):
+            with safe_open(str(f), "np") as h:
+                names |= set(h.keys())
+        assert "lm_head.weight" not in names
+    tokens, mask, positions = padded_batch(seed=1)
+    ref = hf_logits(hf, tokens, mask, positions)
+    ours = jax_logits(model, tokens, mask, positions)
+    assert np.abs(ours - ref)[mask].max() <= ATOL_FP32
+    reloaded = jax_logits(load_pretrained(str(out_dir)), tokens, mask, positions)
+    np.testing.assert_array_equal(reloaded, ours)
+
+
+def test_bf16_forward_within_stated_tolerance(tmp_path):
+    """bf16 weights and activations against the fp32 HF reference.
+
+    bf16 keeps 8 significant bits (unit roundoff 2^-9 ~ 2e-3). Each weight is rounded once and
+    each of the ~12 matmul/norm outputs per layer once more, so errors of a few e-3 relative
+    compound over the 2 layers to ~1e-2 of the logit scale; we require the max error to stay under
+    3% of the largest logit magnitude and the argmax to agree on 95% of positions.
+    """
+    path = make_tiny_hf(tmp_path, "qwen2_untied", seed=2)
+    tokens, mask, positions = padded_batch(seed=2)
+    ref = hf_logits(load_hf_torch(path), tokens, mask, positions)
+    out = jax_logits(load_pretrained(str(path), dtype="bfloat16", param_dtype="bfloat16"),
+                     tokens, mask, positions)
+    scale = np.abs(ref[mask]).max()
+    assert np.abs(out - ref)[mask].max() <= 0.03 * scale
+    assert (out.argmax(-1) == ref.argmax(-1))[mask].mean() >= 0.95
+
+
+def test_bf16_checkpoint_loads(tmp_path):
+    path = make_tiny_hf(tmp_path, "qwen2_tied", dtype="bfloat16")
+    model = load_pretrained(str(path), param_dtype="float32")
+    tokens, mask, positions = padded_batch()
+    ref = hf_logits(load_hf_torch(path, dtype="float32"), tokens, mask, positions)
+    assert np.abs(jax_logits(model, tokens, mask, positions) - ref)[mask].max() <= ATOL_FP32
+
+
+def test_prefill_and_decode_equal_the_full_forward(tmp_path):
+    """The KV-cache interface: K samples per prompt over one shared prefix."""
+    model = load_pretrained(str(make_tiny_hf(tmp_path, "llama3")))
+    cfg = model.cfg
+    prompt, pmask, ppos = padded_batch(lengths=(6, 3), offset=0)
+    b, p = prompt.shape
+    k, steps = 3, 4
+    gen = np.random.default_rng(5).integers(0, cfg.vocab_size, (b, k, steps))
+    last, prefix = model.prefill(jnp.asarray(prompt), jnp.asarray(ppos), jnp.asarray(pmask))
+    suffix = SuffixCache.zeros(cfg, b, k, steps)
+    plen = pmask.sum(1)
+    decoded = []
+    for t in range(steps):
+        pos = np.broadcast_to(plen[:, None] + t, (b, k))
+        logits, suffix = model.decode(jnp.asarray(gen[:, :, t]), jnp.asarray(pos), prefix, suffix, t)
+        decoded.append(np.asarray(logits))
+    for i in range(b):
+        for j in range(k):
+            toks = np.concatenate([prompt[i], gen[i, j]])[None]
+            mask = np.concatenate([pmask[i], np.ones(steps, bool)])[None]
+            full = jax_logits(model, toks, mask, np.maximum(np.cumsum(mask, 1) - 1, 0))[0]
+            np.testing.assert_allclose(np.asarray(last[i]), full[p - 1], atol=1e-5)
+            for t in range(steps):
+                np.testing.assert_allclose(decoded[t][i, j], full[p + t], atol=1e-5)
+
+
+def test_sharded_load_equals_single_device(tmp_path):
+    path = make_tiny_hf(tmp_path, "qwen2_untied")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = load_pretrained(str(path), mesh=mesh)
+    kernel = sharded.layers[0].mlp.gate_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert len(kernel.addressable_shards) == 8
+    plain = load_pretrained(str(path))
+    for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def _rewrite_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text()) | changes
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unsupported_model_type_is_named(tmp_path):
+    path = make_tiny_hf(tmp_path, "qwen2_tied")
+    _rewrite_config(path, model_type="gpt2")
+    with pytest.raises(ValueError, match="model_type.*'gpt2'.*not supported"):
+        load_pretrained(str(path))
+
+
+def test_mis_shaped_tensor_is_named(tmp_path):
+    path = make_tiny_hf(tmp_path, "qwen2_tied")
+    _rewrite_config(path, intermediate_size=48)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight.*shape"):
+        load_pretrained(str(path))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_hf(tmp_path, "qwen2_tied")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor `model\.layers\.1\.self_attn\.k_proj\.bias`"):
+        load_pretrained(str(path))
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_hf(tmp_path, "qwen2_tied")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_norm.weight"] = np.ones(8, np.float32)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="q_norm"):
+        load_pretrained(str(path))
+
+
+def test_unknown_dtype_is_named(tmp_path):
+    path = make_tiny_hf(tmp_path, "qwen2_tied")
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_pretrained(str(path), dtype="float8")
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        load_pretrained(str(tmp_path / "nope"))
