@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import types
 import typing
 from typing import Any, Literal
 
@@ -77,8 +78,9 @@ class LaserConfig:
 
     algorithm: Literal["laser", "grpo"] = "laser"
     beta_v: float = 0.1
-    c_ref: float = -23.0
-    """Measure it for your model: `python -m laserjax calibrate` (spec section 1)."""
+    c_ref: float | str = -23.0
+    """Measure it for your model: `python -m laserjax calibrate` (spec section 1). `auto` measures
+    it from the starting policy's first rollout batch (mean log pi_ref(z_c | x, y, eos))."""
     alpha: float = 0.1
     """Weight of the self-reward MSE."""
     tau: float = 0.1
@@ -91,6 +93,8 @@ class LaserConfig:
     def __post_init__(self) -> None:
         _check(self.algorithm in ("laser", "grpo"), "laser.algorithm",
                f"unknown algorithm {self.algorithm!r}; use laser or grpo")
+        _check(isinstance(self.c_ref, float | int) or self.c_ref == "auto", "laser.c_ref",
+               f"must be a number (e.g. -23.0) or `auto`, got {self.c_ref!r}")
         _check(self.beta_v > 0, "laser.beta_v", "must be > 0 (the paper uses 0.1)")
         _check(self.alpha >= 0, "laser.alpha", "must be >= 0 (the paper uses 0.1)")
         _check(0 <= self.tau <= 1, "laser.tau", "must be in [0, 1] (the paper uses 0.1)")
@@ -183,6 +187,9 @@ class DataConfig:
     eval: tuple[str, ...] = ()
     problem_field: str = "problem"
     answer_field: str = "answer"
+    reward: Literal["math_verify", "exact"] = "math_verify"
+    """math_verify: the paper's grader (LASER_SPEC section 6); exact: string equality of the
+    stripped response and answer (the CPU demo's synthetic task)."""
     template: Literal["chat", "plain"] = "chat"
     prompt_overflow: Literal["filter", "error"] = "filter"
     seed: int = 0
@@ -294,11 +301,16 @@ class Config:
 def _coerce(tp: Any, value: Any, field: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or (origin is not None and type(None) in args):
-        if value is None or value == "null":
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
             return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(non_none[0], value, field)
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, field)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1])
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"config field `{field}`: {value!r} is not one of {list(args)}")
