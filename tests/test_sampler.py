@@ -1,0 +1,339 @@
+"""The rollout sampler (laserjax/sampler.py, LASER_SPEC section 5) on tiny random models, fp32.
+
+References are computed independently of the sampler: a teacher-forced forward of the whole
+sequence (`Transformer.__call__`, checked against transformers in test_model.py) with
+`jax.nn.log_softmax`, transformers' own `generate`, and sampling frequencies computed by hand.
+Tolerances: 1e-4 on log-probs against the teacher-forced forward (the issue's figure; float32
+logits of magnitude ~5 agree to ~1e-6 here); exact equality for tokens.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from laserjax.config import MeshConfig
+from laserjax.model import Transformer, TransformerConfig
+from laserjax.sampler import Sampler, prompt_positions, sample_tokens, token_logprobs
+from laserjax.sharding import make_mesh
+
+ATOL = 1e-4
+CFG = TransformerConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                        tie_word_embeddings=True, qkv_bias=True)
+# Six of 64 ids end a response, so with 8 new tokens the batch holds finished and truncated
+# rows and (for SEED) a row that ends with EOS at the last position, whose z_c read is the
+# loop's one extra step. test_batch_covers_every_ending checks that coverage.
+EOS = (0, 1, 2, 3, 4, 5)
+PAD, ZC, T, K, SEED = 63, 62, 8, 4, 4
+PROMPTS = [[10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20], [30, 31, 32, 33, 34]]
+
+
+def tiny_model(seed: int = 0, scale: float = 5.0) -> Transformer:
+    """Random weights with std 0.1 (5x the init) so logits are O(1), not near-uniform."""
+    graphdef, state = nnx.split(Transformer(CFG, rngs=nnx.Rngs(seed)))
+    state = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state)
+    return nnx.merge(graphdef, state)
+
+
+def make_sampler(model, mesh=None) -> Sampler:
+    return Sampler(model, eos_ids=EOS, pad_id=PAD, self_reward_token_id=ZC, max_new_tokens=T,
+                   prompt_buckets=(8,), mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    return make_sampler(model)
+
+
+@pytest.fixture(scope="module")
+def batches(sampler):
+    """One rollout per temperature, shared by the tests that only read it."""
+    return {t: sampler.sample(PROMPTS, k=K, temperature=t, seed=SEED) for t in (1.0, 0.7)}
+
+
+def teacher_forced(model, batch, temperature: float, zc_temperature: float = 1.0):
+    """Per-token log-probs and log p(z_c) from one forward of prompt + response + [z_c].
+
+    The sequence of row r is its left-padded prompt, its response, and for finished rows z_c
+    right after the EOS; read at position P - 1 + i for token i and at the EOS position for z_c.
+    """
+    n, p = batch.prompt_tokens.shape
+    rows, t = batch.response_tokens.shape
+    prompt = np.repeat(batch.prompt_tokens, batch.k, axis=0)
+    pmask = np.repeat(batch.prompt_mask, batch.k, axis=0)
+    seq = np.concatenate([prompt, batch.response_tokens, np.full((rows, 1), PAD)], axis=1)
+    mask = np.concatenate([pmask, batch.response_mask, np.zeros((rows, 1), bool)], axis=1)
+    eos_at = p + batch.lengths - 1
+    fin = np.flatnonzero(batch.finished)
+    seq[fin, eos_at[fin] + 1] = ZC
+    mask[fin, eos_at[fin] + 1] = True
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    logits = np.asarray(model(jnp.asarray(seq), jnp.asarray(positions), jnp.asarray(mask)),
+                        np.float64)
+    tempered = np.asarray(jax.nn.log_softmax(jnp.asarray(logits / temperature), axis=-1))
+    lp = np.take_along_axis(tempered[:, p - 1:p - 1 + t], seq[:, p:p + t, None], axis=-1)[..., 0]
+    raw = np.asarray(jax.nn.log_softmax(jnp.asarray(logits / zc_temperature), axis=-1))
+    zc = raw[np.arange(rows), eos_at, ZC]
+    return np.where(batch.response_mask, lp, 0.0), np.where(batch.finished, zc, 0.0)
+
+
+# --- the returned quantities against a teacher-forced forward -------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_and_self_reward_match_teacher_forced(model, batches, temperature):
+    batch = batches[temperature]
+    assert batch.logprob_temperature == temperature
+    lp, zc = teacher_forced(model, batch, temperature)
+    assert np.abs(batch.logprobs - lp).max() < ATOL
+    # z_c is read from raw logits (LASER_SPEC section 1) even when sampling at 0.7.
+    assert np.abs(batch.logp_zc - zc).max() < ATOL
+    assert batch.finished.any()
+    if temperature != 1.0:  # the other reading would differ by far more: the checks can fail
+        lp_untempered, _ = teacher_forced(model, batch, 1.0)
+        assert np.abs(batch.logprobs - lp_untempered).max() > 100 * ATOL
+        _, zc_tempered = teacher_forced(model, batch, temperature, zc_temperature=temperature)
+        assert np.abs(batch.logp_zc - zc_tempered).max() > 100 * ATOL
+
+
+def test_batch_covers_every_ending(batches):
+    for batch in batches.values():
+        assert batch.truncated.any() and batch.finished.any()
+        assert (batch.finished & (batch.lengths == T)).any(), "no EOS at the last position"
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_rows_end_with_eos_or_truncation(batches, temperature):
+    b = batches[temperature]
+    rows = np.arange(len(b.lengths))
+    last = b.response_tokens[rows, b.lengths - 1]
+    assert not (b.finished & b.truncated).any() and (b.finished | b.truncated).all()
+    np.testing.assert_array_equal(b.finished, np.isin(last, EOS))  # EOS kept in the output
+    np.testing.assert_array_equal(b.truncated, (b.lengths == T) & ~b.finished)
+    inside = b.response_mask.copy()
+    inside[rows, b.lengths - 1] = False
+    assert not np.isin(b.response_tokens[inside], EOS).any(), "a row went on after EOS"
+    assert (b.response_tokens[~b.response_mask] == PAD).all()
+    assert (b.logprobs[~b.response_mask] == 0).all() and (b.logprobs[b.response_mask] < 0).all()
+    assert (b.logp_zc[b.truncated] == 0).all() and (b.logp_zc[b.finished] < 0).all()
+    assert np.isfinite(b.logp_zc).all()
+    np.testing.assert_array_equal(b.prompt_index, np.repeat(np.arange(len(PROMPTS)), K))
+
+
+def test_left_padded_prompts(batches):
+    b = batches[1.0]
+    for i, p in enumerate(PROMPTS):
+        assert b.prompt_tokens[i, 8 - len(p):].tolist() == p
+        assert b.prompt_mask[i].sum() == len(p) and b.prompt_mask[i, -len(p):].all()
+    assert prompt_positions(jnp.asarray([[False, True, True]])).tolist() == [[0, 0, 1]]
+
+
+# --- one prefill per prompt, determinism, compiles -------------------------------------------
+
+
+def test_k_samples_share_one_prefill(model, sampler, batches):
+    """K samples of a prompt from one prefill == K copies of the prompt, one sample each."""
+    s = sampler.settings(k=K, temperature=1.0, top_p=1.0, top_k=0)
+    before = dict(sampler.stats)
+    prefix, _, _, _ = sampler.start(PROMPTS, s, SEED)
+    assert prefix.k_lbphd.shape[1] == len(PROMPTS)  # one cache row per prompt, not per sample
+    assert sampler.stats["prefill_calls"] - before["prefill_calls"] == 1
+    assert sampler.stats["prefill_rows"] - before["prefill_rows"] == len(PROMPTS)
+
+    separate = make_sampler(model)
+    copies = [p for p in PROMPTS for _ in range(K)]
+    ref = separate.sample(copies, k=1, temperature=1.0, seed=SEED)
+    assert separate.stats["prefill_rows"] == len(PROMPTS) * K
+    shared = batches[1.0]
+    np.testing.assert_array_equal(shared.response_tokens, ref.response_tokens)
+    np.testing.assert_allclose(shared.logprobs, ref.logprobs, atol=1e-5)
+    np.testing.assert_allclose(shared.logp_zc, ref.logp_zc, atol=1e-5)
+
+
+def test_deterministic_for_a_seed(sampler, batches):
+    again = sampler.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+    np.testing.assert_array_equal(again.response_tokens, batches[1.0].response_tokens)
+    np.testing.assert_array_equal(again.logprobs, batches[1.0].logprobs)
+    other = sampler.sample(PROMPTS, k=K, temperature=1.0, seed=SEED + 1)
+    assert (other.response_tokens != again.response_tokens).any()
+    # The K samples of a prompt are different draws.
+    assert (again.response_tokens[0] != again.response_tokens[1]).any()
+
+
+def test_new_batches_and_params_do_not_recompile(model, sampler, batches):
+    sampler.sample(PROMPTS, k=K, temperature=1.0, seed=0)  # compiled by the fixture already
+    traces = (sampler.stats["prefill_traces"], sampler.stats["decode_traces"])
+    other_prompts = [[40, 41], [42] * 8, [43, 44, 45], [46]]  # same bucket, other lengths
+    sampler.sample(other_prompts, k=K, temperature=1.0, seed=3)
+    graphdef, state = nnx.split(model)
+    sampler.update_params(jax.tree.map(lambda x: x * 1.5, state))
+    try:
+        moved = sampler.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+    finally:
+        sampler.update_params(state)
+    assert (sampler.stats["prefill_traces"], sampler.stats["decode_traces"]) == traces
+    assert np.abs(moved.logprobs - batches[1.0].logprobs).max() > 1e-2  # new params were used
+
+
+def test_bf16_params_cast_once_is_exact():
+    """Storing float32 params in the bf16 compute dtype changes no result (module docstring)."""
+    cfg = TransformerConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(1)))
+    state = jax.tree.map(lambda x: x * 5.0 if x.ndim >= 2 else x, state)
+    outs = []
+    for cast in (True, False):
+        s = Sampler((graphdef, state), eos_ids=EOS, pad_id=PAD, self_reward_token_id=ZC,
+                    max_new_tokens=4, prompt_buckets=(8,), cast_params=cast)
+        assert {x.dtype for x in jax.tree.leaves(s.params)} == {
+            jnp.dtype("bfloat16" if cast else "float32")}
+        outs.append(s.sample(PROMPTS[:2], k=2, temperature=1.0, seed=0))
+    np.testing.assert_array_equal(outs[0].response_tokens, outs[1].response_tokens)
+    np.testing.assert_array_equal(outs[0].logprobs, outs[1].logprobs)
+
+
+# --- sharded ---------------------------------------------------------------------------------
+
+
+def test_sharded_equals_single_device(model, batches):
+    """data 2 x fsdp 2 x tensor 2 on 8 CPU devices; 3 prompts are padded to 4 (batch axes)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    sharded = make_sampler(model, mesh=mesh)
+    out = sharded.sample(PROMPTS[:3], k=K, temperature=1.0, seed=SEED)
+    assert sharded.stats["prefill_rows"] == 4
+    ref = batches[1.0]
+    rows = 3 * K
+    np.testing.assert_array_equal(out.response_tokens, ref.response_tokens[:rows])
+    np.testing.assert_array_equal(out.finished, ref.finished[:rows])
+    np.testing.assert_allclose(out.logprobs, ref.logprobs[:rows], atol=1e-5)
+    np.testing.assert_allclose(out.logp_zc, ref.logp_zc[:rows], atol=1e-5)
+
+
+# --- the sampling distribution ---------------------------------------------------------------
+
+
+LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+
+
+def expected_probs(temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Hugging Face's warper order by hand: temperature, top-k, top-p (sorted prefix to p)."""
+    x = LOGITS / temperature
+    order = np.argsort(-x)
+    keep = np.zeros(len(x), bool)
+    keep[order[:top_k or len(x)]] = True
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    p /= p.sum()
+    mass = 0.0
+    for i in order:
+        if keep[i] and mass >= top_p:
+            keep[i] = False
+        mass += p[i]
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.6), (1.3, 5, 0.8), (1.0, 1, 1.0)])
+def test_sampling_frequencies(temperature, top_k, top_p):
+    n = 40_000
+    keys = jax.random.split(jax.random.key(0), n)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
+    toks = np.asarray(sample_tokens(logits, keys, temperature=temperature, top_k=top_k,
+                                    top_p=top_p))
+    freq = np.bincount(toks, minlength=len(LOGITS)) / n
+    want = expected_probs(temperature, top_k, top_p)
+    assert (freq[want == 0] == 0).all()
+    # 5 standard deviations of a binomial frequency.
+    assert (np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-12).all(), (freq, want)
+
+
+def test_greedy_is_argmax():
+    logits = jax.random.normal(jax.random.key(1), (6, 50))
+    keys = jax.random.split(jax.random.key(2), 6)
+    want = np.argmax(np.asarray(logits), axis=-1)
+    for kw in (dict(temperature=0.0, top_k=0, top_p=1.0), dict(temperature=0.0, top_k=7,
+               top_p=0.3), dict(temperature=1.0, top_k=1, top_p=1.0)):
+        np.testing.assert_array_equal(sample_tokens(logits, keys, **kw), want)
+
+
+def test_token_logprobs_by_hand():
+    logits = jnp.asarray([[1.0, 2.0, 3.0], [0.0, 0.0, math.log(2.0)]])
+    tokens = jnp.asarray([2, 0])
+    z1 = math.exp(1) + math.exp(2) + math.exp(3)
+    np.testing.assert_allclose(token_logprobs(logits, tokens, 1.0),
+                               [3 - math.log(z1), -math.log(4.0)], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(token_logprobs(logits, tokens, 0.0),
+                               token_logprobs(logits, tokens, 1.0))
+    z2 = math.exp(2) + math.exp(4) + math.exp(6)
+    np.testing.assert_allclose(token_logprobs(logits, tokens, 0.5)[0], 6 - math.log(z2),
+                               rtol=1e-6, atol=1e-6)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_bad_input_is_named(sampler, model):
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\].*empty"):
+        sampler.sample([[1, 2], []])
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\].*token 64 is outside"):
+        sampler.sample([[64]])
+    with pytest.raises(ValueError, match="longer than the largest prompt bucket 8"):
+        sampler.sample([list(range(9))])
+    with pytest.raises(ValueError, match="`k`"):
+        sampler.sample(PROMPTS, k=0)
+    with pytest.raises(ValueError, match="`top_p`"):
+        sampler.sample(PROMPTS, top_p=0.0)
+    with pytest.raises(ValueError, match="self_reward_token_id.*also an EOS"):
+        Sampler(model, eos_ids=(ZC,), pad_id=PAD, self_reward_token_id=ZC, max_new_tokens=4)
+    with pytest.raises(ValueError, match="self_reward_token_id.*outside the vocabulary"):
+        Sampler(model, eos_ids=EOS, pad_id=PAD, self_reward_token_id=151652, max_new_tokens=4)
+
+
+# --- against transformers' generate -----------------------------------------------------------
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    """Token for token, on a left-padded batch of mixed prompt lengths, with one EOS id."""
+    torch = pytest.importorskip("torch")
+    from hf_utils import load_hf_torch, make_tiny_hf
+
+    from laserjax.model.hf_params import load_pretrained
+
+    path = make_tiny_hf(tmp_path, "qwen2_tied")
+    hf = load_hf_torch(path)
+    model = load_pretrained(path, dtype="float32", param_dtype="float32")
+    vocab, pad, zc, new = model.cfg.vocab_size, 0, 1, 12
+    prompts = [[5, 17, 33, 60, 2, 71, 9], [44, 12], [90, 3, 3, 27]]
+
+    def hf_generate(eos_ids):
+        sampler = Sampler(model, eos_ids=eos_ids, pad_id=pad, self_reward_token_id=zc,
+                          max_new_tokens=new, prompt_buckets=(8,))
+        tokens, mask, _ = sampler.pad_prompts(prompts)
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
+                              attention_mask=torch.tensor(mask.astype(np.int64)),
+                              do_sample=False, max_new_tokens=new, min_new_tokens=0,
+                              eos_token_id=list(eos_ids) or None, pad_token_id=pad)
+        return sampler, out[:, tokens.shape[1]:].numpy()
+
+    # Pick as EOS a token that greedy emits mid-way through row 0, so that row finishes early
+    # and the others (checked below) run to the limit or stop elsewhere.
+    _, free = hf_generate(())
+    eos = int(next(t for i, t in enumerate(free[0]) if i >= 3 and t not in free[0, :i]
+                   and t not in (pad, zc)))
+    sampler, want = hf_generate((eos,))
+    got = sampler.sample(prompts, k=1, temperature=0.0)
+    assert got.finished[0] and got.lengths[0] < new and got.truncated.any()
+    np.testing.assert_array_equal(got.response_tokens[:, :want.shape[1]], want)
+    assert (got.response_tokens[:, want.shape[1]:] == pad).all()
+    assert vocab > max(max(p) for p in prompts)
