@@ -1,0 +1,364 @@
+"""Problems in, prompt token ids and training batches out: loading, prompts, the grain pipeline.
+
+The data flow: `load_problems` (jsonl, parquet or a Hugging Face dataset) -> `encode_prompts`
+(chat or plain template, length filter) -> `make_train_loader` (a grain pipeline of problem
+indices: deterministic shuffling, per-host sharding, a checkpointable iterator). Held-out sets
+come from `load_benchmark`, with the paper's samples per problem in `BENCHMARK_N`
+(LASER_SPEC section 5).
+
+Row indices in reports are 0-based positions in the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+PLAIN_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+"""The instruction appended to every problem, in both templates (the paper's prompt)."""
+
+PLAIN_TEMPLATE = "Question: {content}\nAnswer:"
+"""The `plain` template, for base models without a chat template. `content` is the same user
+message the chat template gets: problem + "\\n" + PLAIN_SUFFIX."""
+
+BENCHMARKS = ("math500", "amc23", "aime24", "aime25", "olympiadbench")
+"""The paper's five evaluation sets, in the order of its tables."""
+
+BENCHMARK_FILES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "aime24": "aime24.jsonl",
+                   "aime25": "aime25.jsonl", "olympiadbench": "OlympiadBench.jsonl"}
+
+BENCHMARK_N = {"math500": 2, "amc23": 32, "aime24": 32, "aime25": 32, "olympiadbench": 2}
+"""Samples per problem for avg@n, as the paper (LASER_SPEC section 5)."""
+
+_BENCHMARK_ID_FIELD = {"math500": "unique_id"}  # the others use "id"
+
+EVAL_DIR_ENV = "LASERJAX_EVAL_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One math problem with its reference answer, both as stripped strings."""
+
+    id: str
+    problem: str
+    answer: str
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `load_problems` read, kept, normalised and skipped."""
+
+    source: str
+    rows: int = 0
+    loaded: int = 0
+    normalised: int = 0
+    """Rows kept after converting a numeric answer to a string (aime25 stores integers)."""
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """(row id, reason) per skipped row; the row id is the id field's value, else `row i`."""
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def skipped_ids(self) -> list[str]:
+        return [row_id for row_id, _ in self.skipped]
+
+    def summary(self) -> str:
+        text = (f"{self.source}: loaded {self.loaded} of {self.rows} rows "
+                f"({self.normalised} numeric answers normalised, {self.num_skipped} skipped)")
+        if self.skipped:
+            shown = "; ".join(f"{i}: {why}" for i, why in self.skipped[:5])
+            text += f"; skipped {shown}" + (" ..." if self.num_skipped > 5 else "")
+        return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading problems.
+
+
+def _normalise_answer(value: Any) -> tuple[str | None, str | None, bool]:
+    """(answer, reason it is unusable, whether a number was converted)."""
+    if isinstance(value, str):
+        value = value.strip()
+        return (value, None, False) if value else (None, "empty answer", False)
+    if value is None:
+        return None, "missing answer", False
+    if isinstance(value, bool):  # True/False is no math answer, and json's ints include bools
+        return None, f"answer is a boolean ({value})", False
+    if isinstance(value, (int, np.integer)):
+        return str(int(value)), None, True
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return None, f"answer is {value}", False
+        return (str(int(value)) if value.is_integer() else repr(value)), None, True
+    return None, f"answer is a {type(value).__name__}, not a scalar", False
+
+
+def _read_jsonl(path: pathlib.Path) -> Iterable[Any]:
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield ValueError(f"invalid JSON ({e.msg})")
+
+
+def _read_parquet(path: pathlib.Path) -> Iterable[Any]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow, which is not installed: "
+                          "`pip install pyarrow` (or convert the file to jsonl)") from None
+    yield from pq.read_table(path).to_pylist()
+
+
+def _read_hf(spec: str) -> Iterable[Any]:
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"loading `hf:{spec}` needs the `datasets` package, which is not "
+                          "installed: `pip install datasets` (or export the data to jsonl)"
+                          ) from None
+    yield from datasets.load_dataset(name, split=split or "train")
+
+
+def _rows(source: str | os.PathLike) -> Iterable[Any]:
+    text = str(source)
+    if text.startswith("hf:"):
+        if not text[3:]:
+            raise ValueError("data source `hf:` names no dataset; write hf:org/name[:split]")
+        return _read_hf(text[3:])
+    path = pathlib.Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data source {text!r} not found (a .jsonl or .parquet file, or "
+                                "hf:org/name[:split] for a Hugging Face dataset)")
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise ValueError(f"data source {text!r}: unknown format {path.suffix!r}; use .jsonl, "
+                     ".parquet or hf:org/name[:split]")
+
+
+def load_problems(source: str | os.PathLike, *, problem_field: str = "problem",
+                  answer_field: str = "answer",
+                  id_field: str | None = None) -> tuple[list[Problem], LoadReport]:
+    """Read (id, problem, answer) rows from a .jsonl, a .parquet or `hf:org/name[:split]`.
+
+    Normalises what is unambiguous (strips whitespace; integer and float answers become strings,
+    `70.0` -> "70") and skips the rest with a reason in the report: a row that is not an object,
+    a missing or empty problem or answer, a non-scalar or boolean answer, a missing or duplicate
+    id (when `id_field` is given). Without `id_field` a problem's id is its row index.
+    Raises ValueError when no row is usable, naming the fields it looked for.
+    """
+    report = LoadReport(source=str(source))
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    first_keys: list[str] | None = None
+    for index, row in enumerate(_rows(source)):
+        report.rows += 1
+        row_id = f"row {index}"
+        if isinstance(row, Exception):
+            report.skipped.append((row_id, str(row)))
+            continue
+        if not isinstance(row, dict):
+            report.skipped.append((row_id, f"a {type(row).__name__}, not an object"))
+            continue
+        if first_keys is None:
+            first_keys = sorted(row)
+        if id_field is not None:
+            raw_id = row.get(id_field)
+            if raw_id is None or str(raw_id).strip() == "":
+                report.skipped.append((row_id, f"missing id field {id_field!r}"))
+                continue
+            row_id = str(raw_id).strip()
+            if row_id in seen:
+                report.skipped.append((row_id, f"duplicate id (row {index})"))
+                continue
+        text = row.get(problem_field)
+        if not isinstance(text, str) or not text.strip():
+            why = ("missing" if text is None else "empty" if isinstance(text, str)
+                   else f"a {type(text).__name__}, not a string")
+            report.skipped.append((row_id, f"problem field {problem_field!r} is {why}"))
+            continue
+        answer, why, converted = _normalise_answer(row.get(answer_field))
+        if answer is None:
+            report.skipped.append((row_id, f"answer field {answer_field!r}: {why}"))
+            continue
+        seen.add(row_id)
+        report.normalised += converted
+        problems.append(Problem(id=str(index) if id_field is None else row_id,
+                                problem=text.strip(), answer=answer))
+    report.loaded = len(problems)
+    if not problems:
+        raise ValueError(
+            f"{source}: none of its {report.rows} rows is usable; looked for problem field "
+            f"{problem_field!r} and answer field {answer_field!r}"
+            + (f" and id field {id_field!r}" if id_field else "")
+            + (f"; the first row has fields {first_keys}" if first_keys else "")
+            + ". Set data.problem_field / data.answer_field to the names this source uses. "
+            + report.summary())
+    return problems, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmarks.
+
+
+@dataclasses.dataclass
+class Benchmark:
+    """A held-out set: its problems and the paper's samples per problem (None if not one of
+    the five; the caller picks n then)."""
+
+    name: str
+    problems: list[Problem]
+    n: int | None
+    report: LoadReport
+
+
+def load_benchmark(name_or_path: str | os.PathLike,
+                   eval_dir: str | os.PathLike | None = None) -> Benchmark:
+    """One of `BENCHMARKS` by name (case-insensitive) from `eval_dir`, or a jsonl path.
+
+    `eval_dir` defaults to the environment variable LASERJAX_EVAL_DIR. A path whose file name is
+    one of the five benchmark files is loaded as that benchmark (its n and id field).
+    """
+    key = str(name_or_path).lower()
+    path = pathlib.Path(name_or_path)
+    if key in BENCHMARK_FILES:
+        folder = eval_dir if eval_dir is not None else os.environ.get(EVAL_DIR_ENV)
+        if folder is None:
+            raise ValueError(f"benchmark {name_or_path!r}: pass eval_dir or set {EVAL_DIR_ENV} "
+                             "to the folder holding the benchmark files")
+        path = pathlib.Path(folder) / BENCHMARK_FILES[key]
+    elif path.is_file():
+        key = next((k for k, f in BENCHMARK_FILES.items() if f == path.name), path.stem)
+    else:
+        raise ValueError(f"benchmark {str(name_or_path)!r} is neither one of "
+                         f"{', '.join(BENCHMARKS)} nor an existing jsonl file")
+    id_field = _BENCHMARK_ID_FIELD.get(key, "id") if key in BENCHMARK_FILES else None
+    problems, report = load_problems(path, id_field=id_field)
+    return Benchmark(name=key, problems=problems, n=BENCHMARK_N.get(key), report=report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts.
+
+Template = Literal["chat", "plain"]
+
+
+def user_message(problem_text: str) -> str:
+    """The user turn of the prompt: the problem, a newline, `PLAIN_SUFFIX`."""
+    return problem_text + "\n" + PLAIN_SUFFIX
+
+
+def prompt_text(problem_text: str, tokenizer: Any, template: Template) -> str:
+    """The prompt as text: the tokenizer's chat template (with the generation prompt), or
+    `PLAIN_TEMPLATE`."""
+    if template == "plain":
+        return PLAIN_TEMPLATE.format(content=user_message(problem_text))
+    if template != "chat":
+        raise ValueError(f"prompt template {template!r}: use chat or plain (data.template)")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this tokenizer has no chat_template; use data.template=plain for a "
+                         "base model without one")
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_message(problem_text)}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def build_prompt(problem_text: str, tokenizer: Any, template: Template) -> list[int]:
+    """Prompt token ids. A chat template writes its own BOS, so only `plain` adds special
+    tokens (the tokenizer's BOS, where it has one)."""
+    text = prompt_text(problem_text, tokenizer, template)
+    return list(tokenizer(text, add_special_tokens=template == "plain")["input_ids"])
+
+
+@dataclasses.dataclass
+class EncodedPrompts:
+    """The problems that fit, with their prompt ids (aligned), and the ids of those that did
+    not fit."""
+
+    problems: list[Problem]
+    token_ids: list[list[int]]
+    overflow_ids: list[str]
+
+    @property
+    def num_overflow(self) -> int:
+        return len(self.overflow_ids)
+
+
+def encode_prompts(problems: Sequence[Problem], tokenizer: Any, *, template: Template,
+                   max_prompt_len: int,
+                   prompt_overflow: Literal["filter", "error"] = "filter") -> EncodedPrompts:
+    """Tokenise every prompt; one longer than `max_prompt_len` is dropped and counted
+    (`filter`) or raises ValueError naming the problem (`error`)."""
+    if prompt_overflow not in ("filter", "error"):
+        raise ValueError(f"prompt_overflow {prompt_overflow!r}: use filter or error "
+                         "(data.prompt_overflow)")
+    kept, ids, overflow = [], [], []
+    for p in problems:
+        tokens = build_prompt(p.problem, tokenizer, template)
+        if len(tokens) > max_prompt_len:
+            if prompt_overflow == "error":
+                raise ValueError(
+                    f"problem {p.id!r}: its prompt is {len(tokens)} tokens, over "
+                    f"rollout.max_prompt_len = {max_prompt_len}; raise the limit or set "
+                    "data.prompt_overflow=filter to drop such problems")
+            overflow.append(p.id)
+            continue
+        kept.append(p)
+        ids.append(tokens)
+    return EncodedPrompts(problems=kept, token_ids=ids, overflow_ids=overflow)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training pipeline.
+
+
+def make_train_loader(problems: Sequence[Any], *, batch_size: int, seed: int,
+                      shard_index: int = 0, shard_count: int = 1,
+                      num_epochs: int | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator of training batches: int64 arrays of `batch_size` indices
+    into `problems` (tokenisation stays outside grain, in `encode_prompts`).
+
+    One global stream: every epoch is a fresh permutation of all problems (grain's `shuffle`,
+    a function of `seed` and the epoch), epochs follow each other (`num_epochs=None`: forever),
+    and host `shard_index` of `shard_count` (jax.process_index(), jax.process_count()) takes
+    every `shard_count`-th element. So step s's batches over all hosts are together elements
+    [s * B * H, (s + 1) * B * H) of the stream (B = batch_size per host, H = hosts), the same
+    problems whatever H is, and every host makes the same number of steps (a finite stream is
+    cut to whole global batches). A batch may straddle two epochs.
+
+    Resume: `state = it.get_state()` (a small JSON-able dict) and, on a loader built with the
+    same arguments, `it.set_state(state)`; it then yields exactly the batches that followed.
+    """
+    n = len(problems)
+    if batch_size < 1:
+        raise ValueError(f"train loader: batch_size must be >= 1, got {batch_size}")
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"train loader: shard_index {shard_index} is not in [0, {shard_count}) "
+                         "(use jax.process_index(), jax.process_count())")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"train loader: num_epochs must be >= 1 or None, got {num_epochs}")
+    global_batch = batch_size * shard_count
+    if n * (num_epochs or 1) < global_batch:
+        raise ValueError(f"train loader: {n} problems x {num_epochs or 1} epochs cannot fill one "
+                         f"global batch of {batch_size} x {shard_count} hosts = {global_batch}")
+    stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+    if num_epochs is not None:
+        stream = stream[:len(stream) // global_batch * global_batch]
+    per_host = stream[shard_index::shard_count]
+    return iter(per_host.batch(batch_size, drop_remainder=True))
