@@ -238,23 +238,42 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
             conn.send(f"{type(e).__name__}: {e}"[:300])
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Worker-side watchdog: a worker whose parent died exits, even in the middle of a task."""
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(0)
+def _exit_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    """A worker must not outlive its parent, even in the middle of a hung task.
+
+    With `pdeathsig` (Linux, started from the parent's main thread) the kernel sends SIGKILL when
+    the parent dies (PR_SET_PDEATHSIG), which works even while a C-level big-integer power holds
+    the GIL. The signal fires when the parent *thread* ends, hence the main-thread condition.
+    Otherwise a watchdog thread polls the parent (it cannot run while the GIL is held).
+    """
+    if pdeathsig:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # it died before the call above
+            os._exit(0)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker_entry(fd: int, parent_pid: int) -> None:
+def _worker_entry(fd: int, parent_pid: int, pdeathsig: bool) -> None:
     """Entry point of a worker process (`python -c ...`, see `Grader._spawn`)."""
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    _exit_with_parent(parent_pid, pdeathsig)
     _worker_main(multiprocessing.connection.Connection(fd))
 
 
 _STARTUP_HINT = ("grader workers die at start-up: check that `python -c 'import math_verify; "
                  "import laserjax.reward'` works in this environment")
 _WORKER_CMD = ("import sys; from laserjax.reward import _worker_entry; "
-               "_worker_entry(int(sys.argv[1]), int(sys.argv[2]))")
+               "_worker_entry(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == '1')")
 
 
 @dataclasses.dataclass
@@ -370,9 +389,12 @@ class Grader:
         package_root = str(pathlib.Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        pdeathsig = (sys.platform.startswith("linux")
+                     and threading.current_thread() is threading.main_thread())
         with child_sock:
             process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_CMD, str(child_sock.fileno()), str(os.getpid())],
+                [sys.executable, "-c", _WORKER_CMD, str(child_sock.fileno()), str(os.getpid()),
+                 "1" if pdeathsig else "0"],
                 pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, env=env)
         self.stats["workers_started"] += 1
@@ -497,7 +519,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--answer-field", default="answer",
                         help="field holding the reference answer (default: answer)")
     parser.add_argument("--id-field", default=None,
-                        help="field copied to each result as its id (default: the row number)")
+                        help="field copied to each result as its id (default: the row number, "
+                             "counting lines from 1)")
     parser.add_argument("--require-single-boxed", action="store_true",
                         help="grade 0 unless the response has exactly one boxed answer "
                              "(the training format gate)")

@@ -1,6 +1,10 @@
 """The verifier reward (LASER_SPEC section 6): extraction, equivalence, the worker pool, `grade`."""
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -215,3 +219,44 @@ def test_grade_command_reports_bad_rows(tmp_path, capsys):
     assert [r.get("correct") for r in rows] == [True, False, False, False, True, False]
     assert rows[1]["error"].startswith("row 2:") and rows[1]["id"] == "b"
     assert rows[5]["status"] == "no_boxed"
+
+
+def test_grader_started_from_a_thread_outlives_that_thread():
+    # On Linux the workers of a main-thread grader die with the parent *thread*
+    # (PR_SET_PDEATHSIG); a grader started elsewhere must not lose its workers when that ends.
+    with Grader(1, timeout_s=5.0) as g:
+        starter = threading.Thread(target=g.start)
+        starter.start()
+        starter.join()
+        time.sleep(0.5)
+        assert g.grade_batch([r"\boxed{0.5}"], [r"\frac{1}{2}"])[0] == 1.0
+        assert g.stats["worker_restarts"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_their_parent_even_mid_task():
+    script = (
+        "import os, sys, threading, time\n"
+        "from laserjax.reward import Grader\n"
+        "g = Grader(1, timeout_s=100.0)\n"
+        "g.start()\n"
+        "print(g._workers[0].process.pid, flush=True)\n"
+        "threading.Thread(target=g.grade_batch, args=([r'\\boxed{9^{9^{9^{9}}}}'], ['1']),\n"
+        "                 daemon=True).start()\n"
+        "time.sleep(1.0)\n"
+        "os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":  # killed, waiting to be reaped by init
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError(f"worker {pid} outlived its parent by 5 s")
