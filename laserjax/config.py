@@ -190,6 +190,8 @@ class DataConfig:
     reward: Literal["math_verify", "exact"] = "math_verify"
     """math_verify: the paper's grader (LASER_SPEC section 6); exact: string equality of the
     stripped response and answer (the CPU demo's synthetic task)."""
+    require_single_boxed: bool = True
+    """Training reward gate of the reference code: exactly one `\\boxed{` (spec section 6)."""
     template: Literal["chat", "plain"] = "chat"
     prompt_overflow: Literal["filter", "error"] = "filter"
     seed: int = 0

@@ -1,0 +1,154 @@
+"""The CPU demo's world: a synthetic verifiable task, an in-process tokenizer, a tiny policy.
+
+The task is integer addition, `"37+58="` -> `"95"`, graded by exact match. A character-level
+tokenizer (built with `tokenizers`, no download) covers digits, `+`, `=`, and three specials:
+pad, EOS and the self-reward token z_c, which no training target ever contains, so the model
+never emits it (LASER_SPEC section 1). A short supervised warm start teaches the format and part of
+the arithmetic, so the policy starts with some answers right and some wrong: the signal both
+GRPO and the self-verification loss need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from laserjax.data import Problem
+from laserjax.model.transformer import Transformer, TransformerConfig
+
+PAD, EOS, ZC = "<pad>", "<eos>", "<zc>"
+CHARS = "0123456789+="
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """`model.toy` in the YAML: the task, the tiny transformer and its supervised warm start."""
+
+    max_operand: int = 99
+    eval_problems: int = 256
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    sft_steps: int = 300
+    sft_batch: int = 64
+    sft_learning_rate: float = 3e-3
+    sft_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and value < 0:
+                raise ValueError(f"config field `model.toy.{f.name}` must be >= 0, got {value}")
+        if self.max_operand < 2:
+            raise ValueError("config field `model.toy.max_operand` must be >= 2")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ToyConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d or {}) - known
+        if unknown:
+            raise ValueError(f"config field `model.toy`: unknown keys {sorted(unknown)}; known: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**(d or {}))
+
+
+@functools.lru_cache(maxsize=1)
+def make_tokenizer():
+    """A character-level `PreTrainedTokenizerFast`: ids 0, 1, 2 are pad, EOS and z_c."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, EOS: 1, ZC: 2} | {c: i + 3 for i, c in enumerate(CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
+                                   additional_special_tokens=[ZC])
+
+
+def token_ids() -> dict[str, int]:
+    tok = make_tokenizer()
+    return {"pad": tok.pad_token_id, "eos": tok.eos_token_id, "zc": tok.convert_tokens_to_ids(ZC)}
+
+
+def model_config(toy: ToyConfig, *, dtype: str = "float32", param_dtype: str = "float32"
+                 ) -> TransformerConfig:
+    return TransformerConfig(
+        model_type="qwen2", vocab_size=len(make_tokenizer()), hidden_size=toy.hidden_size,
+        intermediate_size=toy.intermediate_size, num_layers=toy.num_layers,
+        num_heads=toy.num_heads, num_kv_heads=toy.num_kv_heads,
+        head_dim=toy.hidden_size // toy.num_heads, tie_word_embeddings=True, qkv_bias=True,
+        max_position_embeddings=64, dtype=dtype, param_dtype=param_dtype)
+
+
+def problems(toy: ToyConfig) -> tuple[list[Problem], list[Problem]]:
+    """All `a+b=` problems split into (train, held-out eval) by a fixed permutation."""
+    n = toy.max_operand + 1
+    order = np.random.default_rng(12345).permutation(n * n)
+    every = [Problem(id=f"{a}+{b}", problem=f"{a}+{b}=", answer=str(a + b))
+             for a, b in (divmod(int(i), n) for i in order)]
+    return every[toy.eval_problems:], every[:toy.eval_problems]
+
+
+def exact_match(responses: list[str], answers: list[str]) -> np.ndarray:
+    """The demo's verifier: 1 when the response (EOS stripped) equals the answer."""
+    return np.array([float(r.strip() == a.strip()) for r, a in zip(responses, answers, strict=True)],
+                    np.float32)
+
+
+def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict[str, float]:
+    """Supervised next-token training on `problem -> answer <eos>` (answer tokens only).
+
+    Short on purpose: it stops with some answers right and some wrong so that RL has signal.
+    """
+    tok, ids = make_tokenizer(), token_ids()
+    rng = np.random.default_rng(toy.sft_seed)
+    enc = [(tok.encode(p.problem), tok.encode(p.answer) + [ids["eos"]]) for p in train]
+    width = max(len(a) + len(b) for a, b in enc)
+    tokens = np.full((len(enc), width), ids["pad"], np.int32)
+    loss_mask = np.zeros((len(enc), width), bool)
+    for i, (a, b) in enumerate(enc):
+        tokens[i, :len(a) + len(b)] = a + b
+        loss_mask[i, len(a):len(a) + len(b)] = True
+    valid = tokens != ids["pad"]
+    positions = np.broadcast_to(np.arange(width), tokens.shape)
+
+    opt = nnx.Optimizer(model, optax.adamw(toy.sft_learning_rate, weight_decay=0.0),
+                        wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, tok_bt, valid_bt, pos_bt, mask_bt):
+        def loss_fn(model):
+            logits = model(tok_bt[:, :-1], pos_bt[:, :-1], valid_bt[:, :-1])
+            logp = jax.nn.log_softmax(logits)
+            nll = -jnp.take_along_axis(logp, tok_bt[:, 1:, None], -1)[..., 0]
+            m = mask_bt[:, 1:]
+            return jnp.sum(nll * m) / jnp.sum(m)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    loss = float("nan")
+    for _ in range(toy.sft_steps):
+        idx = rng.integers(0, len(enc), toy.sft_batch)
+        loss = float(step(model, opt, tokens[idx], valid[idx], positions[idx], loss_mask[idx]))
+    return {"sft_final_loss": loss, "sft_steps": toy.sft_steps}
+
+
+def build(toy: ToyConfig, *, seed: int, dtype: str = "float32", param_dtype: str = "float32"
+          ) -> tuple[Transformer, dict[str, float]]:
+    """A freshly initialised tiny policy after its supervised warm start."""
+    model = Transformer(model_config(toy, dtype=dtype, param_dtype=param_dtype),
+                        rngs=nnx.Rngs(seed))
+    train, _ = problems(toy)
+    return model, warm_start(toy, train, model)
