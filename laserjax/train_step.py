@@ -43,22 +43,7 @@ from jax.sharding import PartitionSpec as P
 from laserjax import laser, sharding
 from laserjax.config import LaserConfig, OptimConfig, PolicyLossConfig
 from laserjax.model.transformer import Transformer
-
-# ---------------------------------------------------------------------------------------------
-# The log-prob definition shared with the sampler.
-
-
-def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
-    """log_softmax(logits / temperature) gathered at `tokens`; temperature 0 (greedy) means 1.
-
-    The sampler's definition of the old log-probs (full vocabulary, tempered, before top-k/top-p):
-    the train step must compute the policy log-probs exactly this way, or the PPO ratio of an
-    on-policy step is not 1. Kept identical to `laserjax.sampler.token_logprobs`.
-    """
-    t = jnp.where(jnp.asarray(temperature) > 0, jnp.asarray(temperature, jnp.float32), 1.0)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / t, axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
+from laserjax.sampler import RolloutBatch, token_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # Inputs, settings, state.
@@ -92,6 +77,27 @@ class TrainBatch:
     the source of the integrated advantage (spec 3). Ignored by `algorithm: grpo`."""
     ref_logprobs: jax.Array | None = None
     """[R, T] float: reference-policy log-probs, required when policy_loss.kl_coef > 0."""
+
+    @classmethod
+    def from_rollout(cls, rollout: RolloutBatch, rewards: np.ndarray,
+                     ref_logprobs: np.ndarray | None = None) -> TrainBatch:
+        """From the sampler's output (one prompt row per prompt) and the verifier's rewards.
+
+        The step's `StepSettings.temperature` must equal `rollout.logprob_temperature`.
+        """
+        def repeat(x: np.ndarray) -> jax.Array:
+            return jnp.asarray(np.repeat(x, rollout.k, axis=0))
+
+        return cls(prompt_tokens=repeat(rollout.prompt_tokens),
+                   prompt_mask=repeat(rollout.prompt_mask),
+                   response_tokens=jnp.asarray(rollout.response_tokens),
+                   response_mask=jnp.asarray(rollout.response_mask),
+                   old_logprobs=jnp.asarray(rollout.logprobs, jnp.float32),
+                   finished=jnp.asarray(rollout.finished),
+                   rewards=jnp.asarray(rewards, jnp.float32),
+                   rollout_logp_zc=jnp.asarray(rollout.logp_zc, jnp.float32),
+                   ref_logprobs=None if ref_logprobs is None else jnp.asarray(ref_logprobs,
+                                                                              jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +276,8 @@ def sequence_logprobs(model: Transformer, batch: TrainBatch, settings: StepSetti
         # z_c is predicted from the EOS position P + n - 1, with the raw (untempered) logits.
         eos_idx_b = p + jnp.maximum(n_resp_b, 1) - 1
         h_eos_bd = jnp.take_along_axis(h_bld, eos_idx_b[:, None, None], axis=1)[:, 0]
-        logp_v = jax.nn.log_softmax(model.logits(h_eos_bd), axis=-1)
-        out["logp_zc_b"] = logp_v[:, settings.self_reward_token_id]
+        zc_b = jnp.full(h_eos_bd.shape[:1], settings.self_reward_token_id, jnp.int32)
+        out["logp_zc_b"] = token_logprobs(model.logits(h_eos_bd), zc_b, 1.0)
     return out
 
 
@@ -444,7 +450,7 @@ def make_train_step(graphdef: nnx.GraphDef, state_sharding: TrainState, laser_cf
     def step_fn(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         step = state.step + 1
         grads, metrics = grad_fn(state.params, batch, step)
-        metrics["actor/grad_norm"] = optax.global_norm(grads)
+        metrics["actor/grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params=params, opt_state=opt_state, step=step), metrics

@@ -1,0 +1,364 @@
+"""The one-forward train step (issue 4): parity with plain forwards and a plain GRPO step,
+micro-batch accumulation, the sharded step, and the z_c read-out (LASER_SPEC sections 1-4).
+
+Tiny random float32 models; tolerances are stated per test and are float32 round-off of sums
+computed in a different order (chunked vs whole LM head, scan vs one pass, sharded vs not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from laserjax import sharding
+from laserjax import train_step as ts
+from laserjax.config import LaserConfig, MeshConfig, OptimConfig, PolicyLossConfig
+from laserjax.model.transformer import Transformer, TransformerConfig
+from laserjax.sampler import token_logprobs
+
+VOCAB, EOS, ZC = 96, 2, 90
+R, P, T, K = 8, 5, 7, 4
+LASER_ON = LaserConfig(reasoning_warmup_steps=0, self_reward_warmup_steps=0)
+# alpha = 0 and both warm-ups far away: the step must be plain GRPO.
+LASER_OFF = LaserConfig(alpha=0.0, reasoning_warmup_steps=1000, self_reward_warmup_steps=1000)
+
+
+def _model(tie: bool = True, seed: int = 0) -> Transformer:
+    cfg = TransformerConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32,
+                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=8, tie_word_embeddings=tie, qkv_bias=True)
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    # Scale the 0.02-std init up so the next-token distributions are far from uniform.
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: 4.0 * x, params))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return _model()
+
+
+def _rows(seed: int = 0):
+    """Prompt/response layout of R = 8 rows (2 prompts x K = 4), hand-picked edge cases:
+    row 1 finishes with EOS in the last slot (z_c goes to the extra column), rows 2 and 6 are
+    truncated (no EOS), row 5 is truncated short of T (batch padded beyond it)."""
+    rng = np.random.default_rng(seed)
+    prompt_len = np.array([3, 5, 1, 4, 2, 5, 3, 4])
+    resp_len = np.array([4, T, T, 1, 6, 3, T, 2])
+    finished = np.array([1, 1, 0, 1, 1, 0, 0, 1], bool)
+    rewards = np.array([1, 0, 0, 1, 1, 1, 0, 0], np.float32)
+    pmask = np.arange(P)[None] >= P - prompt_len[:, None]
+    rmask = np.arange(T)[None] < resp_len[:, None]
+    ptok = np.where(pmask, rng.integers(3, VOCAB - 10, (R, P)), 0)
+    rtok = np.where(rmask, rng.integers(3, VOCAB - 10, (R, T)), 0)
+    rtok[np.arange(R)[finished], resp_len[finished] - 1] = EOS
+    return dict(prompt_tokens=ptok, prompt_mask=pmask, response_tokens=rtok, response_mask=rmask,
+                finished=finished, rewards=rewards)
+
+
+def _plain_forward_logits(model, rows) -> jax.Array:
+    """Whole-vocabulary logits of `prompt, response` (no z_c), [R, P + T, V]."""
+    tokens = np.concatenate([rows["prompt_tokens"], rows["response_tokens"]], axis=1)
+    mask = np.concatenate([rows["prompt_mask"], rows["response_mask"]], axis=1)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+
+
+def _packed_forward(model, rows):
+    """Each row as `prompt, response, z_c` with no left padding (positions 0..n-1, padding only
+    after the end, which causal attention never sees): [R, P + T + 1, V] logits and the length
+    of each row's prompt and response. A layout independent of the train step's."""
+    seqs, lens = [], []
+    for r in range(R):
+        prompt = rows["prompt_tokens"][r][rows["prompt_mask"][r]]
+        resp = rows["response_tokens"][r][rows["response_mask"][r]]
+        seqs.append(np.concatenate([prompt, resp, [ZC]]))
+        lens.append((len(prompt), len(resp)))
+    length = P + T + 1
+    tokens = np.stack([np.pad(x, (0, length - len(x))) for x in seqs])
+    mask = np.arange(length)[None] < np.array([len(x) for x in seqs])[:, None]
+    positions = np.broadcast_to(np.arange(length), (R, length))
+    logits = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    return logits, lens
+
+
+def _batch(model, seed: int = 0, temperature: float = 1.0, **overrides) -> ts.TrainBatch:
+    """A batch whose old log-probs are the model's own plus noise, so the PPO ratio leaves the
+    clip range on some tokens (both clip branches and the dual clip get exercised)."""
+    rows = _rows(seed) | overrides
+    rng = np.random.default_rng(seed + 1)
+    logits = _plain_forward_logits(model, rows)[:, P - 1:P - 1 + T]
+    logp = np.asarray(jax.nn.log_softmax(logits / temperature, -1))
+    logp = np.take_along_axis(logp, rows["response_tokens"][..., None], -1)[..., 0]
+    old = np.where(rows["response_mask"], logp + rng.normal(0, 0.3, logp.shape), 0.0)
+    batch = ts.TrainBatch(
+        prompt_tokens=jnp.asarray(rows["prompt_tokens"], jnp.int32),
+        prompt_mask=jnp.asarray(rows["prompt_mask"]),
+        response_tokens=jnp.asarray(rows["response_tokens"], jnp.int32),
+        response_mask=jnp.asarray(rows["response_mask"]),
+        old_logprobs=jnp.asarray(old, jnp.float32),
+        finished=jnp.asarray(rows["finished"]),
+        rewards=jnp.asarray(rows["rewards"]),
+        rollout_logp_zc=jnp.asarray(-23.0 + rng.uniform(0, 15, R), jnp.float32),
+    )
+    ts.check_batch(batch, K)
+    return batch
+
+
+def _settings(**kw) -> ts.StepSettings:
+    return ts.StepSettings(**(dict(group_size=K, self_reward_token_id=ZC, logit_chunk=3) | kw))
+
+
+def _grads(model, batch, laser_cfg, settings, step=1, loss_cfg=None):
+    loss_cfg = loss_cfg or PolicyLossConfig()
+    graphdef, params = nnx.split(model, nnx.Param)
+    fn = jax.jit(ts.make_grad_fn(graphdef, laser_cfg, loss_cfg, settings))
+    return fn(params, batch, step)
+
+
+def _max_rel_err(a, b) -> float:
+    """max over leaves of max|a - b| / max|b| (the error relative to the leaf's scale)."""
+    errs = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(y))), a, b)
+    return max(jax.tree.leaves(errs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The forward: z_c placement, log-probs against plain forwards.
+
+
+def test_build_sequences_places_zc_after_eos_of_finished_rows_only(model):
+    batch = _batch(model)
+    tokens, positions, mask, n_resp = (np.asarray(x) for x in ts.build_sequences(batch, ZC, True))
+    assert tokens.shape == (R, P + T + 1)
+    rows = _rows()
+    for r in range(R):
+        n = int(rows["response_mask"][r].sum())
+        assert n_resp[r] == n
+        zc_cols = np.nonzero(tokens[r] == ZC)[0]
+        if rows["finished"][r]:
+            # z_c at eos_pos + 1, inside the mask, with the next contiguous position.
+            assert list(zc_cols) == [P + n] and tokens[r, P + n - 1] == EOS
+            assert mask[r, P + n] and positions[r, P + n] == positions[r, P + n - 1] + 1
+            assert mask[r].sum() == rows["prompt_mask"][r].sum() + n + 1
+        else:
+            assert zc_cols.size == 0 and mask[r].sum() == rows["prompt_mask"][r].sum() + n
+    assert tokens[1, P + T] == ZC  # row 1: EOS in the last slot, z_c in the extra column
+    assert not mask[[0, 2, 3, 4, 5, 6, 7], P + T].any()
+
+
+def test_logprobs_equal_plain_teacher_forced_forward(model):
+    """Against `model(...)` over each row packed as `prompt, response, z_c` from position 0.
+
+    Policy log-probs: log_softmax(logits / 0.7) at each response token (the sampler's
+    definition, tempered); log p(z_c): raw log_softmax at the EOS position. Tolerance 1e-5
+    absolute on log-probs of magnitude ~1-20 (float32; chunked head vs one matmul, left-padded
+    vs packed rows).
+    """
+    temperature = 0.7
+    batch = _batch(model, temperature=temperature)
+    out = ts.sequence_logprobs(model, batch, _settings(temperature=temperature))
+    logp_bt, logp_zc = np.asarray(out["logp_bt"]), np.asarray(out["logp_zc_b"])
+    rows = _rows()
+    logits_blv, lens = _packed_forward(model, rows)
+    for r, (n_prompt, n_resp) in enumerate(lens):
+        resp = rows["response_tokens"][r][:n_resp]
+        logits = logits_blv[r, n_prompt - 1:n_prompt - 1 + n_resp]
+        want = token_logprobs(logits, jnp.asarray(resp), temperature)
+        np.testing.assert_allclose(logp_bt[r, :n_resp], np.asarray(want), atol=1e-5, rtol=0)
+        # And the definition spelt out: tempered log_softmax over the whole vocabulary.
+        by_hand = np.asarray(jax.nn.log_softmax(logits / temperature, -1))
+        np.testing.assert_allclose(logp_bt[r, :n_resp], by_hand[np.arange(n_resp), resp],
+                                   atol=1e-5, rtol=0)
+        if rows["finished"][r]:
+            eos = n_prompt + n_resp - 1  # z_c is predicted at the EOS position, raw logits
+            want_zc = jax.nn.log_softmax(logits_blv[r, eos])[ZC]
+            np.testing.assert_allclose(logp_zc[r], float(want_zc), atol=1e-5, rtol=0)
+
+
+def test_train_step_uses_the_samplers_token_logprobs():
+    """One definition of the policy log-probs for rollouts and training (the most common GRPO
+    bug is a mismatch): the step imports the sampler's function rather than re-deriving it."""
+    from laserjax import sampler
+
+    assert ts.token_logprobs is sampler.token_logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# alpha = 0, integration off: a plain GRPO step.
+
+
+def _reference_grpo_loss(graphdef, batch, loss_cfg: PolicyLossConfig):
+    """GRPO written out independently, as a function of the params: full-vocabulary logits of
+    `prompt, response` (no z_c), group-normalised advantages, the dual-clip PPO surrogate,
+    token-mean."""
+    rows = {f: np.asarray(getattr(batch, f)) for f in ("prompt_tokens", "prompt_mask",
+                                                      "response_tokens", "response_mask")}
+    r_gk = np.asarray(batch.rewards, np.float64).reshape(-1, K)
+    adv = (r_gk - r_gk.mean(1, keepdims=True)) / (r_gk.std(1, ddof=1, keepdims=True) + 1e-6)
+    adv = jnp.asarray(adv.reshape(-1, 1), jnp.float32)
+    mask = batch.response_mask
+
+    def loss_fn(params):
+        logits = _plain_forward_logits(nnx.merge(graphdef, params), rows)[:, P - 1:P - 1 + T]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1),
+                                   batch.response_tokens[..., None], -1)[..., 0]
+        ratio = jnp.exp(jnp.where(mask, logp - batch.old_logprobs, 0.0))
+        loss = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - loss_cfg.clip_low,
+                                                         1 + loss_cfg.clip_high))
+        loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * loss_cfg.dual_clip), loss)
+        return jnp.sum(jnp.where(mask, loss, 0.0)) / mask.sum()
+
+    return loss_fn
+
+
+def test_step_without_mse_and_integration_is_plain_grpo(model):
+    """Gradients of the LaSeR step with alpha = 0 and integration off, with and without the
+    appended z_c column, and of `algorithm: grpo`, all equal the independently written GRPO
+    gradient: max |diff| <= 1e-5 x the leaf's largest gradient. (Measured: 3e-6; against a
+    float64 run of the reference, the float32 reference itself is 2.6e-6 off and the step
+    3.0e-6, so this is float32 round-off.) With and without z_c in the sequence the step's
+    gradients agree to <= 1e-6 (measured 4e-7): the causal mask hides z_c from every log-prob
+    the policy loss reads."""
+    batch = _batch(model)
+    loss_cfg = PolicyLossConfig()
+    graphdef, params = nnx.split(model, nnx.Param)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(
+        _reference_grpo_loss(graphdef, batch, loss_cfg)))(params)
+    grads_zc, m_zc = _grads(model, batch, LASER_OFF, _settings(append_zc=True))
+    grads_nozc, m_nozc = _grads(model, batch, LASER_OFF, _settings(append_zc=False))
+    grads_grpo, m_grpo = _grads(model, batch, dataclasses.replace(LASER_OFF, algorithm="grpo"),
+                                _settings())
+    assert 0 < float(m_zc["actor/pg_clipfrac"]) < 1  # the clipped branch is really exercised
+    assert float(m_zc["self_reward/mse_active"]) == 0.0
+    assert float(m_zc["self_reward/integration_active"]) == 0.0
+    for grads, metrics in ((grads_zc, m_zc), (grads_nozc, m_nozc), (grads_grpo, m_grpo)):
+        assert _max_rel_err(grads, ref_grads) <= 1e-5
+        np.testing.assert_allclose(metrics["actor/pg_loss"], ref_loss, rtol=1e-6)
+    # Appending z_c changes nothing the policy loss reads (the causal mask).
+    assert _max_rel_err(grads_zc, grads_nozc) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The MSE term: truncated rows contribute nothing; value against a hand computation.
+
+
+def test_mse_over_finished_rows_only(model):
+    """All rewards equal inside each group -> A_v = 0, so the gradient is alpha x grad(MSE)
+    alone. Changing the truncated rows' tokens must change neither the MSE nor its gradient
+    (<= 1e-6 relative); the MSE equals the class-balanced sum over finished rows / (N_c + N_i)
+    computed from plain teacher-forced forwards (1e-5 relative)."""
+    rewards = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32)
+    batch = _batch(model, rewards=rewards)
+    laser_cfg = dataclasses.replace(LASER_ON, alpha=1.0, self_reward_warmup_steps=1000)
+    grads, metrics = _grads(model, batch, laser_cfg, _settings())
+    assert float(metrics["self_reward/mse_active"]) == 1.0
+    assert float(metrics["actor/pg_loss"]) == 0.0
+
+    truncated = ~np.asarray(batch.finished)
+    rng = np.random.default_rng(7)
+    tokens = np.asarray(batch.response_tokens).copy()
+    tokens[truncated] = np.where(np.asarray(batch.response_mask)[truncated],
+                                 rng.integers(3, VOCAB - 10, tokens[truncated].shape), 0)
+    other = batch.replace(response_tokens=jnp.asarray(tokens, jnp.int32))
+    grads2, metrics2 = _grads(model, other, laser_cfg, _settings())
+    assert _max_rel_err(grads2, grads) <= 1e-6
+    np.testing.assert_allclose(metrics2["self_reward/mse"], metrics["self_reward/mse"], rtol=1e-6)
+
+    # By hand: finished rows 0, 1, 3 (correct), 4, 7 (incorrect): N_c = 3, N_i = 2.
+    rows = _rows()
+    logits_blv, lens = _packed_forward(model, rows)
+    logp_zc = {r: float(jax.nn.log_softmax(logits_blv[r, sum(lens[r]) - 1])[ZC])
+               for r in np.nonzero(rows["finished"])[0]}
+    n_c, n_i = 3, 2
+    total = 0.0
+    for r, lp in logp_zc.items():
+        r_s = 0.1 * (lp + 23.0)
+        w = (n_c + n_i) / (2 * (n_c if rewards[r] == 1 else n_i))
+        total += w * (r_s - rewards[r]) ** 2
+    np.testing.assert_allclose(metrics["self_reward/mse"], total / (n_c + n_i), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient accumulation and sharding.
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_two_micro_batches_equal_the_full_batch(model, loss_agg):
+    """Full LaSeR step (MSE and integration on, KL on): gradients of 2 micro-batches of 4 rows
+    equal one batch of 8, max |diff| <= 1e-5 x the leaf's largest gradient; metrics to 1e-5
+    relative or 1e-6 absolute."""
+    loss_cfg = PolicyLossConfig(loss_agg=loss_agg, kl_coef=0.05, kl_type="low_var_kl")
+    batch = _batch(model)
+    batch = batch.replace(ref_logprobs=batch.old_logprobs - 0.1)
+    full, m_full = _grads(model, batch, LASER_ON, _settings(), loss_cfg=loss_cfg)
+    micro, m_micro = _grads(model, batch, LASER_ON, _settings(micro_batch_size=4),
+                            loss_cfg=loss_cfg)
+    assert float(m_full["self_reward/integration_active"]) == 1.0
+    assert float(m_full["self_reward/mse"]) > 0 and float(m_full["actor/kl_loss"]) > 0
+    assert _max_rel_err(micro, full) <= 1e-5
+    for name, value in m_full.items():
+        np.testing.assert_allclose(m_micro[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_sharded_step_equals_single_device_step(model):
+    """The jitted step on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2, 2 micro-batches) and on
+    one device: updated params and AdamW moments agree to 1e-5 (absolute on params moved by
+    lr = 1e-3), metrics to 1e-5 relative or 1e-6 absolute (`ppo_kl` is a mean of differences of
+    log-probs of size ~10, so its round-off is absolute)."""
+    optim = OptimConfig(learning_rate=1e-3)
+    settings = _settings(micro_batch_size=4)
+    batch = _batch(model)
+    results = []
+    for mesh_cfg, devices in ((MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8]),
+                              (MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])):
+        mesh = sharding.make_mesh(mesh_cfg, devices)
+        graphdef, state = ts.init_train_state(_model(), optim, mesh)
+        step = ts.make_train_step(graphdef, ts.train_state_sharding(state, mesh), LASER_ON,
+                                  PolicyLossConfig(), optim, settings, mesh)
+        state, metrics = step(state, batch)
+        results.append((jax.device_get(state), jax.device_get(metrics), state))
+    (s8, m8, live8), (s1, m1, _) = results
+    # The params really are split across devices by the rule table.
+    emb = live8.params["embed_tokens"]["embedding"][...]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert int(s8.step) == int(s1.step) == 1
+    for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(s8.opt_state), jax.tree.leaves(s1.opt_state), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    for name, value in m1.items():
+        np.testing.assert_allclose(m8[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(s1.params), jax.tree.leaves(nnx.state(_model(), nnx.Param)), strict=True))
+    assert moved > 5e-4  # the step really updated the params (AdamW moves ~lr per element)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_batches_are_named(model):
+    batch = _batch(model)
+    mask = np.asarray(batch.response_mask).copy()
+    mask[3, 0], mask[3, 2] = False, True
+    with pytest.raises(ValueError, match="response_mask row 3 is not right-padded"):
+        ts.check_batch(batch.replace(response_mask=jnp.asarray(mask)), K)
+    with pytest.raises(ValueError, match="rewards row 0 is 0.5"):
+        ts.check_batch(batch.replace(rewards=batch.rewards.at[0].set(0.5)), K)
+    with pytest.raises(ValueError, match="not a multiple of K = 3"):
+        ts.check_batch(batch, 3)
+    with pytest.raises(ValueError, match="old_logprobs has shape"):
+        ts.check_batch(batch.replace(old_logprobs=batch.old_logprobs[:, :-1]), K)
+    graphdef, params = nnx.split(model, nnx.Param)
+    with pytest.raises(ValueError, match="needs TrainBatch.ref_logprobs"):
+        ts.make_grad_fn(graphdef, LASER_ON, PolicyLossConfig(kl_coef=0.1), _settings())(
+            params, batch, 1)
+    with pytest.raises(ValueError, match="micro_batch_size 3 does not divide the 8 rows"):
+        ts.make_grad_fn(graphdef, LASER_ON, PolicyLossConfig(), _settings(micro_batch_size=3))(
+            params, batch, 1)
