@@ -337,3 +337,23 @@ def test_greedy_matches_transformers_generate(tmp_path):
     np.testing.assert_array_equal(got.response_tokens[:, :want.shape[1]], want)
     assert (got.response_tokens[:, want.shape[1]:] == pad).all()
     assert vocab > max(max(p) for p in prompts)
+
+
+# --- the `generate` command --------------------------------------------------------------------
+
+
+def test_generate_command_prints_samples_and_r_s(capsys):
+    import json
+
+    from laserjax.cli import main
+
+    main(["generate", "--tiny", "--ids", "5,6,7", "--k", "3", "--max-new-tokens", "6",
+          "--json", "--seed", "1", "--c-ref", "-20"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["sample"] for x in lines] == [0, 1, 2]
+    for x in lines:
+        assert x["finished"] != x["truncated"] and 1 <= x["length"] == len(x["tokens"]) <= 6
+        if x["finished"]:
+            assert x["tokens"][-1] < 16 and x["r_s"] == pytest.approx(0.1 * (x["logp_zc"] + 20))
+        else:
+            assert x["logp_zc"] is None and x["r_s"] is None and x["length"] == 6

@@ -1,0 +1,152 @@
+"""`python -m laserjax generate`: sample from a model and print each continuation with its r_s.
+
+A smoke test of the rollout sampler (LASER_SPEC section 5): K samples of one prompt from one
+prefill, each printed with how it ended and, for finished samples, log p(z_c | x, y, <eos>) and
+the self-reward r_s = beta_v * (log p(z_c) - c_ref) of LASER_SPEC section 1.
+
+    python -m laserjax generate --model Qwen/Qwen2.5-0.5B-Instruct --prompt "1 + 1 =" --chat
+    python -m laserjax generate --tiny --ids 5,6,7 --k 4      # random tiny model, no download
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import Any
+
+from laserjax.config import TokenConfig
+
+TINY_VOCAB = 256
+TINY_EOS = tuple(range(16))
+"""A random tiny model spreads its mass over 256 ids: 16 of them as EOS end most samples early."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a Hugging Face checkpoint directory or hub id")
+    src.add_argument("--tiny", action="store_true",
+                     help=f"a tiny random Qwen2 model (vocab {TINY_VOCAB}; token ids only)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    text.add_argument("--ids", help="prompt token ids, comma or space separated")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap --prompt as a user message in the tokenizer's chat template")
+    parser.add_argument("--k", type=int, default=2, help="samples of the prompt (one prefill)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eos-ids", help="EOS ids, comma separated (default: the checkpoint's "
+                        "generation_config / tokenizer)")
+    parser.add_argument("--pad-id", type=int, default=None,
+                        help="default: the tokenizer's pad id, else the first EOS id")
+    parser.add_argument("--self-reward-token-id", type=int, default=None,
+                        help=f"z_c (default {TokenConfig.self_reward_token_id}, Qwen2.5's "
+                        "<|vision_start|>; Llama-3: 128002)")
+    parser.add_argument("--beta-v", type=float, default=0.1)
+    parser.add_argument("--c-ref", type=float, default=-23.0,
+                        help="measure it for your model: `python -m laserjax calibrate`")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--json", action="store_true", help="one JSON object per sample")
+
+
+def parse_ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"{what}: expected integers separated by commas or spaces, got "
+                         f"{text!r}") from None
+
+
+def checkpoint_eos_ids(ckpt: pathlib.Path, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (chat models list two), config.json or the tokenizer."""
+    for name in ("generation_config.json", "config.json"):
+        f = ckpt / name
+        if f.is_file():
+            eos = json.loads(f.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        return (int(tokenizer.eos_token_id),)
+    return ()
+
+
+def load_tokenizer(ckpt: pathlib.Path) -> Any:
+    if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+def run(args: argparse.Namespace) -> None:
+    from flax import nnx
+
+    from laserjax.model import Transformer, TransformerConfig
+    from laserjax.sampler import Sampler
+
+    tokenizer = None
+    if args.tiny:
+        cfg = TransformerConfig(model_type="qwen2", vocab_size=TINY_VOCAB, hidden_size=64,
+                                intermediate_size=128, num_layers=2, num_heads=4,
+                                num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+                                qkv_bias=True, dtype=args.dtype, param_dtype=args.dtype)
+        model = Transformer(cfg, rngs=nnx.Rngs(args.seed))
+        eos_default, pad_default, zc_default = TINY_EOS, 0, TINY_VOCAB - 1
+        if args.prompt is not None:
+            raise SystemExit("--prompt needs a tokenizer; the --tiny model takes --ids")
+    else:
+        from laserjax.model.hf_params import load_pretrained, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.model)
+        model = load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype)
+        tokenizer = load_tokenizer(ckpt)
+        eos_default = checkpoint_eos_ids(ckpt, tokenizer)
+        pad_default = (tokenizer.pad_token_id if tokenizer is not None
+                       and tokenizer.pad_token_id is not None else
+                       (eos_default[0] if eos_default else 0))
+        zc_default = TokenConfig.self_reward_token_id
+
+    eos_ids = parse_ids(args.eos_ids, "--eos-ids") if args.eos_ids else list(eos_default)
+    pad_id = pad_default if args.pad_id is None else args.pad_id
+    zc = zc_default if args.self_reward_token_id is None else args.self_reward_token_id
+    if args.ids is not None:
+        prompt = parse_ids(args.ids, "--ids")
+    elif args.prompt is not None:
+        if tokenizer is None:
+            raise SystemExit(f"no tokenizer files in {args.model!r}; pass --ids instead")
+        if args.chat:
+            prompt = list(tokenizer.apply_chat_template(
+                [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                tokenize=True, return_dict=False))
+        else:
+            prompt = tokenizer.encode(args.prompt, add_special_tokens=False)
+    else:
+        prompt = [1, 2, 3, 4] if args.tiny else None
+        if prompt is None:
+            raise SystemExit("give the prompt: --prompt TEXT or --ids 1,2,3")
+
+    sampler = Sampler(model, eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=zc,
+                      max_new_tokens=args.max_new_tokens,
+                      max_prompt_len=max(len(prompt), 16))
+    out = sampler.sample([prompt], k=args.k, temperature=args.temperature, top_p=args.top_p,
+                         top_k=args.top_k, seed=args.seed)
+    if not args.json:
+        print(f"prompt: {len(prompt)} tokens; {args.k} samples; EOS ids {eos_ids}; z_c {zc}")
+    for j in range(args.k):
+        tokens = out.response_tokens[j, : out.lengths[j]].tolist()
+        finished = bool(out.finished[j])
+        logp = float(out.logp_zc[j]) if finished else None
+        r_s = args.beta_v * (logp - args.c_ref) if finished else None
+        text = tokenizer.decode(tokens) if tokenizer is not None else None
+        if args.json:
+            print(json.dumps(dict(sample=j, tokens=tokens, text=text, finished=finished,
+                                  truncated=bool(out.truncated[j]), length=len(tokens),
+                                  logp_zc=logp, r_s=r_s)))
+            continue
+        end = (f"finished, log p(z_c) = {logp:.3f}, r_s = {r_s:.3f}" if finished
+               else "truncated (no EOS within --max-new-tokens: no z_c, no r_s)")
+        print(f"\n--- sample {j}: {len(tokens)} tokens, {end}")
+        print(text if text is not None else " ".join(map(str, tokens)))
