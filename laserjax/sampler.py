@@ -71,13 +71,39 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.
     return picked - jax.nn.logsumexp(x, axis=-1)
 
 
+TOP_K_CHUNK = 128
+"""Chunk width of `top_k_exact`'s first stage (151936 = 1187 chunks of 128 for Qwen2.5)."""
+
+
+def top_k_exact(x_rv: jax.Array, k: int, chunk: int = TOP_K_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """`lax.top_k(x_rv, k)` (values descending, their ids) without sorting the vocabulary.
+
+    XLA's GPU TopK has a fast kernel only for k <= 16 and sorts the whole row otherwise (a full
+    sort of [rows, 151936] every decode step for top-k 50). Exact two-stage selection instead:
+    split the row into chunks, keep the k chunks with the largest maxima, and take the top k of
+    their k * chunk entries. Exact because each of the k largest entries lies in a chunk whose
+    maximum is at least the k-th largest value, and at most k chunks have such a maximum.
+    (Exactly tied values may be picked in a different order than lax.top_k picks them.)
+    Falls back to lax.top_k when the row has fewer than 4k chunks.
+    """
+    r, v = x_rv.shape
+    n_chunks = -(-v // chunk)
+    if n_chunks < 4 * k:
+        return jax.lax.top_k(x_rv, k)
+    padded = jnp.pad(x_rv, ((0, 0), (0, n_chunks * chunk - v)), constant_values=-jnp.inf)
+    _, best_rk = jax.lax.top_k(padded.reshape(r, n_chunks, chunk).max(axis=-1), k)
+    ids_rc = (best_rk[:, :, None] * chunk + jnp.arange(chunk, dtype=best_rk.dtype)).reshape(r, -1)
+    vals, pos = jax.lax.top_k(jnp.take_along_axis(padded, ids_rc, axis=-1), k)
+    return vals, jnp.take_along_axis(ids_rc, pos, axis=-1)
+
+
 def sample_tokens(logits_rv: jax.Array, keys_r: jax.Array, *, temperature: float, top_k: int,
                   top_p: float) -> jax.Array:
     """One token per row: greedy (temperature 0) or temperature / top-k / top-p sampling.
 
     The order of Hugging Face's logits warpers: temperature, then top-k, then top-p. Top-k uses
-    `lax.top_k` (no sort of the vocabulary); top-p sorts, over the k survivors when top_k > 0 and
-    over the full vocabulary only when top_k = 0 and top_p < 1. Top-p keeps the smallest prefix
+    `top_k_exact` (no sort of the vocabulary); top-p sorts, over the k survivors when top_k > 0
+    and over the full vocabulary only when top_k = 0 and top_p < 1. Top-p keeps the smallest prefix
     of the tokens sorted by probability whose mass reaches top_p (always at least one token).
     """
     logits_rv = logits_rv.astype(jnp.float32)
@@ -87,7 +113,7 @@ def sample_tokens(logits_rv: jax.Array, keys_r: jax.Array, *, temperature: float
     ids_rc = None  # vocabulary ids of the candidate columns when they are a subset/permutation
     vals_rc = logits_rv
     if 0 < top_k < v:
-        vals_rc, ids_rc = jax.lax.top_k(logits_rv, top_k)  # sorted descending
+        vals_rc, ids_rc = top_k_exact(logits_rv, top_k)  # sorted descending
     vals_rc = vals_rc / temperature
     if top_p < 1:
         if ids_rc is None:
@@ -534,5 +560,5 @@ def _require(cond: bool, field: str, msg: str) -> None:
 
 
 __all__ = ["RolloutBatch", "Sampler", "SamplerState", "SamplingSettings", "prompt_positions",
-           "sample_tokens", "token_logprobs", "row_keys", "default_prompt_buckets"]
+           "sample_tokens", "token_logprobs", "top_k_exact", "row_keys", "default_prompt_buckets"]
 

@@ -357,3 +357,21 @@ def test_generate_command_prints_samples_and_r_s(capsys):
             assert x["tokens"][-1] < 16 and x["r_s"] == pytest.approx(0.1 * (x["logp_zc"] + 20))
         else:
             assert x["logp_zc"] is None and x["r_s"] is None and x["length"] == 6
+
+
+def test_top_k_exact_equals_lax_top_k():
+    """The two-stage top-k (chunks of 16 here, 313 of them) against lax.top_k, values and ids."""
+    from laserjax.sampler import top_k_exact
+
+    x = jax.random.normal(jax.random.key(3), (6, 5000)) * 3
+    for k in (1, 7, 50):
+        vals, ids = top_k_exact(x, k, chunk=16)
+        want_vals, want_ids = jax.lax.top_k(x, k)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(vals, want_vals)
+    # Many ties and a vocabulary that is not a multiple of the chunk: the values still agree.
+    x = jnp.round(jax.random.normal(jax.random.key(4), (4, 4999)), 1)
+    vals, ids = top_k_exact(x, 50, chunk=16)
+    np.testing.assert_array_equal(vals, jax.lax.top_k(x, 50)[0])
+    np.testing.assert_array_equal(np.take_along_axis(np.asarray(x), np.asarray(ids), -1), vals)
+    assert all(len(set(row)) == 50 for row in np.asarray(ids).tolist())
