@@ -1,0 +1,123 @@
+"""The cost of the self-reward position in the train step (CPU): LaSeR vs the same GRPO step.
+
+Three jitted train steps on the same model and batch (one device, float32, full optimizer step):
+
+- `grpo`: `algorithm: grpo`, sequence `prompt, response` (L = P + T), no z_c read, no MSE;
+- `laser`: the LaSeR step as specified, `prompt, response, z_c` (L = P + T + 1), log p(z_c) read
+  at the EOS position, the MSE term and advantage integration on;
+- `laser_no_zc_column`: the LaSeR step without z_c written into the sequence (log p(z_c) still
+  read from the EOS position: z_c's own column is causally invisible to everything the step
+  reads), to split the cost between the extra column and the read-out + MSE.
+
+Rows are all finished, EOS in the last slot, so the z_c column is a real extra position for
+every row. The 2-core CPU here is shared with other jobs: the variants are timed in interleaved
+rounds; each reports its median and its fastest round (the least disturbed by other jobs), and
+the ratios of both to `grpo` are the answer (target <= 1.02). Expect about (L + 1) / L for the
+column plus 1 / T of the LM head for the z_c read-out.
+
+Usage: python bench/train_step_zc_cost.py [--rows 8 --prompt-len 64 --response-len 191]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from laserjax import sharding  # noqa: E402
+from laserjax import train_step as ts  # noqa: E402
+from laserjax.config import LaserConfig, MeshConfig, OptimConfig, PolicyLossConfig  # noqa: E402
+from laserjax.model.transformer import Transformer, TransformerConfig  # noqa: E402
+
+EOS, ZC = 2, 5
+
+
+def synthetic_batch(rows: int, prompt_len: int, response_len: int, vocab: int, seed: int,
+                    finished_frac: float = 1.0) -> ts.TrainBatch:
+    """Full-length prompts and responses; finished rows end with EOS in the last slot."""
+    rng = np.random.default_rng(seed)
+    response = rng.integers(10, vocab, (rows, response_len))
+    finished = rng.random(rows) < finished_frac
+    response[finished, -1] = EOS
+    return ts.TrainBatch(
+        prompt_tokens=jnp.asarray(rng.integers(10, vocab, (rows, prompt_len)), jnp.int32),
+        prompt_mask=jnp.ones((rows, prompt_len), bool),
+        response_tokens=jnp.asarray(response, jnp.int32),
+        response_mask=jnp.ones((rows, response_len), bool),
+        old_logprobs=jnp.asarray(-rng.uniform(5, 10, (rows, response_len)), jnp.float32),
+        finished=jnp.asarray(finished),
+        rewards=jnp.asarray(np.arange(rows) % 2, jnp.float32),  # mixed groups: A_v != 0
+        rollout_logp_zc=jnp.asarray(rng.uniform(-23, -10, rows), jnp.float32),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--response-len", type=int, default=191)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--logit-chunk", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+
+    cfg = TransformerConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                            intermediate_size=3 * args.hidden, num_layers=args.layers,
+                            num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 128),
+                            head_dim=64, tie_word_embeddings=True, qkv_bias=True)
+    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    optim = OptimConfig(learning_rate=1e-6)
+    batch = synthetic_batch(args.rows, args.prompt_len, args.response_len, args.vocab, seed=0)
+    on = LaserConfig(reasoning_warmup_steps=0, self_reward_warmup_steps=0)
+    variants = {
+        "grpo": (LaserConfig(algorithm="grpo"), True),
+        "laser": (on, True),
+        "laser_no_zc_column": (on, False),
+    }
+    steps, states = {}, {}
+    for name, (laser_cfg, append_zc) in variants.items():
+        settings = ts.StepSettings(group_size=args.group_size, self_reward_token_id=ZC,
+                                   logit_chunk=args.logit_chunk, append_zc=append_zc)
+        graphdef, state = ts.init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), optim, mesh)
+        steps[name] = ts.make_train_step(graphdef, ts.train_state_sharding(state, mesh),
+                                         laser_cfg, PolicyLossConfig(), optim, settings, mesh)
+        for _ in range(2):  # compile + one warm run
+            state, metrics = steps[name](state, batch)
+            jax.block_until_ready(metrics)
+        states[name] = state
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name in variants:
+            t0 = time.perf_counter()
+            states[name], metrics = steps[name](states[name], batch)
+            jax.block_until_ready((states[name], metrics))
+            times[name].append(time.perf_counter() - t0)
+
+    base, base_min = statistics.median(times["grpo"]), min(times["grpo"])
+    tokens = args.rows * (args.prompt_len + args.response_len)
+    for name, ts_ in times.items():
+        med = statistics.median(ts_)
+        print(json.dumps(dict(variant=name, median_s=round(med, 4), min_s=round(min(ts_), 4),
+                              tokens_per_s=round(tokens / med), ratio_to_grpo=round(med / base, 4),
+                              min_ratio_to_grpo=round(min(ts_) / base_min, 4),
+                              rows=args.rows, prompt_len=args.prompt_len,
+                              response_len=args.response_len, hidden=args.hidden,
+                              layers=args.layers, vocab=args.vocab, rounds=args.rounds)))
+
+
+if __name__ == "__main__":
+    main()
