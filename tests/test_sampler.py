@@ -184,6 +184,7 @@ def test_new_batches_and_params_do_not_recompile(model, sampler, batches):
     assert np.abs(moved.logprobs - batches[1.0].logprobs).max() > 1e-2  # new params were used
 
 
+@pytest.mark.slow
 def test_bf16_params_cast_once_is_exact():
     """Storing float32 params in the bf16 compute dtype changes no result (module docstring)."""
     cfg = TransformerConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
