@@ -28,6 +28,7 @@ It never imports grain (the GPU image lacks it): only laserjax.model, laserjax.s
 laserjax.sharding and laserjax.config, which need jax, flax, numpy and pyyaml.
 
 Usage (GPU):       python3 bench/sampler_gpu.py [0.5b] [1.5b] [--top-k 0 50] [--transformers]
+                       [--peer-jsonl tunix.jsonl]    (adds `ratio` lines: laserjax / peer)
 Usage (CPU smoke): python3 bench/sampler_gpu.py --tiny [--transformers]
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -56,8 +58,30 @@ PRESETS = {
 Z_C = 151652  # Qwen2.5 `<|vision_start|>`; clipped into tiny vocabularies.
 
 
+RESULTS: list[dict] = []
+
+
 def emit(**kw) -> None:
+    RESULTS.append(kw)
     print(json.dumps(kw), flush=True)
+
+
+def summarize(peer_files: list[str]) -> None:
+    """Ratio lines: each laserjax measurement over the peer lines with the same model/top-k."""
+    lines = list(RESULTS)
+    for f in peer_files:
+        for raw in pathlib.Path(f).read_text().splitlines():
+            if raw.strip().startswith("{"):
+                lines.append(json.loads(raw))
+    ours = {r["what"]: r for r in lines if r["what"].startswith("laserjax_sampler_")}
+    for what, r in ours.items():
+        tail = what[len("laserjax_sampler_"):]
+        for peer in ("tunix_sampler_", "transformers_generate_"):
+            p = next((x for x in lines if x["what"] == peer + tail), None)
+            if p is not None:
+                emit(what="ratio", ours=what, peer=p["what"],
+                     ours_tokens_per_s=r["tokens_per_s"], peer_tokens_per_s=p["tokens_per_s"],
+                     speedup=r["tokens_per_s"] / p["tokens_per_s"])
 
 
 class CompileCounter:
@@ -309,6 +333,8 @@ def main() -> None:
                     help="also time transformers generate at the same settings")
     ap.add_argument("--transformers-new-tokens", type=int, default=0,
                     help="fewer new tokens for generate (it is ~50x slower); 0 = same")
+    ap.add_argument("--peer-jsonl", nargs="*", default=[],
+                    help="JSON lines of tunix_sampler_bench.py (same run) for ratio lines")
     ap.add_argument("--allow-cpu", action="store_true")
     args = ap.parse_args()
     tiny = args.tiny
@@ -320,6 +346,8 @@ def main() -> None:
     if bad:
         ap.error(f"unknown model(s) {bad}; choose from 0.5b, 1.5b")
 
+    if args.transformers:  # torch shares the GPU: JAX must not take 75% of it up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     emit(what="env", jax=jax.__version__, flax=__import__("flax").__version__,
@@ -332,6 +360,7 @@ def main() -> None:
         bench_laserjax(args, name, PRESETS[name], counter)
         if args.transformers:
             bench_transformers(args, name, PRESETS[name])
+    summarize(args.peer_jsonl)
 
 
 if __name__ == "__main__":
