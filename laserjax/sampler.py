@@ -205,6 +205,9 @@ class RolloutBatch:
     logp_zc: np.ndarray  # [N*K] float32
     k: int
     logprob_temperature: float
+    decode_steps: int
+    """Decode steps the loop ran: max over rows of (length - 1 + finished), so z_c reads add a
+    step only when a row ends with EOS at the batch's last step (module docstring)."""
 
     @property
     def num_prompts(self) -> int:
@@ -551,7 +554,7 @@ class Sampler:
             logprobs=rows(host["logprobs_bkt"]), lengths=lengths,
             finished=rows(host["finished_bk"]), truncated=rows(host["truncated_bk"]),
             logp_zc=rows(host["logp_zc_bk"]), k=s.k,
-            logprob_temperature=s.logprob_temperature)
+            logprob_temperature=s.logprob_temperature, decode_steps=int(host["step"]))
 
 
 def _require(cond: bool, field: str, msg: str) -> None:

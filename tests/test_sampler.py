@@ -111,6 +111,15 @@ def test_batch_covers_every_ending(batches):
         assert (batch.finished & (batch.lengths == T)).any(), "no EOS at the last position"
 
 
+def test_self_reward_costs_at_most_one_decode_step(batches):
+    """Token 0 comes from the prefill; a row of length L needs L - 1 decode steps, plus one for
+    its z_c read if it finished. The loop runs the maximum of that over rows, no more."""
+    for b in batches.values():
+        assert b.decode_steps == (b.lengths - 1 + b.finished).max()
+        # Here a row ends with EOS at position T, so its z_c read is the one extra step.
+        assert b.decode_steps == T
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_rows_end_with_eos_or_truncation(batches, temperature):
     b = batches[temperature]
