@@ -113,7 +113,8 @@ class StepSettings:
     micro_batch_size: int = 0
     """Rows per micro-batch (train.micro_batch_size); 0 = the whole step batch at once."""
     logit_chunk: int = 512
-    """Positions per LM-head chunk: bounds the float32 logits held to [R_micro, chunk, V]."""
+    """Positions per LM-head chunk: bounds the float32 logits held to [R_micro, chunk, V]
+    (chunks are recomputed in the backward pass; chunk >= T keeps the whole logits instead)."""
     append_zc: bool = True
     """Put z_c in the sequence at eos_pos + 1 (spec 2). Causally invisible to every log-prob the
     step reads, so False gives the same numbers one position shorter; kept for the benchmark."""
@@ -216,7 +217,9 @@ def chunked_token_logprobs(model: Transformer, h_btd: jax.Array, targets_bt: jax
     """`token_logprobs(model.logits(h), targets, temperature)` without materialising [B, T, V].
 
     The LM head runs over `chunk` positions at a time inside `lax.map`; `jax.checkpoint` keeps
-    only each chunk's hidden states for the backward pass and recomputes its logits there.
+    only each chunk's hidden states for the backward pass and recomputes its logits there. With
+    chunk >= T there is one chunk, run as a plain head whose logits the backward pass keeps:
+    faster (no recompute) when [B, T, V] float32 fits in memory.
     Returns (logp_bt, entropy_bt or None), float32.
     """
     b, t, d = h_btd.shape
@@ -226,7 +229,6 @@ def chunked_token_logprobs(model: Transformer, h_btd: jax.Array, targets_bt: jax
     h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     tg_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def one_chunk(args):
         h_bcd, tg_bc = args
         logits_bcv = model.logits(h_bcd)
@@ -238,7 +240,11 @@ def chunked_token_logprobs(model: Transformer, h_btd: jax.Array, targets_bt: jax
         ent_bc = -jnp.sum(jnp.exp(all_logp) * all_logp, axis=-1)
         return logp_bc, jax.lax.stop_gradient(ent_bc)
 
-    logp_nbc, ent_nbc = jax.lax.map(one_chunk, (h_nbcd, tg_nbc))
+    if n == 1:
+        # One chunk: the plain head, logits kept for the backward pass (no recompute).
+        logp_nbc, ent_nbc = jax.tree.map(lambda x: x[None], one_chunk((h_nbcd[0], tg_nbc[0])))
+    else:
+        logp_nbc, ent_nbc = jax.lax.map(jax.checkpoint(one_chunk), (h_nbcd, tg_nbc))
 
     def unchunk(x_nbc: jax.Array) -> jax.Array:
         return x_nbc.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
