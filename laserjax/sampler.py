@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.struct
 import jax
@@ -316,13 +315,11 @@ def _decode_step(model: Transformer, prefix: PrefixCache, st: SamplerState, s: S
 
 
 def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, prefix: PrefixCache,
-                 state: SamplerState, s: SamplingSettings, constrain, max_steps: int | None
-                 ) -> SamplerState:
+                 state: SamplerState, s: SamplingSettings, constrain) -> SamplerState:
     model: Transformer = nnx.merge(graphdef, params)
-    limit = s.max_new_tokens if max_steps is None else min(max_steps, s.max_new_tokens)
 
     def cond(st: SamplerState) -> jax.Array:
-        return (st.step < limit) & ~jnp.all(st.complete_bk)
+        return (st.step < s.max_new_tokens) & ~jnp.all(st.complete_bk)
 
     def body(st: SamplerState) -> SamplerState:
         return constrain(_decode_step(model, prefix, st, s))
@@ -334,29 +331,40 @@ def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, prefix: PrefixCache,
 # Sharding of the sampler's buffers.
 
 
-def _state_spec(mesh: Mesh, x: jax.Array, kv_heads_axis: int | None) -> NamedSharding:
-    """Batch-major buffers over (data, fsdp); cache kv-heads over tensor when it divides them."""
-    if x.ndim == 0 or jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return NamedSharding(mesh, P())
-    spec: list[Any] = [None] * x.ndim
-    batch_axis = 0 if kv_heads_axis is None else 1
-    spec[batch_axis] = sharding.BATCH
-    if kv_heads_axis is not None and x.shape[kv_heads_axis] % mesh.shape["tensor"] == 0:
-        spec[kv_heads_axis] = "tensor"
-    return NamedSharding(mesh, P(*spec))
+def _batch_major(mesh: Mesh, x: jax.Array) -> NamedSharding:
+    """[B, ...] buffers: the batch over (data, fsdp), the rest replicated."""
+    return sharding.batch_sharding(mesh, x.ndim)
+
+
+def _cache(mesh: Mesh, x: jax.Array) -> NamedSharding:
+    """[L, B, ..., kv_heads, head_dim] caches: batch over (data, fsdp), kv heads over tensor
+    when it divides them (as the k/v projections' output columns are split)."""
+    heads = "tensor" if x.shape[-2] % mesh.shape["tensor"] == 0 else None
+    return NamedSharding(mesh, P(None, sharding.BATCH, *(None,) * (x.ndim - 4), heads, None))
 
 
 def _constrainer(mesh: Mesh | None):
-    """A function that pins the shardings of a PrefixCache or SamplerState (identity w/o mesh)."""
+    """Pins the shardings of a PrefixCache or SamplerState (the identity without a mesh)."""
     if mesh is None:
         return lambda tree: tree
 
-    def one(x):
-        # [L, B, P, H, D] prefix and [L, B, K, T, H, D] suffix caches; the rest is batch-major.
-        kv_axis = {5: 3, 6: 4}.get(x.ndim)
-        return jax.lax.with_sharding_constraint(x, _state_spec(mesh, x, kv_axis))
+    def pin(x, spec):
+        return jax.lax.with_sharding_constraint(x, spec(mesh, x))
 
-    return lambda tree: jax.tree.map(one, tree)
+    def constrain(tree):
+        if isinstance(tree, PrefixCache):
+            return PrefixCache(pin(tree.k_lbphd, _cache), pin(tree.v_lbphd, _cache),
+                               pin(tree.mask_bp, _batch_major))
+        suffix = SuffixCache(pin(tree.suffix.k_lbkthd, _cache), pin(tree.suffix.v_lbkthd, _cache))
+        replicated = sharding.replicated(mesh)
+        fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
+        fields = {name: pin(x, _batch_major) for name, x in fields.items()
+                  if name not in ("suffix", "seed_key", "step")}
+        return SamplerState(**fields, suffix=suffix,
+                            seed_key=jax.lax.with_sharding_constraint(tree.seed_key, replicated),
+                            step=jax.lax.with_sharding_constraint(tree.step, replicated))
+
+    return constrain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,12 +436,12 @@ class Sampler:
             return _prefill(graphdef, params, tokens_bp, mask_bp, valid_b, seed, settings,
                             constrain)
 
-        def loop(params, prefix, state, settings, max_steps):
+        def loop(params, prefix, state, settings):
             self.stats["decode_traces"] += 1
-            return _decode_loop(graphdef, params, prefix, state, settings, constrain, max_steps)
+            return _decode_loop(graphdef, params, prefix, state, settings, constrain)
 
         self._prefill = jax.jit(prefill, static_argnums=(5,))
-        self._loop = jax.jit(loop, static_argnums=(3, 4), donate_argnums=(2,))
+        self._loop = jax.jit(loop, static_argnums=(3,), donate_argnums=(2,))
         self.params = None
         self.update_params(params)
 
@@ -524,11 +532,11 @@ class Sampler:
         prefix, state = self._prefill(self.params, *dev, np.uint32(seed % 2**32), settings)
         return prefix, state, tokens, mask
 
-    def decode(self, prefix: PrefixCache, state: SamplerState, settings: SamplingSettings,
-               max_steps: int | None = None) -> SamplerState:
-        """Run the decode loop (at most `max_steps` steps: for benchmarks); `state` is donated."""
+    def decode(self, prefix: PrefixCache, state: SamplerState, settings: SamplingSettings
+               ) -> SamplerState:
+        """Run the decode loop until every row is complete; `state` is donated."""
         self.stats["decode_calls"] += 1
-        return self._loop(self.params, prefix, state, settings, max_steps)
+        return self._loop(self.params, prefix, state, settings)
 
     def sample(self, prompt_ids: Sequence[Sequence[int]], *, k: int = 1,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0
