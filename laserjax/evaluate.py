@@ -3,13 +3,31 @@
 `evaluate_prompts` is the core the trainer's periodic evaluation and the `eval` command share:
 it rolls out n samples per problem through the sampler (the self-reward comes from its extra
 decode step, no second pass), grades them and returns per-sample records plus the paper's table
-from `eval_metrics.summarize`.
+from `eval_metrics.summarize`. A callback sees every graded batch as it is produced.
+
+The `eval` command (`python -m laserjax eval`, bottom of this module) runs it over the paper's
+benchmarks and writes, under `--output-dir`:
+
+- `samples.jsonl`: one row per sample (benchmark, problem id, sample index, response, extracted
+  answer, reference, correct, r_s, length, truncated), appended and flushed after every batch, so
+  a crash loses nothing already computed and `--resume` continues from the last whole batch;
+- `summary.json`: the table of each benchmark and their average, computed from `samples.jsonl`
+  (so a resumed run and an uninterrupted one report the same numbers);
+- `eval_config.json`: the settings, which `--resume` requires to be unchanged.
+
+Grading is the paper's evaluation protocol: the last `\\boxed{}` of a response, math-verify
+equivalence, no single-boxed format gate (that gate is a training-reward rule, spec section 6).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
+import pathlib
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +52,17 @@ class Scoring:
         return np.where(finished, self.beta_v * (logp_zc - self.c_ref), np.nan)
 
 
+def sample_record(problem_id: str, sample: int, response: str, extracted: str | None,
+                  correct: float, r_s: float, length: int, truncated: bool,
+                  **extra: Any) -> dict[str, Any]:
+    """The JSON-able row of one sample (`r_s` None when the sample has no score)."""
+    s = float(r_s)
+    return dict(extra, problem_id=problem_id, sample=int(sample), response=response,
+                extracted_answer=extracted, correct=bool(correct),
+                r_s=None if math.isnan(s) else s, length=int(length),
+                truncated=bool(truncated))
+
+
 @dataclasses.dataclass
 class EvalResult:
     correct_pn: np.ndarray
@@ -46,17 +75,37 @@ class EvalResult:
 
     def records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """One JSON-able record per sample."""
-        out = []
-        for p, pid in enumerate(ids):
-            for j in range(self.correct_pn.shape[1]):
-                s = float(self.scores_pn[p, j])
-                out.append(dict(problem_id=pid, sample=j, response=self.responses_pn[p][j],
-                                extracted_answer=self.answers_pn[p][j],
-                                correct=bool(self.correct_pn[p, j]),
-                                r_s=None if math.isnan(s) else s,
-                                length=int(self.lengths_pn[p, j]),
-                                truncated=bool(self.truncated_pn[p, j])))
-        return out
+        return [sample_record(pid, j, self.responses_pn[p][j], self.answers_pn[p][j],
+                              self.correct_pn[p, j], self.scores_pn[p, j], self.lengths_pn[p, j],
+                              self.truncated_pn[p, j])
+                for p, pid in enumerate(ids) for j in range(self.correct_pn.shape[1])]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleBatch:
+    """The graded samples of prompts [start, start + num_prompts) of one `evaluate_prompts` call,
+    prompt-major (row = (prompt - start) * n + sample), as handed to its `on_batch` callback."""
+
+    start: int
+    n: int
+    responses: list[str]
+    answers: list[str | None]
+    """The extracted answer of each response (None: it has none)."""
+    correct: np.ndarray  # [rows] float32 0/1
+    scores: np.ndarray  # [rows] float64 r_s, NaN when truncated
+    lengths: np.ndarray  # [rows] int
+    truncated: np.ndarray  # [rows] bool
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.responses) // self.n
+
+    def records(self, ids: Sequence[str], **extra: Any) -> list[dict[str, Any]]:
+        """One record per sample; `ids` are the ids of *all* prompts of the call."""
+        return [sample_record(ids[self.start + i // self.n], i % self.n, self.responses[i],
+                              self.answers[i], self.correct[i], self.scores[i], self.lengths[i],
+                              self.truncated[i], **extra)
+                for i in range(len(self.responses))]
 
 
 def decode_responses(tokenizer: Any, rollout: RolloutBatch) -> list[str]:
@@ -64,37 +113,654 @@ def decode_responses(tokenizer: Any, rollout: RolloutBatch) -> list[str]:
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
+def summarize_samples(correct_pn: np.ndarray, answers_pn: Sequence[Sequence[str | None]],
+                      scores_pn: np.ndarray, lengths_pn: np.ndarray, truncated_pn: np.ndarray,
+                      ks: Sequence[int] | None = None) -> dict[str, float]:
+    """`eval_metrics.summarize` plus the mean response length and the truncated fraction."""
+    summary = eval_metrics.summarize(correct_pn, answers_pn, scores_pn, ks=ks)
+    summary["response_len_mean"] = float(np.mean(lengths_pn))
+    summary["truncated_frac"] = float(np.mean(truncated_pn))
+    return summary
+
+
 def evaluate_prompts(sampler: Sampler, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
                      answers: Sequence[str], *, n: int, reward_fn: RewardFn,
                      extract_fn: Callable[[str], str | None], scoring: Scoring,
                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                      seed: int = 0, batch_prompts: int = 64,
-                     ks: Sequence[int] | None = None) -> EvalResult:
-    """n samples per prompt, graded and scored, with the summary table (accuracy = avg@n)."""
-    correct, scores, lengths, truncated = [], [], [], []
-    responses: list[str] = []
+                     ks: Sequence[int] | None = None,
+                     on_batch: Callable[[SampleBatch], None] | None = None) -> EvalResult:
+    """n samples per prompt, graded and scored, with the summary table (accuracy = avg@n).
+
+    Prompts go to the sampler `batch_prompts` at a time; the batch starting at prompt `start`
+    samples with seed `seed + start`, so a run continued from a batch boundary (prompts[start:]
+    with seed + start) draws exactly what the uninterrupted run draws. `on_batch` gets each
+    graded batch before the next one is sampled (to write it out, or show progress).
+    """
+    if len(prompt_ids) != len(answers):
+        raise ValueError(f"evaluate_prompts: {len(prompt_ids)} prompts but {len(answers)} "
+                         "answers; pass one reference answer per prompt")
+    if not prompt_ids:
+        raise ValueError("evaluate_prompts: no prompts given")
+    if n < 1 or batch_prompts < 1:
+        raise ValueError(f"evaluate_prompts: n ({n}) and batch_prompts ({batch_prompts}) must "
+                         "be >= 1")
+    batches: list[SampleBatch] = []
     for start in range(0, len(prompt_ids), batch_prompts):
         chunk = prompt_ids[start:start + batch_prompts]
         rollout = sampler.sample(chunk, k=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                  seed=seed + start)
         texts = decode_responses(tokenizer, rollout)
         refs = [answers[start + i // n] for i in range(len(texts))]
-        correct.append(np.asarray(reward_fn(texts, refs), np.float32))
-        scores.append(scoring.score(rollout.logp_zc, rollout.finished))
-        lengths.append(rollout.lengths)
-        truncated.append(rollout.truncated)
-        responses += texts
+        correct = np.asarray(reward_fn(texts, refs), np.float32).reshape(-1)
+        if correct.shape != (len(texts),):
+            raise ValueError(f"evaluate_prompts: reward_fn returned {correct.size} rewards for "
+                             f"{len(texts)} responses")
+        batch = SampleBatch(start=start, n=n, responses=texts,
+                            answers=[extract_fn(t) for t in texts], correct=correct,
+                            scores=scoring.score(rollout.logp_zc, rollout.finished),
+                            lengths=np.asarray(rollout.lengths),
+                            truncated=np.asarray(rollout.truncated))
+        if on_batch is not None:
+            on_batch(batch)
+        batches.append(batch)
     num = len(prompt_ids)
 
-    def grid(parts):
-        return np.concatenate(parts).reshape(num, n)
+    def grid(field: str) -> np.ndarray:
+        return np.concatenate([getattr(b, field) for b in batches]).reshape(num, n)
 
-    correct_pn = grid(correct)
-    scores_pn = grid(scores)
+    responses = [r for b in batches for r in b.responses]
+    extracted = [a for b in batches for a in b.answers]
     responses_pn = [responses[p * n:(p + 1) * n] for p in range(num)]
-    answers_pn = [[extract_fn(r) for r in row] for row in responses_pn]
-    summary = eval_metrics.summarize(correct_pn, answers_pn, scores_pn, ks=ks)
-    summary["response_len_mean"] = float(grid(lengths).mean())
-    summary["truncated_frac"] = float(grid(truncated).mean())
-    return EvalResult(correct_pn, answers_pn, scores_pn, responses_pn, grid(lengths),
-                      grid(truncated), summary)
+    answers_pn = [extracted[p * n:(p + 1) * n] for p in range(num)]
+    correct_pn, scores_pn = grid("correct"), grid("scores")
+    lengths_pn, truncated_pn = grid("lengths"), grid("truncated")
+    summary = summarize_samples(correct_pn, answers_pn, scores_pn, lengths_pn, truncated_pn, ks)
+    return EvalResult(correct_pn, answers_pn, scores_pn, responses_pn, lengths_pn, truncated_pn,
+                      summary)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples back from samples.jsonl, and the summary over benchmarks.
+
+
+def result_from_records(rows: Sequence[dict[str, Any]], ids: Sequence[str], n: int,
+                        where: str = "samples") -> EvalResult:
+    """Rebuild the per-sample arrays of one benchmark from its `sample_record` rows (any order;
+    every one of `ids` must have samples 0..n-1 exactly once), summary included."""
+    pos = {pid: p for p, pid in enumerate(ids)}
+    num = len(ids)
+    correct = np.full((num, n), np.nan)
+    scores = np.full((num, n), np.nan)
+    lengths = np.zeros((num, n), np.int64)
+    truncated = np.zeros((num, n), bool)
+    responses: list[list[str]] = [[""] * n for _ in range(num)]
+    answers: list[list[str | None]] = [[None] * n for _ in range(num)]
+    seen = np.zeros((num, n), bool)
+    for row in rows:
+        p, j = pos.get(row["problem_id"]), row["sample"]
+        if p is None or not 0 <= j < n or seen[p, j]:
+            raise ValueError(f"{where}: unexpected row (problem {row['problem_id']!r}, sample "
+                             f"{j}): unknown problem, sample index outside [0, {n}) or a "
+                             "duplicate")
+        seen[p, j] = True
+        correct[p, j] = float(row["correct"])
+        scores[p, j] = math.nan if row["r_s"] is None else float(row["r_s"])
+        lengths[p, j], truncated[p, j] = row["length"], row["truncated"]
+        responses[p][j], answers[p][j] = row["response"], row["extracted_answer"]
+    if not seen.all():
+        p, j = np.argwhere(~seen)[0]
+        raise ValueError(f"{where}: {int((~seen).sum())} samples missing, e.g. problem "
+                         f"{ids[p]!r} sample {j}")
+    summary = summarize_samples(correct, answers, scores, lengths, truncated)
+    return EvalResult(correct, answers, scores, responses, lengths, truncated, summary)
+
+
+AT_N_METRICS = ("pass", "maj", "weighted_maj", "best_of")
+"""k-indexed metrics averaged over benchmarks at each benchmark's own n (`maj@n` etc.)."""
+_SUMMED = ("sv_unscored", "prompts_over_length")
+
+
+def _at(metric: str, k: int | str) -> str:
+    return f"best_of_{k}" if metric == "best_of" else f"{metric}@{k}"
+
+
+def average_over_benchmarks(summaries: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The paper's "Average" column: the unweighted mean over benchmarks of each metric.
+
+    k-indexed metrics are averaged at each benchmark's own n (`pass@n`, `maj@n`,
+    `weighted_maj@n`, `best_of_n`), and also at every k all benchmarks report. Counts
+    (problems, samples, unscored samples, prompts left out) are summed. A metric a benchmark
+    leaves undefined (NaN: e.g. the accuracy on correct responses when none is correct) is
+    averaged over the benchmarks that define it, and is NaN when none does.
+    """
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if not math.isnan(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    tables = list(summaries.values())
+    if not tables:
+        raise ValueError("average_over_benchmarks: no benchmark summaries given")
+    out: dict[str, float] = {"benchmarks": len(tables),
+                             "problems": int(sum(t["problems"] for t in tables)),
+                             "samples": int(sum(t["problems"] * t["n"] for t in tables))}
+    for key in _SUMMED:
+        if all(key in t for t in tables):
+            out[key] = int(sum(t[key] for t in tables))
+    for metric in AT_N_METRICS:
+        if all(_at(metric, t["n"]) in t for t in tables):
+            out[_at(metric, "n")] = mean([t[_at(metric, t["n"])] for t in tables])
+    for key in tables[0]:
+        if key not in out and key not in ("problems", "n") and all(key in t for t in tables):
+            out[key] = mean([float(t[key]) for t in tables])
+    return out
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN); numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# The readable table.
+
+_TABLE_ROWS = (
+    ("accuracy", "avg@n accuracy", "pct"),
+    ("pass@n", "pass@n", "pct"),
+    ("maj@n", "maj@n", "pct"),
+    ("weighted_maj@n", "self-reward weighted maj@n", "pct"),
+    ("best_of_n", "best-of-n by r_s", "pct"),
+    ("sv_acc_correct", "self-verif. acc (correct)", "pct"),
+    ("sv_acc_incorrect", "self-verif. acc (incorrect)", "pct"),
+    ("sv_f1", "self-verification F1", "pct"),
+    ("auroc", "AUROC of r_s", "num"),
+    ("ece", "ECE of r_s", "num"),
+    ("response_len_mean", "mean response tokens", "int"),
+    ("truncated_frac", "truncated", "pct"),
+)
+
+
+def format_table(summaries: dict[str, dict[str, float]], average: dict[str, float]) -> str:
+    """Benchmarks (and their average) as columns, the paper's metrics as rows; accuracies in
+    percent, `-` where a metric is undefined."""
+    columns = list(summaries) + (["average"] if len(summaries) > 1 else [])
+
+    def cell(name: str, key: str, kind: str) -> str:
+        table = average if name == "average" else summaries[name]
+        if key.endswith("@n") or key == "best_of_n":
+            if name != "average":
+                key = key[:-1] + str(table["n"])
+        v = table.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return {"pct": f"{100 * v:.1f}", "num": f"{v:.3f}", "int": f"{v:.0f}"}[kind]
+
+    header = ["", *columns]
+    sizes = [f"{summaries[c]['problems']} x {summaries[c]['n']}" if c != "average"
+             else f"{average['samples']} samples" for c in columns]
+    body = [["problems x n", *sizes]]
+    body += [[label, *(cell(c, key, kind) for c in columns)] for key, label, kind in _TABLE_ROWS]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in
+                                                          zip(r[1:], widths[1:], strict=True)])
+                     for r in [header, *body])
+
+
+# ---------------------------------------------------------------------------------------------
+# `python -m laserjax eval`
+
+DEFAULT_BATCH_PROMPTS = 16
+DEFAULT_MESH = "data=-1,fsdp=1,tensor=1"
+
+# Config fields the command builds from its flags -> the flag, for error messages.
+_FLAG_OF_FIELD = {
+    "tokens.self_reward_token_id": "--z-token-id", "tokens.eos_ids": "--eos-ids",
+    "tokens.pad_id": "--pad-id", "laser.beta_v": "--beta-v", "laser.c_ref": "--c-ref",
+    "rollout.temperature": "--temperature", "rollout.top_p": "--top-p",
+    "rollout.top_k": "--top-k", "rollout.max_new_tokens": "--max-new-tokens",
+    "rollout.max_prompt_len": "--max-prompt-len", "model.dtype": "--dtype", "mesh": "--mesh",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV
+
+    paper_n = ", ".join(f"{b} {BENCHMARK_N[b]}" for b in BENCHMARKS)
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face checkpoint directory or hub id (Qwen2 / Llama)")
+    parser.add_argument("--benchmarks", required=True,
+                        help=f"comma-separated: any of {', '.join(BENCHMARKS)}, or jsonl paths "
+                             "(problem / answer / id fields)")
+    parser.add_argument("--eval-dir", default=None,
+                        help=f"folder with the benchmark files (default: ${EVAL_DIR_ENV})")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"samples per problem (default: the paper's, {paper_n})")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first M problems of each benchmark")
+    parser.add_argument("--max-new-tokens", type=int, default=8192)
+    parser.add_argument("--max-prompt-len", type=int, default=2048,
+                        help="prompt token limit (see --prompt-overflow)")
+    parser.add_argument("--prompt-overflow", choices=("error", "filter"), default="error",
+                        help="a prompt over --max-prompt-len stops the run (error, default) or "
+                             "is left out and counted in the summary (filter)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
+    parser.add_argument("--template", choices=("chat", "plain"), default="chat",
+                        help="the tokenizer's chat template, or 'Question: ...\\nAnswer:' for "
+                             "base models")
+    parser.add_argument("--c-ref", type=float, default=-23.0,
+                        help="r_s = beta_v * (log p(z_c) - c_ref); measure it for your model "
+                             "with `python -m laserjax calibrate`")
+    parser.add_argument("--beta-v", type=float, default=0.1)
+    parser.add_argument("--z-token-id", type=int, default=151652,
+                        help="the self-reward token z_c (Qwen2.5: 151652, Llama-3: 128002)")
+    parser.add_argument("--eos-ids", default=None,
+                        help="comma-separated EOS ids (default: generation_config.json, else the "
+                             "tokenizer's EOS)")
+    parser.add_argument("--pad-id", type=int, default=None,
+                        help="default: the tokenizer's pad id, else the first EOS id")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
+                        help="problems per sampler call (each with its n samples)")
+    parser.add_argument("--mesh", default=DEFAULT_MESH,
+                        help="data=D,fsdp=F,tensor=T (-1 on one axis: the remaining devices), "
+                             "or 'none' for one device without a mesh")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                        default="bfloat16", help="parameter and activation dtype")
+    parser.add_argument("--output-dir", required=True, help="where samples.jsonl and "
+                        "summary.json go")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the samples.jsonl in --output-dir (same settings)")
+    resume.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs already in --output-dir")
+    parser.add_argument("--grader-workers", type=int, default=None,
+                        help="math-verify processes (default: CPUs, at most 16)")
+    parser.add_argument("--grader-timeout", type=float, default=None,
+                        help="seconds allowed per answer (default: laserjax.reward's)")
+
+
+class EvalError(ValueError):
+    """Bad input to the `eval` command; the message names the flag and the fix."""
+
+
+def _fail(flag: str, msg: str) -> EvalError:
+    return EvalError(f"eval {flag}: {msg}")
+
+
+def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise _fail(flag, f"expected integers separated by commas, got {text!r}") from None
+    if not values:
+        raise _fail(flag, "is empty")
+    return values
+
+
+def parse_mesh(text: str) -> dict[str, int] | None:
+    """`data=-1,fsdp=1,tensor=1` -> MeshConfig fields (missing axes keep their defaults);
+    `none` -> None (one device, no mesh)."""
+    if text.strip().lower() == "none":
+        return None
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        axis, sep, size = part.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in ("data", "fsdp", "tensor"):
+            raise _fail("--mesh", f"{part!r} is not AXIS=SIZE with AXIS one of data, fsdp, "
+                        f"tensor (e.g. {DEFAULT_MESH}), nor 'none'")
+        try:
+            out[axis] = int(size)
+        except ValueError:
+            raise _fail("--mesh", f"size {size!r} of axis {axis} is not an integer") from None
+    return out
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--n", args.n, 1), ("--limit", args.limit, 1),
+                             ("--batch-prompts", args.batch_prompts, 1),
+                             ("--grader-workers", args.grader_workers, 1)):
+        if value is not None and value < low:
+            raise _fail(flag, f"must be >= {low}, got {value}")
+    if args.grader_timeout is not None and args.grader_timeout <= 0:
+        raise _fail("--grader-timeout", f"must be > 0 seconds, got {args.grader_timeout}")
+
+
+def _benchmark_names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise _fail("--benchmarks", "names no benchmark")
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise _fail("--benchmarks", f"lists {sorted(dup)} more than once")
+    return names
+
+
+def _load_benchmarks(args: argparse.Namespace) -> list[tuple[Any, int]]:
+    """(Benchmark cut to --limit, n) per --benchmarks entry, in order."""
+    from laserjax.data import BENCHMARK_N, load_benchmark
+
+    out = []
+    for name in _benchmark_names(args.benchmarks):
+        try:
+            bench = load_benchmark(name, args.eval_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise _fail("--benchmarks", f"{e} (--eval-dir sets the benchmark folder)") from None
+        n = args.n if args.n is not None else bench.n
+        if n is None:
+            raise _fail("--n", f"{name!r} is not one of the paper's benchmarks "
+                        f"({', '.join(BENCHMARK_N)}), so it has no default n; pass --n")
+        if args.limit is not None:
+            bench = dataclasses.replace(bench, problems=bench.problems[:args.limit])
+        out.append((bench, n))
+    if len({b.name for b, _ in out}) < len(out):
+        raise _fail("--benchmarks", "two entries load the same benchmark "
+                    f"({', '.join(b.name for b, _ in out)})")
+    return out
+
+
+def _eval_config(args: argparse.Namespace, eos_ids: tuple[int, ...], pad_id: int) -> Any:
+    """The flags as a validated `Config`: the same checks (and token-id defaults) as `train`."""
+    from laserjax.config import (
+        Config,
+        ConfigError,
+        LaserConfig,
+        MeshConfig,
+        ModelConfig,
+        RolloutConfig,
+        TokenConfig,
+    )
+
+    mesh = parse_mesh(args.mesh)
+    try:
+        return Config(
+            model=ModelConfig(path=args.model, dtype=args.dtype, param_dtype=args.dtype),
+            tokens=TokenConfig(eos_ids=eos_ids, pad_id=pad_id,
+                               self_reward_token_id=args.z_token_id),
+            laser=LaserConfig(beta_v=args.beta_v, c_ref=args.c_ref),
+            rollout=RolloutConfig(temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                                  max_prompt_len=args.max_prompt_len),
+            mesh=MeshConfig(**(mesh or {})), output_dir=args.output_dir)
+    except ConfigError as e:
+        raise _flag_error(e) from None
+
+
+def _flag_error(e: Exception) -> EvalError:
+    """A ConfigError names a config field; say which flag sets it."""
+    text = str(e)
+    for field, flag in sorted(_FLAG_OF_FIELD.items(), key=lambda kv: -len(kv[0])):
+        if f"`{field}`" in text or f"`{field}." in text:
+            return EvalError(f"eval {flag}: {text}")
+    return EvalError(f"eval: {text}")
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What the command resolved from its flags and the checkpoint, before any sampling."""
+
+    ckpt: pathlib.Path
+    tokenizer: Any
+    cfg: Any  # laserjax.config.Config
+    vocab_size: int
+    max_positions: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+
+def _resolve_model(args: argparse.Namespace) -> _Setup:
+    """Checkpoint, tokenizer and token ids, validated against the vocabulary (no weights yet)."""
+    from transformers import AutoTokenizer
+
+    from laserjax.config import ConfigError
+    from laserjax.model import TransformerConfig
+    from laserjax.model.hf_params import resolve_checkpoint
+    from laserjax.trainer import _eos_ids
+
+    try:
+        ckpt = resolve_checkpoint(args.model)
+        mcfg = TransformerConfig.from_pretrained_dir(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail("--model", str(e)) from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ckpt))
+    except Exception as e:  # transformers raises many kinds; say what was being loaded
+        raise _fail("--model", f"cannot load a tokenizer from {str(ckpt)!r}: {e}") from None
+    vocab = mcfg.vocab_size
+    explicit = _parse_int_list(args.eos_ids, "--eos-ids") if args.eos_ids else ()
+    cfg = _eval_config(args, explicit, -1 if args.pad_id is None else args.pad_id)
+    try:
+        eos = tuple(int(e) for e in _eos_ids(cfg, ckpt, tok))
+    except ConfigError as e:
+        raise _flag_error(e) from None
+    # The trainer's pad rule (`_real_setup`): the flag, the tokenizer's pad, else the first EOS.
+    pad = args.pad_id if args.pad_id is not None else (
+        tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    cfg = _eval_config(args, eos, pad)
+    try:
+        cfg.validate_against_vocab(vocab, eos, pad)
+        if not 0 <= pad < vocab:
+            raise ConfigError(f"config field `tokens.pad_id`: {pad} is outside the vocabulary "
+                              f"[0, {vocab})")
+    except ConfigError as e:
+        raise _flag_error(e) from None
+    if args.template == "chat" and not getattr(tok, "chat_template", None):
+        raise _fail("--template", f"the tokenizer in {str(ckpt)!r} has no chat template; pass "
+                    "--template plain for a base model")
+    return _Setup(ckpt, tok, cfg, vocab, mcfg.max_position_embeddings, eos, pad)
+
+
+def _settings(args: argparse.Namespace, setup: _Setup, benches: list[tuple[Any, int]]
+              ) -> dict[str, Any]:
+    """Everything that decides the samples: `--resume` requires it unchanged."""
+    return dict(model=args.model, benchmarks={b.name: n for b, n in benches},
+                limit=args.limit, max_new_tokens=args.max_new_tokens,
+                max_prompt_len=args.max_prompt_len, prompt_overflow=args.prompt_overflow,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                template=args.template, c_ref=args.c_ref, beta_v=args.beta_v,
+                z_token_id=args.z_token_id, eos_ids=list(setup.eos_ids), pad_id=setup.pad_id,
+                seed=args.seed, batch_prompts=args.batch_prompts, dtype=args.dtype)
+
+
+def _read_jsonl_rows(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The rows of a samples file; a torn last line (a crash mid-write) is dropped."""
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise EvalError(f"eval --resume: {path} line {i + 1} is not valid JSON; the file "
+                            "is damaged beyond its last line, start over with --overwrite"
+                            ) from None
+    return rows
+
+
+def _prepare_output(args: argparse.Namespace, settings: dict[str, Any],
+                    batch_prompts: int, problem_ids: dict[str, list[str]]
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """Create the output folder; with --resume, the kept rows per benchmark (whole batches of
+    whole problems, in order), which are rewritten to samples.jsonl. Else start it empty."""
+    out = pathlib.Path(args.output_dir)
+    samples_path, config_path = out / "samples.jsonl", out / "eval_config.json"
+    kept: dict[str, list[dict[str, Any]]] = {b: [] for b in problem_ids}
+    exists = samples_path.is_file() and samples_path.stat().st_size > 0
+    if exists and not (args.resume or args.overwrite):
+        raise _fail("--output-dir", f"{samples_path} already holds samples; pass --resume to "
+                    "continue that run or --overwrite to replace it")
+    if args.resume and exists:
+        if not config_path.is_file():
+            raise _fail("--resume", f"{config_path} is missing, so the samples' settings are "
+                        "unknown; pass --overwrite to start over")
+        old = json.loads(config_path.read_text())
+        changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise _fail("--resume", f"the settings differ from the run in {out} ({diff}); "
+                        "use the same flags, or --overwrite / another --output-dir")
+        by_bench: dict[str, list[dict[str, Any]]] = {}
+        for row in _read_jsonl_rows(samples_path):
+            by_bench.setdefault(row.get("benchmark"), []).append(row)
+        for name, ids in problem_ids.items():
+            n = settings["benchmarks"][name]
+            counts: dict[str, int] = {}
+            for row in by_bench.get(name, []):
+                counts[row["problem_id"]] = counts.get(row["problem_id"], 0) + 1
+            done = 0
+            while done < len(ids) and counts.get(ids[done]) == n:
+                done += 1
+            if done < len(ids):
+                done -= done % batch_prompts  # resume at a batch boundary: same seeds
+            keep = set(ids[:done])
+            kept[name] = [r for r in by_bench.get(name, []) if r["problem_id"] in keep]
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(settings, indent=2) + "\n")
+    with samples_path.open("w") as f:
+        for name in problem_ids:
+            for row in kept[name]:
+                f.write(json.dumps(row) + "\n")
+    (out / "summary.json").unlink(missing_ok=True)
+    return kept
+
+
+def _build_sampler(args: argparse.Namespace, setup: _Setup, max_prompt_len: int) -> Sampler:
+    from laserjax import sharding
+    from laserjax.config import ConfigError
+    from laserjax.model.hf_params import load_pretrained
+
+    mesh = None
+    if parse_mesh(args.mesh) is not None:
+        try:
+            mesh = sharding.make_mesh(setup.cfg.mesh)
+        except ConfigError as e:
+            raise _flag_error(e) from None
+    if max_prompt_len + args.max_new_tokens > setup.max_positions:
+        print(f"eval: warning: the longest prompt ({max_prompt_len} tokens) plus "
+              f"--max-new-tokens {args.max_new_tokens} exceeds the model's "
+              f"max_position_embeddings {setup.max_positions}", file=sys.stderr)
+    model = load_pretrained(str(setup.ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh)
+    return Sampler(model, eos_ids=setup.eos_ids, pad_id=setup.pad_id,
+                   self_reward_token_id=args.z_token_id, max_new_tokens=args.max_new_tokens,
+                   max_prompt_len=max_prompt_len, mesh=mesh)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Sample, grade and score every benchmark; write the outputs; print and return the summary."""
+    try:
+        return _run(args)
+    except EvalError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    import jax
+
+    from laserjax.data import encode_prompts
+    from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, extract_boxed
+    from laserjax.trainer import maybe_initialize_distributed
+
+    t0 = time.time()
+    _check_flags(args)
+    parse_mesh(args.mesh)
+    maybe_initialize_distributed()  # before anything touches a JAX backend
+    primary = jax.process_index() == 0
+    if args.resume and jax.process_count() > 1:
+        raise _fail("--resume", "is single-host only: every host must sample the same batches, "
+                    "and only the first host holds samples.jsonl")
+    benches = _load_benchmarks(args)
+    setup = _resolve_model(args)
+
+    prompts: dict[str, tuple[list[Any], list[list[int]]]] = {}
+    overflow: dict[str, int] = {}
+    for bench, _ in benches:
+        try:
+            enc = encode_prompts(bench.problems, setup.tokenizer, template=args.template,
+                                 max_prompt_len=args.max_prompt_len,
+                                 prompt_overflow=args.prompt_overflow)
+        except ValueError as e:
+            raise _fail("--max-prompt-len", f"{bench.name}: {e} (eval: --prompt-overflow "
+                        "filter)") from None
+        if not enc.problems:
+            raise _fail("--max-prompt-len", f"{bench.name}: every prompt is over "
+                        f"{args.max_prompt_len} tokens")
+        prompts[bench.name] = (enc.problems, enc.token_ids)
+        overflow[bench.name] = enc.num_overflow
+        if enc.num_overflow:
+            print(f"eval: {bench.name}: {enc.num_overflow} prompts over --max-prompt-len "
+                  f"{args.max_prompt_len} left out: {enc.overflow_ids[:5]}", file=sys.stderr)
+
+    settings = _settings(args, setup, benches)
+    ids = {name: [p.id for p in probs] for name, (probs, _) in prompts.items()}
+    kept = (_prepare_output(args, settings, args.batch_prompts, ids) if primary
+            else {name: [] for name in ids})
+    out = pathlib.Path(args.output_dir)
+    longest = max(len(t) for _, toks in prompts.values() for t in toks)
+    sampler = _build_sampler(args, setup, max_prompt_len=max(longest, 16))
+    scoring = Scoring(beta_v=args.beta_v, c_ref=args.c_ref)
+
+    rows: dict[str, list[dict[str, Any]]] = {name: list(r) for name, r in kept.items()}
+    timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
+    with Grader(args.grader_workers, timeout_s=timeout) as grader:
+        def reward_fn(responses: list[str], answers: list[str]) -> np.ndarray:
+            return grader.grade_batch(responses, answers, require_single_boxed=False)
+
+        for bench, n in benches:
+            problems, token_ids = prompts[bench.name]
+            done = len(rows[bench.name]) // n
+            if done:
+                print(f"eval: {bench.name}: resuming after {done} of {len(problems)} problems",
+                      file=sys.stderr)
+            if done == len(problems):
+                continue
+            refs = [p.answer for p in problems]
+
+            def write(batch: SampleBatch, name: str = bench.name, offset: int = done,
+                      problems: list[Any] = problems) -> None:
+                shifted = dataclasses.replace(batch, start=batch.start + offset)
+                new = shifted.records([p.id for p in problems], benchmark=name)
+                for i, r in enumerate(new):
+                    r["reference"] = problems[shifted.start + i // shifted.n].answer
+                rows[name].extend(new)
+                if primary:
+                    with (out / "samples.jsonl").open("a") as f:
+                        f.write("".join(json.dumps(r) + "\n" for r in new))
+                        f.flush()
+                acc = np.mean([r["correct"] for r in rows[name]])
+                print(f"eval: {name}: {shifted.start + shifted.num_prompts}/{len(problems)} "
+                      f"problems x {batch.n}, accuracy so far {acc:.3f}, "
+                      f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+            evaluate_prompts(sampler, setup.tokenizer, token_ids[done:], refs[done:], n=n,
+                             reward_fn=reward_fn, extract_fn=extract_boxed, scoring=scoring,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             seed=args.seed + done, batch_prompts=args.batch_prompts,
+                             on_batch=write)
+
+    summaries = {}
+    for bench, n in benches:
+        res = result_from_records(rows[bench.name], ids[bench.name], n,
+                                  where=f"{out / 'samples.jsonl'} ({bench.name})")
+        summaries[bench.name] = res.summary | {"prompts_over_length": overflow[bench.name]}
+    average = average_over_benchmarks(summaries)
+    summary = _json_safe({"model": args.model, "checkpoint": str(setup.ckpt),
+                          "settings": settings, "benchmarks": summaries, "average": average,
+                          "wall_s": round(time.time() - t0, 1)})
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_table(summaries, average))
+        print(f"samples: {out / 'samples.jsonl'}; summary: {out / 'summary.json'}")
+    return summary
