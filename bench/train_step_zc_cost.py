@@ -11,9 +11,11 @@ Three jitted train steps on the same model and batch (one device, float32, full 
 
 Rows are all finished, EOS in the last slot, so the z_c column is a real extra position for
 every row. The 2-core CPU here is shared with other jobs: the variants are timed in interleaved
-rounds; each reports its median and its fastest round (the least disturbed by other jobs), and
-the ratios of both to `grpo` are the answer (target <= 1.02). Expect about (L + 1) / L for the
-column plus 1 / T of the LM head for the z_c read-out.
+rounds; each reports the median wall time, the fastest round (the least disturbed by other
+jobs) and the median process CPU time (all threads; steadier than wall time on a busy machine),
+each as a ratio to `grpo` (target <= 1.02). XLA's own FLOP count of each compiled step
+(`cost_analysis`) is printed beside them: a ratio no other job can disturb. Expect about
+(L + 1) / L for the column plus 1 / T of the LM head for the z_c read-out.
 
 Usage: python bench/train_step_zc_cost.py [--rows 8 --prompt-len 64 --response-len 191]
 """
@@ -87,36 +89,45 @@ def main() -> None:
         "laser": (on, True),
         "laser_no_zc_column": (on, False),
     }
-    steps, states = {}, {}
+    steps, states, flops = {}, {}, {}
     for name, (laser_cfg, append_zc) in variants.items():
         settings = ts.StepSettings(group_size=args.group_size, self_reward_token_id=ZC,
                                    logit_chunk=args.logit_chunk, append_zc=append_zc)
         graphdef, state = ts.init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), optim, mesh)
         steps[name] = ts.make_train_step(graphdef, ts.train_state_sharding(state, mesh),
                                          laser_cfg, PolicyLossConfig(), optim, settings, mesh)
+        cost = steps[name].lower(state, batch).compile().cost_analysis()
+        flops[name] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
         for _ in range(2):  # compile + one warm run
             state, metrics = steps[name](state, batch)
             jax.block_until_ready(metrics)
         states[name] = state
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name in variants:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             states[name], metrics = steps[name](states[name], batch)
             jax.block_until_ready((states[name], metrics))
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
 
-    base, base_min = statistics.median(times["grpo"]), min(times["grpo"])
+    base = {k: statistics.median(v["grpo"]) for k, v in (("wall", wall), ("cpu", cpu))}
+    base["min"] = min(wall["grpo"])
+    base["flops"] = flops["grpo"]
     tokens = args.rows * (args.prompt_len + args.response_len)
-    for name, ts_ in times.items():
-        med = statistics.median(ts_)
-        print(json.dumps(dict(variant=name, median_s=round(med, 4), min_s=round(min(ts_), 4),
-                              tokens_per_s=round(tokens / med), ratio_to_grpo=round(med / base, 4),
-                              min_ratio_to_grpo=round(min(ts_) / base_min, 4),
-                              rows=args.rows, prompt_len=args.prompt_len,
-                              response_len=args.response_len, hidden=args.hidden,
-                              layers=args.layers, vocab=args.vocab, rounds=args.rounds)))
+    for name in variants:
+        med, med_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(json.dumps(dict(
+            variant=name, median_s=round(med, 4), min_s=round(min(wall[name]), 4),
+            median_cpu_s=round(med_cpu, 4), tokens_per_s=round(tokens / med),
+            ratio_to_grpo=round(med / base["wall"], 4),
+            min_ratio_to_grpo=round(min(wall[name]) / base["min"], 4),
+            cpu_ratio_to_grpo=round(med_cpu / base["cpu"], 4),
+            flops_ratio_to_grpo=round(flops[name] / base["flops"], 4), xla_flops=flops[name],
+            rows=args.rows, prompt_len=args.prompt_len, response_len=args.response_len,
+            hidden=args.hidden, layers=args.layers, vocab=args.vocab, rounds=args.rounds)))
 
 
 if __name__ == "__main__":

@@ -257,7 +257,8 @@ def sequence_logprobs(model: Transformer, batch: TrainBatch, settings: StepSetti
     """One forward over `prompt, response[, z_c]`: the policy and self-reward log-probs.
 
     Returns:
-      "logp_bt": [R, T] tempered log-probs of the response tokens (0 meaning at padding);
+      "logp_bt": [R, T] tempered log-probs of the response tokens (meaningless at padding:
+        mask with `response_mask`);
       "logp_zc_b": [R] log_softmax(raw logits at the EOS position)[z_c] (spec section 1; read it
         only at finished rows), present when `with_zc`;
       "entropy_bt": [R, T] when settings.compute_entropy.
