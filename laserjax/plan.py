@@ -1,0 +1,601 @@
+"""`python -m laserjax plan`: bytes per device of a training run, before renting the chips.
+
+    python -m laserjax plan --config configs/qwen2.5_7b_laser.yaml --slice v5p-64 \\
+        mesh.fsdp=32 mesh.data=1 train.micro_batch_size=32
+
+The estimate has two phases, because the trainer alternates them and never holds both at once:
+
+- the **train step** (`laserjax.train_step`): parameters, AdamW state, gradients (plus the float32
+  accumulator when micro-batching), the batch, and the activations of one micro-batch of
+  `rows x (prompt + response + 1)` tokens (the +1 is z_c, LASER_SPEC section 2);
+- the **rollout** (`laserjax.sampler`): parameters and AdamW state stay on device, the sampler
+  holds its own compute-dtype copy of the weights, the shared prefix KV cache (one per prompt),
+  the per-sample suffix KV cache (K per prompt, `max_new_tokens` long) and its small buffers.
+
+Parameters and optimizer state are exact: their shapes come from the model and optax, and every
+array is divided by the mesh axes that `laserjax.sharding.PARAM_RULES` shards it over (the same
+`spec_for` the train step uses). Activations are a model of what the backward pass keeps; see
+`activation_bytes` for what is counted and tests/test_plan.py for how it compares with the
+memory XLA reports for a compiled step.
+
+The model's shape comes from `--hf-config`, the config's `model.path` (a local directory with a
+config.json), a built-in preset for the paper's models (`PRESETS`; works offline), or the CPU
+demo's toy model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AbstractMesh, Mesh
+
+from laserjax import sharding
+from laserjax.config import Config, ConfigError, MeshConfig, OptimConfig, load_config
+from laserjax.model.transformer import Transformer, TransformerConfig, to_dtype
+
+GiB = 1 << 30
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Hugging Face config.json fields of the paper's models (only the shape matters here).
+    "Qwen2.5-7B": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, tie_word_embeddings=False, rope_theta=1e6,
+                       max_position_embeddings=131072),
+    "Qwen2.5-1.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+                         max_position_embeddings=131072),
+    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+                         max_position_embeddings=131072),
+    # OctoThinker-3B continues Llama-3.2-3B: the same shape (RoPE scaling is irrelevant here).
+    "OctoThinker-3B": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
+                           intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                           num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                           rope_theta=500000.0, max_position_embeddings=131072),
+}
+
+_PRESET_PATTERNS: tuple[tuple[str, str], ...] = (
+    # (regex searched in the lower-cased model.path, preset); Instruct / Math / ORZ variants of a
+    # size share its shape.
+    (r"qwen2\.5-(math-)?7b|open-reasoner-zero-7b", "Qwen2.5-7B"),
+    (r"qwen2\.5-(math-)?1\.5b", "Qwen2.5-1.5B"),
+    (r"qwen2\.5-0\.5b", "Qwen2.5-0.5B"),
+    (r"octothinker-3b|llama-3\.2-3b", "OctoThinker-3B"),
+)
+
+_TPU_CHIPS: dict[str, tuple[int, float]] = {
+    # generation -> (TensorCores counted per chip in the slice name, HBM GiB per chip)
+    "v4": (2, 32.0),
+    "v5p": (2, 95.0),
+    "v5e": (1, 16.0),
+    "v5litepod": (1, 16.0),
+    "v6e": (1, 32.0),
+}
+
+HEADROOM = 0.9
+"""Fraction of a chip's HBM the planner lets a phase use: XLA keeps some for its own program,
+fragmentation and collectives' buffers."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the numbers come from: slices, meshes, model shapes.
+
+
+def slice_chips(name: str) -> tuple[int, float]:
+    """`v5p-64` -> (32 chips, 95.0 GiB each). v4 / v5p names count TensorCores (2 per chip)."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
+    if not m:
+        raise ConfigError(f"--slice {name!r}: expected an accelerator type such as v4-8, v5e-8 "
+                          f"(v5litepod-8), v5p-64 or v6e-64")
+    per_chip, hbm = _TPU_CHIPS[m.group(1)]
+    cores = int(m.group(2))
+    if cores % per_chip:
+        raise ConfigError(f"--slice {name!r}: {m.group(1)} slices count {per_chip} cores per chip")
+    return cores // per_chip, hbm
+
+
+def resolve_mesh(mesh: MeshConfig, devices: int | None) -> dict[str, int]:
+    """The config's mesh with its -1 axis filled, checked against the device count."""
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    known = math.prod(s for s in sizes.values() if s != -1)
+    free = [a for a, s in sizes.items() if s == -1]
+    if devices is None:
+        if free:
+            raise ConfigError(f"config field `mesh.{free[0]}` is -1 (all remaining devices): "
+                              "give --devices N or --slice NAME so the planner knows how many")
+        return sizes
+    if free:
+        if devices % known:
+            raise ConfigError(f"config field `mesh`: {devices} devices are not divisible by the "
+                              f"fixed axes' product {known}")
+        sizes[free[0]] = devices // known
+    if math.prod(sizes.values()) != devices:
+        raise ConfigError(f"config field `mesh`: data x fsdp x tensor = "
+                          f"{list(sizes.values())} uses {math.prod(sizes.values())} devices, "
+                          f"not {devices}; set one axis to -1 to fill the rest")
+    return sizes
+
+
+def preset_for(model_path: str) -> str | None:
+    low = model_path.lower()
+    for pattern, preset in _PRESET_PATTERNS:
+        if re.search(pattern, low):
+            return preset
+    return None
+
+
+def model_config_for(cfg: Config, *, hf_config: str | None = None, preset: str | None = None
+                     ) -> tuple[TransformerConfig, str]:
+    """The architecture to plan for, and where it came from.
+
+    Order: `hf_config` (a config.json path), `preset`, the toy model of `model.toy`, a local
+    `model.path` directory, then a preset recognised in `model.path`.
+    """
+    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    if hf_config:
+        path = pathlib.Path(hf_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"--hf-config {hf_config!r}: no such config.json")
+        return TransformerConfig.from_hf(json.loads(path.read_text()), **kw), str(path)
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        return TransformerConfig.from_hf(PRESETS[preset], **kw), f"preset {preset}"
+    if cfg.model.toy is not None:
+        from laserjax import toy_task
+
+        toy = toy_task.ToyConfig.from_dict(cfg.model.toy)
+        return toy_task.model_config(toy, dtype=cfg.model.dtype,
+                                     param_dtype=cfg.model.param_dtype), "model.toy"
+    local = pathlib.Path(cfg.model.path).expanduser()
+    if (local / "config.json").is_file():
+        return TransformerConfig.from_pretrained_dir(local, **kw), str(local / "config.json")
+    name = preset_for(cfg.model.path)
+    if name is None:
+        raise ConfigError(f"config field `model.path` = {cfg.model.path!r}: not a local checkpoint "
+                          "directory and not one of the built-in shapes "
+                          f"({', '.join(PRESETS)}); pass --hf-config path/to/config.json or "
+                          "--preset NAME")
+    return TransformerConfig.from_hf(PRESETS[name], **kw), f"preset {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact: parameters and optimizer state under the partition-rule table.
+
+
+def _abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
+    return AbstractMesh(tuple(mesh_shape[a] for a in sharding.AXES), sharding.AXES)
+
+
+def sharded_bytes(tree: Any, mesh_shape: dict[str, int]) -> int:
+    """Bytes one device holds of a pytree of arrays / ShapeDtypeStructs sharded by PARAM_RULES."""
+    mesh = _abstract_mesh(mesh_shape)
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = tuple(leaf.shape)
+        spec = sharding.spec_for(sharding.path_str(path), shape, mesh)
+        padded = (None,) * (len(shape) - len(spec)) + tuple(spec)
+        split = 1
+        for axis in padded:
+            names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+            split *= math.prod(mesh_shape[a] for a in names)
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize // split
+    return total
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_state(model_cfg: TransformerConfig, optim_cfg: OptimConfig) -> tuple[Any, Any]:
+    """(params, AdamW state) as ShapeDtypeStructs: no memory is allocated, even for 7B."""
+    from laserjax.train_step import make_optimizer
+
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    params = nnx.state(model, nnx.Param)
+    return params, jax.eval_shape(make_optimizer(optim_cfg).init, params)
+
+
+@functools.lru_cache(maxsize=64)
+def _state_bytes(model_cfg: TransformerConfig, optim_cfg: OptimConfig,
+                 mesh_items: tuple[tuple[str, int], ...]) -> tuple[int, int, int]:
+    """Per-device bytes of (params, AdamW state, a float32 copy of params); cached because
+    `suggest_micro_batch` asks for the same mesh many times."""
+    mesh_shape = dict(mesh_items)
+    params, opt_state = abstract_state(dataclasses.replace(model_cfg, remat=False), optim_cfg)
+    f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
+    return (sharded_bytes(params, mesh_shape), sharded_bytes(opt_state, mesh_shape),
+            sharded_bytes(f32, mesh_shape))
+
+
+def _layer_param_count(m: TransformerConfig) -> int:
+    d, hd = m.hidden_size, m.head_dim
+    attn = d * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
+    attn += hd * (m.num_heads + 2 * m.num_kv_heads) if m.qkv_bias else 0
+    attn += d if m.o_bias else 0
+    mlp = 3 * d * m.intermediate_size + ((2 * m.intermediate_size + d) if m.mlp_bias else 0)
+    return attn + mlp + 2 * d
+
+
+# ---------------------------------------------------------------------------------------------
+# Modelled: activations of the train step and the rollout's caches.
+
+
+def _split(n: int, t: int) -> int:
+    """A dimension over the tensor axis: divided when it divides, else replicated (as `_fit`)."""
+    return n // t if n % t == 0 else n
+
+
+def logit_chunk_len(response_len: int, chunk: int) -> int:
+    """The LM-head chunk `train_step.chunked_token_logprobs` actually uses."""
+    n = -(-response_len // chunk)
+    return -(-response_len // n)
+
+
+def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_len: int,
+                     tensor: int, *, remat: bool, logit_chunk: int) -> dict[str, int]:
+    """What one micro-batch of `rows` rows (on one device) keeps alive in the train step.
+
+    Sequence length L = prompt + response + 1 (z_c). `a` is the compute dtype's size. Per layer
+    and row, the backward pass needs (without remat):
+
+    - hidden-size tensors: the block input, both RMSNorm outputs and the mid-block residual
+      (4 x L x D x a) and two float32 RMS factors per token;
+    - attention: q and the attention output (2 x L x H hd / t x a), k and v (2 x L x KV hd / t
+      x a) and the materialised scores: the softmax output in float32 plus the probabilities in
+      the compute dtype (H / t x L x L x (4 + a); one float32 copy when a = 4);
+    - MLP: gate, up and their product (3 x L x I / t x a).
+
+    Shared by all layers: the [L, L] attention mask, RoPE's cos/sin, the final norm's input and
+    output, the LM head's padded copy of the response hidden states and the z_c logits. With
+    mixed precision the compute-dtype copies of the weights are kept too.
+
+    With remat (`TransformerConfig.remat`) a layer keeps only its input; during its backward one
+    layer's activations exist again. On top of what is kept, the peak adds the larger of the
+    LM head's working set (3 float32 [chunk, V / t] buffers per row: logits, softmax, their
+    gradient) and one layer's backward working set (two float32 residual-stream gradients and
+    the score gradients, float32 plus the compute dtype, or the MLP's).
+    """
+    a = to_dtype(m.dtype).itemsize
+    p_item = to_dtype(m.param_dtype).itemsize
+    d, hd, t = m.hidden_size, m.head_dim, tensor
+    seq = prompt_len + response_len + 1
+    q, kv = _split(m.num_heads * hd, t), _split(m.num_kv_heads * hd, t)
+    heads, inter, vocab = _split(m.num_heads, t), _split(m.intermediate_size, t), _split(
+        m.vocab_size, t)
+    score_item = 4 + (a if a != 4 else 0)
+
+    per_token = a * (4 * d + 2 * q + 2 * kv + 3 * inter) + 2 * 4
+    layer_row = seq * per_token + heads * seq * seq * score_item
+    block_input_row = seq * d * a
+    chunk = logit_chunk_len(response_len, logit_chunk)
+    padded_resp = -(-response_len // chunk) * chunk
+    shared_row = seq * seq + 2 * seq * hd * 4 + 2 * seq * d * a + padded_resp * d * a + vocab * 4
+    head_row = 3 * chunk * vocab * 4
+    backward_row = 2 * seq * d * 4 + max(heads * seq * seq * (4 + a), 3 * seq * inter * a)
+
+    layer_weights = _layer_param_count(m) // t
+    other_weights = (m.vocab_size * d * (1 if m.tie_word_embeddings else 2) + d) // t
+    copies = a < p_item  # bf16 compute over float32 master weights
+    if remat:
+        kept = rows * (m.num_layers * block_input_row + shared_row)
+        peak_extra = rows * max(head_row, layer_row + backward_row)
+        weight_copies = (other_weights + layer_weights) * a if copies else 0
+    else:
+        kept = rows * (m.num_layers * layer_row + shared_row)
+        peak_extra = rows * max(head_row, backward_row)
+        weight_copies = (other_weights + m.num_layers * layer_weights) * a if copies else 0
+    return {"kept": kept, "working": peak_extra, "weight_copies": weight_copies,
+            "total": kept + peak_extra + weight_copies}
+
+
+def rollout_bytes(m: TransformerConfig, prompts: int, k: int, prompt_len: int,
+                  new_tokens: int, tensor: int) -> dict[str, int]:
+    """The sampler's buffers on one device for `prompts` prompts (LASER_SPEC section 5).
+
+    `PrefixCache`: keys and values [layers, prompts, P, KV, hd], one copy per prompt shared by its
+    K samples; `SuffixCache`: [layers, prompts, K, T, KV, hd]; both in the compute dtype, kv heads
+    over the tensor axis when it divides them (as `sampler._state_spec`). The sampler state adds
+    int32 tokens and float32 log-probs per generated slot. The prefill's working set: the per-layer
+    keys/values before `jnp.stack` (a second prefix cache) and one layer's float32 scores and
+    probabilities.
+    """
+    a = to_dtype(m.dtype).itemsize
+    kv_heads = _split(m.num_kv_heads, tensor)
+    per_token = 2 * m.num_layers * kv_heads * m.head_dim * a
+    prefix = prompts * prompt_len * (per_token + 1)
+    suffix = prompts * k * new_tokens * per_token
+    state = prompts * k * new_tokens * 8
+    prefill_scores = 2 * prompts * _split(m.num_heads, tensor) * prompt_len * prompt_len * 4
+    decode_logits = 3 * prompts * k * m.vocab_size * 4
+    return {"prefix_cache": prefix, "suffix_cache": suffix, "sampler_state": state,
+            "working": max(prefix + prefill_scores, decode_logits)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate.
+
+
+def estimate(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, int], *,
+             micro_batch_size: int | None = None, logit_chunk: int | None = None,
+             ) -> dict[str, int]:
+    """Bytes per device of a run of `cfg` with the architecture `model_cfg` on `mesh_shape`.
+
+    `mesh_shape` maps data / fsdp / tensor to sizes. `micro_batch_size` (rows per micro-batch,
+    default `cfg.train.micro_batch_size`, 0 = the whole step batch) must be a multiple of
+    data x fsdp, as the train step requires. Keys (all bytes per device):
+
+    params, opt_state (AdamW moments and counts, plus the 4-byte step), batch (the TrainBatch
+    arrays), gradients (params' dtype, plus a float32 accumulator with micro-batches),
+    weight_gather (two layers of weights all-gathered over fsdp, when fsdp > 1),
+    activations_remat / activations_no_remat / activations (the config's choice),
+    train_peak, sampler_params (the sampler's compute-dtype weight copy), kv_prefix, kv_suffix,
+    rollout_buffers, rollout_peak, peak, rows_per_device, micro_batches.
+    """
+    from laserjax.train_step import StepSettings
+
+    mesh_shape = {a: int(mesh_shape[a]) for a in sharding.AXES}
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    t = mesh_shape["tensor"]
+    rows = cfg.rows_per_step
+    mb = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
+    mb = mb or rows
+    if rows % mb or mb % shards:
+        raise ConfigError(f"config field `train.micro_batch_size`: {mb} must divide the step's "
+                          f"{rows} rows and be a multiple of data x fsdp = {shards}")
+    chunk = logit_chunk or StepSettings.__dataclass_fields__["logit_chunk"].default
+    p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
+
+    params_b, opt_b, grads_f32 = _state_bytes(model_cfg, cfg.optim, tuple(mesh_shape.items()))
+    out: dict[str, int] = {}
+    out["params"] = params_b
+    out["opt_state"] = opt_b + 4
+    local_rows = rows // shards
+    out["batch"] = local_rows * (p_len * 5 + t_len * 9 + 9)
+    n_micro = rows // mb
+    out["gradients"] = out["params"] + (grads_f32 if n_micro > 1 else 0)
+    p_item = to_dtype(model_cfg.param_dtype).itemsize
+    out["weight_gather"] = (2 * _layer_param_count(model_cfg) // t * p_item
+                            if mesh_shape["fsdp"] > 1 else 0)
+    rows_dev = mb // shards
+    for name, remat in (("activations_remat", True), ("activations_no_remat", False)):
+        out[name] = activation_bytes(model_cfg, rows_dev, p_len, t_len, t, remat=remat,
+                                     logit_chunk=chunk)["total"]
+    out["activations"] = out["activations_remat" if model_cfg.remat else "activations_no_remat"]
+    resident = out["params"] + out["opt_state"]
+    out["train_peak"] = (resident + out["batch"] + out["gradients"] + out["weight_gather"]
+                         + out["activations"])
+
+    a = to_dtype(model_cfg.dtype).itemsize
+    out["sampler_params"] = out["params"] * min(a, p_item) // p_item
+    prompts_dev = -(-cfg.train.prompts_per_step // shards)
+    roll = rollout_bytes(model_cfg, prompts_dev, cfg.rollout.samples_per_prompt, p_len, t_len, t)
+    out["kv_prefix"], out["kv_suffix"] = roll["prefix_cache"], roll["suffix_cache"]
+    out["rollout_buffers"] = roll["sampler_state"] + roll["working"]
+    out["rollout_peak"] = (resident + out["sampler_params"] + out["kv_prefix"] + out["kv_suffix"]
+                           + out["rollout_buffers"])
+    out["peak"] = max(out["train_peak"], out["rollout_peak"])
+    out["rows_per_device"] = rows_dev
+    out["micro_batches"] = n_micro
+    return out
+
+
+def micro_batch_options(cfg: Config, mesh_shape: dict[str, int]) -> list[int]:
+    """Micro-batch sizes the train step accepts: divisors of the step's rows, multiples of
+    data x fsdp; largest first."""
+    rows, shards = cfg.rows_per_step, mesh_shape["data"] * mesh_shape["fsdp"]
+    return [mb for mb in range(rows, 0, -1) if rows % mb == 0 and mb % shards == 0]
+
+
+def suggest_micro_batch(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, int],
+                        hbm_bytes: float, *, remat: bool) -> tuple[int, dict[str, int]] | None:
+    """The largest accepted micro-batch whose train step fits HEADROOM x HBM, with its
+    estimate; None when not even the smallest fits."""
+    model_cfg = dataclasses.replace(model_cfg, remat=remat)
+    for mb in micro_batch_options(cfg, mesh_shape):
+        est = estimate(model_cfg, cfg, mesh_shape, micro_batch_size=mb)
+        if est["train_peak"] <= HEADROOM * hbm_bytes:
+            return mb, est
+    return None
+
+
+def compiled_train_step_memory(model_cfg: TransformerConfig, cfg: Config, mesh: Mesh, *,
+                                micro_batch_size: int | None = None,
+                                logit_chunk: int | None = None) -> dict[str, int]:
+    """XLA's own per-device numbers for the real train step, compiled from shapes only.
+
+    Nothing is allocated: parameters, optimizer state and batch are ShapeDtypeStructs with the
+    shardings the trainer uses, so on the target machine (e.g. a TPU VM, `plan --compile`) this
+    is the measurement the estimate models. Keys: arguments, outputs, aliased (donated), temp
+    (activations, gradients and every other buffer XLA allocates inside the step).
+    """
+    from laserjax.train_step import (
+        StepSettings,
+        TrainBatch,
+        TrainState,
+        make_train_step,
+        train_state_sharding,
+    )
+
+    params, opt_state = abstract_state(dataclasses.replace(model_cfg, remat=False), cfg.optim)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    state = TrainState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32))
+    shard = train_state_sharding(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shard)
+    rows, k = cfg.rows_per_step, cfg.rollout.samples_per_prompt
+    p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
+
+    def arr(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    batch = TrainBatch(prompt_tokens=arr((rows, p_len), jnp.int32),
+                       prompt_mask=arr((rows, p_len), jnp.bool_),
+                       response_tokens=arr((rows, t_len), jnp.int32),
+                       response_mask=arr((rows, t_len), jnp.bool_),
+                       old_logprobs=arr((rows, t_len), jnp.float32),
+                       finished=arr((rows,), jnp.bool_), rewards=arr((rows,), jnp.float32),
+                       rollout_logp_zc=arr((rows,), jnp.float32))
+    mb = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
+    settings = StepSettings(group_size=k, self_reward_token_id=cfg.tokens.self_reward_token_id,
+                            temperature=cfg.rollout.temperature or 1.0, micro_batch_size=mb,
+                            **({"logit_chunk": logit_chunk} if logit_chunk else {}))
+    # `auto` is measured at run time; any number compiles the same program.
+    laser_cfg = dataclasses.replace(cfg.laser, c_ref=0.0) if cfg.laser.c_ref == "auto" \
+        else cfg.laser
+    step = make_train_step(graphdef, shard, laser_cfg, cfg.policy_loss, cfg.optim, settings, mesh)
+    ma = step.lower(state, batch).compile().memory_analysis()
+    return {"arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
+            "aliased": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command.
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (default: the paper's defaults of "
+                        "laserjax.config: Qwen2.5-7B, 128 prompts x 8, prompt 2048, response 8192)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. mesh.fsdp=8 train.micro_batch_size=16")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--devices", type=int, help="number of chips (fills the mesh's -1 axis)")
+    where.add_argument("--slice", help="TPU accelerator type: v4-8, v5e-8 (v5litepod-8), v5p-64, "
+                       "v6e-64, ... (sets the chip count and HBM per chip)")
+    parser.add_argument("--hbm-gib", type=float,
+                        help="HBM per chip in GiB (default: the slice's; needed for the fit check "
+                             "with --devices)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--hf-config", help="a Hugging Face config.json (or its directory) giving "
+                       "the architecture")
+    shape.add_argument("--preset", choices=sorted(PRESETS),
+                       help="a built-in architecture (default: recognised from model.path)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compile the real train step from shapes on this machine's "
+                             "devices (the mesh must match them) and print XLA's own numbers")
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def format_table(est: dict[str, int], remat: bool) -> str:
+    rows = [
+        ("params", "exact: shapes x dtype / mesh axes in PARAM_RULES"),
+        ("opt_state", "exact: AdamW moments (params' dtype) + counts"),
+        ("gradients", "params' dtype" + (" + float32 accumulator" if est["micro_batches"] > 1
+                                         else "")),
+        ("batch", "the TrainBatch arrays of the step"),
+        ("weight_gather", "two layers all-gathered over fsdp"),
+        ("activations_no_remat", "one micro-batch" + ("" if remat else "  <- config")),
+        ("activations_remat", "one micro-batch" + ("  <- config" if remat else "")),
+        ("train_peak", "params + opt + grads + batch + gather + activations"),
+        ("sampler_params", "the sampler's compute-dtype weight copy"),
+        ("kv_prefix", "one per prompt, shared by its K samples"),
+        ("kv_suffix", "per sample, max_new_tokens long"),
+        ("rollout_buffers", "tokens/log-probs + prefill or decode working set"),
+        ("rollout_peak", "params + opt + sampler params + caches + buffers"),
+    ]
+    lines = [f"{'component':<22}{'GiB/device':>10}  note", "-" * 78]
+    lines += [f"{name:<22}{_gib(est[name]):>10}  {note}" for name, note in rows]
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.config is None and not any(o.startswith(("model.path=", "model.toy"))
+                                       for o in overrides):
+        # A `model.*` override builds the model section from scratch, which would drop the
+        # default checkpoint: keep it explicitly.
+        overrides.insert(0, f"model.path={Config().model.path}")
+    return load_config(args.config, overrides)
+
+
+def _fit_report(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, int],
+                est: dict[str, int], hbm_gib: float) -> dict[str, Any]:
+    """Print whether the plan fits and the largest micro-batch that does, with and without
+    remat; return the same as JSON fields."""
+    hbm = hbm_gib * GiB
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    fits = est["peak"] <= HEADROOM * hbm
+    print(f"HBM per chip {hbm_gib:g} GiB (planning to {HEADROOM:.0%}): peak "
+          f"{est['peak'] / GiB:.2f} GiB -> {'fits' if fits else 'DOES NOT FIT'}")
+    out: dict[str, Any] = {"hbm_gib": hbm_gib, "fits": fits}
+    for remat in (False, True):
+        found = suggest_micro_batch(model_cfg, cfg, mesh_shape, hbm, remat=remat)
+        out["suggested_micro_batch_" + ("remat" if remat else "no_remat")] = (
+            None if found is None else found[0])
+        label = f"model.remat={str(remat).lower()}"
+        if found is None:
+            smallest = micro_batch_options(cfg, mesh_shape)[-1]
+            print(f"{label}: no micro-batch fits (not even {smallest} rows); shard more (fsdp, "
+                  "tensor), use more chips, or shorten rollout.max_new_tokens")
+        else:
+            mb, e = found
+            print(f"{label}: largest micro-batch that fits: train.micro_batch_size={mb} "
+                  f"({mb // shards} per device, train peak {e['train_peak'] / GiB:.2f} GiB)")
+    if est["rollout_peak"] > HEADROOM * hbm:
+        print(f"the rollout alone needs {est['rollout_peak'] / GiB:.2f} GiB per chip and its KV "
+              "cache does not shrink with the micro-batch: add chips, raise mesh.tensor, or "
+              "shorten rollout.max_new_tokens")
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table, the fit verdict, a micro-batch suggestion and a one-line JSON summary."""
+    cfg = _load(args)
+    devices, hbm_gib = None, None
+    if args.slice:
+        devices, hbm_gib = slice_chips(args.slice)
+    elif args.devices is not None:
+        devices = args.devices
+    if args.hbm_gib is not None:
+        hbm_gib = args.hbm_gib
+    mesh_shape = resolve_mesh(cfg.mesh, devices)
+    model_cfg, source = model_config_for(cfg, hf_config=args.hf_config, preset=args.preset)
+    est = estimate(model_cfg, cfg, mesh_shape)
+    params = abstract_state(model_cfg, cfg.optim)[0]
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    mb = est["rows_per_device"] * mesh_shape["data"] * mesh_shape["fsdp"]
+
+    print(f"model: {source} ({n_params / 1e9:.2f}B parameters, {model_cfg.param_dtype} weights, "
+          f"{model_cfg.dtype} compute, remat={model_cfg.remat})")
+    print(f"mesh: data={mesh_shape['data']} fsdp={mesh_shape['fsdp']} "
+          f"tensor={mesh_shape['tensor']} ({math.prod(mesh_shape.values())} devices"
+          + (f", {args.slice}" if args.slice else "") + ")")
+    print(f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples, "
+          f"prompt {cfg.rollout.max_prompt_len} + response {cfg.rollout.max_new_tokens} + 1; "
+          f"micro-batch {mb} rows ({est['rows_per_device']} per device, "
+          f"{est['micro_batches']} micro-batches)")
+    print(format_table(est, model_cfg.remat))
+    summary: dict[str, Any] = {"model": source, "params_count": n_params, "mesh": mesh_shape,
+                               "micro_batch_size": mb, "remat": model_cfg.remat, **est}
+    if hbm_gib is not None:
+        summary |= _fit_report(model_cfg, cfg, mesh_shape, est, hbm_gib)
+    else:
+        print("no HBM size given (--slice or --hbm-gib): fit check skipped")
+    if args.compile:
+        mesh = sharding.make_mesh(cfg.mesh)
+        if dict(mesh.shape) != mesh_shape:
+            raise ConfigError(f"--compile: this machine's mesh is {dict(mesh.shape)}, the plan's "
+                              f"{mesh_shape}; run it where the devices match")
+        xla = compiled_train_step_memory(model_cfg, cfg, mesh)
+        modelled = est["gradients"] + est["weight_gather"] + est["activations"]
+        print(f"XLA ({jax.devices()[0].platform}): arguments {xla['arguments'] / GiB:.3f} GiB "
+              f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
+              f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
+              f"{modelled / GiB:.3f})")
+        summary["xla"] = xla
+    print(json.dumps(summary))
+    return summary
