@@ -359,6 +359,19 @@ class Trainer:
                               "`python -m laserjax calibrate` and set the value")
         return float(np.mean(vals))
 
+    def _global_batch_indices(self) -> np.ndarray:
+        """This step's prompts. Each process reads its own share of the step batch from the data
+        stream; on several processes the shares are gathered so every process holds the global
+        batch (in stream order, as one process would read it) and feeds the same global arrays to
+        the sharded sampler and train step."""
+        idx = np.asarray(next(self.loader))
+        if jax.process_count() == 1:
+            return idx
+        from jax.experimental import multihost_utils
+
+        shares = np.asarray(multihost_utils.process_allgather(idx))  # [processes, B]
+        return shares.T.reshape(-1)  # host h read stream elements h, h + H, ...
+
     def _save(self, step: int) -> None:
         if not bool(_params_finite(self.state.params)):
             raise TrainingDiverged(f"step {step}: the updated parameters hold NaN or inf; not "
@@ -404,7 +417,7 @@ class Trainer:
         try:
             for step in range(start + 1, cfg.train.total_steps + 1):
                 tic = time.time()
-                idx = np.asarray(next(self.loader))
+                idx = self._global_batch_indices()
                 prompts = [t.train_prompts[i] for i in idx]
                 answers = [t.train_problems[i].answer for i in idx]
                 rollout, rewards = self._rollout(prompts, answers,
