@@ -241,7 +241,7 @@ SAMPLE_KEYS = {"benchmark", "problem_id", "sample", "response", "extracted_answe
 
 
 MATH500_ARGV = ["--benchmarks", "math500", "--limit", "20", "--n", "4", "--max-new-tokens",
-                "32", "--batch-prompts", "10"]
+                "32", "--batch-prompts", "20"]
 
 
 _MATH500_RUNS: dict[pathlib.Path, pathlib.Path] = {}
@@ -249,8 +249,8 @@ _MATH500_RUNS: dict[pathlib.Path, pathlib.Path] = {}
 
 @pytest.fixture
 def math500_run(tiny_ckpt, token_ids, eval_dir, tmp_path_factory):
-    """The issue's run: 20 MATH500 problems, n = 4, 32 new tokens (two batches of 10); run
-    once per checkpoint and shared (`eval_dir` is function-scoped, so this fixture is too)."""
+    """The issue's run: 20 MATH500 problems, n = 4, 32 new tokens, in one sampler batch (one
+    compile); run once per checkpoint (`eval_dir` is function-scoped, so this fixture is too)."""
     if tiny_ckpt not in _MATH500_RUNS:
         out = tmp_path_factory.mktemp("eval") / "out"
         cli.main(eval_argv(tiny_ckpt, eval_dir, out, token_ids["<|z|>"], *MATH500_ARGV))
@@ -302,27 +302,32 @@ def test_eval_command_end_to_end_math500(math500_run, token_ids, eval_dir):
 
 
 @pytest.mark.slow
-def test_eval_command_resumes_after_a_crash(math500_run, tiny_ckpt, token_ids, eval_dir,
-                                            tmp_path):
-    out = math500_run
-    whole = (out / "samples.jsonl").read_text().splitlines()
-    # A crash while writing the second batch: the first batch (10 problems x 4), part of the
-    # second, and a torn line.
+def test_eval_command_resumes_after_a_crash(tiny_ckpt, token_ids, eval_dir, tmp_path):
+    argv = ["--benchmarks", "math500,amc23", "--limit", "5", "--n", "2", "--max-new-tokens",
+            "8", "--batch-prompts", "2", "--eos-ids",
+            ",".join(str(i) for i in range(40) if i != token_ids["<|z|>"])]
+    zc = token_ids["<|z|>"]
+    whole_dir = tmp_path / "whole"
+    cli.main(eval_argv(tiny_ckpt, eval_dir, whole_dir, zc, *argv))
+    whole = (whole_dir / "samples.jsonl").read_text().splitlines()
+    assert len(whole) == 2 * 5 * 2
+    # A crash while writing amc23's second batch: math500 whole, amc23's first batch (2
+    # problems x 2), one sample of its third problem, and a torn line.
     crashed = tmp_path / "crashed"
     crashed.mkdir()
-    (crashed / "eval_config.json").write_text((out / "eval_config.json").read_text())
-    (crashed / "samples.jsonl").write_text("\n".join(whole[:46]) + "\n" + whole[46][:30])
-    zc = token_ids["<|z|>"]
+    (crashed / "eval_config.json").write_text((whole_dir / "eval_config.json").read_text())
+    (crashed / "samples.jsonl").write_text("\n".join(whole[:15]) + "\n" + whole[15][:30])
     with pytest.raises(SystemExit, match="--resume to continue"):
-        cli.main(eval_argv(tiny_ckpt, eval_dir, crashed, zc, *MATH500_ARGV))
+        cli.main(eval_argv(tiny_ckpt, eval_dir, crashed, zc, *argv))
     with pytest.raises(SystemExit, match="settings differ .*seed: 0 -> 1"):
-        cli.main(eval_argv(tiny_ckpt, eval_dir, crashed, zc, *MATH500_ARGV, "--resume",
-                           "--seed", "1"))
-    cli.main(eval_argv(tiny_ckpt, eval_dir, crashed, zc, *MATH500_ARGV, "--resume"))
-    # The second batch is sampled again with its own seed: the file is the uninterrupted one.
+        cli.main(eval_argv(tiny_ckpt, eval_dir, crashed, zc, *argv, "--resume", "--seed", "1"))
+    cli.main(eval_argv(tiny_ckpt, eval_dir, crashed, zc, *argv, "--resume"))
+    # amc23's second batch is sampled again with its own seed: the file is the uninterrupted
+    # run's, and so is the summary.
     assert (crashed / "samples.jsonl").read_text().splitlines() == whole
-    summaries = [json.loads((d / "summary.json").read_text()) for d in (out, crashed)]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (whole_dir, crashed)]
     assert summaries[0]["benchmarks"] == summaries[1]["benchmarks"]
+    assert summaries[0]["average"] == summaries[1]["average"]
 
 
 def test_eval_command_paper_n_per_benchmark(tiny_ckpt, token_ids, eval_dir, tmp_path):
