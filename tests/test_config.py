@@ -1,0 +1,53 @@
+"""Config loading: every shipped YAML validates; overrides parse; bad values name the field."""
+
+import pathlib
+
+import pytest
+
+from laserjax.config import ConfigError, load_config
+
+CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.rows_per_step % (cfg.train.micro_batch_size or cfg.rows_per_step) == 0
+
+
+def test_overrides_parse_as_yaml_values():
+    cfg = load_config(CONFIGS[0], ["algorithm=grpo", "laser.alpha=0.05", "rollout.top_k=50",
+                                   "data.eval=[math500, aime24]", "train.tensorboard=true"])
+    assert cfg.laser.algorithm == "grpo" and not cfg.laser.enabled
+    assert cfg.laser.alpha == 0.05 and cfg.rollout.top_k == 50
+    assert cfg.data.eval == ("math500", "aime24") and cfg.train.tensorboard is True
+
+
+@pytest.mark.parametrize("override, field", [
+    ("laser.reasoning_warmup_steps=-1", "laser.reasoning_warmup_steps"),
+    ("train.micro_batch_size=7", "train.micro_batch_size"),
+    ("laser.c_ref=abc", "laser.c_ref"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("optim.learning_rate=fast", "optim.learning_rate"),
+    ("laser.nonsense=1", "laser.nonsense"),
+    ("algorithm=ppo", "laser.algorithm"),
+    ("model.dtype=float8", "model.dtype"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        load_config(CONFIGS[0], [override])
+
+
+def test_override_without_equals_explains_the_form():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["laser.alpha"])
+
+
+def test_vocab_checks_name_the_token_field():
+    cfg = load_config(CONFIGS[0], ["tokens.self_reward_token_id=5"])
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        cfg.validate_against_vocab(4, (1,), 0)
+    with pytest.raises(ConfigError, match="EOS"):
+        cfg.validate_against_vocab(10, (5,), 0)
+    with pytest.raises(ConfigError, match="pad"):
+        cfg.validate_against_vocab(10, (1,), 5)
