@@ -376,8 +376,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or 'none' for one device without a mesh")
     parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                         default="bfloat16", help="parameter and activation dtype")
-    parser.add_argument("--output-dir", required=True, help="where samples.jsonl and "
-                        "summary.json go")
+    parser.add_argument("--output-dir", default=None,
+                        help="where samples.jsonl and summary.json go (default: "
+                             "runs/eval/<model folder or hub name>)")
     resume = parser.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
                         help="continue the samples.jsonl in --output-dir (same settings)")
@@ -658,6 +659,12 @@ def _build_sampler(args: argparse.Namespace, setup: _Setup, max_prompt_len: int)
                    max_prompt_len=max_prompt_len, mesh=mesh)
 
 
+def default_output_dir(model: str) -> str:
+    """runs/eval/<last path component of the model directory or hub id>."""
+    return str(pathlib.Path("runs") / "eval" / (pathlib.PurePath(model.rstrip("/")).name
+                                                or "model"))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sample, grade and score every benchmark; write the outputs; print and return the summary."""
     try:
@@ -674,6 +681,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from laserjax.trainer import maybe_initialize_distributed
 
     t0 = time.time()
+    if args.output_dir is None:
+        args = argparse.Namespace(**vars(args) | {"output_dir": default_output_dir(args.model)})
     _check_flags(args)
     parse_mesh(args.mesh)
     maybe_initialize_distributed()  # before anything touches a JAX backend
