@@ -89,6 +89,8 @@ def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str
     from laserjax import toy_task
 
     toy = toy_task.ToyConfig.from_dict(cfg.model.toy)
+    tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
+    cfg.validate_against_vocab(len(tok), (ids["eos"],), ids["pad"])  # before any compile
     if abstract:
         mcfg = toy_task.model_config(toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
@@ -96,7 +98,6 @@ def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str
     else:
         model, info = toy_task.build(toy, seed=cfg.train.seed, dtype=cfg.model.dtype,
                                      param_dtype=cfg.model.param_dtype)
-    tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
     train, held_out = toy_task.problems(toy)
     task = Task(tokenizer=tok, eos_ids=(ids["eos"],), pad_id=ids["pad"],
                 train_problems=train, train_prompts=[tok.encode(p.problem) for p in train],
@@ -126,19 +127,20 @@ def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, d
     from laserjax.reward import Grader, extract_boxed
 
     ckpt = resolve_checkpoint(cfg.model.path)
+    mcfg = TransformerConfig.from_pretrained_dir(ckpt, dtype=cfg.model.dtype,
+                                                 param_dtype=cfg.model.param_dtype,
+                                                 remat=cfg.model.remat)
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    eos = _eos_ids(cfg, ckpt, tok)
+    pad = cfg.tokens.pad_id if cfg.tokens.pad_id >= 0 else (
+        tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    cfg.validate_against_vocab(mcfg.vocab_size, eos, pad)  # before loading or compiling
     if abstract:
-        mcfg = TransformerConfig.from_pretrained_dir(ckpt, dtype=cfg.model.dtype,
-                                                     param_dtype=cfg.model.param_dtype,
-                                                     remat=cfg.model.remat)
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
     else:
         model = load_pretrained(str(ckpt), dtype=cfg.model.dtype,
                                 param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                                 mesh=mesh)
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    eos = _eos_ids(cfg, ckpt, tok)
-    pad = cfg.tokens.pad_id if cfg.tokens.pad_id >= 0 else (
-        tok.pad_token_id if tok.pad_token_id is not None else eos[0])
     if not cfg.data.train:
         raise ConfigError("config field `data.train`: set a jsonl/parquet path or hf:org/name")
     problems, report = load_problems(cfg.data.train, problem_field=cfg.data.problem_field,
@@ -272,8 +274,6 @@ class Trainer:
         setup = _toy_setup if cfg.model.toy is not None else (
             lambda c, a: _real_setup(c, self.mesh, a))
         model, self.task, self.setup_info = setup(cfg, resuming)
-        mcfg: TransformerConfig = model.cfg
-        cfg.validate_against_vocab(mcfg.vocab_size, self.task.eos_ids, self.task.pad_id)
         t = self.task
         per_host = cfg.train.prompts_per_step // jax.process_count()
         if per_host * jax.process_count() != cfg.train.prompts_per_step:
@@ -560,9 +560,30 @@ def add_arguments(parser) -> None:
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host runs (tpu_scripts set LASERJAX_DISTRIBUTED=1): join the JAX cluster first."""
-    if os.environ.get("LASERJAX_DISTRIBUTED") == "1":
+    """Multi-host runs (tpu_scripts set LASERJAX_DISTRIBUTED=1): join the JAX cluster first.
+
+    TPU VMs discover the cluster themselves. Elsewhere (e.g. several CPU processes on one
+    machine, as tests/test_multihost.py runs) LASERJAX_COORDINATOR (host:port of process 0),
+    LASERJAX_NUM_PROCESSES and LASERJAX_PROCESS_ID name it; CPU collectives across processes
+    use gloo (jax's default `jax_cpu_collectives_implementation`).
+    """
+    if os.environ.get("LASERJAX_DISTRIBUTED") != "1":
+        return
+    names = ("LASERJAX_COORDINATOR", "LASERJAX_NUM_PROCESSES", "LASERJAX_PROCESS_ID")
+    given = [n for n in names if os.environ.get(n)]
+    if not given:
         jax.distributed.initialize()
+        return
+    if len(given) != len(names):
+        raise SystemExit(f"error: set all of {', '.join(names)} or none of them (none: let JAX "
+                         f"discover the cluster, as on TPU VMs); only {', '.join(given)} set")
+    try:
+        num, pid = int(os.environ[names[1]]), int(os.environ[names[2]])
+    except ValueError:
+        raise SystemExit(f"error: {names[1]} and {names[2]} must be integers, got "
+                         f"{os.environ[names[1]]!r} and {os.environ[names[2]]!r}") from None
+    jax.distributed.initialize(coordinator_address=os.environ[names[0]], num_processes=num,
+                               process_id=pid)
 
 
 def run(args) -> dict[str, Any]:

@@ -201,3 +201,26 @@ def test_unknown_dtype_is_named(tmp_path):
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         load_pretrained(str(tmp_path / "nope"))
+
+
+def test_blocked_attention_equals_dense_forward_and_gradient():
+    """Query blocks of 4 over 13 positions (a ragged last block) against one dense block."""
+    import dataclasses
+
+    cfg = TransformerConfig(model_type="qwen2", vocab_size=50, hidden_size=32,
+                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            head_dim=8, qkv_bias=True, attention_block=4)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens, mask, positions = padded_batch(lengths=(13, 8, 5), vocab=50, offset=0)
+
+    def loss(m, block):
+        m.cfg = dataclasses.replace(cfg, attention_block=block)
+        logits = m(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+        return jnp.sum(jnp.where(jnp.asarray(mask)[..., None], jnp.tanh(logits), 0.0)), logits
+
+    (l_blk, logits_blk), g_blk = nnx.value_and_grad(loss, has_aux=True)(model, 4)
+    (l_dense, logits_dense), g_dense = nnx.value_and_grad(loss, has_aux=True)(model, 64)
+    np.testing.assert_allclose(np.asarray(logits_blk)[mask], np.asarray(logits_dense)[mask],
+                               atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

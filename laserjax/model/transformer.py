@@ -61,6 +61,11 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_block: int = 512
+    """Queries per attention block in the training/prefill forward: scores are held as
+    [B, heads, block, S] at a time (rematerialised in the backward pass) instead of [B, heads, S, S],
+    which a 10k-token LaSeR sequence could not afford. Sequences no longer than one block use the
+    dense path."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -253,6 +258,33 @@ class Linear(nnx.Module):
         return y
 
 
+def _causal_attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
+                   key_mask_bs: jax.Array, block: int) -> jax.Array:
+    """Causal attention (by index) over keys where key_mask_bs is True, `block` queries at a time.
+
+    Each block's scores are recomputed in the backward pass (`jax.checkpoint`), so memory grows
+    with block x S rather than S x S.
+    """
+    b, t, h, d = q_bthd.shape
+    s = k_bshd.shape[1]
+    if t <= block:
+        mask = jnp.tril(jnp.ones((t, s), bool), k=s - t)[None] & key_mask_bs[:, None, :]
+        return _attend(q_bthd, k_bshd, v_bshd, mask)
+    n = -(-t // block)
+    q = jnp.pad(q_bthd, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+    q_nbchd = q.reshape(b, n, block, h, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        q_bchd, start = args
+        q_idx = start + jnp.arange(block) + (s - t)
+        mask = (q_idx[:, None] >= jnp.arange(s)[None, :])[None] & key_mask_bs[:, None, :]
+        return _attend(q_bchd, k_bshd, v_bshd, mask)
+
+    out = jax.lax.map(one, (q_nbchd, jnp.arange(n) * block))
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+
+
 def _attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts: jax.Array
             ) -> jax.Array:
     """Grouped-query attention; softmax in float32; masked keys get a large negative score."""
@@ -285,9 +317,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
 
-    def __call__(self, x_btd, positions_bt, mask_bts, inv_freq):
+    def __call__(self, x_btd, positions_bt, key_mask_bt, inv_freq, block):
         q, k, v = self.qkv(x_btd, positions_bt, inv_freq)
-        out = _attend(q, k, v, mask_bts)
+        out = _causal_attend(q, k, v, key_mask_bt, block)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), (k, v)
 
     def attend_cached(self, q_bkhd, prefix_k, prefix_v, prefix_mask_bp, suffix_k, suffix_v,
@@ -334,8 +366,9 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, mask_bts, inv_freq):
-        h, kv = self.self_attn(self.input_layernorm(x_btd), positions_bt, mask_bts, inv_freq)
+    def __call__(self, x_btd, positions_bt, key_mask_bt, inv_freq, block):
+        h, kv = self.self_attn(self.input_layernorm(x_btd), positions_bt, key_mask_bt, inv_freq,
+                               block)
         x_btd = x_btd + h
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
@@ -384,14 +417,11 @@ class Transformer(nnx.Module):
         Attention is causal by index and ignores keys where mask_bt is False, so one batch can
         hold left-padded prompts followed by right-padded responses.
         """
-        t = tokens_bt.shape[1]
-        causal_tt = jnp.tril(jnp.ones((t, t), bool))
-        mask_bts = causal_tt[None] & mask_bt[:, None, :]
         inv_freq = rope_inv_freq(self.cfg)
         x = self.embed_tokens(tokens_bt, self.dtype)
 
         def block_fn(block, x):
-            return block(x, positions_bt, mask_bts, inv_freq)
+            return block(x, positions_bt, mask_bt, inv_freq, self.cfg.attention_block)
 
         if self.cfg.remat:
             block_fn = nnx.remat(block_fn, prevent_cse=False)
