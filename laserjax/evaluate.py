@@ -513,7 +513,6 @@ class _Setup:
     ckpt: pathlib.Path
     tokenizer: Any
     cfg: Any  # laserjax.config.Config
-    vocab_size: int
     max_positions: int
     eos_ids: tuple[int, ...]
     pad_id: int
@@ -558,7 +557,7 @@ def _resolve_model(args: argparse.Namespace) -> _Setup:
     if args.template == "chat" and not getattr(tok, "chat_template", None):
         raise _fail("--template", f"the tokenizer in {str(ckpt)!r} has no chat template; pass "
                     "--template plain for a base model")
-    return _Setup(ckpt, tok, cfg, vocab, mcfg.max_position_embeddings, eos, pad)
+    return _Setup(ckpt, tok, cfg, mcfg.max_position_embeddings, eos, pad)
 
 
 def _settings(args: argparse.Namespace, setup: _Setup, benches: list[tuple[Any, int]]
