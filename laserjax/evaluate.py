@@ -524,8 +524,7 @@ def _resolve_model(args: argparse.Namespace) -> _Setup:
 
     from laserjax.config import ConfigError
     from laserjax.model import TransformerConfig
-    from laserjax.model.hf_params import resolve_checkpoint
-    from laserjax.trainer import _eos_ids
+    from laserjax.model.hf_params import resolve_checkpoint, special_token_ids
 
     try:
         ckpt = resolve_checkpoint(args.model)
@@ -540,12 +539,10 @@ def _resolve_model(args: argparse.Namespace) -> _Setup:
     explicit = _parse_int_list(args.eos_ids, "--eos-ids") if args.eos_ids else ()
     cfg = _eval_config(args, explicit, -1 if args.pad_id is None else args.pad_id)
     try:
-        eos = tuple(int(e) for e in _eos_ids(cfg, ckpt, tok))
-    except ConfigError as e:
-        raise _flag_error(e) from None
-    # The trainer's pad rule (`_real_setup`): the flag, the tokenizer's pad, else the first EOS.
-    pad = args.pad_id if args.pad_id is not None else (
-        tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+        eos, pad = special_token_ids(ckpt, tok, eos_ids=explicit,
+                                     pad_id=-1 if args.pad_id is None else args.pad_id)
+    except ValueError as e:
+        raise _fail("--eos-ids", str(e)) from None
     cfg = _eval_config(args, eos, pad)
     try:
         cfg.validate_against_vocab(vocab, eos, pad)

@@ -60,19 +60,6 @@ def parse_ids(text: str, what: str) -> list[int]:
                          f"{text!r}") from None
 
 
-def checkpoint_eos_ids(ckpt: pathlib.Path, tokenizer: Any) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (chat models list two), config.json or the tokenizer."""
-    for name in ("generation_config.json", "config.json"):
-        f = ckpt / name
-        if f.is_file():
-            eos = json.loads(f.read_text()).get("eos_token_id")
-            if eos is not None:
-                return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return (int(tokenizer.eos_token_id),)
-    return ()
-
-
 def load_tokenizer(ckpt: pathlib.Path) -> Any:
     if not any((ckpt / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
@@ -98,15 +85,17 @@ def run(args: argparse.Namespace) -> None:
         if args.prompt is not None:
             raise SystemExit("--prompt needs a tokenizer; the --tiny model takes --ids")
     else:
-        from laserjax.model.hf_params import load_pretrained, resolve_checkpoint
+        from laserjax.model import hf_params
 
-        ckpt = resolve_checkpoint(args.model)
-        model = load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype)
+        ckpt = hf_params.resolve_checkpoint(args.model)
+        model = hf_params.load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype)
         tokenizer = load_tokenizer(ckpt)
-        eos_default = checkpoint_eos_ids(ckpt, tokenizer)
-        pad_default = (tokenizer.pad_token_id if tokenizer is not None
-                       and tokenizer.pad_token_id is not None else
-                       (eos_default[0] if eos_default else 0))
+        explicit = tuple(parse_ids(args.eos_ids, "--eos-ids")) if args.eos_ids else ()
+        try:
+            eos_default, pad_default = hf_params.special_token_ids(
+                ckpt, tokenizer, eos_ids=explicit, pad_id=-1 if args.pad_id is None else args.pad_id)
+        except ValueError as e:
+            raise SystemExit(f"--eos-ids: {e}") from None
         zc_default = TokenConfig.self_reward_token_id
 
     eos_ids = parse_ids(args.eos_ids, "--eos-ids") if args.eos_ids else list(eos_default)

@@ -106,24 +106,10 @@ def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str
     return model, task, info
 
 
-def _eos_ids(cfg: Config, ckpt_dir: pathlib.Path, tokenizer: Any) -> tuple[int, ...]:
-    if cfg.tokens.eos_ids:
-        return cfg.tokens.eos_ids
-    gen = ckpt_dir / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("config field `tokens.eos_ids`: the tokenizer has no EOS token and "
-                          "the checkpoint no generation_config.json; set the ids explicitly")
-    return (tokenizer.eos_token_id,)
-
-
 def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
     from transformers import AutoTokenizer
 
-    from laserjax.model.hf_params import load_pretrained, resolve_checkpoint
+    from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
     from laserjax.reward import Grader, extract_boxed
 
     ckpt = resolve_checkpoint(cfg.model.path)
@@ -131,9 +117,11 @@ def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, d
                                                  param_dtype=cfg.model.param_dtype,
                                                  remat=cfg.model.remat)
     tok = AutoTokenizer.from_pretrained(str(ckpt))
-    eos = _eos_ids(cfg, ckpt, tok)
-    pad = cfg.tokens.pad_id if cfg.tokens.pad_id >= 0 else (
-        tok.pad_token_id if tok.pad_token_id is not None else eos[0])
+    try:
+        eos, pad = special_token_ids(ckpt, tok, eos_ids=cfg.tokens.eos_ids,
+                                     pad_id=cfg.tokens.pad_id)
+    except ValueError as e:
+        raise ConfigError(f"config field `tokens.eos_ids`: {e}") from None
     cfg.validate_against_vocab(mcfg.vocab_size, eos, pad)  # before loading or compiling
     if abstract:
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
@@ -556,7 +544,7 @@ def format_summary(s: dict[str, Any]) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="overrides, e.g. algorithm=grpo train.total_steps=10 output_dir=runs/x")
+                        help="e.g. algorithm=grpo train.total_steps=10 output_dir=runs/x")
 
 
 def maybe_initialize_distributed() -> None:

@@ -81,6 +81,32 @@ def resolve_checkpoint(path_or_id: str) -> pathlib.Path:
                                 f"downloadable hub id: {e}") from e
 
 
+def special_token_ids(ckpt_dir: pathlib.Path, tokenizer, *, eos_ids: tuple[int, ...] = (),
+                      pad_id: int = -1) -> tuple[tuple[int, ...], int]:
+    """(EOS ids, pad id) of a checkpoint; explicit values win.
+
+    EOS: `eos_ids` if given, else generation_config.json's `eos_token_id` (chat models list two),
+    else config.json's, else the tokenizer's. Pad: `pad_id` if >= 0, else the tokenizer's pad,
+    else the first EOS id.
+    """
+    eos = tuple(int(e) for e in eos_ids)
+    for name in () if eos else ("generation_config.json", "config.json"):
+        f = pathlib.Path(ckpt_dir) / name
+        value = json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+        if value is not None:
+            eos = tuple(int(e) for e in value) if isinstance(value, list) else (int(value),)
+            break
+    if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = (int(tokenizer.eos_token_id),)
+    if not eos:
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r}: no EOS id in generation_config.json, "
+                         "config.json or the tokenizer; set `tokens.eos_ids` (--eos-ids)")
+    if pad_id < 0:
+        tok_pad = None if tokenizer is None else tokenizer.pad_token_id
+        pad_id = int(tok_pad) if tok_pad is not None else eos[0]
+    return eos, pad_id
+
+
 class _SafetensorsReader:
     """Random access to the tensors of a single or sharded safetensors checkpoint."""
 
