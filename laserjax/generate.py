@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> None:
         explicit = tuple(parse_ids(args.eos_ids, "--eos-ids")) if args.eos_ids else ()
         try:
             eos_default, pad_default = hf_params.special_token_ids(
-                ckpt, tokenizer, eos_ids=explicit, pad_id=-1 if args.pad_id is None else args.pad_id)
+                ckpt, tokenizer, eos_ids=explicit,
+                pad_id=-1 if args.pad_id is None else args.pad_id)
         except ValueError as e:
             raise SystemExit(f"--eos-ids: {e}") from None
         zc_default = TokenConfig.self_reward_token_id
