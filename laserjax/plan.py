@@ -253,19 +253,24 @@ def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_
     - hidden-size tensors: the block input, both RMSNorm outputs and the mid-block residual
       (4 x L x D x a) and two float32 RMS factors per token;
     - attention: q and the attention output (2 x L x H hd / t x a), k and v (2 x L x KV hd / t
-      x a) and the materialised scores: the softmax output in float32 plus the probabilities in
-      the compute dtype (H / t x L x L x (4 + a); one float32 copy when a = 4);
+      x a); with dense attention (L <= `attention_block`, or a model without blocked attention)
+      also the materialised scores: the softmax output in float32 plus the probabilities in the
+      compute dtype (H / t x L x L x (4 + a); one float32 copy when a = 4) and the [L, L] mask.
+      Blocked attention keeps no scores (each block is recomputed in the backward pass) but a
+      padded copy of q, the input of its checkpointed blocks;
     - MLP: gate, up and their product (3 x L x I / t x a).
 
-    Shared by all layers: the [L, L] attention mask, RoPE's cos/sin, the final norm's input and
-    output, the LM head's padded copy of the response hidden states and the z_c logits. With
-    mixed precision the compute-dtype copies of the weights are kept too.
+    Shared by all layers: RoPE's cos/sin, the final norm's input and output, the LM head's
+    padded copy of the response hidden states and the z_c logits. With mixed precision the
+    compute-dtype copies of the weights are kept too.
 
     With remat (`TransformerConfig.remat`) a layer keeps only its input; during its backward one
     layer's activations exist again. On top of what is kept, the peak adds the larger of the
     LM head's working set (3 float32 [chunk, V / t] buffers per row: logits, softmax, their
-    gradient) and one layer's backward working set (two float32 residual-stream gradients and
-    the score gradients, float32 plus the compute dtype, or the MLP's).
+    gradient) and one layer's backward working set: two float32 residual-stream gradients plus
+    the larger of the MLP's gradients and the scores' (float32 plus the compute dtype, for all
+    L x L scores when dense; for one block, recomputed scores and their gradients, when
+    blocked).
     """
     a = to_dtype(m.dtype).itemsize
     p_item = to_dtype(m.param_dtype).itemsize
@@ -274,16 +279,25 @@ def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_
     q, kv = _split(m.num_heads * hd, t), _split(m.num_kv_heads * hd, t)
     heads, inter, vocab = _split(m.num_heads, t), _split(m.intermediate_size, t), _split(
         m.vocab_size, t)
-    score_item = 4 + (a if a != 4 else 0)
+    # `attention_block` arrived with the model's blocked attention; older models are dense.
+    block = getattr(m, "attention_block", 0) or seq
+    if seq <= block:
+        scores_row = heads * seq * seq * (4 + (a if a != 4 else 0)) + seq * seq
+        scores_work_row = heads * seq * seq * (4 + a)
+        q_copy = 0
+    else:
+        scores_row = 0
+        scores_work_row = 2 * heads * block * seq * (4 + a)
+        q_copy = q * a
 
-    per_token = a * (4 * d + 2 * q + 2 * kv + 3 * inter) + 2 * 4
-    layer_row = seq * per_token + heads * seq * seq * score_item
+    per_token = a * (4 * d + 2 * q + 2 * kv + 3 * inter) + q_copy + 2 * 4
+    layer_row = seq * per_token + scores_row
     block_input_row = seq * d * a
     chunk = logit_chunk_len(response_len, logit_chunk)
     padded_resp = -(-response_len // chunk) * chunk
-    shared_row = seq * seq + 2 * seq * hd * 4 + 2 * seq * d * a + padded_resp * d * a + vocab * 4
+    shared_row = 2 * seq * hd * 4 + 2 * seq * d * a + padded_resp * d * a + vocab * 4
     head_row = 3 * chunk * vocab * 4
-    backward_row = 2 * seq * d * 4 + max(heads * seq * seq * (4 + a), 3 * seq * inter * a)
+    backward_row = 2 * seq * d * 4 + max(scores_work_row, 3 * seq * inter * a)
 
     layer_weights = _layer_param_count(m) // t
     other_weights = (m.vocab_size * d * (1 if m.tie_word_embeddings else 2) + d) // t
@@ -309,7 +323,7 @@ def rollout_bytes(m: TransformerConfig, prompts: int, k: int, prompt_len: int,
     over the tensor axis when it divides them (as `sampler._state_spec`). The sampler state adds
     int32 tokens and float32 log-probs per generated slot. The prefill's working set: the per-layer
     keys/values before `jnp.stack` (a second prefix cache) and one layer's float32 scores and
-    probabilities.
+    probabilities (one query block of them with blocked attention).
     """
     a = to_dtype(m.dtype).itemsize
     kv_heads = _split(m.num_kv_heads, tensor)
@@ -317,7 +331,8 @@ def rollout_bytes(m: TransformerConfig, prompts: int, k: int, prompt_len: int,
     prefix = prompts * prompt_len * (per_token + 1)
     suffix = prompts * k * new_tokens * per_token
     state = prompts * k * new_tokens * 8
-    prefill_scores = 2 * prompts * _split(m.num_heads, tensor) * prompt_len * prompt_len * 4
+    block = min(getattr(m, "attention_block", 0) or prompt_len, prompt_len)
+    prefill_scores = 2 * prompts * _split(m.num_heads, tensor) * block * prompt_len * 4
     decode_logits = 3 * prompts * k * m.vocab_size * 4
     return {"prefix_cache": prefix, "suffix_cache": suffix, "sampler_state": state,
             "working": max(prefix + prefill_scores, decode_logits)}

@@ -40,6 +40,11 @@ from laserjax.sampler import Sampler
 TOY = dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True)
 
+# Blocked attention (queries in blocks of `attention_block`, scores recomputed in the backward
+# pass) is planned differently from dense attention; test it where the model has it.
+_BLOCKED = "attention_block" in {f.name for f in dataclasses.fields(TransformerConfig)}
+blocked = pytest.mark.skipif(not _BLOCKED, reason="TransformerConfig has no attention_block")
+
 
 def _cfg(prompts: int = 2, k: int = 4, p: int = 16, t: int = 48, mb: int = 0,
          dtype: str = "float32"):
@@ -98,12 +103,14 @@ def test_compiled_step_arguments_exact_and_temp_within_stated_bound():
     dict(), dict(t=96), dict(prompts=4), dict(num_layers=4), dict(intermediate_size=512),
     dict(hidden_size=128, num_heads=8, head_dim=16), dict(vocab_size=1024), dict(mb=4),
     dict(p=64, t=192), dict(dtype="bfloat16"), dict(mesh=(2, 1, 2)), dict(mesh=(1, 1, 2)),
+    pytest.param(dict(attention_block=16), marks=blocked),
+    pytest.param(dict(attention_block=32, num_layers=4, p=64, t=192), marks=blocked),
 ])
 def test_compiled_temp_sweep(case):
     """The bound of the fast test over shapes where each term dominates in turn (measured
-    ratios 1.11-1.65). Meshes with fsdp > 1 are left out: there XLA's sharding propagation
-    all-gathers the activations over the batch instead of gathering the weights (see the
-    planner's report), which the plan does not model."""
+    ratios 1.11-1.65; blocked attention 1.26-1.36). Meshes with fsdp > 1 are left out: there
+    XLA's sharding propagation all-gathers the activations over the batch instead of gathering
+    the weights (ratios 1.6-2.9), which the plan does not model."""
     case = dict(case)
     mesh = case.pop("mesh", (1, 1, 1))
     cfg_kw = {k: case.pop(k) for k in ("prompts", "t", "p", "mb", "dtype") if k in case}
@@ -148,17 +155,20 @@ def _saved_vs_planned(model_cfg: TransformerConfig, r: int, p: int, t: int, chun
     return _vjp_residual_bytes(loss, params), act["kept"] + act["weight_copies"]
 
 
-@pytest.mark.parametrize("dtype,num_layers", [("float32", 2), ("bfloat16", 6)])
-def test_remat_kept_activations_match_what_jax_saves(dtype, num_layers):
-    shape = dict(r=8, p=16, t=96, chunk=32)  # 3 LM-head chunks
-    model_cfg = TransformerConfig(**(TOY | dict(num_layers=num_layers, dtype=dtype)))
+@pytest.mark.parametrize("dtype,num_layers,attention", [
+    ("float32", 2, {}), ("bfloat16", 6, {}),
+    pytest.param("bfloat16", 2, dict(attention_block=16), marks=blocked),
+])
+def test_remat_kept_activations_match_what_jax_saves(dtype, num_layers, attention):
+    shape = dict(r=8, p=16, t=96, chunk=32)  # 3 LM-head chunks; L = 113
+    model_cfg = TransformerConfig(**(TOY | attention | dict(num_layers=num_layers, dtype=dtype)))
     saved, planned = _saved_vs_planned(dataclasses.replace(model_cfg, remat=True), **shape)
     assert abs(saved / planned - 1) <= 0.15, (saved, planned)
     # Without remat the jaxpr lists every intermediate before XLA fuses them (three float32
-    # copies of the scores, the RMSNorm internals, ...): an upper bound, 1.8-2.2x the plan.
+    # copies of dense scores, the RMSNorm internals, ...): an upper bound, 1.5-2.2x the plan.
     saved_full, planned_full = _saved_vs_planned(model_cfg, **shape)
     assert 1.0 <= saved_full / planned_full <= 3.0, (saved_full, planned_full)
-    assert planned_full > 5 * planned  # remat is what makes long sequences fit
+    assert planned_full > 3 * planned  # remat is what makes long sequences fit
 
 
 @pytest.mark.parametrize("mesh", [(2, 1, 2), pytest.param((1, 1, 1), marks=pytest.mark.slow)])
