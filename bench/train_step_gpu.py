@@ -5,8 +5,10 @@ PyTorch's allocators never share the card) and prints one JSON line; the parent 
 line per model with laserjax / PyTorch tokens per second.
 
 - laserjax: `make_train_step` on a one-device mesh: the full LaSeR step (MSE and advantage
-  integration on), one forward over `prompt, response, z_c`, chunked LM head, clip_by_global_norm
-  -> AdamW, params and moments donated. bf16 params and activations (`--param-dtype float32` for
+  integration on), one forward over `prompt, response, z_c`, clip_by_global_norm -> AdamW,
+  params and moments donated. The LM head runs in one piece by default (`--logit-chunk 1024`,
+  logits kept for the backward pass, as PyTorch keeps them); a smaller chunk trades a recompute
+  of the head for memory. bf16 params and activations (`--param-dtype float32` for
   float32 master weights), float32 loss math.
 - PyTorch: transformers' `Qwen2ForCausalLM` in bf16 (sdpa attention), the same 8 x 1024 tokens:
   forward, token log-probs from log_softmax(float32 logits), a masked mean as the loss, backward,
@@ -214,7 +216,9 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=None, help="default 768 (tiny: 48)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5, tiny 2)")
-    ap.add_argument("--logit-chunk", type=int, default=256)
+    ap.add_argument("--logit-chunk", type=int, default=1024,
+                    help="LM-head chunk; >= response length (default) keeps the logits, as "
+                         "PyTorch does; e.g. 256 recomputes them chunk by chunk to save memory")
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--remat", action="store_true", help="rematerialise transformer blocks")
