@@ -546,7 +546,7 @@ class Sampler:
         prefix, state, tokens, mask = self.start(prompt_ids, s, seed)
         state = self.decode(prefix, state, s)
         n = len(prompt_ids)
-        host = jax.device_get({f: getattr(state, f) for f in (
+        host = _fetch({f: getattr(state, f) for f in (
             "tokens_bkt", "logprobs_bkt", "lengths_bk", "finished_bk", "truncated_bk",
             "logp_zc_bk", "step")})
         self.stats["decode_steps"] += int(host["step"])
@@ -563,6 +563,17 @@ class Sampler:
             finished=rows(host["finished_bk"]), truncated=rows(host["truncated_bk"]),
             logp_zc=rows(host["logp_zc_bk"]), k=s.k,
             logprob_temperature=s.logprob_temperature, decode_steps=int(host["step"]))
+
+
+def _fetch(tree):
+    """Device arrays -> numpy. On several processes a batch-sharded array spans devices this
+    process cannot read, so every process gathers the global value (one all-gather per leaf)
+    and all of them see the whole rollout, as the trainer's global step batch expects."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _require(cond: bool, field: str, msg: str) -> None:
