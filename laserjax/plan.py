@@ -253,9 +253,9 @@ def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_
     - hidden-size tensors: the block input, both RMSNorm outputs and the mid-block residual
       (4 x L x D x a) and two float32 RMS factors per token;
     - attention: q and the attention output (2 x L x H hd / t x a), k and v (2 x L x KV hd / t
-      x a); with dense attention (L <= `attention_block`, or a model without blocked attention)
-      also the materialised scores: the softmax output in float32 plus the probabilities in the
-      compute dtype (H / t x L x L x (4 + a); one float32 copy when a = 4) and the [L, L] mask.
+      x a); with dense attention (L <= `TransformerConfig.attention_block`) also the
+      materialised scores: the softmax output in float32 plus the probabilities in the compute
+      dtype (H / t x L x L x (4 + a); one float32 copy when a = 4) and the [L, L] mask.
       Blocked attention keeps no scores (each block is recomputed in the backward pass) but a
       padded copy of q, the input of its checkpointed blocks;
     - MLP: gate, up and their product (3 x L x I / t x a).
@@ -279,8 +279,7 @@ def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_
     q, kv = _split(m.num_heads * hd, t), _split(m.num_kv_heads * hd, t)
     heads, inter, vocab = _split(m.num_heads, t), _split(m.intermediate_size, t), _split(
         m.vocab_size, t)
-    # `attention_block` arrived with the model's blocked attention; older models are dense.
-    block = getattr(m, "attention_block", 0) or seq
+    block = m.attention_block
     if seq <= block:
         scores_row = heads * seq * seq * (4 + (a if a != 4 else 0)) + seq * seq
         scores_work_row = heads * seq * seq * (4 + a)
@@ -331,7 +330,7 @@ def rollout_bytes(m: TransformerConfig, prompts: int, k: int, prompt_len: int,
     prefix = prompts * prompt_len * (per_token + 1)
     suffix = prompts * k * new_tokens * per_token
     state = prompts * k * new_tokens * 8
-    block = min(getattr(m, "attention_block", 0) or prompt_len, prompt_len)
+    block = min(m.attention_block, prompt_len)
     prefill_scores = 2 * prompts * _split(m.num_heads, tensor) * block * prompt_len * 4
     decode_logits = 3 * prompts * k * m.vocab_size * 4
     return {"prefix_cache": prefix, "suffix_cache": suffix, "sampler_state": state,

@@ -40,11 +40,6 @@ from laserjax.sampler import Sampler
 TOY = dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True)
 
-# Blocked attention (queries in blocks of `attention_block`, scores recomputed in the backward
-# pass) is planned differently from dense attention; test it where the model has it.
-_BLOCKED = "attention_block" in {f.name for f in dataclasses.fields(TransformerConfig)}
-blocked = pytest.mark.skipif(not _BLOCKED, reason="TransformerConfig has no attention_block")
-
 
 def _cfg(prompts: int = 2, k: int = 4, p: int = 16, t: int = 48, mb: int = 0,
          dtype: str = "float32"):
@@ -103,8 +98,7 @@ def test_compiled_step_arguments_exact_and_temp_within_stated_bound():
     dict(), dict(t=96), dict(prompts=4), dict(num_layers=4), dict(intermediate_size=512),
     dict(hidden_size=128, num_heads=8, head_dim=16), dict(vocab_size=1024), dict(mb=4),
     dict(p=64, t=192), dict(dtype="bfloat16"), dict(mesh=(2, 1, 2)), dict(mesh=(1, 1, 2)),
-    pytest.param(dict(attention_block=16), marks=blocked),
-    pytest.param(dict(attention_block=32, num_layers=4, p=64, t=192), marks=blocked),
+    dict(attention_block=16), dict(attention_block=32, num_layers=4, p=64, t=192),
 ])
 def test_compiled_temp_sweep(case):
     """The bound of the fast test over shapes where each term dominates in turn (measured
@@ -157,7 +151,7 @@ def _saved_vs_planned(model_cfg: TransformerConfig, r: int, p: int, t: int, chun
 
 @pytest.mark.parametrize("dtype,num_layers,attention", [
     ("float32", 2, {}), ("bfloat16", 6, {}),
-    pytest.param("bfloat16", 2, dict(attention_block=16), marks=blocked),
+    ("bfloat16", 2, dict(attention_block=16)),  # blocked attention: L = 113 > 16
 ])
 def test_remat_kept_activations_match_what_jax_saves(dtype, num_layers, attention):
     shape = dict(r=8, p=16, t=96, chunk=32)  # 3 LM-head chunks; L = 113
@@ -274,18 +268,24 @@ def test_suggested_micro_batch_is_the_largest_that_fits():
 
 
 def test_cli_prints_table_verdict_and_json():
+    args = ["train.prompts_per_step=32", "rollout.max_prompt_len=1024",
+            "rollout.max_new_tokens=4096", "train.micro_batch_size=8", "model.remat=true"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli.main(["plan", "--preset", "Qwen2.5-0.5B", "--slice", "v5e-8",
-                  "train.prompts_per_step=32", "rollout.max_prompt_len=1024",
-                  "rollout.max_new_tokens=4096", "train.micro_batch_size=8", "model.remat=true"])
+        cli.main(["plan", "--preset", "Qwen2.5-0.5B", "--slice", "v5e-8", *args])
     text = out.getvalue()
     assert "kv_suffix" in text and "activations_remat" in text and "fits" in text
     summary = json.loads(text.strip().splitlines()[-1])
     assert summary["mesh"] == _shape(8, 1, 1) and summary["hbm_gib"] == 16.0
-    assert summary["fits"] is True and summary["suggested_micro_batch_remat"] == 8
-    assert summary["suggested_micro_batch_no_remat"] is None
     assert summary["params"] == 494_032_768 * 4  # float32, replicated over data
+    # The command prints what the pure functions compute.
+    cfg = load_config(None, ["model.path=Qwen/Qwen2.5-0.5B", *args])
+    model_cfg = plan.model_config_for(cfg)[0]
+    est = plan.estimate(model_cfg, cfg, _shape(8, 1, 1))
+    assert {k: summary[k] for k in est} == est
+    assert summary["fits"] == (est["peak"] <= plan.HEADROOM * 16 * plan.GiB)
+    found = plan.suggest_micro_batch(model_cfg, cfg, _shape(8, 1, 1), 16 * plan.GiB, remat=True)
+    assert summary["suggested_micro_batch_remat"] == (found and found[0])
 
 
 @pytest.mark.slow
