@@ -78,25 +78,26 @@ def _start(out: pathlib.Path, env: dict[str, str], log: pathlib.Path) -> subproc
 
 
 def _wait(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
-    """Wait for every run; on a failure or the timeout kill the rest (a process whose peer died
-    would otherwise sit in a collective) and fail with the logs' tails."""
+    """Wait for every run. As soon as one fails (a process whose peer died would sit in a
+    collective), at the timeout, or if the test itself is interrupted, kill the rest; on a
+    failure, fail with the logs' tails."""
     deadline = time.monotonic() + TIMEOUT_S
-    failed = None
-    while failed is None and any(p.poll() is None for p, _ in procs.values()):
-        failed = next((name for name, (p, _) in procs.items() if p.poll()), None)
-        if time.monotonic() > deadline:
-            failed = "timeout"
-        time.sleep(0.2)
-    failed = failed or next((name for name, (p, _) in procs.items() if p.returncode), None)
-    if failed is None:
-        return
-    for p, _ in procs.values():
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    tails = "\n".join(f"--- {name} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
-                      for name, (p, log) in procs.items())
-    pytest.fail(f"a training process failed ({failed}, limit {TIMEOUT_S} s):\n{tails}")
+    try:
+        while None in (codes := [p.poll() for p, _ in procs.values()]):
+            if any(codes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    if any(p.returncode for p, _ in procs.values()):
+        timed_out = time.monotonic() > deadline
+        tails = "\n".join(f"--- {name} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+                          for name, (p, log) in procs.items())
+        pytest.fail(f"a training run failed{f' (over {TIMEOUT_S} s)' if timed_out else ''}; "
+                    f"logs:\n{tails}")
 
 
 @pytest.fixture(scope="module")
