@@ -68,8 +68,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     # The kernel inherits this environment: one CPU device, as on Colab (conftest's 8 fake
     # devices would not fit the demo's one-device mesh).
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
 
     out = tmp_path / "out"
     nb = _read()
