@@ -26,7 +26,9 @@ It never imports grain (the GPU image lacks it): only laserjax.train_step and wh
 pyyaml.
 
 Usage (GPU):       python3 bench/train_step_gpu.py [0.5b] [1.5b] [--grpo] [--remat]
-Usage (CPU smoke): python3 bench/train_step_gpu.py --tiny
+  e.g. one device call: PYTHONUNBUFFERED=1 python3 bench/train_step_gpu.py 0.5b 1.5b --grpo
+Usage (CPU smoke): python3 bench/train_step_gpu.py --tiny   (proves both paths run; bf16 on a
+                   CPU makes its timings meaningless)
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def worker_laserjax(args, shape: dict) -> None:
     from laserjax.model.transformer import Transformer, TransformerConfig
 
     vocab = shape["vocab_size"]
+    block = {"attention_block": args.attention_block} if args.attention_block else {}
     cfg = TransformerConfig(model_type="qwen2", **shape, rope_theta=1e6, tie_word_embeddings=True,
                             qkv_bias=True, dtype="bfloat16", param_dtype=args.param_dtype,
-                            remat=args.remat)
+                            remat=args.remat, **block)
     rows, p, t = args.rows, args.prompt_len, args.response_len
     rng = np.random.default_rng(0)
     response = rng.integers(0, vocab, (rows, t))
@@ -109,7 +112,8 @@ def worker_laserjax(args, shape: dict) -> None:
     else:
         laser_cfg = LaserConfig(reasoning_warmup_steps=0, self_reward_warmup_steps=0)
     settings = ts.StepSettings(group_size=args.group_size, self_reward_token_id=Z_C % vocab,
-                               logit_chunk=args.logit_chunk, micro_batch_size=args.micro_batch)
+                               logit_chunk=args.logit_chunk, micro_batch_size=args.micro_batch,
+                               append_zc=not args.no_zc_column)
     optim = OptimConfig(learning_rate=1e-6)
     mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     t0 = time.perf_counter()
@@ -131,7 +135,8 @@ def worker_laserjax(args, shape: dict) -> None:
            n_params=n_params, init_s=round(init_s, 2), first_step_s=round(times[0], 2),
            peak_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
            grad_norm=float(metrics["actor/grad_norm"]), device=str(jax.devices()[0].device_kind),
-           remat=args.remat, param_dtype=args.param_dtype, logit_chunk=args.logit_chunk)
+           remat=args.remat, param_dtype=args.param_dtype, logit_chunk=args.logit_chunk,
+           attention_block=cfg.attention_block, append_zc=not args.no_zc_column)
 
 
 def worker_torch(args, shape: dict) -> None:
@@ -194,9 +199,13 @@ def report(args, impl: str, shape: dict, timed: list[float], **extra) -> None:
 # Parent: one subprocess per (model, implementation).
 
 
-def run_worker(argv: list[str], env: dict) -> dict | None:
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
-                          env=env)
+def run_worker(argv: list[str], env: dict, timeout: float) -> dict | None:
+    try:
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
+                              env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        emit(error=f"worker {argv} ran past {timeout:.0f} s", stderr_tail=str(err.stderr)[-3000:])
+        return None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         emit(error=f"worker {argv} failed with exit code {proc.returncode}",
@@ -222,9 +231,16 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--remat", action="store_true", help="rematerialise transformer blocks")
+    ap.add_argument("--attention-block", type=int, default=0,
+                    help="queries per attention block (0: the model's default; >= sequence "
+                         "length: dense attention)")
+    ap.add_argument("--no-zc-column", action="store_true",
+                    help="LaSeR step without z_c written into the sequence (L = 1024, not 1025)")
     ap.add_argument("--grpo", action="store_true",
                     help="also time laserjax's GRPO step (no z_c): the z_c cost on the GPU")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--worker-timeout", type=float, default=300,
+                    help="seconds before a measurement is abandoned (device time is scarce)")
     ap.add_argument("--torch-fused", action="store_true")
     ap.add_argument("--worker", choices=["laserjax", "torch"], help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="laser", choices=["laser", "grpo"],
@@ -250,20 +266,23 @@ def main() -> None:
               "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
               "--warmup", str(args.warmup), "--steps", str(args.steps),
               "--logit-chunk", str(args.logit_chunk), "--micro-batch", str(args.micro_batch),
-              "--param-dtype", args.param_dtype]
+              "--param-dtype", args.param_dtype, "--attention-block", str(args.attention_block)]
+    common += ["--no-zc-column"] if args.no_zc_column else []
     common += ["--remat"] if args.remat else []
     common += ["--torch-fused"] if args.torch_fused else []
     for name in models:
         if name not in PRESETS:
             raise SystemExit(f"unknown model {name!r}; use 0.5b or 1.5b (or --tiny)")
         base = ["--model", name, *common]
-        jx = run_worker(["--worker", "laserjax", *base], env)
+        jx = run_worker(["--worker", "laserjax", *base], env, args.worker_timeout)
         if args.grpo:
-            gr = run_worker(["--worker", "laserjax", "--variant", "grpo", *base], env)
+            gr = run_worker(["--worker", "laserjax", "--variant", "grpo", *base], env,
+                            args.worker_timeout)
             if jx and gr:
                 emit(summary=name, zc_cost_ratio=round(jx["median_step_s"] / gr["median_step_s"],
                                                        4))
-        pt = None if args.no_torch else run_worker(["--worker", "torch", *base], env)
+        pt = None if args.no_torch else run_worker(["--worker", "torch", *base], env,
+                                                             args.worker_timeout)
         if jx and pt:
             emit(summary=name, laserjax_tokens_per_s=jx["tokens_per_s"],
                  pytorch_tokens_per_s=pt["tokens_per_s"],
