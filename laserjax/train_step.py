@@ -23,7 +23,12 @@ Data flow of one step (all inside one `jax.jit`):
    table of `laserjax.sharding`.
 
 The LM head runs in chunks of `StepSettings.logit_chunk` positions under `jax.checkpoint`, so no
-[R, L, V] float32 logits are ever held: each chunk's logits are recomputed in the backward pass.
+[R, L, V] float32 logits are ever held: each chunk's logits are recomputed in the backward pass
+(a chunk >= T runs the head in one piece and keeps its logits, when memory allows).
+
+The z_c column (`StepSettings.append_zc`, on by default as the spec writes the sequence) is never
+read: log p(z_c) is the EOS position's output, and causal attention hides z_c from every earlier
+position. Dropping it gives the same numbers one position shorter.
 """
 
 from __future__ import annotations
