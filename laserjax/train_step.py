@@ -258,7 +258,7 @@ def chunked_token_logprobs(model: Transformer, h_btd: jax.Array, targets_bt: jax
 
 
 def sequence_logprobs(model: Transformer, batch: TrainBatch, settings: StepSettings,
-                      with_zc: bool = True) -> dict[str, jax.Array]:
+                      with_zc: bool = True, mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """One forward over `prompt, response[, z_c]`: the policy and self-reward log-probs.
 
     Returns:
@@ -275,7 +275,11 @@ def sequence_logprobs(model: Transformer, batch: TrainBatch, settings: StepSetti
                          "at least one prompt position to be predicted from")
     tokens, positions, mask, n_resp_b = build_sequences(
         batch, settings.self_reward_token_id, append_zc=with_zc and settings.append_zc)
-    h_bld = model.hidden(tokens, positions, mask)
+    constrain = None
+    if mesh is not None:  # keep the residual stream batch-sharded between blocks
+        spec = NamedSharding(mesh, P(sharding.BATCH, None, None))
+        constrain = lambda x: jax.lax.with_sharding_constraint(x, spec)  # noqa: E731
+    h_bld = model.hidden(tokens, positions, mask, constrain=constrain)
     # Position i predicts token i + 1: response token j comes from position P - 1 + j.
     h_resp = h_bld[:, p - 1:p - 1 + t]
     logp_bt, ent_bt = chunked_token_logprobs(
@@ -339,7 +343,7 @@ def make_grad_fn(graphdef: nnx.GraphDef, laser_cfg: LaserConfig, loss_cfg: Polic
     def micro_loss(params, rows: _RowInputs, dens: dict[str, jax.Array], mse_scale: jax.Array):
         model = nnx.merge(graphdef, params)
         b = rows.batch
-        out = sequence_logprobs(model, b, settings, with_zc=use_laser)
+        out = sequence_logprobs(model, b, settings, with_zc=use_laser, mesh=mesh)
         mask = b.response_mask
         loss_bt, ppo = laser.ppo_clipped_surrogate(
             out["logp_bt"], b.old_logprobs, rows.advantages, mask, loss_cfg.clip_low,

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -63,9 +64,9 @@ class TransformerConfig:
     remat: bool = False
     attention_block: int = 512
     """Queries per attention block in the training/prefill forward: scores are held as
-    [B, heads, block, S] at a time (rematerialised in the backward pass) instead of [B, heads, S, S],
-    which a 10k-token LaSeR sequence could not afford. Sequences no longer than one block use the
-    dense path."""
+    [B, heads, block, S] at a time (rematerialised in the backward pass) instead of
+    [B, heads, S, S], which a 10k-token LaSeR sequence could not afford. Sequences no longer than
+    one block use the dense path."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -411,20 +412,24 @@ class Transformer(nnx.Module):
     # -- training forward -------------------------------------------------------------------
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array,
-               *, return_kv: bool = False):
+               *, return_kv: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None):
         """Final-normalised hidden states [B, T, D] for a batch of padded sequences.
 
         Attention is causal by index and ignores keys where mask_bt is False, so one batch can
-        hold left-padded prompts followed by right-padded responses.
+        hold left-padded prompts followed by right-padded responses. `constrain`, when given, pins
+        the residual stream's sharding between blocks (the train step keeps it batch-sharded, so
+        under FSDP XLA gathers weights rather than activations).
         """
         inv_freq = rope_inv_freq(self.cfg)
-        x = self.embed_tokens(tokens_bt, self.dtype)
+        constrain = constrain or (lambda x: x)
+        x = constrain(self.embed_tokens(tokens_bt, self.dtype))
 
         def block_fn(block, x):
-            return block(x, positions_bt, mask_bt, inv_freq, self.cfg.attention_block)
+            x, kv = block(x, positions_bt, mask_bt, inv_freq, self.cfg.attention_block)
+            return constrain(x), kv
 
         if self.cfg.remat:
-            block_fn = nnx.remat(block_fn, prevent_cse=False)
+            block_fn = nnx.remat(block_fn)
         kvs = []
         for block in self.layers:
             x, kv = block_fn(block, x)
