@@ -396,7 +396,8 @@ class Trainer:
                         "eval_start": self.evaluate(0) if t.eval_sets else {}}
             if primary:
                 run_info_path.write_text(json.dumps(run_info, indent=2))
-        log = MetricsLog(self.out, cfg, start)
+        # A fresh run sets aside every line an earlier, never-checkpointed run left behind.
+        log = MetricsLog(self.out, cfg, start if self.resume_step is not None else -1)
         if self.resume_step is None and run_info["eval_start"]:
             log.write(run_info["eval_start"], kind="eval")
         self._build_step()
