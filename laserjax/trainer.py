@@ -33,7 +33,13 @@ from laserjax import eval_metrics, sharding
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import Config, ConfigError, load_config, to_dict
 from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems, make_train_loader
-from laserjax.evaluate import EvalResult, Scoring, decode_responses, evaluate_prompts
+from laserjax.evaluate import (
+    EvalResult,
+    Scoring,
+    average_over_benchmarks,
+    decode_responses,
+    evaluate_prompts,
+)
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
 from laserjax.train_step import (
@@ -327,14 +333,15 @@ class Trainer:
             results[name] = res
             rows |= {f"{name}/{k}": v for k, v in res.summary.items()}
         k = cfg.train.eval_samples
+        avg = average_over_benchmarks({n: r.summary for n, r in results.items()})
         keys = {"accuracy": "accuracy", "self_verify_f1": "sv_f1",
                 "self_verify_acc_correct": "sv_acc_correct",
                 "self_verify_acc_incorrect": "sv_acc_incorrect", "maj_at_k": f"maj@{k}",
                 "weighted_maj_at_k": f"weighted_maj@{k}", "best_of_k": f"best_of_{k}",
                 "auroc": "auroc", "ece": "ece"}
         for out_key, key in keys.items():
-            vals = [r.summary[key] for r in results.values()]
-            rows[out_key] = float(np.mean(vals)) if vals else math.nan
+            value = avg.get(key, math.nan)
+            rows[out_key] = None if math.isnan(value) else float(value)
         return {"step": step, **rows}
 
     def _measure_c_ref(self, prompts, answers) -> float:
