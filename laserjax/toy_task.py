@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from laserjax.config import ConfigError
 from laserjax.data import Problem
 from laserjax.model.transformer import Transformer, TransformerConfig
 
@@ -32,32 +33,42 @@ class ToyConfig:
     """`model.toy` in the YAML: the task, the tiny transformer and its supervised warm start."""
 
     max_operand: int = 99
-    eval_problems: int = 256
+    eval_problems: int = 512
     hidden_size: int = 64
     intermediate_size: int = 192
-    num_layers: int = 2
+    num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    sft_steps: int = 300
+    sft_steps: int = 1000
     sft_batch: int = 64
-    sft_learning_rate: float = 3e-3
+    sft_learning_rate: float = 1e-3
     sft_seed: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, int | float) and value < 0:
-                raise ValueError(f"config field `model.toy.{f.name}` must be >= 0, got {value}")
+            kind = type(f.default)
+            if kind is float and type(value) is int:
+                value = float(value)
+                object.__setattr__(self, f.name, value)
+            if type(value) is not kind:
+                raise ConfigError(f"config field `model.toy.{f.name}`: expected "
+                                  f"{kind.__name__}, got {value!r}")
+            if value < 0:
+                raise ConfigError(f"config field `model.toy.{f.name}`: must be >= 0, got {value}")
         if self.max_operand < 2:
-            raise ValueError("config field `model.toy.max_operand` must be >= 2")
+            raise ConfigError("config field `model.toy.max_operand`: must be >= 2")
+        if self.hidden_size % self.num_heads or self.num_heads % max(self.num_kv_heads, 1):
+            raise ConfigError("config fields `model.toy.hidden_size/num_heads/num_kv_heads`: "
+                              "hidden_size must divide by num_heads, num_heads by num_kv_heads")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ToyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d or {}) - known
         if unknown:
-            raise ValueError(f"config field `model.toy`: unknown keys {sorted(unknown)}; known: "
-                             f"{', '.join(sorted(known))}")
+            raise ConfigError(f"config field `model.toy`: unknown keys {sorted(unknown)}; known: "
+                              f"{', '.join(sorted(known))}")
         return cls(**(d or {}))
 
 
@@ -101,8 +112,8 @@ def problems(toy: ToyConfig) -> tuple[list[Problem], list[Problem]]:
 
 def exact_match(responses: list[str], answers: list[str]) -> np.ndarray:
     """The demo's verifier: 1 when the response (EOS stripped) equals the answer."""
-    return np.array([float(r.strip() == a.strip()) for r, a in zip(responses, answers, strict=True)],
-                    np.float32)
+    pairs = zip(responses, answers, strict=True)
+    return np.array([float(r.strip() == a.strip()) for r, a in pairs], np.float32)
 
 
 def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict[str, float]:
@@ -122,26 +133,33 @@ def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict
     valid = tokens != ids["pad"]
     positions = np.broadcast_to(np.arange(width), tokens.shape)
 
-    opt = nnx.Optimizer(model, optax.adamw(toy.sft_learning_rate, weight_decay=0.0),
-                        wrt=nnx.Param)
+    tx = optax.adamw(toy.sft_learning_rate, weight_decay=0.0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    data = tuple(jnp.asarray(x) for x in (tokens, valid, positions, loss_mask))
 
-    @nnx.jit
-    def step(model, opt, tok_bt, valid_bt, pos_bt, mask_bt):
-        def loss_fn(model):
-            logits = model(tok_bt[:, :-1], pos_bt[:, :-1], valid_bt[:, :-1])
-            logp = jax.nn.log_softmax(logits)
-            nll = -jnp.take_along_axis(logp, tok_bt[:, 1:, None], -1)[..., 0]
-            m = mask_bt[:, 1:]
-            return jnp.sum(nll * m) / jnp.sum(m)
+    def loss_fn(params, idx):
+        tok_bt, valid_bt, pos_bt, mask_bt = (x[idx] for x in data)
+        logits = nnx.merge(graphdef, params)(tok_bt[:, :-1], pos_bt[:, :-1], valid_bt[:, :-1])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tok_bt[:, 1:, None], -1)[..., 0]
+        return jnp.sum(nll * mask_bt[:, 1:]) / jnp.sum(mask_bt[:, 1:])
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
+    @jax.jit
+    def run(params, idx_sb):  # every warm-start step in one compiled scan
+        def body(carry, idx):
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, idx)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, _), losses = jax.lax.scan(body, (params, tx.init(params)), idx_sb)
+        return params, losses
 
     loss = float("nan")
-    for _ in range(toy.sft_steps):
-        idx = rng.integers(0, len(enc), toy.sft_batch)
-        loss = float(step(model, opt, tokens[idx], valid[idx], positions[idx], loss_mask[idx]))
+    if toy.sft_steps:
+        params, losses = run(params, jnp.asarray(
+            rng.integers(0, len(enc), (toy.sft_steps, toy.sft_batch))))
+        nnx.update(model, params)
+        loss = float(losses[-1])
     return {"sft_final_loss": loss, "sft_steps": toy.sft_steps}
 
 
