@@ -66,8 +66,8 @@ class TokenConfig:
         _check(self.self_reward_token_id >= 0, "tokens.self_reward_token_id",
                "must be a token id >= 0 (Qwen2.5: 151652, Llama-3: 128002)")
         _check(self.self_reward_token_id not in self.eos_ids, "tokens.self_reward_token_id",
-               f"z_c = {self.self_reward_token_id} is also an EOS id; choose a token the model never "
-               "emits")
+               f"z_c = {self.self_reward_token_id} is also an EOS id; choose a token the model "
+               "never emits")
         _check(self.self_reward_token_id != self.pad_id, "tokens.self_reward_token_id",
                f"z_c = {self.self_reward_token_id} equals the pad id; choose another token")
 
@@ -163,7 +163,8 @@ class RolloutConfig:
     max_prompt_len: int = 2048
     max_new_tokens: int = 8192
     prompt_buckets: tuple[int, ...] = ()
-    """Padded prompt lengths the sampler compiles for; empty = powers of two up to max_prompt_len."""
+    """Padded prompt lengths the sampler compiles for; empty = powers of two up to
+    max_prompt_len."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
@@ -253,7 +254,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(path="Qwen/Qwen2.5-7B"))
+    model: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(path="Qwen/Qwen2.5-7B"))
     tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
     laser: LaserConfig = dataclasses.field(default_factory=LaserConfig)
     policy_loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
@@ -282,7 +284,8 @@ class Config:
     def rows_per_step(self) -> int:
         return self.train.prompts_per_step * self.rollout.samples_per_prompt
 
-    def validate_against_vocab(self, vocab_size: int, eos_ids: tuple[int, ...], pad_id: int) -> None:
+    def validate_against_vocab(self, vocab_size: int, eos_ids: tuple[int, ...],
+                               pad_id: int) -> None:
         """Token-id checks that need the model's vocabulary; run before any compile."""
         z = self.tokens.self_reward_token_id
         _check(0 <= z < vocab_size, "tokens.self_reward_token_id",
@@ -293,7 +296,8 @@ class Config:
         _check(z != pad_id, "tokens.self_reward_token_id",
                f"z_c = {z} equals the pad id; choose another token")
         for e in eos_ids:
-            _check(0 <= e < vocab_size, "tokens.eos_ids", f"EOS id {e} is outside [0, {vocab_size})")
+            _check(0 <= e < vocab_size, "tokens.eos_ids",
+                   f"EOS id {e} is outside [0, {vocab_size})")
 
 
 # ---------------------------------------------------------------------------------------------

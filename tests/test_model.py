@@ -30,7 +30,8 @@ def padded_batch(seed: int = 0, lengths=(12, 9, 5), vocab: int = 96, offset: int
 
 def hf_logits(hf_model, tokens, mask, positions) -> np.ndarray:
     with torch.no_grad():
-        return hf_model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)),
+        return hf_model(input_ids=torch.tensor(tokens),
+                        attention_mask=torch.tensor(mask.astype(int)),
                         position_ids=torch.tensor(positions)).logits.float().numpy()
 
 
@@ -123,7 +124,8 @@ def test_prefill_and_decode_equal_the_full_forward(tmp_path):
     decoded = []
     for t in range(steps):
         pos = np.broadcast_to(plen[:, None] + t, (b, k))
-        logits, suffix = model.decode(jnp.asarray(gen[:, :, t]), jnp.asarray(pos), prefix, suffix, t)
+        logits, suffix = model.decode(jnp.asarray(gen[:, :, t]), jnp.asarray(pos), prefix, suffix,
+                                      t)
         decoded.append(np.asarray(logits))
     for i in range(b):
         for j in range(k):

@@ -140,7 +140,8 @@ class TransformerConfig:
         rope = {"rope_type": "default", "rope_theta": self.rope_theta} | self.rope
         hf: dict[str, Any] = dict(
             model_type=self.model_type,
-            architectures=["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            architectures=[
+                "Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -412,7 +413,8 @@ class Transformer(nnx.Module):
     # -- training forward -------------------------------------------------------------------
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array,
-               *, return_kv: bool = False, constrain: Callable[[jax.Array], jax.Array] | None = None):
+               *, return_kv: bool = False,
+               constrain: Callable[[jax.Array], jax.Array] | None = None):
         """Final-normalised hidden states [B, T, D] for a batch of padded sequences.
 
         Attention is causal by index and ignores keys where mask_bt is False, so one batch can
