@@ -25,15 +25,18 @@ from laserjax.data import Problem
 from laserjax.model.transformer import Transformer, TransformerConfig
 
 PAD, EOS, ZC = "<pad>", "<eos>", "<zc>"
-CHARS = "0123456789+="
+CHARS = "0123456789+*="
 
 
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
     """`model.toy` in the YAML: the task, the tiny transformer and its supervised warm start."""
 
-    max_operand: int = 99
-    eval_problems: int = 512
+    max_operand: int = 49
+    """Addition problems `a+b=` with a, b in [0, max_operand]."""
+    mul_max_operand: int = 99
+    """Multiplication problems `a*b=` with a in [0, mul_max_operand], b in [0, 9]; 0: none."""
+    eval_problems: int = 1024
     hidden_size: int = 64
     intermediate_size: int = 192
     num_layers: int = 4
@@ -102,11 +105,22 @@ def model_config(toy: ToyConfig, *, dtype: str = "float32", param_dtype: str = "
 
 
 def problems(toy: ToyConfig) -> tuple[list[Problem], list[Problem]]:
-    """All `a+b=` problems split into (train, held-out eval) by a fixed permutation."""
-    n = toy.max_operand + 1
-    order = np.random.default_rng(12345).permutation(n * n)
-    every = [Problem(id=f"{a}+{b}", problem=f"{a}+{b}=", answer=str(a + b))
-             for a, b in (divmod(int(i), n) for i in order)]
+    """Addition and multiplication problems, split into (train, held-out eval) at random.
+
+    Two families of different difficulty for the tiny policy: it learns to add two numbers below
+    50 well and to multiply by a digit less well. A policy that knows which of its answers it can
+    trust has something to learn for the self-verification loss, as an LLM on a benchmark of mixed
+    difficulty does.
+    """
+    pairs = [("+", a, b) for a in range(toy.max_operand + 1) for b in range(toy.max_operand + 1)]
+    if toy.mul_max_operand:
+        pairs += [("*", a, b) for a in range(toy.mul_max_operand + 1) for b in range(10)]
+    order = np.random.default_rng(12345).permutation(len(pairs))
+    every = []
+    for i in order:
+        op, a, b = pairs[i]
+        answer = a + b if op == "+" else a * b
+        every.append(Problem(id=f"{a}{op}{b}", problem=f"{a}{op}{b}=", answer=str(answer)))
     return every[toy.eval_problems:], every[:toy.eval_problems]
 
 
