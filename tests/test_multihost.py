@@ -49,7 +49,8 @@ TOTAL_STEPS = 3
 # about half the time, so groups have mixed rewards and the policy gradient is not zero; warm-ups
 # of 0 steps switch the self-reward MSE and the advantage integration on from step 1. Then every
 # step changes the parameters and the next step's rollouts depend on the cross-process update.
-ARGS = ["mesh.data=2", "model.toy.max_operand=9", "model.toy.sft_steps=100",
+ARGS = ["mesh.data=2", "model.toy.max_operand=9", "model.toy.mul_max_operand=0",
+        "model.toy.num_layers=2", "model.toy.sft_learning_rate=0.003", "model.toy.sft_steps=100",
         "model.toy.eval_problems=4", "train.eval_samples=4", "train.prompts_per_step=4",
         "rollout.samples_per_prompt=4", "laser.c_ref=-6.0", "laser.reasoning_warmup_steps=0",
         "laser.self_reward_warmup_steps=0", f"train.total_steps={TOTAL_STEPS}",
