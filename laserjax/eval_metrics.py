@@ -232,6 +232,27 @@ def auroc(correct: np.ndarray | Sequence, scores: np.ndarray | Sequence) -> floa
     return float((ranks[c].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auroc_within(correct_pn: np.ndarray | Sequence, scores_pn: np.ndarray | Sequence) -> float:
+    """AUROC of r_s over the (correct, incorrect) pairs of samples of the *same* problem, pooled
+    over problems (ties count one half, NaN scores left out); NaN when no problem has both.
+
+    What voting and best-of-n use: `auroc` also rewards a score that only knows which problems
+    are hard, which cannot change any vote. 0.5 here means r_s ranks a problem's answers at
+    random, and weighted voting can only match majority voting by luck.
+    """
+    correct = _as_correct(correct_pn)
+    scores = _as_scores(scores_pn, correct.shape, "scores_pn")
+    wins = pairs = 0.0
+    for c, s in zip(correct.astype(bool), scores, strict=True):
+        finite = np.isfinite(s)
+        pos, neg = s[c & finite], s[~c & finite]
+        if pos.size and neg.size:
+            diff = pos[:, None] - neg[None, :]
+            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            pairs += diff.size
+    return wins / pairs if pairs else math.nan
+
+
 def ece(correct: np.ndarray | Sequence, scores: np.ndarray | Sequence, n_bins: int = 10) -> float:
     """Expected calibration error of clip(r_s, 0, 1) as the probability of being correct:
     sum over `n_bins` equal-width bins of (bin share) * |accuracy - mean probability|.
@@ -262,7 +283,8 @@ def summarize(correct_pn: np.ndarray | Sequence, answers_pn: Sequence[Sequence[s
               scores_pn: np.ndarray | Sequence | None = None, *,
               ks: Sequence[int] | None = None) -> dict[str, float]:
     """The paper's table for one benchmark: accuracy (avg@n), pass@k, maj@k and, given scores,
-    weighted maj@k, best-of-k, self-verification accuracies and F1, AUROC and ECE."""
+    weighted maj@k, best-of-k, self-verification accuracies and F1, AUROC (overall and within
+    problems) and ECE."""
     correct = _as_correct(correct_pn)
     answers = _as_answers(answers_pn, correct.shape)
     problems, n = correct.shape
@@ -280,5 +302,5 @@ def summarize(correct_pn: np.ndarray | Sequence, answers_pn: Sequence[Sequence[s
         sv = self_verification(correct, scores)
         out.update(sv_acc_correct=sv.acc_correct, sv_acc_incorrect=sv.acc_incorrect,
                    sv_f1=sv.f1, sv_unscored=sv.n_unscored, auroc=auroc(correct, scores),
-                   ece=ece(correct, scores))
+                   auroc_within=auroc_within(correct, scores), ece=ece(correct, scores))
     return out

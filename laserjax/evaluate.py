@@ -282,6 +282,7 @@ _TABLE_ROWS = (
     ("sv_acc_incorrect", "self-verif. acc (incorrect)", "pct"),
     ("sv_f1", "self-verification F1", "pct"),
     ("auroc", "AUROC of r_s", "num"),
+    ("auroc_within", "AUROC of r_s within problems", "num"),
     ("ece", "ECE of r_s", "num"),
     ("response_len_mean", "mean response tokens", "int"),
     ("truncated_frac", "truncated", "pct"),

@@ -1,9 +1,10 @@
 """The CPU demo's world: a synthetic verifiable task, an in-process tokenizer, a tiny policy.
 
-The task is integer addition, `"37+58="` -> `"95"`, graded by exact match. A character-level
-tokenizer (built with `tokenizers`, no download) covers digits, `+`, `=`, and three specials:
-pad, EOS and the self-reward token z_c, which no training target ever contains, so the model
-never emits it (LASER_SPEC section 1). A short supervised warm start teaches the format and part of
+The task is small integer arithmetic in two families, `"37+12="` -> `"49"` and `"37*6="` ->
+`"222"`, graded by exact match. A character-level tokenizer (built with `tokenizers`, no download)
+covers digits, `+`, `*`, `=`, and three specials: pad, EOS and the self-reward token z_c, which no
+training target ever contains, so the policy gives it about e^-10 per token and practically never
+emits it (LASER_SPEC section 1). A short supervised warm start teaches the format and part of
 the arithmetic, so the policy starts with some answers right and some wrong: the signal both
 GRPO and the self-verification loss need.
 """

@@ -107,7 +107,7 @@ def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str
     train, held_out = toy_task.problems(toy)
     task = Task(tokenizer=tok, eos_ids=(ids["eos"],), pad_id=ids["pad"],
                 train_problems=train, train_prompts=[tok.encode(p.problem) for p in train],
-                eval_sets={"toy_addition": (held_out, [tok.encode(p.problem) for p in held_out])},
+                eval_sets={"toy_arithmetic": (held_out, [tok.encode(p.problem) for p in held_out])},
                 reward_fn=toy_task.exact_match, extract_fn=lambda r: r.strip() or None)
     return model, task, info
 
@@ -338,7 +338,7 @@ class Trainer:
                 "self_verify_acc_correct": "sv_acc_correct",
                 "self_verify_acc_incorrect": "sv_acc_incorrect", "maj_at_k": f"maj@{k}",
                 "weighted_maj_at_k": f"weighted_maj@{k}", "best_of_k": f"best_of_{k}",
-                "auroc": "auroc", "ece": "ece"}
+                "auroc": "auroc", "auroc_within": "auroc_within", "ece": "ece"}
         for out_key, key in keys.items():
             value = avg.get(key, math.nan)
             rows[out_key] = None if math.isnan(value) else float(value)
@@ -488,6 +488,7 @@ class Trainer:
                 "k": k, "maj_at_k": end.get("maj_at_k"),
                 "weighted_maj_at_k": end.get("weighted_maj_at_k"),
                 "best_of_k": end.get("best_of_k"), "auroc_end": end.get("auroc"),
+                "auroc_within_end": end.get("auroc_within"),
                 "seconds": seconds}
 
     def export(self, out_dir: pathlib.Path) -> None:
@@ -537,7 +538,9 @@ def format_summary(s: dict[str, Any]) -> str:
             ("self-verification F1", f(s["self_verify_f1_start"]), f(s["self_verify_f1_end"])),
             (f"maj@{k}", "", f(s["maj_at_k"])),
             (f"self-reward weighted maj@{k}", "", f(s["weighted_maj_at_k"])),
-            (f"best-of-{k} by r_s", "", f(s["best_of_k"]))]
+            (f"best-of-{k} by r_s", "", f(s["best_of_k"])),
+            ("AUROC of r_s (all samples)", "", f(s.get("auroc_end"))),
+            ("AUROC of r_s (within problems)", "", f(s.get("auroc_within_end")))]
     w = max(len(r[0]) for r in rows)
     lines = [f"laserjax {s['algorithm']}: {s['steps']} steps, seed {s['seed']}, "
              f"c_ref {f(s['c_ref'])}, {s['seconds']:.0f} s"]

@@ -8,6 +8,7 @@ import pytest
 
 from laserjax.eval_metrics import (
     auroc,
+    auroc_within,
     avg_at_n,
     best_of_n,
     default_ks,
@@ -133,6 +134,26 @@ def test_auroc():
     assert auroc(correct, scores) == pytest.approx(_pairwise_auroc(correct, scores), abs=1e-12)
 
 
+def test_auroc_within():
+    # A score that only knows which problem is hard: above chance overall, chance within.
+    correct = [[1, 1, 0], [0, 0, 1]]
+    difficulty = [[0.9, 0.9, 0.9], [0.1, 0.1, 0.1]]
+    assert auroc(np.ravel(correct), np.ravel(difficulty)) == pytest.approx(2 / 3)
+    assert auroc_within(correct, difficulty) == 0.5
+    # Pairs pooled over problems: problem 0 has 2 pairs (both won), problem 1 has 2 (one won,
+    # one tied), problem 2 none (all correct), problem 3 a NaN-scored sample left out.
+    correct = [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]]
+    scores = [[0.8, 0.6, 0.5], [0.4, 0.4, 0.1], [0.1, 0.2, 0.3], [0.2, NAN, 0.3]]
+    assert auroc_within(correct, scores) == pytest.approx((2 + 1.5 + 0) / 5)
+    assert math.isnan(auroc_within([[1, 1], [0, 0]], [[0.1, 0.2], [0.3, 0.4]]))
+    rng = np.random.default_rng(1)
+    c = rng.integers(0, 2, (30, 6))
+    sc = np.round(rng.normal(size=(30, 6)) + c + rng.normal(size=(30, 1)), 1)
+    pairs = [(p, n) for ci, si in zip(c, sc) for p in si[ci == 1] for n in si[ci == 0]]
+    want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
+    assert auroc_within(c, sc) == pytest.approx(want, abs=1e-12)
+
+
 def test_ece():
     # bin 9: p 0.95, accuracy 0.5; bin 0: p 0.05, accuracy 0 -> 0.5 * 0.45 + 0.5 * 0.05
     assert ece([1, 0, 0, 0], [0.95, 0.95, 0.05, 0.05]) == pytest.approx(0.25)
@@ -161,8 +182,9 @@ def test_summarize():
     assert out["maj@2"] == 1.0 and out["pass@1"] == 0.5 and out["best_of_4"] == 1.0
     assert out["sv_acc_correct"] == 1.0 and out["sv_acc_incorrect"] == 1.0
     assert out["sv_f1"] == 1.0 and out["sv_unscored"] == 1 and out["auroc"] == 1.0
+    assert out["auroc_within"] == 1.0
     assert set(out) >= {f"{m}@{k}" for m in ("pass", "maj", "weighted_maj") for k in (1, 2, 4)}
     plain = summarize(correct, answers, ks=[4])
-    assert "auroc" not in plain and "weighted_maj@4" not in plain and plain["maj@4"] == 1.0
+    assert "auroc" not in plain and "auroc_within" not in plain and "weighted_maj@4" not in plain and plain["maj@4"] == 1.0
     with pytest.raises(ValueError, match="correct_pn must hold 0/1"):
         summarize([[0.5, 1]], [["1", "2"]])

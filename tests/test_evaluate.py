@@ -283,8 +283,8 @@ def test_eval_command_end_to_end_math500(math500_run, token_ids, eval_dir):
     summary = json.loads((out / "summary.json").read_text())
     s = summary["benchmarks"]["math500"]
     expected_keys = {"problems", "n", "accuracy", "sv_acc_correct", "sv_acc_incorrect", "sv_f1",
-                     "sv_unscored", "auroc", "ece", "response_len_mean", "truncated_frac",
-                     "prompts_over_length"}
+                     "sv_unscored", "auroc", "auroc_within", "ece", "response_len_mean",
+                     "truncated_frac", "prompts_over_length"}
     expected_keys |= {f"{m}@{k}" for m in ("pass", "maj", "weighted_maj") for k in (1, 2, 4)}
     expected_keys |= {f"best_of_{k}" for k in (1, 2, 4)}
     assert set(s) == expected_keys
