@@ -149,7 +149,8 @@ def test_auroc_within():
     rng = np.random.default_rng(1)
     c = rng.integers(0, 2, (30, 6))
     sc = np.round(rng.normal(size=(30, 6)) + c + rng.normal(size=(30, 1)), 1)
-    pairs = [(p, n) for ci, si in zip(c, sc) for p in si[ci == 1] for n in si[ci == 0]]
+    pairs = [(p, n) for ci, si in zip(c, sc, strict=True)
+             for p in si[ci == 1] for n in si[ci == 0]]
     want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
     assert auroc_within(c, sc) == pytest.approx(want, abs=1e-12)
 
@@ -185,6 +186,7 @@ def test_summarize():
     assert out["auroc_within"] == 1.0
     assert set(out) >= {f"{m}@{k}" for m in ("pass", "maj", "weighted_maj") for k in (1, 2, 4)}
     plain = summarize(correct, answers, ks=[4])
-    assert "auroc" not in plain and "auroc_within" not in plain and "weighted_maj@4" not in plain and plain["maj@4"] == 1.0
+    assert not {"auroc", "auroc_within", "weighted_maj@4"} & set(plain)
+    assert plain["maj@4"] == 1.0
     with pytest.raises(ValueError, match="correct_pn must hold 0/1"):
         summarize([[0.5, 1]], [["1", "2"]])
