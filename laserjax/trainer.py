@@ -242,6 +242,15 @@ def _keep_lines_up_to(path: pathlib.Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def zc_emitted_fraction(response_tokens: np.ndarray, response_mask: np.ndarray,
+                        zc_id: int) -> float:
+    """Share of responses that sampled z_c. The score assumes z_c is never emitted (LASER_SPEC
+    section 1); a value that climbs means the self-verification loss has raised log p(z_c)
+    enough to leak into responses (c_ref too close to 0 for beta_v, e.g. on a tiny vocabulary)."""
+    hit = (np.asarray(response_tokens) == zc_id) & np.asarray(response_mask, bool)
+    return float(hit.any(axis=-1).mean())
+
+
 def _finite(x: Any) -> bool:
     return bool(np.all(np.isfinite(np.asarray(x))))
 
@@ -468,7 +477,10 @@ class Trainer:
                "r_s_correct_mean": _mean_or_none(scores[(rewards == 1) & rollout.finished]),
                "r_s_incorrect_mean": _mean_or_none(scores[(rewards == 0) & rollout.finished]),
                "response_len_mean": float(rollout.lengths.mean()),
-               "truncated_frac": float(rollout.truncated.mean())}
+               "truncated_frac": float(rollout.truncated.mean()),
+               "zc_emitted_frac": zc_emitted_fraction(rollout.response_tokens,
+                                                      rollout.response_mask,
+                                                      self.cfg.tokens.self_reward_token_id)}
         for name, key in STEP_METRICS.items():
             if key in metrics:
                 row[name] = float(metrics[key])

@@ -55,7 +55,7 @@ RESUME_ARGS = SMALL + [f"train.total_steps={TOTAL_STEPS}", f"train.save_every={S
 
 REQUIRED_STEP_KEYS = ("step", "reward_mean", "self_verify_f1", "self_verify_acc_correct",
                       "self_verify_acc_incorrect", "mse_loss", "policy_loss", "response_len_mean",
-                      "truncated_frac", "step_seconds")
+                      "truncated_frac", "zc_emitted_frac", "step_seconds")
 REQUIRED_SUMMARY_KEYS = ("accuracy_start", "accuracy_end", "self_verify_f1_start",
                          "self_verify_f1_end", "k", "maj_at_k", "weighted_maj_at_k", "seconds")
 TIMING_KEYS = {"step_seconds", "seconds"}
@@ -506,3 +506,17 @@ def test_cli_reports_an_unknown_toy_key_as_a_config_error(tmp_path):
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().startswith("error: config field `model.toy`: unknown keys "
                                        "['sft_stepz']"), p.stderr[-2000:]
+
+
+def test_zc_emitted_fraction_counts_responses_that_sampled_zc():
+    from laserjax.trainer import zc_emitted_fraction
+
+    zc, pad, eos = 2, 0, 1
+    tokens = np.array([[5, zc, 6, eos],    # z_c inside the response
+                       [5, 6, eos, pad],   # clean
+                       [5, eos, pad, pad],  # clean
+                       [5, 6, 7, zc]])     # z_c in a slot past the mask: padding, not sampled
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
+    assert zc_emitted_fraction(tokens, mask, zc) == 0.25
+    assert zc_emitted_fraction(tokens, np.ones_like(mask), zc) == 0.5
+    assert zc_emitted_fraction(tokens, mask, 9) == 0.0
