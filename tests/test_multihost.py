@@ -17,7 +17,9 @@ IEEE arithmetic; so the runs must agree bit for bit, and the test compares exact
 metrics.jsonl field but the wall-clock `step_seconds`, the evaluations, the summary, the final
 orbax checkpoint (params, AdamW moments, step, the data-iterator state) and the Hugging Face
 export. The two-process run must also write each line once (only process 0 logs) and one
-checkpoint both processes wrote their shards into.
+checkpoint both processes wrote their shards into. A third pair of processes stops after step 1
+and a fourth resumes that run directory to the end: the resumed run must equal the uninterrupted
+one the same way (each process restores its own shards and the data stream's position).
 
 The runs are shrunk until compiling dominates (~20 s of CPU per process) and run at once.
 """
@@ -70,8 +72,9 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def _start(out: pathlib.Path, env: dict[str, str], log: pathlib.Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "laserjax", "train", "--config", str(DEMO), *ARGS,
+def _start(out: pathlib.Path, env: dict[str, str], log: pathlib.Path,
+           extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "laserjax", "train", "--config", str(DEMO), *ARGS, *extra,
            f"output_dir={out}"]
     with log.open("w") as f:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -101,20 +104,38 @@ def _wait(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
                     f"logs:\n{tails}")
 
 
+def _start_two_processes(out: pathlib.Path, logs: pathlib.Path, tag: str,
+                         extra: tuple[str, ...] = ()) -> dict:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = {}
+    for i in range(2):
+        env = _env(1, LASERJAX_DISTRIBUTED="1", LASERJAX_COORDINATOR=coordinator,
+                   LASERJAX_NUM_PROCESSES="2", LASERJAX_PROCESS_ID=str(i))
+        log = logs / f"{tag}{i}.log"
+        procs[f"{tag} process {i}"] = (_start(out, env, log, extra), log)
+    return procs
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     """(one-process run dir, two-process run dir), run concurrently."""
     root = tmp_path_factory.mktemp("multihost")
     one, two = root / "one_process", root / "two_processes"
-    coordinator = f"127.0.0.1:{_free_port()}"
     procs = {"one process": (_start(one, _env(2), root / "one.log"), root / "one.log")}
-    for i in range(2):
-        env = _env(1, LASERJAX_DISTRIBUTED="1", LASERJAX_COORDINATOR=coordinator,
-                   LASERJAX_NUM_PROCESSES="2", LASERJAX_PROCESS_ID=str(i))
-        log = root / f"process{i}.log"
-        procs[f"process {i}"] = (_start(two, env, log), log)
-    _wait(procs)
+    _wait(procs | _start_two_processes(two, root, "process"))
     return one, two
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> pathlib.Path:
+    """Two processes stop after step 1 (a run of 1 step that saves it), then two new processes
+    resume that run directory to step TOTAL_STEPS, as after a TPU pod preemption."""
+    root = tmp_path_factory.mktemp("multihost_resume")
+    out = root / "run"
+    _wait(_start_two_processes(out, root, "first", ("train.total_steps=1", "train.save_every=1")))
+    _wait(_start_two_processes(out, root, "resumed", ("train.save_every=1",)))
+    assert "resumed from checkpoint step 1" in (root / "resumed0.log").read_text()
+    return out
 
 
 def _jsonl(path: pathlib.Path) -> list[dict]:
@@ -176,3 +197,21 @@ def test_two_processes_save_the_one_process_checkpoint_and_export(runs):
     for name in hf_one:
         np.testing.assert_array_equal(hf_one[name], hf_two[name], err_msg=name)
     assert (one / "hf" / "config.json").read_text() == (two / "hf" / "config.json").read_text()
+
+
+def test_two_processes_resume_to_the_uninterrupted_run(runs, resumed):
+    one, _ = runs
+    rows_one, rows_resumed = _jsonl(one / "metrics.jsonl"), _jsonl(resumed / "metrics.jsonl")
+    assert [r["step"] for r in rows_resumed] == list(range(1, TOTAL_STEPS + 1))
+    for a, b in zip(rows_one, rows_resumed, strict=True):
+        assert _without(a, "step_seconds") == _without(b, "step_seconds"), f"step {a['step']}"
+    # The first leg's final evaluation (step 1) is extra; the rest is the uninterrupted run's.
+    evals = [r for r in _jsonl(resumed / "eval.jsonl") if r["step"] != 1]
+    assert evals == _jsonl(one / "eval.jsonl")
+    summary_one = json.loads((one / "summary.json").read_text())
+    summary_resumed = json.loads((resumed / "summary.json").read_text())
+    assert _without(summary_one, "seconds") == _without(summary_resumed, "seconds")
+    state_one = _restore_on_one_device(one / "checkpoints" / str(TOTAL_STEPS))
+    state_resumed = _restore_on_one_device(resumed / "checkpoints" / str(TOTAL_STEPS))
+    for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state_resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
