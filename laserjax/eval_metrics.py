@@ -243,13 +243,12 @@ def auroc_within(correct_pn: np.ndarray | Sequence, scores_pn: np.ndarray | Sequ
     correct = _as_correct(correct_pn)
     scores = _as_scores(scores_pn, correct.shape, "scores_pn")
     wins = pairs = 0.0
-    for c, s in zip(correct.astype(bool), scores, strict=True):
-        finite = np.isfinite(s)
-        pos, neg = s[c & finite], s[~c & finite]
-        if pos.size and neg.size:
-            diff = pos[:, None] - neg[None, :]
-            wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
-            pairs += diff.size
+    for c, s in zip(correct, scores, strict=True):
+        scored = c[np.isfinite(s)].astype(bool)
+        n_pairs = int(scored.sum()) * int((~scored).sum())
+        if n_pairs:  # each problem's AUROC, weighted by its number of pairs
+            wins += auroc(c, s) * n_pairs
+            pairs += n_pairs
     return wins / pairs if pairs else math.nan
 
 

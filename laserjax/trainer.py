@@ -551,8 +551,8 @@ def format_summary(s: dict[str, Any]) -> str:
             (f"maj@{k}", "", f(s["maj_at_k"])),
             (f"self-reward weighted maj@{k}", "", f(s["weighted_maj_at_k"])),
             (f"best-of-{k} by r_s", "", f(s["best_of_k"])),
-            ("AUROC of r_s (all samples)", "", f(s.get("auroc_end"))),
-            ("AUROC of r_s (within problems)", "", f(s.get("auroc_within_end")))]
+            ("AUROC of r_s (all samples)", "", f(s["auroc_end"])),
+            ("AUROC of r_s (within problems)", "", f(s["auroc_within_end"]))]
     w = max(len(r[0]) for r in rows)
     lines = [f"laserjax {s['algorithm']}: {s['steps']} steps, seed {s['seed']}, "
              f"c_ref {f(s['c_ref'])}, {s['seconds']:.0f} s"]
