@@ -31,8 +31,15 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from sampler_gpu import CompileCounter, emit, time_rollout  # noqa: E402
 
-SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-             num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+)
 
 
 def save_tiny_qwen2(out: pathlib.Path, seed: int) -> pathlib.Path:
@@ -40,8 +47,13 @@ def save_tiny_qwen2(out: pathlib.Path, seed: int) -> pathlib.Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(**SHAPE, tie_word_embeddings=True, max_position_embeddings=4096,
-                      rope_theta=1_000_000.0, use_sliding_window=False)
+    cfg = Qwen2Config(
+        **SHAPE,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=1_000_000.0,
+        use_sliding_window=False,
+    )
     Qwen2ForCausalLM(cfg).eval().save_pretrained(out)
     return out
 
@@ -51,10 +63,17 @@ def time_generate(model, ids, *, new_tokens: int, top_k: int, temperature: float
 
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=temperature, top_p=1.0, top_k=top_k,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             pad_token_id=0)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=top_k,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+        )
     secs = time.perf_counter() - t0
     gen = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return dict(seconds=secs, generated_tokens=gen, tokens_per_s=gen / secs)
@@ -74,8 +93,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, nargs="+", default=[0, 50])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timed calls per measurement; the fastest is reported (the CPU is shared)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed calls per measurement; the fastest is reported (the CPU is shared)",
+    )
     args = ap.parse_args()
 
     import jax
@@ -87,33 +110,64 @@ def main() -> None:
     from laserjax.model.hf_params import load_pretrained
     from laserjax.sampler import Sampler
 
-    emit(what="env", jax=jax.__version__, torch=torch.__version__,
-         transformers=transformers.__version__, device=str(jax.devices()[0].device_kind),
-         torch_threads=torch.get_num_threads(), shape=SHAPE)
+    emit(
+        what="env",
+        jax=jax.__version__,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        device=str(jax.devices()[0].device_kind),
+        torch_threads=torch.get_num_threads(),
+        shape=SHAPE,
+    )
     counter = CompileCounter()
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(1, SHAPE["vocab_size"], (args.batch, args.prompt_len))
-    common = dict(batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                  temperature=args.temperature)
+    common = dict(
+        batch=args.batch,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        temperature=args.temperature,
+    )
     speedup, zc_share = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_qwen2(pathlib.Path(tmp) / "tiny_qwen2", args.seed)
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         jx = load_pretrained(str(path), dtype="float32", param_dtype="float32")
-    sampler = Sampler(jx, eos_ids=(), pad_id=0, self_reward_token_id=SHAPE["vocab_size"] - 1,
-                      max_new_tokens=args.new_tokens, prompt_buckets=(args.prompt_len,))
+    sampler = Sampler(
+        jx,
+        eos_ids=(),
+        pad_id=0,
+        self_reward_token_id=SHAPE["vocab_size"] - 1,
+        max_new_tokens=args.new_tokens,
+        prompt_buckets=(args.prompt_len,),
+    )
     ids = torch.tensor(prompts, dtype=torch.long)
     for top_k in args.top_k:
         suffix = f"_topk{top_k}" if top_k else ""
         kw = dict(k=1, temperature=args.temperature, top_k=top_k, top_p=1.0)
         time_rollout(sampler, prompts.tolist(), seed=args.seed + 1, **kw)  # compiles
-        lj = best(args.repeats, time_rollout, sampler, prompts.tolist(), seed=args.seed,
-                  counter=counter, **kw)
+        lj = best(
+            args.repeats,
+            time_rollout,
+            sampler,
+            prompts.tolist(),
+            seed=args.seed,
+            counter=counter,
+            **kw,
+        )
         emit(what="laserjax_sampler" + suffix, top_k=top_k, **common, **lj)
-        time_generate(hf, ids, new_tokens=args.new_tokens, top_k=top_k,
-                      temperature=args.temperature)  # warm-up
-        tf = best(args.repeats, time_generate, hf, ids, new_tokens=args.new_tokens, top_k=top_k,
-                  temperature=args.temperature)
+        time_generate(
+            hf, ids, new_tokens=args.new_tokens, top_k=top_k, temperature=args.temperature
+        )  # warm-up
+        tf = best(
+            args.repeats,
+            time_generate,
+            hf,
+            ids,
+            new_tokens=args.new_tokens,
+            top_k=top_k,
+            temperature=args.temperature,
+        )
         emit(what="transformers_generate" + suffix, top_k=top_k, **common, **tf)
         setting = f"top_k{top_k}" if top_k else "full_vocab"
         speedup[setting] = lj["tokens_per_s"] / tf["tokens_per_s"]
@@ -124,11 +178,16 @@ def main() -> None:
         kw = dict(k=k, temperature=args.temperature, top_k=0, top_p=1.0)
         grouped = prompts[: args.batch // k].tolist()
         time_rollout(sampler, grouped, seed=args.seed + 1, **kw)
-        lj = best(args.repeats, time_rollout, sampler, grouped, seed=args.seed, counter=counter,
-                  **kw)
+        lj = best(
+            args.repeats, time_rollout, sampler, grouped, seed=args.seed, counter=counter, **kw
+        )
         emit(what=f"laserjax_sampler_k{k}", top_k=0, k=k, prompts=len(grouped), **common, **lj)
-    emit(what="summary", laserjax_over_transformers_tokens_per_s=speedup,
-         self_reward_share=zc_share, **common)
+    emit(
+        what="summary",
+        laserjax_over_transformers_tokens_per_s=speedup,
+        self_reward_share=zc_share,
+        **common,
+    )
 
 
 if __name__ == "__main__":

@@ -47,13 +47,34 @@ if str(ROOT) not in sys.path:
 
 PRESETS = {
     # Qwen2.5-0.5B / 1.5B config.json values (tied embeddings, q/k/v biases).
-    "0.5b": dict(num_layers=24, hidden_size=896, intermediate_size=4864, num_heads=14,
-                 num_kv_heads=2, head_dim=64, vocab_size=151936),
-    "1.5b": dict(num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12,
-                 num_kv_heads=2, head_dim=128, vocab_size=151936),
+    "0.5b": dict(
+        num_layers=24,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        vocab_size=151936,
+    ),
+    "1.5b": dict(
+        num_layers=28,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        vocab_size=151936,
+    ),
     # CPU smoke shape: proves the script runs end to end in seconds.
-    "tiny": dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                 num_kv_heads=2, head_dim=16, vocab_size=1000),
+    "tiny": dict(
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=1000,
+    ),
 }
 Z_C = 151652  # Qwen2.5 `<|vision_start|>`; clipped into tiny vocabularies.
 
@@ -75,13 +96,18 @@ def summarize(peer_files: list[str]) -> None:
                 lines.append(json.loads(raw))
     ours = {r["what"]: r for r in lines if r["what"].startswith("laserjax_sampler_")}
     for what, r in ours.items():
-        tail = what[len("laserjax_sampler_"):]
+        tail = what[len("laserjax_sampler_") :]
         for peer in ("tunix_sampler_", "transformers_generate_"):
             p = next((x for x in lines if x["what"] == peer + tail), None)
             if p is not None:
-                emit(what="ratio", ours=what, peer=p["what"],
-                     ours_tokens_per_s=r["tokens_per_s"], peer_tokens_per_s=p["tokens_per_s"],
-                     speedup=r["tokens_per_s"] / p["tokens_per_s"])
+                emit(
+                    what="ratio",
+                    ours=what,
+                    peer=p["what"],
+                    ours_tokens_per_s=r["tokens_per_s"],
+                    peer_tokens_per_s=p["tokens_per_s"],
+                    speedup=r["tokens_per_s"] / p["tokens_per_s"],
+                )
 
 
 class CompileCounter:
@@ -110,9 +136,16 @@ class CompileCounter:
 def qwen_config(shape: dict, dtype: str = "bfloat16"):
     from laserjax.model import TransformerConfig
 
-    return TransformerConfig(model_type="qwen2", rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                             tie_word_embeddings=True, qkv_bias=True, dtype=dtype,
-                             param_dtype=dtype, **shape)
+    return TransformerConfig(
+        model_type="qwen2",
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        dtype=dtype,
+        param_dtype=dtype,
+        **shape,
+    )
 
 
 def random_model(cfg, seed: int = 0, std: float = 0.02):
@@ -130,8 +163,9 @@ def random_model(cfg, seed: int = 0, std: float = 0.02):
 
     dt = to_dtype(cfg.param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    draw = jax.jit(lambda k, shape: (std * jax.random.normal(k, shape)).astype(dt),
-                   static_argnums=1)
+    draw = jax.jit(
+        lambda k, shape: (std * jax.random.normal(k, shape)).astype(dt), static_argnums=1
+    )
     key = jax.random.key(seed)
     counter = iter(range(1 << 30))
 
@@ -146,21 +180,41 @@ def random_model(cfg, seed: int = 0, std: float = 0.02):
     return nnx.merge(graphdef, state)
 
 
-def roofline(cfg, params_bytes: int, prompts: int, k: int, prompt_len: int, new_tokens: int,
-             hbm_bytes_per_s: float) -> dict:
+def roofline(
+    cfg,
+    params_bytes: int,
+    prompts: int,
+    k: int,
+    prompt_len: int,
+    new_tokens: int,
+    hbm_bytes_per_s: float,
+) -> dict:
     """The memory-bound lower bound of one decode step (module docstring)."""
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V, bf16
     rows = prompts * k
     avg_ctx_kv = (prompts * prompt_len + rows * new_tokens / 2) * kv_token  # prefix read once
     impl_kv = (prompts * prompt_len + rows * new_tokens) * kv_token
     step_s = (params_bytes + avg_ctx_kv) / hbm_bytes_per_s
-    return dict(params_bytes=params_bytes, kv_bytes_per_step=int(avg_ctx_kv),
-                impl_kv_bytes_per_step=int(impl_kv), roofline_ms_per_step=1e3 * step_s,
-                roofline_tokens_per_s=rows / step_s)
+    return dict(
+        params_bytes=params_bytes,
+        kv_bytes_per_step=int(avg_ctx_kv),
+        impl_kv_bytes_per_step=int(impl_kv),
+        roofline_ms_per_step=1e3 * step_s,
+        roofline_tokens_per_s=rows / step_s,
+    )
 
 
-def time_rollout(sampler, prompts, *, k: int, temperature: float, top_k: int, top_p: float,
-                 seed: int, counter: CompileCounter | None = None) -> dict:
+def time_rollout(
+    sampler,
+    prompts,
+    *,
+    k: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    counter: CompileCounter | None = None,
+) -> dict:
     """One laserjax rollout timed in parts: prefill, decode loop, copy to host; plus one z_c step.
 
     Mirrors `Sampler.sample` with a block between prefill and decode (one extra sync).
@@ -183,9 +237,11 @@ def time_rollout(sampler, prompts, *, k: int, temperature: float, top_k: int, to
     compiles = counter.stop() if counter is not None else None
 
     # The self-reward step alone: every row "emitted EOS, z_c pending" at the last suffix slot.
-    extra = state.replace(finished_bk=jnp.ones_like(state.finished_bk),
-                          complete_bk=jnp.zeros_like(state.complete_bk),
-                          step=jnp.int32(s.max_new_tokens - 1))
+    extra = state.replace(
+        finished_bk=jnp.ones_like(state.finished_bk),
+        complete_bk=jnp.zeros_like(state.complete_bk),
+        step=jnp.int32(s.max_new_tokens - 1),
+    )
     jax.block_until_ready(extra)
     t4 = time.perf_counter()
     extra = sampler.decode(prefix, extra, s)
@@ -194,16 +250,24 @@ def time_rollout(sampler, prompts, *, k: int, temperature: float, top_k: int, to
     tokens, lengths, steps, finished = host
     n_prompts = len(prompts)
     gen = int(lengths[:n_prompts].sum())
-    return dict(seconds=t3 - t0, prefill_s=t1 - t0, decode_s=t2 - t1, to_host_s=t3 - t2,
-                decode_steps=int(steps), generated_tokens=gen,
-                min_len=int(lengths[:n_prompts].min()), max_len=int(lengths[:n_prompts].max()),
-                any_finished=bool(finished[:n_prompts].any()),
-                tokens_per_s=gen / (t3 - t0),
-                decode_ms_per_step=1e3 * (t2 - t1) / max(int(steps), 1),
-                self_reward_step_s=t5 - t4, self_reward_steps=int(extra.step) - int(steps),
-                self_reward_share=(t5 - t4) / (t3 - t0),
-                distinct_tokens_row0=len(set(tokens[0, 0].tolist())),
-                compiles_in_call=compiles)
+    return dict(
+        seconds=t3 - t0,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        to_host_s=t3 - t2,
+        decode_steps=int(steps),
+        generated_tokens=gen,
+        min_len=int(lengths[:n_prompts].min()),
+        max_len=int(lengths[:n_prompts].max()),
+        any_finished=bool(finished[:n_prompts].any()),
+        tokens_per_s=gen / (t3 - t0),
+        decode_ms_per_step=1e3 * (t2 - t1) / max(int(steps), 1),
+        self_reward_step_s=t5 - t4,
+        self_reward_steps=int(extra.step) - int(steps),
+        self_reward_share=(t5 - t4) / (t3 - t0),
+        distinct_tokens_row0=len(set(tokens[0, 0].tolist())),
+        compiles_in_call=compiles,
+    )
 
 
 def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> None:
@@ -223,8 +287,14 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
         if args.batch % k:
             raise SystemExit(f"--batch {args.batch} is not a multiple of --k {k}")
         n = args.batch // k
-        sampler = Sampler(model, eos_ids=(), pad_id=0, self_reward_token_id=zc,
-                          max_new_tokens=args.new_tokens, prompt_buckets=(args.prompt_len,))
+        sampler = Sampler(
+            model,
+            eos_ids=(),
+            pad_id=0,
+            self_reward_token_id=zc,
+            max_new_tokens=args.new_tokens,
+            prompt_buckets=(args.prompt_len,),
+        )
         rng = np.random.default_rng(args.seed)
         lo, hi = (100, 50000) if cfg.vocab_size > 50000 else (1, cfg.vocab_size)
         prompts = rng.integers(lo, hi, size=(n, args.prompt_len)).tolist()
@@ -235,18 +305,33 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
             time_rollout(sampler, prompts, seed=args.seed + 100, **kw)
             warm_s, warm_compiles = time.perf_counter() - t, counter.stop()
             r = time_rollout(sampler, prompts, seed=args.seed, counter=counter, **kw)
-            roof = roofline(cfg, params_bytes, n, k, args.prompt_len, args.new_tokens,
-                            args.hbm_tb_s * 1e12)
-            emit(what=f"laserjax_sampler_{name}" + (f"_topk{top_k}" if top_k else "")
-                 + (f"_k{k}" if k > 1 else ""),
-                 batch=args.batch, prompts=n, k=k, prompt_len=args.prompt_len,
-                 new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
-                 top_k=top_k, **{kk: v for kk, v in r.items() if kk != "compiles_in_call"},
-                 compiles_in_timed_call=r["compiles_in_call"], warmup_s=warm_s,
-                 warmup_compiles=warm_compiles, build_s=build_s, **roof,
-                 roofline_fraction=r["tokens_per_s"] / roof["roofline_tokens_per_s"],
-                 hbm_tb_s=args.hbm_tb_s, peak_gb=peak_gb(), device=device_kind(),
-                 jax=jax.__version__)
+            roof = roofline(
+                cfg, params_bytes, n, k, args.prompt_len, args.new_tokens, args.hbm_tb_s * 1e12
+            )
+            emit(
+                what=f"laserjax_sampler_{name}"
+                + (f"_topk{top_k}" if top_k else "")
+                + (f"_k{k}" if k > 1 else ""),
+                batch=args.batch,
+                prompts=n,
+                k=k,
+                prompt_len=args.prompt_len,
+                new_tokens=args.new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=top_k,
+                **{kk: v for kk, v in r.items() if kk != "compiles_in_call"},
+                compiles_in_timed_call=r["compiles_in_call"],
+                warmup_s=warm_s,
+                warmup_compiles=warm_compiles,
+                build_s=build_s,
+                **roof,
+                roofline_fraction=r["tokens_per_s"] / roof["roofline_tokens_per_s"],
+                hbm_tb_s=args.hbm_tb_s,
+                peak_gb=peak_gb(),
+                device=device_kind(),
+                jax=jax.__version__,
+            )
 
 
 def bench_transformers(args, name: str, shape: dict) -> None:
@@ -255,13 +340,20 @@ def bench_transformers(args, name: str, shape: dict) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = Qwen2Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                         intermediate_size=shape["intermediate_size"],
-                         num_hidden_layers=shape["num_layers"],
-                         num_attention_heads=shape["num_heads"],
-                         num_key_value_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-                         tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-                         max_position_embeddings=32768, use_sliding_window=False)
+    hf_cfg = Qwen2Config(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        head_dim=shape["head_dim"],
+        tie_word_embeddings=True,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        use_sliding_window=False,
+    )
     torch.manual_seed(args.seed)
     t = time.perf_counter()
     with torch.device(dev):
@@ -277,10 +369,17 @@ def bench_transformers(args, name: str, shape: dict) -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                 top_k=top_k, max_new_tokens=n_new, min_new_tokens=n_new,
-                                 pad_token_id=0)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=top_k,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                pad_token_id=0,
+            )
         if dev == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
@@ -289,13 +388,24 @@ def bench_transformers(args, name: str, shape: dict) -> None:
         _, warm_s = call(top_k)
         out, secs = call(top_k)
         gen = (out.shape[1] - args.prompt_len) * args.batch
-        emit(what=f"transformers_generate_{name}" + (f"_topk{top_k}" if top_k else ""),
-             batch=args.batch, prompt_len=args.prompt_len, new_tokens=n_new,
-             temperature=args.temperature, top_p=args.top_p, top_k=top_k, seconds=secs,
-             generated_tokens=gen, tokens_per_s=gen / secs,
-             decode_ms_per_step=1e3 * secs / n_new, warmup_s=warm_s, build_s=build_s,
-             device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-             transformers=__import__("transformers").__version__, torch=torch.__version__)
+        emit(
+            what=f"transformers_generate_{name}" + (f"_topk{top_k}" if top_k else ""),
+            batch=args.batch,
+            prompt_len=args.prompt_len,
+            new_tokens=n_new,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=top_k,
+            seconds=secs,
+            generated_tokens=gen,
+            tokens_per_s=gen / secs,
+            decode_ms_per_step=1e3 * secs / n_new,
+            warmup_s=warm_s,
+            build_s=build_s,
+            device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+            transformers=__import__("transformers").__version__,
+            torch=torch.__version__,
+        )
 
 
 def device_kind() -> str:
@@ -315,26 +425,54 @@ def peak_gb() -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="*", default=[], help="0.5b (default) and/or 1.5b")
-    ap.add_argument("--tiny", action="store_true",
-                    help="tiny shape and sizes for a CPU smoke run (implies --allow-cpu)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shape and sizes for a CPU smoke run (implies --allow-cpu)",
+    )
     ap.add_argument("--batch", type=int, default=None, help="rows = prompts x k (default 64)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default 256")
     ap.add_argument("--new-tokens", type=int, default=None, help="default 512")
-    ap.add_argument("--k", type=int, nargs="+", default=[1],
-                    help="samples per prompt; 8 also shows the shared-prefill layout")
+    ap.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="samples per prompt; 8 also shows the shared-prefill layout",
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, nargs="+", default=[0, 50],
-                    help="0 = full vocabulary; one measurement per value")
+    ap.add_argument(
+        "--top-k",
+        type=int,
+        nargs="+",
+        default=[0, 50],
+        help="0 = full vocabulary; one measurement per value",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hbm-tb-s", type=float, default=4.3,
-                    help="HBM bandwidth for the roofline (H200 4.3, H100 SXM 3.35)")
-    ap.add_argument("--transformers", action="store_true",
-                    help="also time transformers generate at the same settings")
-    ap.add_argument("--transformers-new-tokens", type=int, default=0,
-                    help="fewer new tokens for generate (it is ~50x slower); 0 = same")
-    ap.add_argument("--peer-jsonl", nargs="*", default=[],
-                    help="JSON lines of tunix_sampler_bench.py (same run) for ratio lines")
+    ap.add_argument(
+        "--hbm-tb-s",
+        type=float,
+        default=4.3,
+        help="HBM bandwidth for the roofline (H200 4.3, H100 SXM 3.35)",
+    )
+    ap.add_argument(
+        "--transformers",
+        action="store_true",
+        help="also time transformers generate at the same settings",
+    )
+    ap.add_argument(
+        "--transformers-new-tokens",
+        type=int,
+        default=0,
+        help="fewer new tokens for generate (it is ~50x slower); 0 = same",
+    )
+    ap.add_argument(
+        "--peer-jsonl",
+        nargs="*",
+        default=[],
+        help="JSON lines of tunix_sampler_bench.py (same run) for ratio lines",
+    )
     ap.add_argument("--allow-cpu", action="store_true")
     args = ap.parse_args()
     tiny = args.tiny
@@ -350,9 +488,14 @@ def main() -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
-    emit(what="env", jax=jax.__version__, flax=__import__("flax").__version__,
-         devices=[str(d) for d in jax.devices()], device_kind=device_kind(),
-         python=sys.version.split()[0])
+    emit(
+        what="env",
+        jax=jax.__version__,
+        flax=__import__("flax").__version__,
+        devices=[str(d) for d in jax.devices()],
+        device_kind=device_kind(),
+        python=sys.version.split()[0],
+    )
     if jax.default_backend() == "cpu" and not (args.allow_cpu or tiny):
         raise SystemExit("JAX sees no GPU (backend cpu); pass --tiny or --allow-cpu")
     counter = CompileCounter()

@@ -46,13 +46,34 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PRESETS = {
     # Qwen2.5-0.5B / 1.5B config.json values (tied embeddings, q/k/v biases, rope theta 1e6).
-    "0.5b": dict(num_layers=24, hidden_size=896, intermediate_size=4864, num_heads=14,
-                 num_kv_heads=2, head_dim=64, vocab_size=151936),
-    "1.5b": dict(num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12,
-                 num_kv_heads=2, head_dim=128, vocab_size=151936),
+    "0.5b": dict(
+        num_layers=24,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        vocab_size=151936,
+    ),
+    "1.5b": dict(
+        num_layers=28,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        vocab_size=151936,
+    ),
     # CPU smoke shape: proves the script runs end to end in seconds.
-    "tiny": dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                 num_kv_heads=2, head_dim=16, vocab_size=1000),
+    "tiny": dict(
+        num_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=1000,
+    ),
 }
 Z_C = 151652  # Qwen2.5 `<|vision_start|>`; taken modulo tiny vocabularies.
 EOS = 151643  # Qwen2.5 `<|endoftext|>`; likewise.
@@ -90,9 +111,17 @@ def worker_laserjax(args, shape: dict) -> None:
 
     vocab = shape["vocab_size"]
     block = {"attention_block": args.attention_block} if args.attention_block else {}
-    cfg = TransformerConfig(model_type="qwen2", **shape, rope_theta=1e6, tie_word_embeddings=True,
-                            qkv_bias=True, dtype="bfloat16", param_dtype=args.param_dtype,
-                            remat=args.remat, **block)
+    cfg = TransformerConfig(
+        model_type="qwen2",
+        **shape,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        dtype="bfloat16",
+        param_dtype=args.param_dtype,
+        remat=args.remat,
+        **block,
+    )
     rows, p, t = args.rows, args.prompt_len, args.response_len
     rng = np.random.default_rng(0)
     response = rng.integers(0, vocab, (rows, t))
@@ -111,15 +140,26 @@ def worker_laserjax(args, shape: dict) -> None:
         laser_cfg = LaserConfig(algorithm="grpo")
     else:
         laser_cfg = LaserConfig(reasoning_warmup_steps=0, self_reward_warmup_steps=0)
-    settings = ts.StepSettings(group_size=args.group_size, self_reward_token_id=Z_C % vocab,
-                               logit_chunk=args.logit_chunk, micro_batch_size=args.micro_batch,
-                               append_zc=not args.no_zc_column)
+    settings = ts.StepSettings(
+        group_size=args.group_size,
+        self_reward_token_id=Z_C % vocab,
+        logit_chunk=args.logit_chunk,
+        micro_batch_size=args.micro_batch,
+        append_zc=not args.no_zc_column,
+    )
     optim = OptimConfig(learning_rate=1e-6)
     mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     t0 = time.perf_counter()
     graphdef, state = ts.init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), optim, mesh)
-    step = ts.make_train_step(graphdef, ts.train_state_sharding(state, mesh), laser_cfg,
-                              PolicyLossConfig(), optim, settings, mesh)
+    step = ts.make_train_step(
+        graphdef,
+        ts.train_state_sharding(state, mesh),
+        laser_cfg,
+        PolicyLossConfig(),
+        optim,
+        settings,
+        mesh,
+    )
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -129,14 +169,25 @@ def worker_laserjax(args, shape: dict) -> None:
         state, metrics = step(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    timed = times[args.warmup:]
+    timed = times[args.warmup :]
     stats = jax.devices()[0].memory_stats() or {}
-    report(args, "laserjax" if args.variant == "laser" else "laserjax_grpo", shape, timed,
-           n_params=n_params, init_s=round(init_s, 2), first_step_s=round(times[0], 2),
-           peak_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
-           grad_norm=float(metrics["actor/grad_norm"]), device=str(jax.devices()[0].device_kind),
-           remat=args.remat, param_dtype=args.param_dtype, logit_chunk=args.logit_chunk,
-           attention_block=cfg.attention_block, append_zc=not args.no_zc_column)
+    report(
+        args,
+        "laserjax" if args.variant == "laser" else "laserjax_grpo",
+        shape,
+        timed,
+        n_params=n_params,
+        init_s=round(init_s, 2),
+        first_step_s=round(times[0], 2),
+        peak_gb=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+        grad_norm=float(metrics["actor/grad_norm"]),
+        device=str(jax.devices()[0].device_kind),
+        remat=args.remat,
+        param_dtype=args.param_dtype,
+        logit_chunk=args.logit_chunk,
+        attention_block=cfg.attention_block,
+        append_zc=not args.no_zc_column,
+    )
 
 
 def worker_torch(args, shape: dict) -> None:
@@ -145,21 +196,28 @@ def worker_torch(args, shape: dict) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                      intermediate_size=shape["intermediate_size"],
-                      num_hidden_layers=shape["num_layers"],
-                      num_attention_heads=shape["num_heads"],
-                      num_key_value_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-                      tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=False,
-                      max_position_embeddings=32768)
+    cfg = Qwen2Config(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        head_dim=shape["head_dim"],
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        use_sliding_window=False,
+        max_position_embeddings=32768,
+    )
     model = Qwen2ForCausalLM(cfg).to(device=device, dtype=torch.bfloat16).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01,
-                            fused=args.torch_fused or None)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-6, weight_decay=0.01, fused=args.torch_fused or None
+    )
     rows, seq = args.rows, args.prompt_len + args.response_len
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, shape["vocab_size"], (rows, seq), generator=gen).to(device)
     mask = torch.zeros(rows, seq - 1, device=device)
-    mask[:, args.prompt_len - 1:] = 1.0  # the response tokens, as the policy loss reads them
+    mask[:, args.prompt_len - 1 :] = 1.0  # the response tokens, as the policy loss reads them
 
     def one_step() -> None:
         logits = model(input_ids=ids).logits[:, :-1]
@@ -180,19 +238,34 @@ def worker_torch(args, shape: dict) -> None:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    report(args, "pytorch", shape, times[args.warmup:],
-           n_params=sum(p.numel() for p in model.parameters()), peak_gb=round(peak, 2),
-           device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-           torch=torch.__version__, fused_adamw=bool(args.torch_fused))
+    report(
+        args,
+        "pytorch",
+        shape,
+        times[args.warmup :],
+        n_params=sum(p.numel() for p in model.parameters()),
+        peak_gb=round(peak, 2),
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        torch=torch.__version__,
+        fused_adamw=bool(args.torch_fused),
+    )
 
 
 def report(args, impl: str, shape: dict, timed: list[float], **extra) -> None:
     med = statistics.median(timed)
     tokens = args.rows * (args.prompt_len + args.response_len)
     flops = matmul_flops_per_token(shape, args.prompt_len + args.response_len) * tokens
-    emit(impl=impl, model=args.model, tokens=tokens, median_step_s=round(med, 4),
-         min_step_s=round(min(timed), 4), tokens_per_s=round(tokens / med),
-         approx_tflops=round(flops / med / 1e12, 1), steps=len(timed), **extra)
+    emit(
+        impl=impl,
+        model=args.model,
+        tokens=tokens,
+        median_step_s=round(med, 4),
+        min_step_s=round(min(timed), 4),
+        tokens_per_s=round(tokens / med),
+        approx_tflops=round(flops / med / 1e12, 1),
+        steps=len(timed),
+        **extra,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,15 +274,22 @@ def report(args, impl: str, shape: dict, timed: list[float], **extra) -> None:
 
 def run_worker(argv: list[str], env: dict, timeout: float) -> dict | None:
     try:
-        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
-                              env=env, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, __file__, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as err:
         emit(error=f"worker {argv} ran past {timeout:.0f} s", stderr_tail=str(err.stderr)[-3000:])
         return None
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
-        emit(error=f"worker {argv} failed with exit code {proc.returncode}",
-             stderr_tail=proc.stderr[-3000:])
+        emit(
+            error=f"worker {argv} failed with exit code {proc.returncode}",
+            stderr_tail=proc.stderr[-3000:],
+        )
         return None
     print(lines[-1], flush=True)
     return json.loads(lines[-1])
@@ -225,26 +305,43 @@ def main() -> None:
     ap.add_argument("--response-len", type=int, default=None, help="default 768 (tiny: 48)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5, tiny 2)")
-    ap.add_argument("--logit-chunk", type=int, default=1024,
-                    help="LM-head chunk; >= response length (default) keeps the logits, as "
-                         "PyTorch does; e.g. 256 recomputes them chunk by chunk to save memory")
+    ap.add_argument(
+        "--logit-chunk",
+        type=int,
+        default=1024,
+        help="LM-head chunk; >= response length (default) keeps the logits, as "
+        "PyTorch does; e.g. 256 recomputes them chunk by chunk to save memory",
+    )
     ap.add_argument("--micro-batch", type=int, default=0)
     ap.add_argument("--param-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--remat", action="store_true", help="rematerialise transformer blocks")
-    ap.add_argument("--attention-block", type=int, default=0,
-                    help="queries per attention block (0: the model's default; >= sequence "
-                         "length: dense attention)")
-    ap.add_argument("--no-zc-column", action="store_true",
-                    help="LaSeR step without z_c written into the sequence (L = 1024, not 1025)")
-    ap.add_argument("--grpo", action="store_true",
-                    help="also time laserjax's GRPO step (no z_c): the z_c cost on the GPU")
+    ap.add_argument(
+        "--attention-block",
+        type=int,
+        default=0,
+        help="queries per attention block (0: the model's default; >= sequence "
+        "length: dense attention)",
+    )
+    ap.add_argument(
+        "--no-zc-column",
+        action="store_true",
+        help="LaSeR step without z_c written into the sequence (L = 1024, not 1025)",
+    )
+    ap.add_argument(
+        "--grpo",
+        action="store_true",
+        help="also time laserjax's GRPO step (no z_c): the z_c cost on the GPU",
+    )
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--worker-timeout", type=float, default=300,
-                    help="seconds before a measurement is abandoned (device time is scarce)")
+    ap.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=300,
+        help="seconds before a measurement is abandoned (device time is scarce)",
+    )
     ap.add_argument("--torch-fused", action="store_true")
     ap.add_argument("--worker", choices=["laserjax", "torch"], help=argparse.SUPPRESS)
-    ap.add_argument("--variant", default="laser", choices=["laser", "grpo"],
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="laser", choices=["laser", "grpo"], help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -262,11 +359,28 @@ def main() -> None:
     env = dict(os.environ)
     if args.tiny:
         env.setdefault("JAX_PLATFORMS", "cpu")
-    common = ["--rows", str(args.rows), "--group-size", str(args.group_size),
-              "--prompt-len", str(args.prompt_len), "--response-len", str(args.response_len),
-              "--warmup", str(args.warmup), "--steps", str(args.steps),
-              "--logit-chunk", str(args.logit_chunk), "--micro-batch", str(args.micro_batch),
-              "--param-dtype", args.param_dtype, "--attention-block", str(args.attention_block)]
+    common = [
+        "--rows",
+        str(args.rows),
+        "--group-size",
+        str(args.group_size),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--response-len",
+        str(args.response_len),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--logit-chunk",
+        str(args.logit_chunk),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--param-dtype",
+        args.param_dtype,
+        "--attention-block",
+        str(args.attention_block),
+    ]
     common += ["--no-zc-column"] if args.no_zc_column else []
     common += ["--remat"] if args.remat else []
     common += ["--torch-fused"] if args.torch_fused else []
@@ -276,17 +390,25 @@ def main() -> None:
         base = ["--model", name, *common]
         jx = run_worker(["--worker", "laserjax", *base], env, args.worker_timeout)
         if args.grpo:
-            gr = run_worker(["--worker", "laserjax", "--variant", "grpo", *base], env,
-                            args.worker_timeout)
+            gr = run_worker(
+                ["--worker", "laserjax", "--variant", "grpo", *base], env, args.worker_timeout
+            )
             if jx and gr:
-                emit(summary=name, zc_cost_ratio=round(jx["median_step_s"] / gr["median_step_s"],
-                                                       4))
-        pt = None if args.no_torch else run_worker(["--worker", "torch", *base], env,
-                                                             args.worker_timeout)
+                emit(
+                    summary=name, zc_cost_ratio=round(jx["median_step_s"] / gr["median_step_s"], 4)
+                )
+        pt = (
+            None
+            if args.no_torch
+            else run_worker(["--worker", "torch", *base], env, args.worker_timeout)
+        )
         if jx and pt:
-            emit(summary=name, laserjax_tokens_per_s=jx["tokens_per_s"],
-                 pytorch_tokens_per_s=pt["tokens_per_s"],
-                 laserjax_over_pytorch=round(jx["tokens_per_s"] / pt["tokens_per_s"], 3))
+            emit(
+                summary=name,
+                laserjax_tokens_per_s=jx["tokens_per_s"],
+                pytorch_tokens_per_s=pt["tokens_per_s"],
+                laserjax_over_pytorch=round(jx["tokens_per_s"] / pt["tokens_per_s"], 3),
+            )
 
 
 if __name__ == "__main__":

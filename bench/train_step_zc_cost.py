@@ -48,8 +48,9 @@ from laserjax.model.transformer import Transformer, TransformerConfig  # noqa: E
 EOS, ZC = 2, 5
 
 
-def synthetic_batch(rows: int, prompt_len: int, response_len: int, vocab: int, seed: int,
-                    finished_frac: float = 1.0) -> ts.TrainBatch:
+def synthetic_batch(
+    rows: int, prompt_len: int, response_len: int, vocab: int, seed: int, finished_frac: float = 1.0
+) -> ts.TrainBatch:
     """Full-length prompts and responses; finished rows end with EOS in the last slot."""
     rng = np.random.default_rng(seed)
     response = rng.integers(10, vocab, (rows, response_len))
@@ -76,15 +77,29 @@ def measure(args, cfg: TransformerConfig, response_len: int) -> dict[str, dict]:
     optim = OptimConfig(learning_rate=1e-6)
     batch = synthetic_batch(args.rows, args.prompt_len, response_len, args.vocab, seed=0)
     on = LaserConfig(reasoning_warmup_steps=0, self_reward_warmup_steps=0)
-    configs = {"grpo": (LaserConfig(algorithm="grpo"), True), "laser": (on, True),
-               "laser_no_zc_column": (on, False)}
+    configs = {
+        "grpo": (LaserConfig(algorithm="grpo"), True),
+        "laser": (on, True),
+        "laser_no_zc_column": (on, False),
+    }
     steps, states, flops = {}, {}, {}
     for name, (laser_cfg, append_zc) in configs.items():
-        settings = ts.StepSettings(group_size=args.group_size, self_reward_token_id=ZC,
-                                   logit_chunk=args.logit_chunk, append_zc=append_zc)
+        settings = ts.StepSettings(
+            group_size=args.group_size,
+            self_reward_token_id=ZC,
+            logit_chunk=args.logit_chunk,
+            append_zc=append_zc,
+        )
         graphdef, state = ts.init_train_state(Transformer(cfg, rngs=nnx.Rngs(0)), optim, mesh)
-        steps[name] = ts.make_train_step(graphdef, ts.train_state_sharding(state, mesh),
-                                         laser_cfg, PolicyLossConfig(), optim, settings, mesh)
+        steps[name] = ts.make_train_step(
+            graphdef,
+            ts.train_state_sharding(state, mesh),
+            laser_cfg,
+            PolicyLossConfig(),
+            optim,
+            settings,
+            mesh,
+        )
         cost = steps[name].lower(state, batch).compile().cost_analysis()
         flops[name] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
         for _ in range(2):  # compile + one warm run
@@ -108,14 +123,24 @@ def measure(args, cfg: TransformerConfig, response_len: int) -> dict[str, dict]:
     for name in VARIANTS:
         med, med_cpu = statistics.median(wall[name]), statistics.median(cpu[name])
         out[name] = dict(
-            variant=name, response_len=response_len, median_s=round(med, 4),
-            min_s=round(min(wall[name]), 4), median_cpu_s=round(med_cpu, 4),
-            tokens_per_s=round(tokens / med), ratio_to_grpo=round(med / base_wall, 4),
+            variant=name,
+            response_len=response_len,
+            median_s=round(med, 4),
+            min_s=round(min(wall[name]), 4),
+            median_cpu_s=round(med_cpu, 4),
+            tokens_per_s=round(tokens / med),
+            ratio_to_grpo=round(med / base_wall, 4),
             min_ratio_to_grpo=round(min(wall[name]) / min(wall["grpo"]), 4),
             cpu_ratio_to_grpo=round(med_cpu / base_cpu, 4),
-            flops_ratio_to_grpo=round(flops[name] / flops["grpo"], 4), xla_flops=flops[name],
-            rows=args.rows, prompt_len=args.prompt_len, hidden=args.hidden, layers=args.layers,
-            vocab=args.vocab, rounds=args.rounds)
+            flops_ratio_to_grpo=round(flops[name] / flops["grpo"], 4),
+            xla_flops=flops[name],
+            rows=args.rows,
+            prompt_len=args.prompt_len,
+            hidden=args.hidden,
+            layers=args.layers,
+            vocab=args.vocab,
+            rounds=args.rounds,
+        )
         print(json.dumps(out[name]), flush=True)
     return out
 
@@ -125,8 +150,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--response-len", type=int, nargs="+", default=[190, 191, 192],
-                    help="one measurement per length; the summary averages the ratios")
+    ap.add_argument(
+        "--response-len",
+        type=int,
+        nargs="+",
+        default=[190, 191, 192],
+        help="one measurement per length; the summary averages the ratios",
+    )
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
@@ -134,10 +164,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args()
 
-    cfg = TransformerConfig(model_type="qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                            intermediate_size=3 * args.hidden, num_layers=args.layers,
-                            num_heads=args.hidden // 64, num_kv_heads=max(1, args.hidden // 128),
-                            head_dim=64, tie_word_embeddings=True, qkv_bias=True)
+    cfg = TransformerConfig(
+        model_type="qwen2",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 64,
+        num_kv_heads=max(1, args.hidden // 128),
+        head_dim=64,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+    )
     results = [measure(args, cfg, t) for t in args.response_len]
     summary = {"summary": "mean over response lengths " + ",".join(map(str, args.response_len))}
     for name in VARIANTS[1:]:

@@ -81,10 +81,16 @@ def _make_forward(model: Transformer, z_token_id: int):
     return forward, params
 
 
-def measure_c_ref(model: Transformer, prompt_ids: Sequence[Sequence[int]],
-                  response_ids: Sequence[Sequence[int]], *, eos_id: int | Sequence[int],
-                  z_token_id: int, batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
-                  ) -> tuple[float, float, np.ndarray]:
+def measure_c_ref(
+    model: Transformer,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    eos_id: int | Sequence[int],
+    z_token_id: int,
+    batch_size: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[float, float, np.ndarray]:
     """(mean, std, values) of log pi(z_c | x, y, <eos>) over pairs (LASER_SPEC section 1).
 
     `eos_id`: one EOS id or several; a response that does not end with one of them gets the
@@ -98,14 +104,18 @@ def measure_c_ref(model: Transformer, prompt_ids: Sequence[Sequence[int]],
     if not eos_ids:
         raise ValueError("measure_c_ref: `eos_id` is empty; give the model's EOS id")
     if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"measure_c_ref: {len(prompt_ids)} prompts but {len(response_ids)} "
-                         "responses; pass one response per prompt")
+        raise ValueError(
+            f"measure_c_ref: {len(prompt_ids)} prompts but {len(response_ids)} "
+            "responses; pass one response per prompt"
+        )
     if not prompt_ids:
         raise ValueError("measure_c_ref: no pairs given")
     if not 0 <= z_token_id < vocab or z_token_id in eos_ids:
-        raise ValueError(f"measure_c_ref: z_token_id {z_token_id} must be inside the vocabulary "
-                         f"[0, {vocab}) and not an EOS id {list(eos_ids)} (Qwen2.5: 151652, "
-                         "Llama-3: 128002)")
+        raise ValueError(
+            f"measure_c_ref: z_token_id {z_token_id} must be inside the vocabulary "
+            f"[0, {vocab}) and not an EOS id {list(eos_ids)} (Qwen2.5: 151652, "
+            "Llama-3: 128002)"
+        )
     if batch_size < 1:
         raise ValueError(f"measure_c_ref: batch_size must be >= 1, got {batch_size}")
     seqs = []
@@ -115,8 +125,10 @@ def measure_c_ref(model: Transformer, prompt_ids: Sequence[Sequence[int]],
         seq = [int(t) for t in p] + _eos_terminated(r, eos_ids)
         bad = [t for t in seq if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"measure_c_ref: pair {i} has token {bad[0]} outside the "
-                             f"vocabulary [0, {vocab}); was it tokenised for another model?")
+            raise ValueError(
+                f"measure_c_ref: pair {i} has token {bad[0]} outside the "
+                f"vocabulary [0, {vocab}); was it tokenised for another model?"
+            )
         seqs.append(seq)
 
     if mesh is not None:
@@ -128,7 +140,7 @@ def measure_c_ref(model: Transformer, prompt_ids: Sequence[Sequence[int]],
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     values = np.zeros(len(seqs), np.float64)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         length = _bucket(len(seqs[idx[0]]))
         tokens = np.zeros((batch_size, length), np.int32)
         mask = np.zeros((batch_size, length), bool)
@@ -143,7 +155,7 @@ def measure_c_ref(model: Transformer, prompt_ids: Sequence[Sequence[int]],
         if mesh is not None:
             arrays = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in arrays]
         logp = np.asarray(jax.device_get(forward(params, *arrays)), np.float64)
-        values[idx] = logp[:len(idx)]
+        values[idx] = logp[: len(idx)]
     return float(values.mean()), float(values.std()), values
 
 
@@ -152,18 +164,22 @@ def calibration_warnings(values: np.ndarray, beta_v: float) -> list[str]:
     out = []
     std = float(np.std(values))
     if std > STD_WARN:
-        out.append(f"the std of log pi_ref(z_c) is {std:.2f} nats (> {STD_WARN:g}): z_c's "
-                   "reference probability depends on the response, so a constant c_ref starts "
-                   "different responses at different r_s; check the pairs (template, EOS) and "
-                   "consider a rarer z_c token")
+        out.append(
+            f"the std of log pi_ref(z_c) is {std:.2f} nats (> {STD_WARN:g}): z_c's "
+            "reference probability depends on the response, so a constant c_ref starts "
+            "different responses at different r_s; check the pairs (template, EOS) and "
+            "consider a rarer z_c token"
+        )
     z_mass = np.exp(values + 1.0 / beta_v)
     over = int((z_mass > Z_WARN).sum())
     if over:
-        out.append(f"pi_ref(z_c) * e^(1/beta_v) reaches {float(z_mass.max()):.3g} (> {Z_WARN:g}) "
-                   f"on {over} of {values.size} pairs (at the mean: "
-                   f"{math.exp(float(values.mean()) + 1.0 / beta_v):.3g}): log Z ~ 0 does not "
-                   "hold (LASER_SPEC section 1); choose a token the model gives less mass, or a "
-                   "smaller 1/beta_v")
+        out.append(
+            f"pi_ref(z_c) * e^(1/beta_v) reaches {float(z_mass.max()):.3g} (> {Z_WARN:g}) "
+            f"on {over} of {values.size} pairs (at the mean: "
+            f"{math.exp(float(values.mean()) + 1.0 / beta_v):.3g}): log Z ~ 0 does not "
+            "hold (LASER_SPEC section 1); choose a token the model gives less mass, or a "
+            "smaller 1/beta_v"
+        )
     return out
 
 
@@ -171,8 +187,9 @@ def calibration_warnings(values: np.ndarray, beta_v: float) -> list[str]:
 # Pairs from a jsonl.
 
 
-def read_pairs(path: pathlib.Path, prompt_field: str, response_field: str, n: int, seed: int
-               ) -> tuple[list[tuple[str, str | None]], dict[str, Any]]:
+def read_pairs(
+    path: pathlib.Path, prompt_field: str, response_field: str, n: int, seed: int
+) -> tuple[list[tuple[str, str | None]], dict[str, Any]]:
     """Up to `n` (problem, response or None) rows, sampled with `seed` when there are more.
 
     Rows without a usable prompt are skipped and counted; a row whose response field is
@@ -200,9 +217,11 @@ def read_pairs(path: pathlib.Path, prompt_field: str, response_field: str, n: in
                 continue
             rows.append((prompt, response))
     if not rows:
-        raise ValueError(f"{path}: no row has a `{prompt_field}` string (skipped "
-                         f"{len(skipped)}: {skipped[:3]}); set --prompt-field to the field "
-                         "holding the problem text")
+        raise ValueError(
+            f"{path}: no row has a `{prompt_field}` string (skipped "
+            f"{len(skipped)}: {skipped[:3]}); set --prompt-field to the field "
+            "holding the problem text"
+        )
     if len(rows) > n:
         rows = random.Random(seed).sample(rows, n)
     return rows, {"rows_skipped": len(skipped), "skipped_examples": skipped[:5]}
@@ -213,61 +232,118 @@ def read_pairs(path: pathlib.Path, prompt_field: str, response_field: str, n: in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="the starting policy: a Hugging Face checkpoint directory or hub id")
-    parser.add_argument("--data", required=True, help="jsonl with a prompt field per row and, "
-                        "optionally, a response field (rows without one are sampled)")
-    parser.add_argument("--prompt-field", default="problem",
-                        help="field holding the problem text (default: problem)")
-    parser.add_argument("--response-field", default="response",
-                        help="field holding a response text (default: response)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="the starting policy: a Hugging Face checkpoint directory or hub id",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="jsonl with a prompt field per row and, "
+        "optionally, a response field (rows without one are sampled)",
+    )
+    parser.add_argument(
+        "--prompt-field",
+        default="problem",
+        help="field holding the problem text (default: problem)",
+    )
+    parser.add_argument(
+        "--response-field",
+        default="response",
+        help="field holding a response text (default: response)",
+    )
     parser.add_argument("--n", type=int, default=300, help="pairs to measure (the paper: 300)")
-    parser.add_argument("--z-token-id", type=int, default=TokenConfig.self_reward_token_id,
-                        help="z_c (default 151652, Qwen2.5's <|vision_start|>; Llama-3 / "
-                             "OctoThinker: 128002)")
-    parser.add_argument("--eos-id", help="EOS ids, comma separated; the first is appended to "
-                        "responses without one (default: the checkpoint's generation_config)")
-    parser.add_argument("--template", choices=("chat", "plain"), default="chat",
-                        help="the prompt template of training (data.template)")
+    parser.add_argument(
+        "--z-token-id",
+        type=int,
+        default=TokenConfig.self_reward_token_id,
+        help="z_c (default 151652, Qwen2.5's <|vision_start|>; Llama-3 / OctoThinker: 128002)",
+    )
+    parser.add_argument(
+        "--eos-id",
+        help="EOS ids, comma separated; the first is appended to "
+        "responses without one (default: the checkpoint's generation_config)",
+    )
+    parser.add_argument(
+        "--template",
+        choices=("chat", "plain"),
+        default="chat",
+        help="the prompt template of training (data.template)",
+    )
     parser.add_argument("--beta-v", type=float, default=0.1, help="beta_v, for the log Z check")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="sequences per forward; the dense attention of one layer holds "
-                             "batch x heads x length^2 float32 scores")
-    parser.add_argument("--max-new-tokens", type=int, default=8192,
-                        help="length limit of generated responses")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature of generated responses (the rollouts')")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                        help="compute dtype; match the training run's model.dtype")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the row sample and of generation")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="devices to shard the model over (fsdp; default: all local ones)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per forward; the dense attention of one layer holds "
+        "batch x heads x length^2 float32 scores",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=8192, help="length limit of generated responses"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature of generated responses (the rollouts')",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="compute dtype; match the training run's model.dtype",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the row sample and of generation"
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices to shard the model over (fsdp; default: all local ones)",
+    )
 
 
 def _parse_ids(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.replace(",", " ").split())
     except ValueError:
-        raise SystemExit(f"calibrate: --eos-id expects integers separated by commas, got "
-                         f"{text!r}") from None
+        raise SystemExit(
+            f"calibrate: --eos-id expects integers separated by commas, got {text!r}"
+        ) from None
 
 
-def _generate(model: Transformer, prompts: list[list[int]], *, eos_ids: tuple[int, ...],
-              pad_id: int, z_token_id: int, max_new_tokens: int, temperature: float, seed: int,
-              mesh) -> tuple[list[list[int] | None], list[float | None]]:
+def _generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    z_token_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    mesh,
+) -> tuple[list[list[int] | None], list[float | None]]:
     """One sample per prompt: its tokens (EOS included) and the sampler's own log p(z_c), or
     None for both when it was truncated."""
     from laserjax.sampler import Sampler
 
-    sampler = Sampler(model, eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=z_token_id,
-                      max_new_tokens=max_new_tokens, max_prompt_len=max(map(len, prompts)),
-                      mesh=mesh)
+    sampler = Sampler(
+        model,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        self_reward_token_id=z_token_id,
+        max_new_tokens=max_new_tokens,
+        max_prompt_len=max(map(len, prompts)),
+        mesh=mesh,
+    )
     out = sampler.sample(prompts, k=1, temperature=temperature, seed=seed)
     responses, logps = [], []
     for i in range(len(prompts)):
         if out.finished[i]:
-            responses.append(out.response_tokens[i, :out.lengths[i]].tolist())
+            responses.append(out.response_tokens[i, : out.lengths[i]].tolist())
             logps.append(float(out.logp_zc[i]))
         else:
             responses.append(None)
@@ -296,18 +372,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     try:
         eos_ids, pad_id = hf_params.special_token_ids(
-            ckpt, tokenizer, eos_ids=_parse_ids(args.eos_id) if args.eos_id else ())
+            ckpt, tokenizer, eos_ids=_parse_ids(args.eos_id) if args.eos_id else ()
+        )
     except ValueError as e:
         raise SystemExit(f"calibrate: {e}") from None
-    devices = jax.devices()[:args.devices] if args.devices else jax.devices()
+    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1), devices)
-    model = hf_params.load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype,
-                                      mesh=mesh)
+    model = hf_params.load_pretrained(
+        str(ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh
+    )
     vocab = model.cfg.vocab_size
     if not 0 <= args.z_token_id < vocab or args.z_token_id in eos_ids:
-        raise SystemExit(f"calibrate: --z-token-id {args.z_token_id} must be inside the "
-                         f"vocabulary [0, {vocab}) and not an EOS id {list(eos_ids)} "
-                         "(Qwen2.5: 151652, Llama-3 / OctoThinker: 128002)")
+        raise SystemExit(
+            f"calibrate: --z-token-id {args.z_token_id} must be inside the "
+            f"vocabulary [0, {vocab}) and not an EOS id {list(eos_ids)} "
+            "(Qwen2.5: 151652, Llama-3 / OctoThinker: 128002)"
+        )
 
     try:
         prompts = [build_prompt(problem, tokenizer, args.template) for problem, _ in rows]
@@ -315,42 +395,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"calibrate: {e}") from None
     responses: list[list[int] | None] = [
         None if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
-        for _, text in rows]
+        for _, text in rows
+    ]
     missing = [i for i, r in enumerate(responses) if r is None]
     sampler_logp: dict[int, float] = {}
     if missing:
         generated, logps = _generate(
-            model, [prompts[i] for i in missing], eos_ids=eos_ids, pad_id=pad_id,
-            z_token_id=args.z_token_id, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, seed=args.seed, mesh=mesh)
+            model,
+            [prompts[i] for i in missing],
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            z_token_id=args.z_token_id,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            mesh=mesh,
+        )
         for i, g, lp in zip(missing, generated, logps, strict=True):
             responses[i] = g
             if lp is not None:
                 sampler_logp[i] = lp
     keep = [i for i, r in enumerate(responses) if r is not None]
     if not keep:
-        raise SystemExit("calibrate: every generated response was truncated (no EOS within "
-                         f"--max-new-tokens {args.max_new_tokens}); raise it or give responses")
-    mean, std, values = measure_c_ref(model, [prompts[i] for i in keep],
-                                      [responses[i] for i in keep], eos_id=eos_ids,
-                                      z_token_id=args.z_token_id, batch_size=args.batch_size,
-                                      mesh=mesh)
+        raise SystemExit(
+            "calibrate: every generated response was truncated (no EOS within "
+            f"--max-new-tokens {args.max_new_tokens}); raise it or give responses"
+        )
+    mean, std, values = measure_c_ref(
+        model,
+        [prompts[i] for i in keep],
+        [responses[i] for i in keep],
+        eos_id=eos_ids,
+        z_token_id=args.z_token_id,
+        batch_size=args.batch_size,
+        mesh=mesh,
+    )
     warnings = calibration_warnings(values, args.beta_v)
     summary: dict[str, Any] = {
-        "c_ref": round(mean, 4), "std": round(std, 4), "n": len(keep),
-        "min": round(float(values.min()), 4), "max": round(float(values.max()), 4),
-        "given_responses": len(rows) - len(missing), "generated_responses": len(sampler_logp),
-        "truncated_dropped": len(missing) - len(sampler_logp), "model": args.model,
-        "z_token_id": args.z_token_id, "eos_ids": list(eos_ids), "template": args.template,
-        "dtype": args.dtype, "beta_v": args.beta_v, **info, "warnings": warnings}
+        "c_ref": round(mean, 4),
+        "std": round(std, 4),
+        "n": len(keep),
+        "min": round(float(values.min()), 4),
+        "max": round(float(values.max()), 4),
+        "given_responses": len(rows) - len(missing),
+        "generated_responses": len(sampler_logp),
+        "truncated_dropped": len(missing) - len(sampler_logp),
+        "model": args.model,
+        "z_token_id": args.z_token_id,
+        "eos_ids": list(eos_ids),
+        "template": args.template,
+        "dtype": args.dtype,
+        "beta_v": args.beta_v,
+        **info,
+        "warnings": warnings,
+    }
     if sampler_logp:
         # The sampler's decode-step read and the teacher-forced forward are two computations of
         # the same number (spec sections 1 and 5); their gap is worth seeing.
         pos = {i: j for j, i in enumerate(keep)}
-        summary["sampler_vs_forward_max_abs_diff"] = round(max(
-            abs(sampler_logp[i] - values[pos[i]]) for i in sampler_logp), 6)
-    print(f"c_ref = {mean:.4f} (std {std:.4f} over {len(keep)} pairs): set `laser.c_ref: "
-          f"{mean:.2f}` in the config (LASER_SPEC section 1).")
+        summary["sampler_vs_forward_max_abs_diff"] = round(
+            max(abs(sampler_logp[i] - values[pos[i]]) for i in sampler_logp), 6
+        )
+    print(
+        f"c_ref = {mean:.4f} (std {std:.4f} over {len(keep)} pairs): set `laser.c_ref: "
+        f"{mean:.2f}` in the config (LASER_SPEC section 1)."
+    )
     for w in warnings:
         print(f"warning: {w}")
     print(json.dumps(summary))

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"\nunknown command {argv[0]!r}: choose one of {', '.join(COMMANDS)}\n")
         return
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    cmd_parser = argparse.ArgumentParser(prog=f"python -m laserjax {argv[0]}",
-                                         description=COMMANDS[argv[0]][1])
+    cmd_parser = argparse.ArgumentParser(
+        prog=f"python -m laserjax {argv[0]}", description=COMMANDS[argv[0]][1]
+    )
     module.add_arguments(cmd_parser)
     module.run(cmd_parser.parse_args(argv[1:]))

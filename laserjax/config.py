@@ -43,11 +43,17 @@ class ModelConfig:
     """Rematerialise each transformer block in the backward pass (trades FLOPs for memory)."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.path) != (self.toy is not None), "model.path",
-               "set exactly one of `model.path` (hub id or directory) and `model.toy`")
+        _check(
+            bool(self.path) != (self.toy is not None),
+            "model.path",
+            "set exactly one of `model.path` (hub id or directory) and `model.toy`",
+        )
         for f in ("dtype", "param_dtype"):
-            _check(getattr(self, f) in ("float32", "bfloat16", "float16"), f"model.{f}",
-                   f"unknown dtype {getattr(self, f)!r}; use float32, bfloat16 or float16")
+            _check(
+                getattr(self, f) in ("float32", "bfloat16", "float16"),
+                f"model.{f}",
+                f"unknown dtype {getattr(self, f)!r}; use float32, bfloat16 or float16",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +69,22 @@ class TokenConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
-        _check(self.self_reward_token_id >= 0, "tokens.self_reward_token_id",
-               "must be a token id >= 0 (Qwen2.5: 151652, Llama-3: 128002)")
-        _check(self.self_reward_token_id not in self.eos_ids, "tokens.self_reward_token_id",
-               f"z_c = {self.self_reward_token_id} is also an EOS id; choose a token the model "
-               "never emits")
-        _check(self.self_reward_token_id != self.pad_id, "tokens.self_reward_token_id",
-               f"z_c = {self.self_reward_token_id} equals the pad id; choose another token")
+        _check(
+            self.self_reward_token_id >= 0,
+            "tokens.self_reward_token_id",
+            "must be a token id >= 0 (Qwen2.5: 151652, Llama-3: 128002)",
+        )
+        _check(
+            self.self_reward_token_id not in self.eos_ids,
+            "tokens.self_reward_token_id",
+            f"z_c = {self.self_reward_token_id} is also an EOS id; choose a token the model "
+            "never emits",
+        )
+        _check(
+            self.self_reward_token_id != self.pad_id,
+            "tokens.self_reward_token_id",
+            f"z_c = {self.self_reward_token_id} equals the pad id; choose another token",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +106,26 @@ class LaserConfig:
     self_reward_warmup_steps: int = 200
 
     def __post_init__(self) -> None:
-        _check(self.algorithm in ("laser", "grpo"), "laser.algorithm",
-               f"unknown algorithm {self.algorithm!r}; use laser or grpo")
-        _check(isinstance(self.c_ref, float | int) or self.c_ref == "auto", "laser.c_ref",
-               f"must be a number (e.g. -23.0) or `auto`, got {self.c_ref!r}")
+        _check(
+            self.algorithm in ("laser", "grpo"),
+            "laser.algorithm",
+            f"unknown algorithm {self.algorithm!r}; use laser or grpo",
+        )
+        _check(
+            isinstance(self.c_ref, float | int) or self.c_ref == "auto",
+            "laser.c_ref",
+            f"must be a number (e.g. -23.0) or `auto`, got {self.c_ref!r}",
+        )
         _check(self.beta_v > 0, "laser.beta_v", "must be > 0 (the paper uses 0.1)")
         _check(self.alpha >= 0, "laser.alpha", "must be >= 0 (the paper uses 0.1)")
         _check(0 <= self.tau <= 1, "laser.tau", "must be in [0, 1] (the paper uses 0.1)")
         _check(self.std_threshold >= 0, "laser.std_threshold", "must be >= 0 (the paper uses 0.1)")
         for f in ("reasoning_warmup_steps", "self_reward_warmup_steps"):
-            _check(getattr(self, f) >= 0, f"laser.{f}",
-                   f"must be >= 0, got {getattr(self, f)}; use 0 to switch the warm-up off")
+            _check(
+                getattr(self, f) >= 0,
+                f"laser.{f}",
+                f"must be >= 0, got {getattr(self, f)}; use 0 to switch the warm-up off",
+            )
 
     @property
     def enabled(self) -> bool:
@@ -121,15 +145,27 @@ class PolicyLossConfig:
     kl_type: Literal["low_var_kl", "k1", "k2"] = "low_var_kl"
 
     def __post_init__(self) -> None:
-        _check(self.clip_low > 0 and self.clip_high > 0, "policy_loss.clip_low/clip_high",
-               "must be > 0 (the paper uses 0.2/0.2)")
-        _check(self.dual_clip == 0 or self.dual_clip > 1, "policy_loss.dual_clip",
-               "must be 0 (off) or > 1 (the paper uses 3.0)")
-        _check(self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
-               "policy_loss.loss_agg", "use token-mean, seq-mean-token-mean or seq-mean-token-sum")
+        _check(
+            self.clip_low > 0 and self.clip_high > 0,
+            "policy_loss.clip_low/clip_high",
+            "must be > 0 (the paper uses 0.2/0.2)",
+        )
+        _check(
+            self.dual_clip == 0 or self.dual_clip > 1,
+            "policy_loss.dual_clip",
+            "must be 0 (off) or > 1 (the paper uses 3.0)",
+        )
+        _check(
+            self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+            "policy_loss.loss_agg",
+            "use token-mean, seq-mean-token-mean or seq-mean-token-sum",
+        )
         _check(self.kl_coef >= 0, "policy_loss.kl_coef", "must be >= 0")
-        _check(self.kl_type in ("low_var_kl", "k1", "k2"), "policy_loss.kl_type",
-               "use low_var_kl, k1 or k2")
+        _check(
+            self.kl_type in ("low_var_kl", "k1", "k2"),
+            "policy_loss.kl_type",
+            "use low_var_kl, k1 or k2",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +210,11 @@ class RolloutConfig:
         _check(self.top_k >= 0, "rollout.top_k", "must be >= 0 (0 = full vocabulary)")
         _check(self.max_prompt_len > 0, "rollout.max_prompt_len", "must be > 0")
         _check(self.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
-        _check(all(b > 0 for b in self.prompt_buckets), "rollout.prompt_buckets",
-               "every bucket must be > 0")
+        _check(
+            all(b > 0 for b in self.prompt_buckets),
+            "rollout.prompt_buckets",
+            "every bucket must be > 0",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +239,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval", tuple(self.eval))
         _check(self.template in ("chat", "plain"), "data.template", "use chat or plain")
-        _check(self.prompt_overflow in ("filter", "error"), "data.prompt_overflow",
-               "use filter (drop and count) or error")
+        _check(
+            self.prompt_overflow in ("filter", "error"),
+            "data.prompt_overflow",
+            "use filter (drop and count) or error",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +297,8 @@ class TrainConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(
-        default_factory=lambda: ModelConfig(path="Qwen/Qwen2.5-7B"))
+        default_factory=lambda: ModelConfig(path="Qwen/Qwen2.5-7B")
+    )
     tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
     laser: LaserConfig = dataclasses.field(default_factory=LaserConfig)
     policy_loss: PolicyLossConfig = dataclasses.field(default_factory=PolicyLossConfig)
@@ -270,34 +313,49 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.algorithm:
-            object.__setattr__(self, "laser",
-                               dataclasses.replace(self.laser, algorithm=self.algorithm))
+            object.__setattr__(
+                self, "laser", dataclasses.replace(self.laser, algorithm=self.algorithm)
+            )
             object.__setattr__(self, "algorithm", "")
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
         mb = self.train.micro_batch_size
-        _check(mb == 0 or rows % mb == 0, "train.micro_batch_size",
-               f"the step batch has prompts_per_step * samples_per_prompt = {rows} rows, which "
-               f"{mb} does not divide; pick a divisor of {rows} (or 0 for no accumulation)")
+        _check(
+            mb == 0 or rows % mb == 0,
+            "train.micro_batch_size",
+            f"the step batch has prompts_per_step * samples_per_prompt = {rows} rows, which "
+            f"{mb} does not divide; pick a divisor of {rows} (or 0 for no accumulation)",
+        )
         _check(bool(self.output_dir), "output_dir", "must be a directory path")
 
     @property
     def rows_per_step(self) -> int:
         return self.train.prompts_per_step * self.rollout.samples_per_prompt
 
-    def validate_against_vocab(self, vocab_size: int, eos_ids: tuple[int, ...],
-                               pad_id: int) -> None:
+    def validate_against_vocab(
+        self, vocab_size: int, eos_ids: tuple[int, ...], pad_id: int
+    ) -> None:
         """Token-id checks that need the model's vocabulary; run before any compile."""
         z = self.tokens.self_reward_token_id
-        _check(0 <= z < vocab_size, "tokens.self_reward_token_id",
-               f"z_c = {z} is outside the vocabulary [0, {vocab_size}); pick a reserved/special "
-               "token id of this model that it never emits")
-        _check(z not in eos_ids, "tokens.self_reward_token_id",
-               f"z_c = {z} is one of the EOS ids {list(eos_ids)}; choose a token never emitted")
-        _check(z != pad_id, "tokens.self_reward_token_id",
-               f"z_c = {z} equals the pad id; choose another token")
+        _check(
+            0 <= z < vocab_size,
+            "tokens.self_reward_token_id",
+            f"z_c = {z} is outside the vocabulary [0, {vocab_size}); pick a reserved/special "
+            "token id of this model that it never emits",
+        )
+        _check(
+            z not in eos_ids,
+            "tokens.self_reward_token_id",
+            f"z_c = {z} is one of the EOS ids {list(eos_ids)}; choose a token never emitted",
+        )
+        _check(
+            z != pad_id,
+            "tokens.self_reward_token_id",
+            f"z_c = {z} equals the pad id; choose another token",
+        )
         for e in eos_ids:
-            _check(0 <= e < vocab_size, "tokens.eos_ids",
-                   f"EOS id {e} is outside [0, {vocab_size})")
+            _check(
+                0 <= e < vocab_size, "tokens.eos_ids", f"EOS id {e} is outside [0, {vocab_size})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +408,8 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
             return tp(value)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"config field `{field}`: expected {tp.__name__}, got {value!r}") from None
+                f"config field `{field}`: expected {tp.__name__}, got {value!r}"
+            ) from None
     return value
 
 
@@ -361,8 +420,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"config field `{name}`: unknown field; known fields of "
-                              f"`{prefix.rstrip('.') or 'config'}`: {', '.join(fields)}")
+            raise ConfigError(
+                f"config field `{name}`: unknown field; known fields of "
+                f"`{prefix.rstrip('.') or 'config'}`: {', '.join(fields)}"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
@@ -409,8 +470,10 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: write it as section.key=value, "
-                              "e.g. laser.alpha=0.05 or algorithm=grpo")
+            raise ConfigError(
+                f"override {item!r}: write it as section.key=value, "
+                "e.g. laser.alpha=0.05 or algorithm=grpo"
+            )
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return _build(Config, data, "")

@@ -32,8 +32,13 @@ message the chat template gets: problem + "\\n" + PLAIN_SUFFIX."""
 BENCHMARKS = ("math500", "amc23", "aime24", "aime25", "olympiadbench")
 """The paper's five evaluation sets, in the order of its tables."""
 
-BENCHMARK_FILES = {"math500": "math500.jsonl", "amc23": "amc23.jsonl", "aime24": "aime24.jsonl",
-                   "aime25": "aime25.jsonl", "olympiadbench": "OlympiadBench.jsonl"}
+BENCHMARK_FILES = {
+    "math500": "math500.jsonl",
+    "amc23": "amc23.jsonl",
+    "aime24": "aime24.jsonl",
+    "aime25": "aime25.jsonl",
+    "olympiadbench": "OlympiadBench.jsonl",
+}
 
 BENCHMARK_N = {"math500": 2, "amc23": 32, "aime24": 32, "aime25": 32, "olympiadbench": 2}
 """Samples per problem for avg@n, as the paper (LASER_SPEC section 5)."""
@@ -73,8 +78,10 @@ class LoadReport:
         return [row_id for row_id, _ in self.skipped]
 
     def summary(self) -> str:
-        text = (f"{self.source}: loaded {self.loaded} of {self.rows} rows "
-                f"({self.normalised} numeric answers normalised, {self.num_skipped} skipped)")
+        text = (
+            f"{self.source}: loaded {self.loaded} of {self.rows} rows "
+            f"({self.normalised} numeric answers normalised, {self.num_skipped} skipped)"
+        )
         if self.skipped:
             shown = "; ".join(f"{i}: {why}" for i, why in self.skipped[:5])
             text += f"; skipped {shown}" + (" ..." if self.num_skipped > 5 else "")
@@ -119,8 +126,10 @@ def _read_parquet(path: pathlib.Path) -> Iterable[Any]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow, which is not installed: "
-                          "`pip install pyarrow` (or convert the file to jsonl)") from None
+        raise ImportError(
+            f"reading {path} needs pyarrow, which is not installed: "
+            "`pip install pyarrow` (or convert the file to jsonl)"
+        ) from None
     yield from pq.read_table(path).to_pylist()
 
 
@@ -129,9 +138,10 @@ def _read_hf(spec: str) -> Iterable[Any]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"loading `hf:{spec}` needs the `datasets` package, which is not "
-                          "installed: `pip install datasets` (or export the data to jsonl)"
-                          ) from None
+        raise ImportError(
+            f"loading `hf:{spec}` needs the `datasets` package, which is not "
+            "installed: `pip install datasets` (or export the data to jsonl)"
+        ) from None
     yield from datasets.load_dataset(name, split=split or "train")
 
 
@@ -143,19 +153,27 @@ def _rows(source: str | os.PathLike) -> Iterable[Any]:
         return _read_hf(text[3:])
     path = pathlib.Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"data source {text!r} not found (a .jsonl or .parquet file, or "
-                                "hf:org/name[:split] for a Hugging Face dataset)")
+        raise FileNotFoundError(
+            f"data source {text!r} not found (a .jsonl or .parquet file, or "
+            "hf:org/name[:split] for a Hugging Face dataset)"
+        )
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    raise ValueError(f"data source {text!r}: unknown format {path.suffix!r}; use .jsonl, "
-                     ".parquet or hf:org/name[:split]")
+    raise ValueError(
+        f"data source {text!r}: unknown format {path.suffix!r}; use .jsonl, "
+        ".parquet or hf:org/name[:split]"
+    )
 
 
-def load_problems(source: str | os.PathLike, *, problem_field: str = "problem",
-                  answer_field: str = "answer",
-                  id_field: str | None = None) -> tuple[list[Problem], LoadReport]:
+def load_problems(
+    source: str | os.PathLike,
+    *,
+    problem_field: str = "problem",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+) -> tuple[list[Problem], LoadReport]:
     """Read (id, problem, answer) rows from a .jsonl, a .parquet or `hf:org/name[:split]`.
 
     Normalises what is unambiguous (strips whitespace; integer and float answers become strings,
@@ -190,8 +208,13 @@ def load_problems(source: str | os.PathLike, *, problem_field: str = "problem",
                 continue
         text = row.get(problem_field)
         if not isinstance(text, str) or not text.strip():
-            why = ("missing" if text is None else "empty" if isinstance(text, str)
-                   else f"a {type(text).__name__}, not a string")
+            why = (
+                "missing"
+                if text is None
+                else "empty"
+                if isinstance(text, str)
+                else f"a {type(text).__name__}, not a string"
+            )
             report.skipped.append((row_id, f"problem field {problem_field!r} is {why}"))
             continue
         answer, why, converted = _normalise_answer(row.get(answer_field))
@@ -200,8 +223,11 @@ def load_problems(source: str | os.PathLike, *, problem_field: str = "problem",
             continue
         seen.add(row_id)
         report.normalised += converted
-        problems.append(Problem(id=str(index) if id_field is None else row_id,
-                                problem=text.strip(), answer=answer))
+        problems.append(
+            Problem(
+                id=str(index) if id_field is None else row_id, problem=text.strip(), answer=answer
+            )
+        )
     report.loaded = len(problems)
     if not problems:
         raise ValueError(
@@ -210,7 +236,8 @@ def load_problems(source: str | os.PathLike, *, problem_field: str = "problem",
             + (f" and id field {id_field!r}" if id_field else "")
             + (f"; the first row has fields {first_keys}" if first_keys else "")
             + ". Set data.problem_field / data.answer_field to the names this source uses. "
-            + report.summary())
+            + report.summary()
+        )
     return problems, report
 
 
@@ -229,8 +256,9 @@ class Benchmark:
     report: LoadReport
 
 
-def load_benchmark(name_or_path: str | os.PathLike,
-                   eval_dir: str | os.PathLike | None = None) -> Benchmark:
+def load_benchmark(
+    name_or_path: str | os.PathLike, eval_dir: str | os.PathLike | None = None
+) -> Benchmark:
     """One of `BENCHMARKS` by name (case-insensitive) from `eval_dir`, or a jsonl path.
 
     `eval_dir` defaults to the environment variable LASERJAX_EVAL_DIR. A path whose file name is
@@ -241,14 +269,18 @@ def load_benchmark(name_or_path: str | os.PathLike,
     if key in BENCHMARK_FILES:
         folder = eval_dir if eval_dir is not None else os.environ.get(EVAL_DIR_ENV)
         if folder is None:
-            raise ValueError(f"benchmark {name_or_path!r}: pass eval_dir or set {EVAL_DIR_ENV} "
-                             "to the folder holding the benchmark files")
+            raise ValueError(
+                f"benchmark {name_or_path!r}: pass eval_dir or set {EVAL_DIR_ENV} "
+                "to the folder holding the benchmark files"
+            )
         path = pathlib.Path(folder) / BENCHMARK_FILES[key]
     elif path.is_file():
         key = next((k for k, f in BENCHMARK_FILES.items() if f == path.name), path.stem)
     else:
-        raise ValueError(f"benchmark {str(name_or_path)!r} is neither one of "
-                         f"{', '.join(BENCHMARKS)} nor an existing jsonl file")
+        raise ValueError(
+            f"benchmark {str(name_or_path)!r} is neither one of "
+            f"{', '.join(BENCHMARKS)} nor an existing jsonl file"
+        )
     id_field = _BENCHMARK_ID_FIELD.get(key, "id") if key in BENCHMARK_FILES else None
     problems, report = load_problems(path, id_field=id_field)
     return Benchmark(name=key, problems=problems, n=BENCHMARK_N.get(key), report=report)
@@ -273,10 +305,15 @@ def prompt_text(problem_text: str, tokenizer: Any, template: Template) -> str:
     if template != "chat":
         raise ValueError(f"prompt template {template!r}: use chat or plain (data.template)")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this tokenizer has no chat_template; use data.template=plain for a "
-                         "base model without one")
-    return tokenizer.apply_chat_template([{"role": "user", "content": user_message(problem_text)}],
-                                         add_generation_prompt=True, tokenize=False)
+        raise ValueError(
+            "this tokenizer has no chat_template; use data.template=plain for a "
+            "base model without one"
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_message(problem_text)}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
 
 
 def build_prompt(problem_text: str, tokenizer: Any, template: Template) -> list[int]:
@@ -300,14 +337,20 @@ class EncodedPrompts:
         return len(self.overflow_ids)
 
 
-def encode_prompts(problems: Sequence[Problem], tokenizer: Any, *, template: Template,
-                   max_prompt_len: int,
-                   prompt_overflow: Literal["filter", "error"] = "filter") -> EncodedPrompts:
+def encode_prompts(
+    problems: Sequence[Problem],
+    tokenizer: Any,
+    *,
+    template: Template,
+    max_prompt_len: int,
+    prompt_overflow: Literal["filter", "error"] = "filter",
+) -> EncodedPrompts:
     """Tokenise every prompt; one longer than `max_prompt_len` is dropped and counted
     (`filter`) or raises ValueError naming the problem (`error`)."""
     if prompt_overflow not in ("filter", "error"):
-        raise ValueError(f"prompt_overflow {prompt_overflow!r}: use filter or error "
-                         "(data.prompt_overflow)")
+        raise ValueError(
+            f"prompt_overflow {prompt_overflow!r}: use filter or error (data.prompt_overflow)"
+        )
     kept, ids, overflow = [], [], []
     for p in problems:
         tokens = build_prompt(p.problem, tokenizer, template)
@@ -316,7 +359,8 @@ def encode_prompts(problems: Sequence[Problem], tokenizer: Any, *, template: Tem
                 raise ValueError(
                     f"problem {p.id!r}: its prompt is {len(tokens)} tokens, over "
                     f"rollout.max_prompt_len = {max_prompt_len}; raise the limit or set "
-                    "data.prompt_overflow=filter to drop such problems")
+                    "data.prompt_overflow=filter to drop such problems"
+                )
             overflow.append(p.id)
             continue
         kept.append(p)
@@ -328,9 +372,15 @@ def encode_prompts(problems: Sequence[Problem], tokenizer: Any, *, template: Tem
 # The training pipeline.
 
 
-def make_train_loader(problems: Sequence[Any], *, batch_size: int, seed: int,
-                      shard_index: int = 0, shard_count: int = 1,
-                      num_epochs: int | None = None) -> grain.DatasetIterator:
+def make_train_loader(
+    problems: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
     """A checkpointable iterator of training batches: int64 arrays of `batch_size` indices
     into `problems` (tokenisation stays outside grain, in `encode_prompts`).
 
@@ -349,16 +399,20 @@ def make_train_loader(problems: Sequence[Any], *, batch_size: int, seed: int,
     if batch_size < 1:
         raise ValueError(f"train loader: batch_size must be >= 1, got {batch_size}")
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"train loader: shard_index {shard_index} is not in [0, {shard_count}) "
-                         "(use jax.process_index(), jax.process_count())")
+        raise ValueError(
+            f"train loader: shard_index {shard_index} is not in [0, {shard_count}) "
+            "(use jax.process_index(), jax.process_count())"
+        )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"train loader: num_epochs must be >= 1 or None, got {num_epochs}")
     global_batch = batch_size * shard_count
     if n * (num_epochs or 1) < global_batch:
-        raise ValueError(f"train loader: {n} problems x {num_epochs or 1} epochs cannot fill one "
-                         f"global batch of {batch_size} x {shard_count} hosts = {global_batch}")
+        raise ValueError(
+            f"train loader: {n} problems x {num_epochs or 1} epochs cannot fill one "
+            f"global batch of {batch_size} x {shard_count} hosts = {global_batch}"
+        )
     stream = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
     if num_epochs is not None:
-        stream = stream[:len(stream) // global_batch * global_batch]
+        stream = stream[: len(stream) // global_batch * global_batch]
     per_host = stream[shard_index::shard_count]
     return iter(per_host.batch(batch_size, drop_remainder=True))

@@ -36,8 +36,9 @@ _TIE_RTOL = 1e-9
 def _as_correct(correct_pn: np.ndarray | Sequence, name: str = "correct_pn") -> np.ndarray:
     arr = np.asarray(correct_pn, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] == 0:
-        raise ValueError(f"{name} must be (problems, samples) with at least one sample, got "
-                         f"shape {arr.shape}")
+        raise ValueError(
+            f"{name} must be (problems, samples) with at least one sample, got shape {arr.shape}"
+        )
     if not np.isin(arr, (0.0, 1.0)).all():
         raise ValueError(f"{name} must hold 0/1 verifier rewards")
     return arr
@@ -50,12 +51,14 @@ def _as_scores(scores: np.ndarray | Sequence, shape: tuple[int, ...], name: str)
     return arr
 
 
-def _as_answers(answers_pn: Sequence[Sequence[str | None]], shape: tuple[int, ...]
-                ) -> list[list[str | None]]:
+def _as_answers(
+    answers_pn: Sequence[Sequence[str | None]], shape: tuple[int, ...]
+) -> list[list[str | None]]:
     rows = [list(r) for r in answers_pn]
     if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
-        raise ValueError(f"answers_pn must be {shape[0]} problems x {shape[1]} samples, like "
-                         "correct_pn")
+        raise ValueError(
+            f"answers_pn must be {shape[0]} problems x {shape[1]} samples, like correct_pn"
+        )
     return rows
 
 
@@ -122,8 +125,9 @@ def self_reward_weights(scores: np.ndarray | Sequence) -> np.ndarray:
     return np.where(np.isfinite(s), np.clip(s, 0.0, 1.0), 0.0)
 
 
-def _voted_accuracy(answers: list[list[str | None]], correct: np.ndarray,
-                    weights_pn: np.ndarray | None, k: int) -> float:
+def _voted_accuracy(
+    answers: list[list[str | None]], correct: np.ndarray, weights_pn: np.ndarray | None, k: int
+) -> float:
     hits = []
     for p, row in enumerate(answers):
         winner = vote(row[:k], None if weights_pn is None else weights_pn[p, :k])
@@ -131,8 +135,11 @@ def _voted_accuracy(answers: list[list[str | None]], correct: np.ndarray,
     return float(np.mean(hits))
 
 
-def maj_at_k(answers_pn: Sequence[Sequence[str | None]], correct_pn: np.ndarray | Sequence,
-             k: int | None = None) -> float:
+def maj_at_k(
+    answers_pn: Sequence[Sequence[str | None]],
+    correct_pn: np.ndarray | Sequence,
+    k: int | None = None,
+) -> float:
     """maj@k: the fraction of problems whose majority answer over the first k samples is
     correct (a voted answer is as correct as its first sample)."""
     correct = _as_correct(correct_pn)
@@ -140,9 +147,12 @@ def maj_at_k(answers_pn: Sequence[Sequence[str | None]], correct_pn: np.ndarray 
     return _voted_accuracy(answers, correct, None, _check_k(k, correct.shape[1]))
 
 
-def weighted_maj_at_k(answers_pn: Sequence[Sequence[str | None]],
-                      correct_pn: np.ndarray | Sequence, scores_pn: np.ndarray | Sequence,
-                      k: int | None = None) -> float:
+def weighted_maj_at_k(
+    answers_pn: Sequence[Sequence[str | None]],
+    correct_pn: np.ndarray | Sequence,
+    scores_pn: np.ndarray | Sequence,
+    k: int | None = None,
+) -> float:
     """Self-reward weighted maj@k: argmax_a of the sum of clip(r_s, 0, 1) over the samples
     answering a (LASER_SPEC section 5), over the first k samples."""
     correct = _as_correct(correct_pn)
@@ -151,8 +161,9 @@ def weighted_maj_at_k(answers_pn: Sequence[Sequence[str | None]],
     return _voted_accuracy(answers, correct, weights, _check_k(k, correct.shape[1]))
 
 
-def best_of_n(correct_pn: np.ndarray | Sequence, scores_pn: np.ndarray | Sequence,
-              k: int | None = None) -> float:
+def best_of_n(
+    correct_pn: np.ndarray | Sequence, scores_pn: np.ndarray | Sequence, k: int | None = None
+) -> float:
     """Best-of-n by r_s: mean correctness of each problem's highest-scored sample among the
     first k (NaN ranks lowest; ties go to the earliest sample)."""
     correct = _as_correct(correct_pn)
@@ -182,21 +193,24 @@ class SelfVerification:
     n_unscored: int
 
 
-def _scored(correct: np.ndarray | Sequence, scores: np.ndarray | Sequence
-            ) -> tuple[np.ndarray, np.ndarray, int]:
+def _scored(
+    correct: np.ndarray | Sequence, scores: np.ndarray | Sequence
+) -> tuple[np.ndarray, np.ndarray, int]:
     c = np.asarray(correct, dtype=np.float64).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if c.shape != s.shape:
-        raise ValueError(f"correct ({c.size} values) and scores ({s.size} values) must hold one "
-                         "value per sample")
+        raise ValueError(
+            f"correct ({c.size} values) and scores ({s.size} values) must hold one value per sample"
+        )
     if not np.isin(c, (0.0, 1.0)).all():
         raise ValueError("correct must hold 0/1 verifier rewards")
     finite = np.isfinite(s)
     return c[finite].astype(bool), s[finite], int((~finite).sum())
 
 
-def self_verification(correct: np.ndarray | Sequence, scores: np.ndarray | Sequence,
-                      threshold: float = 0.5) -> SelfVerification:
+def self_verification(
+    correct: np.ndarray | Sequence, scores: np.ndarray | Sequence, threshold: float = 0.5
+) -> SelfVerification:
     """Self-verification at `threshold` (LASER_SPEC section 5: predict correct when r_s > 0.5)."""
     c, s, unscored = _scored(correct, scores)
     predicted = s > threshold
@@ -278,9 +292,13 @@ def default_ks(n: int) -> list[int]:
     return ks if ks[-1] == n else ks + [n]
 
 
-def summarize(correct_pn: np.ndarray | Sequence, answers_pn: Sequence[Sequence[str | None]],
-              scores_pn: np.ndarray | Sequence | None = None, *,
-              ks: Sequence[int] | None = None) -> dict[str, float]:
+def summarize(
+    correct_pn: np.ndarray | Sequence,
+    answers_pn: Sequence[Sequence[str | None]],
+    scores_pn: np.ndarray | Sequence | None = None,
+    *,
+    ks: Sequence[int] | None = None,
+) -> dict[str, float]:
     """The paper's table for one benchmark: accuracy (avg@n), pass@k, maj@k and, given scores,
     weighted maj@k, best-of-k, self-verification accuracies and F1, AUROC (overall and within
     problems) and ECE."""
@@ -299,7 +317,13 @@ def summarize(correct_pn: np.ndarray | Sequence, answers_pn: Sequence[Sequence[s
             out[f"best_of_{k}"] = best_of_n(correct, scores, k)
     if scores is not None:
         sv = self_verification(correct, scores)
-        out.update(sv_acc_correct=sv.acc_correct, sv_acc_incorrect=sv.acc_incorrect,
-                   sv_f1=sv.f1, sv_unscored=sv.n_unscored, auroc=auroc(correct, scores),
-                   auroc_within=auroc_within(correct, scores), ece=ece(correct, scores))
+        out.update(
+            sv_acc_correct=sv.acc_correct,
+            sv_acc_incorrect=sv.acc_incorrect,
+            sv_f1=sv.f1,
+            sv_unscored=sv.n_unscored,
+            auroc=auroc(correct, scores),
+            auroc_within=auroc_within(correct, scores),
+            ece=ece(correct, scores),
+        )
     return out

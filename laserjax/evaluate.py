@@ -52,15 +52,30 @@ class Scoring:
         return np.where(finished, self.beta_v * (logp_zc - self.c_ref), np.nan)
 
 
-def sample_record(problem_id: str, sample: int, response: str, extracted: str | None,
-                  correct: float, r_s: float, length: int, truncated: bool,
-                  **extra: Any) -> dict[str, Any]:
+def sample_record(
+    problem_id: str,
+    sample: int,
+    response: str,
+    extracted: str | None,
+    correct: float,
+    r_s: float,
+    length: int,
+    truncated: bool,
+    **extra: Any,
+) -> dict[str, Any]:
     """The JSON-able row of one sample (`r_s` None when the sample has no score)."""
     s = float(r_s)
-    return dict(extra, problem_id=problem_id, sample=int(sample), response=response,
-                extracted_answer=extracted, correct=bool(correct),
-                r_s=None if math.isnan(s) else s, length=int(length),
-                truncated=bool(truncated))
+    return dict(
+        extra,
+        problem_id=problem_id,
+        sample=int(sample),
+        response=response,
+        extracted_answer=extracted,
+        correct=bool(correct),
+        r_s=None if math.isnan(s) else s,
+        length=int(length),
+        truncated=bool(truncated),
+    )
 
 
 @dataclasses.dataclass
@@ -75,10 +90,20 @@ class EvalResult:
 
     def records(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """One JSON-able record per sample."""
-        return [sample_record(pid, j, self.responses_pn[p][j], self.answers_pn[p][j],
-                              self.correct_pn[p, j], self.scores_pn[p, j], self.lengths_pn[p, j],
-                              self.truncated_pn[p, j])
-                for p, pid in enumerate(ids) for j in range(self.correct_pn.shape[1])]
+        return [
+            sample_record(
+                pid,
+                j,
+                self.responses_pn[p][j],
+                self.answers_pn[p][j],
+                self.correct_pn[p, j],
+                self.scores_pn[p, j],
+                self.lengths_pn[p, j],
+                self.truncated_pn[p, j],
+            )
+            for p, pid in enumerate(ids)
+            for j in range(self.correct_pn.shape[1])
+        ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,10 +127,20 @@ class SampleBatch:
 
     def records(self, ids: Sequence[str], **extra: Any) -> list[dict[str, Any]]:
         """One record per sample; `ids` are the ids of *all* prompts of the call."""
-        return [sample_record(ids[self.start + i // self.n], i % self.n, self.responses[i],
-                              self.answers[i], self.correct[i], self.scores[i], self.lengths[i],
-                              self.truncated[i], **extra)
-                for i in range(len(self.responses))]
+        return [
+            sample_record(
+                ids[self.start + i // self.n],
+                i % self.n,
+                self.responses[i],
+                self.answers[i],
+                self.correct[i],
+                self.scores[i],
+                self.lengths[i],
+                self.truncated[i],
+                **extra,
+            )
+            for i in range(len(self.responses))
+        ]
 
 
 def decode_responses(tokenizer: Any, rollout: RolloutBatch) -> list[str]:
@@ -113,9 +148,14 @@ def decode_responses(tokenizer: Any, rollout: RolloutBatch) -> list[str]:
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
-def summarize_samples(correct_pn: np.ndarray, answers_pn: Sequence[Sequence[str | None]],
-                      scores_pn: np.ndarray, lengths_pn: np.ndarray, truncated_pn: np.ndarray,
-                      ks: Sequence[int] | None = None) -> dict[str, float]:
+def summarize_samples(
+    correct_pn: np.ndarray,
+    answers_pn: Sequence[Sequence[str | None]],
+    scores_pn: np.ndarray,
+    lengths_pn: np.ndarray,
+    truncated_pn: np.ndarray,
+    ks: Sequence[int] | None = None,
+) -> dict[str, float]:
     """`eval_metrics.summarize` plus the mean response length and the truncated fraction."""
     summary = eval_metrics.summarize(correct_pn, answers_pn, scores_pn, ks=ks)
     summary["response_len_mean"] = float(np.mean(lengths_pn))
@@ -123,13 +163,24 @@ def summarize_samples(correct_pn: np.ndarray, answers_pn: Sequence[Sequence[str 
     return summary
 
 
-def evaluate_prompts(sampler: Sampler, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
-                     answers: Sequence[str], *, n: int, reward_fn: RewardFn,
-                     extract_fn: Callable[[str], str | None], scoring: Scoring,
-                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                     seed: int = 0, batch_prompts: int = 64,
-                     ks: Sequence[int] | None = None,
-                     on_batch: Callable[[SampleBatch], None] | None = None) -> EvalResult:
+def evaluate_prompts(
+    sampler: Sampler,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    answers: Sequence[str],
+    *,
+    n: int,
+    reward_fn: RewardFn,
+    extract_fn: Callable[[str], str | None],
+    scoring: Scoring,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_prompts: int = 64,
+    ks: Sequence[int] | None = None,
+    on_batch: Callable[[SampleBatch], None] | None = None,
+) -> EvalResult:
     """n samples per prompt, graded and scored, with the summary table (accuracy = avg@n).
 
     Prompts go to the sampler `batch_prompts` at a time; the batch starting at prompt `start`
@@ -138,29 +189,40 @@ def evaluate_prompts(sampler: Sampler, tokenizer: Any, prompt_ids: Sequence[Sequ
     graded batch before the next one is sampled (to write it out, or show progress).
     """
     if len(prompt_ids) != len(answers):
-        raise ValueError(f"evaluate_prompts: {len(prompt_ids)} prompts but {len(answers)} "
-                         "answers; pass one reference answer per prompt")
+        raise ValueError(
+            f"evaluate_prompts: {len(prompt_ids)} prompts but {len(answers)} "
+            "answers; pass one reference answer per prompt"
+        )
     if not prompt_ids:
         raise ValueError("evaluate_prompts: no prompts given")
     if n < 1 or batch_prompts < 1:
-        raise ValueError(f"evaluate_prompts: n ({n}) and batch_prompts ({batch_prompts}) must "
-                         "be >= 1")
+        raise ValueError(
+            f"evaluate_prompts: n ({n}) and batch_prompts ({batch_prompts}) must be >= 1"
+        )
     batches: list[SampleBatch] = []
     for start in range(0, len(prompt_ids), batch_prompts):
-        chunk = prompt_ids[start:start + batch_prompts]
-        rollout = sampler.sample(chunk, k=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                 seed=seed + start)
+        chunk = prompt_ids[start : start + batch_prompts]
+        rollout = sampler.sample(
+            chunk, k=n, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + start
+        )
         texts = decode_responses(tokenizer, rollout)
         refs = [answers[start + i // n] for i in range(len(texts))]
         correct = np.asarray(reward_fn(texts, refs), np.float32).reshape(-1)
         if correct.shape != (len(texts),):
-            raise ValueError(f"evaluate_prompts: reward_fn returned {correct.size} rewards for "
-                             f"{len(texts)} responses")
-        batch = SampleBatch(start=start, n=n, responses=texts,
-                            answers=[extract_fn(t) for t in texts], correct=correct,
-                            scores=scoring.score(rollout.logp_zc, rollout.finished),
-                            lengths=np.asarray(rollout.lengths),
-                            truncated=np.asarray(rollout.truncated))
+            raise ValueError(
+                f"evaluate_prompts: reward_fn returned {correct.size} rewards for "
+                f"{len(texts)} responses"
+            )
+        batch = SampleBatch(
+            start=start,
+            n=n,
+            responses=texts,
+            answers=[extract_fn(t) for t in texts],
+            correct=correct,
+            scores=scoring.score(rollout.logp_zc, rollout.finished),
+            lengths=np.asarray(rollout.lengths),
+            truncated=np.asarray(rollout.truncated),
+        )
         if on_batch is not None:
             on_batch(batch)
         batches.append(batch)
@@ -171,21 +233,23 @@ def evaluate_prompts(sampler: Sampler, tokenizer: Any, prompt_ids: Sequence[Sequ
 
     responses = [r for b in batches for r in b.responses]
     extracted = [a for b in batches for a in b.answers]
-    responses_pn = [responses[p * n:(p + 1) * n] for p in range(num)]
-    answers_pn = [extracted[p * n:(p + 1) * n] for p in range(num)]
+    responses_pn = [responses[p * n : (p + 1) * n] for p in range(num)]
+    answers_pn = [extracted[p * n : (p + 1) * n] for p in range(num)]
     correct_pn, scores_pn = grid("correct"), grid("scores")
     lengths_pn, truncated_pn = grid("lengths"), grid("truncated")
     summary = summarize_samples(correct_pn, answers_pn, scores_pn, lengths_pn, truncated_pn, ks)
-    return EvalResult(correct_pn, answers_pn, scores_pn, responses_pn, lengths_pn, truncated_pn,
-                      summary)
+    return EvalResult(
+        correct_pn, answers_pn, scores_pn, responses_pn, lengths_pn, truncated_pn, summary
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Samples back from samples.jsonl, and the summary over benchmarks.
 
 
-def result_from_records(rows: Sequence[dict[str, Any]], ids: Sequence[str], n: int,
-                        where: str = "samples") -> EvalResult:
+def result_from_records(
+    rows: Sequence[dict[str, Any]], ids: Sequence[str], n: int, where: str = "samples"
+) -> EvalResult:
     """Rebuild the per-sample arrays of one benchmark from its `sample_record` rows (any order;
     every one of `ids` must have samples 0..n-1 exactly once), summary included."""
     pos = {pid: p for p, pid in enumerate(ids)}
@@ -200,9 +264,11 @@ def result_from_records(rows: Sequence[dict[str, Any]], ids: Sequence[str], n: i
     for row in rows:
         p, j = pos.get(row["problem_id"]), row["sample"]
         if p is None or not 0 <= j < n or seen[p, j]:
-            raise ValueError(f"{where}: unexpected row (problem {row['problem_id']!r}, sample "
-                             f"{j}): unknown problem, sample index outside [0, {n}) or a "
-                             "duplicate")
+            raise ValueError(
+                f"{where}: unexpected row (problem {row['problem_id']!r}, sample "
+                f"{j}): unknown problem, sample index outside [0, {n}) or a "
+                "duplicate"
+            )
         seen[p, j] = True
         correct[p, j] = float(row["correct"])
         scores[p, j] = math.nan if row["r_s"] is None else float(row["r_s"])
@@ -210,8 +276,9 @@ def result_from_records(rows: Sequence[dict[str, Any]], ids: Sequence[str], n: i
         responses[p][j], answers[p][j] = row["response"], row["extracted_answer"]
     if not seen.all():
         p, j = np.argwhere(~seen)[0]
-        raise ValueError(f"{where}: {int((~seen).sum())} samples missing, e.g. problem "
-                         f"{ids[p]!r} sample {j}")
+        raise ValueError(
+            f"{where}: {int((~seen).sum())} samples missing, e.g. problem {ids[p]!r} sample {j}"
+        )
     summary = summarize_samples(correct, answers, scores, lengths, truncated)
     return EvalResult(correct, answers, scores, responses, lengths, truncated, summary)
 
@@ -234,6 +301,7 @@ def average_over_benchmarks(summaries: dict[str, dict[str, float]]) -> dict[str,
     leaves undefined (NaN: e.g. the accuracy on correct responses when none is correct) is
     averaged over the benchmarks that define it, and is NaN when none does.
     """
+
     def mean(values: list[float]) -> float:
         finite = [v for v in values if not math.isnan(v)]
         return float(np.mean(finite)) if finite else math.nan
@@ -241,9 +309,11 @@ def average_over_benchmarks(summaries: dict[str, dict[str, float]]) -> dict[str,
     tables = list(summaries.values())
     if not tables:
         raise ValueError("average_over_benchmarks: no benchmark summaries given")
-    out: dict[str, float] = {"benchmarks": len(tables),
-                             "problems": int(sum(t["problems"] for t in tables)),
-                             "samples": int(sum(t["problems"] * t["n"] for t in tables))}
+    out: dict[str, float] = {
+        "benchmarks": len(tables),
+        "problems": int(sum(t["problems"] for t in tables)),
+        "samples": int(sum(t["problems"] * t["n"] for t in tables)),
+    }
     for key in _SUMMED:
         if all(key in t for t in tables):
             out[key] = int(sum(t[key] for t in tables))
@@ -305,14 +375,21 @@ def format_table(summaries: dict[str, dict[str, float]], average: dict[str, floa
         return {"pct": f"{100 * v:.1f}", "num": f"{v:.3f}", "int": f"{v:.0f}"}[kind]
 
     header = ["", *columns]
-    sizes = [f"{summaries[c]['problems']} x {summaries[c]['n']}" if c != "average"
-             else f"{average['samples']} samples" for c in columns]
+    sizes = [
+        f"{summaries[c]['problems']} x {summaries[c]['n']}"
+        if c != "average"
+        else f"{average['samples']} samples"
+        for c in columns
+    ]
     body = [["problems x n", *sizes]]
     body += [[label, *(cell(c, key, kind) for c in columns)] for key, label, kind in _TABLE_ROWS]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in
-                                                          zip(r[1:], widths[1:], strict=True)])
-                     for r in [header, *body])
+    return "\n".join(
+        "  ".join(
+            [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)]
+        )
+        for r in [header, *body]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,11 +400,18 @@ DEFAULT_MESH = "data=-1,fsdp=1,tensor=1"
 
 # Config fields the command builds from its flags -> the flag, for error messages.
 _FLAG_OF_FIELD = {
-    "tokens.self_reward_token_id": "--z-token-id", "tokens.eos_ids": "--eos-ids",
-    "tokens.pad_id": "--pad-id", "laser.beta_v": "--beta-v", "laser.c_ref": "--c-ref",
-    "rollout.temperature": "--temperature", "rollout.top_p": "--top-p",
-    "rollout.top_k": "--top-k", "rollout.max_new_tokens": "--max-new-tokens",
-    "rollout.max_prompt_len": "--max-prompt-len", "model.dtype": "--dtype", "mesh": "--mesh",
+    "tokens.self_reward_token_id": "--z-token-id",
+    "tokens.eos_ids": "--eos-ids",
+    "tokens.pad_id": "--pad-id",
+    "laser.beta_v": "--beta-v",
+    "laser.c_ref": "--c-ref",
+    "rollout.temperature": "--temperature",
+    "rollout.top_p": "--top-p",
+    "rollout.top_k": "--top-k",
+    "rollout.max_new_tokens": "--max-new-tokens",
+    "rollout.max_prompt_len": "--max-prompt-len",
+    "model.dtype": "--dtype",
+    "mesh": "--mesh",
 }
 
 
@@ -335,60 +419,123 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV
 
     paper_n = ", ".join(f"{b} {BENCHMARK_N[b]}" for b in BENCHMARKS)
-    parser.add_argument("--model", required=True,
-                        help="Hugging Face checkpoint directory or hub id (Qwen2 / Llama)")
-    parser.add_argument("--benchmarks", required=True,
-                        help=f"comma-separated: any of {', '.join(BENCHMARKS)}, or jsonl paths "
-                             "(problem / answer / id fields)")
-    parser.add_argument("--eval-dir", default=None,
-                        help=f"folder with the benchmark files (default: ${EVAL_DIR_ENV})")
-    parser.add_argument("--n", type=int, default=None,
-                        help=f"samples per problem (default: the paper's, {paper_n})")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate only the first M problems of each benchmark")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face checkpoint directory or hub id (Qwen2 / Llama)"
+    )
+    parser.add_argument(
+        "--benchmarks",
+        required=True,
+        help=f"comma-separated: any of {', '.join(BENCHMARKS)}, or jsonl paths "
+        "(problem / answer / id fields)",
+    )
+    parser.add_argument(
+        "--eval-dir",
+        default=None,
+        help=f"folder with the benchmark files (default: ${EVAL_DIR_ENV})",
+    )
+    parser.add_argument(
+        "--n", type=int, default=None, help=f"samples per problem (default: the paper's, {paper_n})"
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate only the first M problems of each benchmark",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=8192)
-    parser.add_argument("--max-prompt-len", type=int, default=2048,
-                        help="prompt token limit (see --prompt-overflow)")
-    parser.add_argument("--prompt-overflow", choices=("error", "filter"), default="error",
-                        help="a prompt over --max-prompt-len stops the run (error, default) or "
-                             "is left out and counted in the summary (filter)")
+    parser.add_argument(
+        "--max-prompt-len",
+        type=int,
+        default=2048,
+        help="prompt token limit (see --prompt-overflow)",
+    )
+    parser.add_argument(
+        "--prompt-overflow",
+        choices=("error", "filter"),
+        default="error",
+        help="a prompt over --max-prompt-len stops the run (error, default) or "
+        "is left out and counted in the summary (filter)",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
-    parser.add_argument("--template", choices=("chat", "plain"), default="chat",
-                        help="the tokenizer's chat template, or 'Question: ...\\nAnswer:' for "
-                             "base models")
-    parser.add_argument("--c-ref", type=float, default=-23.0,
-                        help="r_s = beta_v * (log p(z_c) - c_ref); measure it for your model "
-                             "with `python -m laserjax calibrate`")
+    parser.add_argument(
+        "--template",
+        choices=("chat", "plain"),
+        default="chat",
+        help="the tokenizer's chat template, or 'Question: ...\\nAnswer:' for base models",
+    )
+    parser.add_argument(
+        "--c-ref",
+        type=float,
+        default=-23.0,
+        help="r_s = beta_v * (log p(z_c) - c_ref); measure it for your model "
+        "with `python -m laserjax calibrate`",
+    )
     parser.add_argument("--beta-v", type=float, default=0.1)
-    parser.add_argument("--z-token-id", type=int, default=151652,
-                        help="the self-reward token z_c (Qwen2.5: 151652, Llama-3: 128002)")
-    parser.add_argument("--eos-ids", default=None,
-                        help="comma-separated EOS ids (default: generation_config.json, else the "
-                             "tokenizer's EOS)")
-    parser.add_argument("--pad-id", type=int, default=None,
-                        help="default: the tokenizer's pad id, else the first EOS id")
+    parser.add_argument(
+        "--z-token-id",
+        type=int,
+        default=151652,
+        help="the self-reward token z_c (Qwen2.5: 151652, Llama-3: 128002)",
+    )
+    parser.add_argument(
+        "--eos-ids",
+        default=None,
+        help="comma-separated EOS ids (default: generation_config.json, else the tokenizer's EOS)",
+    )
+    parser.add_argument(
+        "--pad-id",
+        type=int,
+        default=None,
+        help="default: the tokenizer's pad id, else the first EOS id",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-prompts", type=int, default=DEFAULT_BATCH_PROMPTS,
-                        help="problems per sampler call (each with its n samples)")
-    parser.add_argument("--mesh", default=DEFAULT_MESH,
-                        help="data=D,fsdp=F,tensor=T (-1 on one axis: the remaining devices), "
-                             "or 'none' for one device without a mesh")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
-                        default="bfloat16", help="parameter and activation dtype")
-    parser.add_argument("--output-dir", default=None,
-                        help="where samples.jsonl and summary.json go (default: "
-                             "runs/eval/<model folder or hub name>)")
+    parser.add_argument(
+        "--batch-prompts",
+        type=int,
+        default=DEFAULT_BATCH_PROMPTS,
+        help="problems per sampler call (each with its n samples)",
+    )
+    parser.add_argument(
+        "--mesh",
+        default=DEFAULT_MESH,
+        help="data=D,fsdp=F,tensor=T (-1 on one axis: the remaining devices), "
+        "or 'none' for one device without a mesh",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32", "float16"),
+        default="bfloat16",
+        help="parameter and activation dtype",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where samples.jsonl and summary.json go (default: "
+        "runs/eval/<model folder or hub name>)",
+    )
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", action="store_true",
-                        help="continue the samples.jsonl in --output-dir (same settings)")
-    resume.add_argument("--overwrite", action="store_true",
-                        help="replace the outputs already in --output-dir")
-    parser.add_argument("--grader-workers", type=int, default=None,
-                        help="math-verify processes (default: CPUs, at most 16)")
-    parser.add_argument("--grader-timeout", type=float, default=None,
-                        help="seconds allowed per answer (default: laserjax.reward's)")
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the samples.jsonl in --output-dir (same settings)",
+    )
+    resume.add_argument(
+        "--overwrite", action="store_true", help="replace the outputs already in --output-dir"
+    )
+    parser.add_argument(
+        "--grader-workers",
+        type=int,
+        default=None,
+        help="math-verify processes (default: CPUs, at most 16)",
+    )
+    parser.add_argument(
+        "--grader-timeout",
+        type=float,
+        default=None,
+        help="seconds allowed per answer (default: laserjax.reward's)",
+    )
 
 
 class EvalError(ValueError):
@@ -419,8 +566,11 @@ def parse_mesh(text: str) -> dict[str, int] | None:
         axis, sep, size = part.partition("=")
         axis = axis.strip()
         if not sep or axis not in ("data", "fsdp", "tensor"):
-            raise _fail("--mesh", f"{part!r} is not AXIS=SIZE with AXIS one of data, fsdp, "
-                        f"tensor (e.g. {DEFAULT_MESH}), nor 'none'")
+            raise _fail(
+                "--mesh",
+                f"{part!r} is not AXIS=SIZE with AXIS one of data, fsdp, "
+                f"tensor (e.g. {DEFAULT_MESH}), nor 'none'",
+            )
         try:
             out[axis] = int(size)
         except ValueError:
@@ -429,9 +579,12 @@ def parse_mesh(text: str) -> dict[str, int] | None:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    for flag, value, low in (("--n", args.n, 1), ("--limit", args.limit, 1),
-                             ("--batch-prompts", args.batch_prompts, 1),
-                             ("--grader-workers", args.grader_workers, 1)):
+    for flag, value, low in (
+        ("--n", args.n, 1),
+        ("--limit", args.limit, 1),
+        ("--batch-prompts", args.batch_prompts, 1),
+        ("--grader-workers", args.grader_workers, 1),
+    ):
         if value is not None and value < low:
             raise _fail(flag, f"must be >= {low}, got {value}")
     if args.grader_timeout is not None and args.grader_timeout <= 0:
@@ -460,14 +613,19 @@ def _load_benchmarks(args: argparse.Namespace) -> list[tuple[Any, int]]:
             raise _fail("--benchmarks", f"{e} (--eval-dir sets the benchmark folder)") from None
         n = args.n if args.n is not None else bench.n
         if n is None:
-            raise _fail("--n", f"{name!r} is not one of the paper's benchmarks "
-                        f"({', '.join(BENCHMARK_N)}), so it has no default n; pass --n")
+            raise _fail(
+                "--n",
+                f"{name!r} is not one of the paper's benchmarks "
+                f"({', '.join(BENCHMARK_N)}), so it has no default n; pass --n",
+            )
         if args.limit is not None:
-            bench = dataclasses.replace(bench, problems=bench.problems[:args.limit])
+            bench = dataclasses.replace(bench, problems=bench.problems[: args.limit])
         out.append((bench, n))
     if len({b.name for b, _ in out}) < len(out):
-        raise _fail("--benchmarks", "two entries load the same benchmark "
-                    f"({', '.join(b.name for b, _ in out)})")
+        raise _fail(
+            "--benchmarks",
+            f"two entries load the same benchmark ({', '.join(b.name for b, _ in out)})",
+        )
     return out
 
 
@@ -487,13 +645,20 @@ def _eval_config(args: argparse.Namespace, eos_ids: tuple[int, ...], pad_id: int
     try:
         return Config(
             model=ModelConfig(path=args.model, dtype=args.dtype, param_dtype=args.dtype),
-            tokens=TokenConfig(eos_ids=eos_ids, pad_id=pad_id,
-                               self_reward_token_id=args.z_token_id),
+            tokens=TokenConfig(
+                eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=args.z_token_id
+            ),
             laser=LaserConfig(beta_v=args.beta_v, c_ref=args.c_ref),
-            rollout=RolloutConfig(temperature=args.temperature, top_p=args.top_p,
-                                  top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-                                  max_prompt_len=args.max_prompt_len),
-            mesh=MeshConfig(**(mesh or {})), output_dir=args.output_dir)
+            rollout=RolloutConfig(
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                max_new_tokens=args.max_new_tokens,
+                max_prompt_len=args.max_prompt_len,
+            ),
+            mesh=MeshConfig(**(mesh or {})),
+            output_dir=args.output_dir,
+        )
     except ConfigError as e:
         raise _flag_error(e) from None
 
@@ -540,34 +705,53 @@ def _resolve_model(args: argparse.Namespace) -> _Setup:
     explicit = _parse_int_list(args.eos_ids, "--eos-ids") if args.eos_ids else ()
     cfg = _eval_config(args, explicit, -1 if args.pad_id is None else args.pad_id)
     try:
-        eos, pad = special_token_ids(ckpt, tok, eos_ids=explicit,
-                                     pad_id=-1 if args.pad_id is None else args.pad_id)
+        eos, pad = special_token_ids(
+            ckpt, tok, eos_ids=explicit, pad_id=-1 if args.pad_id is None else args.pad_id
+        )
     except ValueError as e:
         raise _fail("--eos-ids", str(e)) from None
     cfg = _eval_config(args, eos, pad)
     try:
         cfg.validate_against_vocab(vocab, eos, pad)
         if not 0 <= pad < vocab:
-            raise ConfigError(f"config field `tokens.pad_id`: {pad} is outside the vocabulary "
-                              f"[0, {vocab})")
+            raise ConfigError(
+                f"config field `tokens.pad_id`: {pad} is outside the vocabulary [0, {vocab})"
+            )
     except ConfigError as e:
         raise _flag_error(e) from None
     if args.template == "chat" and not getattr(tok, "chat_template", None):
-        raise _fail("--template", f"the tokenizer in {str(ckpt)!r} has no chat template; pass "
-                    "--template plain for a base model")
+        raise _fail(
+            "--template",
+            f"the tokenizer in {str(ckpt)!r} has no chat template; pass "
+            "--template plain for a base model",
+        )
     return _Setup(ckpt, tok, cfg, mcfg.max_position_embeddings, eos, pad)
 
 
-def _settings(args: argparse.Namespace, setup: _Setup, benches: list[tuple[Any, int]]
-              ) -> dict[str, Any]:
+def _settings(
+    args: argparse.Namespace, setup: _Setup, benches: list[tuple[Any, int]]
+) -> dict[str, Any]:
     """Everything that decides the samples: `--resume` requires it unchanged."""
-    return dict(model=args.model, benchmarks={b.name: n for b, n in benches},
-                limit=args.limit, max_new_tokens=args.max_new_tokens,
-                max_prompt_len=args.max_prompt_len, prompt_overflow=args.prompt_overflow,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                template=args.template, c_ref=args.c_ref, beta_v=args.beta_v,
-                z_token_id=args.z_token_id, eos_ids=list(setup.eos_ids), pad_id=setup.pad_id,
-                seed=args.seed, batch_prompts=args.batch_prompts, dtype=args.dtype)
+    return dict(
+        model=args.model,
+        benchmarks={b.name: n for b, n in benches},
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_len=args.max_prompt_len,
+        prompt_overflow=args.prompt_overflow,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        template=args.template,
+        c_ref=args.c_ref,
+        beta_v=args.beta_v,
+        z_token_id=args.z_token_id,
+        eos_ids=list(setup.eos_ids),
+        pad_id=setup.pad_id,
+        seed=args.seed,
+        batch_prompts=args.batch_prompts,
+        dtype=args.dtype,
+    )
 
 
 def _read_jsonl_rows(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -582,15 +766,19 @@ def _read_jsonl_rows(path: pathlib.Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise EvalError(f"eval --resume: {path} line {i + 1} is not valid JSON; the file "
-                            "is damaged beyond its last line, start over with --overwrite"
-                            ) from None
+            raise EvalError(
+                f"eval --resume: {path} line {i + 1} is not valid JSON; the file "
+                "is damaged beyond its last line, start over with --overwrite"
+            ) from None
     return rows
 
 
-def _prepare_output(args: argparse.Namespace, settings: dict[str, Any],
-                    batch_prompts: int, problem_ids: dict[str, list[str]]
-                    ) -> dict[str, list[dict[str, Any]]]:
+def _prepare_output(
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    batch_prompts: int,
+    problem_ids: dict[str, list[str]],
+) -> dict[str, list[dict[str, Any]]]:
     """Create the output folder; with --resume, the kept rows per benchmark (whole batches of
     whole problems, in order), which are rewritten to samples.jsonl. Else start it empty."""
     out = pathlib.Path(args.output_dir)
@@ -598,18 +786,27 @@ def _prepare_output(args: argparse.Namespace, settings: dict[str, Any],
     kept: dict[str, list[dict[str, Any]]] = {b: [] for b in problem_ids}
     exists = samples_path.is_file() and samples_path.stat().st_size > 0
     if exists and not (args.resume or args.overwrite):
-        raise _fail("--output-dir", f"{samples_path} already holds samples; pass --resume to "
-                    "continue that run or --overwrite to replace it")
+        raise _fail(
+            "--output-dir",
+            f"{samples_path} already holds samples; pass --resume to "
+            "continue that run or --overwrite to replace it",
+        )
     if args.resume and exists:
         if not config_path.is_file():
-            raise _fail("--resume", f"{config_path} is missing, so the samples' settings are "
-                        "unknown; pass --overwrite to start over")
+            raise _fail(
+                "--resume",
+                f"{config_path} is missing, so the samples' settings are "
+                "unknown; pass --overwrite to start over",
+            )
         old = json.loads(config_path.read_text())
         changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
         if changed:
             diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise _fail("--resume", f"the settings differ from the run in {out} ({diff}); "
-                        "use the same flags, or --overwrite / another --output-dir")
+            raise _fail(
+                "--resume",
+                f"the settings differ from the run in {out} ({diff}); "
+                "use the same flags, or --overwrite / another --output-dir",
+            )
         by_bench: dict[str, list[dict[str, Any]]] = {}
         for row in _read_jsonl_rows(samples_path):
             by_bench.setdefault(row.get("benchmark"), []).append(row)
@@ -647,19 +844,29 @@ def _build_sampler(args: argparse.Namespace, setup: _Setup, max_prompt_len: int)
         except ConfigError as e:
             raise _flag_error(e) from None
     if max_prompt_len + args.max_new_tokens > setup.max_positions:
-        print(f"eval: warning: the longest prompt ({max_prompt_len} tokens) plus "
-              f"--max-new-tokens {args.max_new_tokens} exceeds the model's "
-              f"max_position_embeddings {setup.max_positions}", file=sys.stderr)
+        print(
+            f"eval: warning: the longest prompt ({max_prompt_len} tokens) plus "
+            f"--max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"max_position_embeddings {setup.max_positions}",
+            file=sys.stderr,
+        )
     model = load_pretrained(str(setup.ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh)
-    return Sampler(model, eos_ids=setup.eos_ids, pad_id=setup.pad_id,
-                   self_reward_token_id=args.z_token_id, max_new_tokens=args.max_new_tokens,
-                   max_prompt_len=max_prompt_len, mesh=mesh)
+    return Sampler(
+        model,
+        eos_ids=setup.eos_ids,
+        pad_id=setup.pad_id,
+        self_reward_token_id=args.z_token_id,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_len=max_prompt_len,
+        mesh=mesh,
+    )
 
 
 def default_output_dir(model: str) -> str:
     """runs/eval/<last path component of the model directory or hub id>."""
-    return str(pathlib.Path("runs") / "eval" / (pathlib.PurePath(model.rstrip("/")).name
-                                                or "model"))
+    return str(
+        pathlib.Path("runs") / "eval" / (pathlib.PurePath(model.rstrip("/")).name or "model")
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -685,8 +892,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     maybe_initialize_distributed()  # before anything touches a JAX backend
     primary = jax.process_index() == 0
     if args.resume and jax.process_count() > 1:
-        raise _fail("--resume", "is single-host only: every host must sample the same batches, "
-                    "and only the first host holds samples.jsonl")
+        raise _fail(
+            "--resume",
+            "is single-host only: every host must sample the same batches, "
+            "and only the first host holds samples.jsonl",
+        )
     benches = _load_benchmarks(args)
     setup = _resolve_model(args)
 
@@ -694,25 +904,38 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     overflow: dict[str, int] = {}
     for bench, _ in benches:
         try:
-            enc = encode_prompts(bench.problems, setup.tokenizer, template=args.template,
-                                 max_prompt_len=args.max_prompt_len,
-                                 prompt_overflow=args.prompt_overflow)
+            enc = encode_prompts(
+                bench.problems,
+                setup.tokenizer,
+                template=args.template,
+                max_prompt_len=args.max_prompt_len,
+                prompt_overflow=args.prompt_overflow,
+            )
         except ValueError as e:
-            raise _fail("--max-prompt-len", f"{bench.name}: {e} (eval: --prompt-overflow "
-                        "filter)") from None
+            raise _fail(
+                "--max-prompt-len", f"{bench.name}: {e} (eval: --prompt-overflow filter)"
+            ) from None
         if not enc.problems:
-            raise _fail("--max-prompt-len", f"{bench.name}: every prompt is over "
-                        f"{args.max_prompt_len} tokens")
+            raise _fail(
+                "--max-prompt-len",
+                f"{bench.name}: every prompt is over {args.max_prompt_len} tokens",
+            )
         prompts[bench.name] = (enc.problems, enc.token_ids)
         overflow[bench.name] = enc.num_overflow
         if enc.num_overflow:
-            print(f"eval: {bench.name}: {enc.num_overflow} prompts over --max-prompt-len "
-                  f"{args.max_prompt_len} left out: {enc.overflow_ids[:5]}", file=sys.stderr)
+            print(
+                f"eval: {bench.name}: {enc.num_overflow} prompts over --max-prompt-len "
+                f"{args.max_prompt_len} left out: {enc.overflow_ids[:5]}",
+                file=sys.stderr,
+            )
 
     settings = _settings(args, setup, benches)
     ids = {name: [p.id for p in probs] for name, (probs, _) in prompts.items()}
-    kept = (_prepare_output(args, settings, args.batch_prompts, ids) if primary
-            else {name: [] for name in ids})
+    kept = (
+        _prepare_output(args, settings, args.batch_prompts, ids)
+        if primary
+        else {name: [] for name in ids}
+    )
     out = pathlib.Path(args.output_dir)
     longest = max(len(t) for _, toks in prompts.values() for t in toks)
     sampler = _build_sampler(args, setup, max_prompt_len=max(longest, 16))
@@ -721,6 +944,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, list[dict[str, Any]]] = {name: list(r) for name, r in kept.items()}
     timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
     with Grader(args.grader_workers, timeout_s=timeout) as grader:
+
         def reward_fn(responses: list[str], answers: list[str]) -> np.ndarray:
             return grader.grade_batch(responses, answers, require_single_boxed=False)
 
@@ -728,14 +952,20 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             problems, token_ids = prompts[bench.name]
             done = len(rows[bench.name]) // n
             if done:
-                print(f"eval: {bench.name}: resuming after {done} of {len(problems)} problems",
-                      file=sys.stderr)
+                print(
+                    f"eval: {bench.name}: resuming after {done} of {len(problems)} problems",
+                    file=sys.stderr,
+                )
             if done == len(problems):
                 continue
             refs = [p.answer for p in problems]
 
-            def write(batch: SampleBatch, name: str = bench.name, offset: int = done,
-                      problems: list[Any] = problems) -> None:
+            def write(
+                batch: SampleBatch,
+                name: str = bench.name,
+                offset: int = done,
+                problems: list[Any] = problems,
+            ) -> None:
                 shifted = dataclasses.replace(batch, start=batch.start + offset)
                 new = shifted.records([p.id for p in problems], benchmark=name)
                 for i, r in enumerate(new):
@@ -746,25 +976,48 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                         f.write("".join(json.dumps(r) + "\n" for r in new))
                         f.flush()
                 acc = np.mean([r["correct"] for r in rows[name]])
-                print(f"eval: {name}: {shifted.start + shifted.num_prompts}/{len(problems)} "
-                      f"problems x {batch.n}, accuracy so far {acc:.3f}, "
-                      f"{time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+                print(
+                    f"eval: {name}: {shifted.start + shifted.num_prompts}/{len(problems)} "
+                    f"problems x {batch.n}, accuracy so far {acc:.3f}, "
+                    f"{time.time() - t0:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
-            evaluate_prompts(sampler, setup.tokenizer, token_ids[done:], refs[done:], n=n,
-                             reward_fn=reward_fn, extract_fn=extract_boxed, scoring=scoring,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                             seed=args.seed + done, batch_prompts=args.batch_prompts,
-                             on_batch=write)
+            evaluate_prompts(
+                sampler,
+                setup.tokenizer,
+                token_ids[done:],
+                refs[done:],
+                n=n,
+                reward_fn=reward_fn,
+                extract_fn=extract_boxed,
+                scoring=scoring,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed + done,
+                batch_prompts=args.batch_prompts,
+                on_batch=write,
+            )
 
     summaries = {}
     for bench, n in benches:
-        res = result_from_records(rows[bench.name], ids[bench.name], n,
-                                  where=f"{out / 'samples.jsonl'} ({bench.name})")
+        res = result_from_records(
+            rows[bench.name], ids[bench.name], n, where=f"{out / 'samples.jsonl'} ({bench.name})"
+        )
         summaries[bench.name] = res.summary | {"prompts_over_length": overflow[bench.name]}
     average = average_over_benchmarks(summaries)
-    summary = _json_safe({"model": args.model, "checkpoint": str(setup.ckpt),
-                          "settings": settings, "benchmarks": summaries, "average": average,
-                          "wall_s": round(time.time() - t0, 1)})
+    summary = _json_safe(
+        {
+            "model": args.model,
+            "checkpoint": str(setup.ckpt),
+            "settings": settings,
+            "benchmarks": summaries,
+            "average": average,
+            "wall_s": round(time.time() - t0, 1),
+        }
+    )
     if primary:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summaries, average))

@@ -25,29 +25,49 @@ TINY_EOS = tuple(range(16))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a Hugging Face checkpoint directory or hub id")
-    src.add_argument("--tiny", action="store_true",
-                     help=f"a tiny random Qwen2 model (vocab {TINY_VOCAB}; token ids only)")
+    src.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"a tiny random Qwen2 model (vocab {TINY_VOCAB}; token ids only)",
+    )
     text = parser.add_mutually_exclusive_group()
     text.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     text.add_argument("--ids", help="prompt token ids, comma or space separated")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap --prompt as a user message in the tokenizer's chat template")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap --prompt as a user message in the tokenizer's chat template",
+    )
     parser.add_argument("--k", type=int, default=2, help="samples of the prompt (one prefill)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eos-ids", help="EOS ids, comma separated (default: the checkpoint's "
-                        "generation_config / tokenizer)")
-    parser.add_argument("--pad-id", type=int, default=None,
-                        help="default: the tokenizer's pad id, else the first EOS id")
-    parser.add_argument("--self-reward-token-id", type=int, default=None,
-                        help=f"z_c (default {TokenConfig.self_reward_token_id}, Qwen2.5's "
-                        "<|vision_start|>; Llama-3: 128002)")
+    parser.add_argument(
+        "--eos-ids",
+        help="EOS ids, comma separated (default: the checkpoint's generation_config / tokenizer)",
+    )
+    parser.add_argument(
+        "--pad-id",
+        type=int,
+        default=None,
+        help="default: the tokenizer's pad id, else the first EOS id",
+    )
+    parser.add_argument(
+        "--self-reward-token-id",
+        type=int,
+        default=None,
+        help=f"z_c (default {TokenConfig.self_reward_token_id}, Qwen2.5's "
+        "<|vision_start|>; Llama-3: 128002)",
+    )
     parser.add_argument("--beta-v", type=float, default=0.1)
-    parser.add_argument("--c-ref", type=float, default=-23.0,
-                        help="measure it for your model: `python -m laserjax calibrate`")
+    parser.add_argument(
+        "--c-ref",
+        type=float,
+        default=-23.0,
+        help="measure it for your model: `python -m laserjax calibrate`",
+    )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", action="store_true", help="one JSON object per sample")
 
@@ -56,8 +76,9 @@ def parse_ids(text: str, what: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"{what}: expected integers separated by commas or spaces, got "
-                         f"{text!r}") from None
+        raise SystemExit(
+            f"{what}: expected integers separated by commas or spaces, got {text!r}"
+        ) from None
 
 
 def load_tokenizer(ckpt: pathlib.Path) -> Any:
@@ -76,10 +97,20 @@ def run(args: argparse.Namespace) -> None:
 
     tokenizer = None
     if args.tiny:
-        cfg = TransformerConfig(model_type="qwen2", vocab_size=TINY_VOCAB, hidden_size=64,
-                                intermediate_size=128, num_layers=2, num_heads=4,
-                                num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
-                                qkv_bias=True, dtype=args.dtype, param_dtype=args.dtype)
+        cfg = TransformerConfig(
+            model_type="qwen2",
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            qkv_bias=True,
+            dtype=args.dtype,
+            param_dtype=args.dtype,
+        )
         model = Transformer(cfg, rngs=nnx.Rngs(args.seed))
         eos_default, pad_default, zc_default = TINY_EOS, 0, TINY_VOCAB - 1
         if args.prompt is not None:
@@ -93,8 +124,8 @@ def run(args: argparse.Namespace) -> None:
         explicit = tuple(parse_ids(args.eos_ids, "--eos-ids")) if args.eos_ids else ()
         try:
             eos_default, pad_default = hf_params.special_token_ids(
-                ckpt, tokenizer, eos_ids=explicit,
-                pad_id=-1 if args.pad_id is None else args.pad_id)
+                ckpt, tokenizer, eos_ids=explicit, pad_id=-1 if args.pad_id is None else args.pad_id
+            )
         except ValueError as e:
             raise SystemExit(f"--eos-ids: {e}") from None
         zc_default = TokenConfig.self_reward_token_id
@@ -108,9 +139,14 @@ def run(args: argparse.Namespace) -> None:
         if tokenizer is None:
             raise SystemExit(f"no tokenizer files in {args.model!r}; pass --ids instead")
         if args.chat:
-            prompt = list(tokenizer.apply_chat_template(
-                [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                tokenize=True, return_dict=False))
+            prompt = list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": args.prompt}],
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                )
+            )
         else:
             prompt = tokenizer.encode(args.prompt, add_special_tokens=False)
     else:
@@ -118,11 +154,22 @@ def run(args: argparse.Namespace) -> None:
         if prompt is None:
             raise SystemExit("give the prompt: --prompt TEXT or --ids 1,2,3")
 
-    sampler = Sampler(model, eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=zc,
-                      max_new_tokens=args.max_new_tokens,
-                      max_prompt_len=max(len(prompt), 16))
-    out = sampler.sample([prompt], k=args.k, temperature=args.temperature, top_p=args.top_p,
-                         top_k=args.top_k, seed=args.seed)
+    sampler = Sampler(
+        model,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        self_reward_token_id=zc,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_len=max(len(prompt), 16),
+    )
+    out = sampler.sample(
+        [prompt],
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     if not args.json:
         print(f"prompt: {len(prompt)} tokens; {args.k} samples; EOS ids {eos_ids}; z_c {zc}")
     for j in range(args.k):
@@ -132,11 +179,25 @@ def run(args: argparse.Namespace) -> None:
         r_s = args.beta_v * (logp - args.c_ref) if finished else None
         text = tokenizer.decode(tokens) if tokenizer is not None else None
         if args.json:
-            print(json.dumps(dict(sample=j, tokens=tokens, text=text, finished=finished,
-                                  truncated=bool(out.truncated[j]), length=len(tokens),
-                                  logp_zc=logp, r_s=r_s)))
+            print(
+                json.dumps(
+                    dict(
+                        sample=j,
+                        tokens=tokens,
+                        text=text,
+                        finished=finished,
+                        truncated=bool(out.truncated[j]),
+                        length=len(tokens),
+                        logp_zc=logp,
+                        r_s=r_s,
+                    )
+                )
+            )
             continue
-        end = (f"finished, log p(z_c) = {logp:.3f}, r_s = {r_s:.3f}" if finished
-               else "truncated (no EOS within --max-new-tokens: no z_c, no r_s)")
+        end = (
+            f"finished, log p(z_c) = {logp:.3f}, r_s = {r_s:.3f}"
+            if finished
+            else "truncated (no EOS within --max-new-tokens: no z_c, no r_s)"
+        )
         print(f"\n--- sample {j}: {len(tokens)} tokens, {end}")
         print(text if text is not None else " ".join(map(str, tokens)))

@@ -73,20 +73,27 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 def _groups(x_b: jax.Array, group_size: int, name: str) -> jax.Array:
     """[B] -> [B // K, K]; shapes are static, so a bad size fails at trace time."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a python int >= 1 (K, rollout.samples_per_prompt), "
-                         f"got {group_size!r}")
+        raise ValueError(
+            f"group_size must be a python int >= 1 (K, rollout.samples_per_prompt), "
+            f"got {group_size!r}"
+        )
     if x_b.ndim != 1 or x_b.shape[0] % group_size:
-        raise ValueError(f"`{name}` must be a 1-D per-row array whose length is a multiple of "
-                         f"group_size={group_size} (rows grouped as [num_groups, K]); got shape "
-                         f"{x_b.shape}")
+        raise ValueError(
+            f"`{name}` must be a 1-D per-row array whose length is a multiple of "
+            f"group_size={group_size} (rows grouped as [num_groups, K]); got shape "
+            f"{x_b.shape}"
+        )
     return x_b.reshape(-1, group_size)
 
 
 def _check_same_shape(**arrays: jax.Array) -> None:
     shapes = {name: jnp.shape(a) for name, a in arrays.items()}
     if len(set(shapes.values())) > 1:
-        raise ValueError("shape mismatch: " + ", ".join(f"`{n}` {s}" for n, s in shapes.items())
-                         + "; these arrays must have the same shape")
+        raise ValueError(
+            "shape mismatch: "
+            + ", ".join(f"`{n}` {s}" for n, s in shapes.items())
+            + "; these arrays must have the same shape"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +179,7 @@ def self_reward_mse(
       r_s_b: [B] scores of the current policy (gradients flow through it).
       rewards_b, finished_b, weights_b: [B] (the weights are treated as constants).
     """
-    _check_same_shape(r_s_b=r_s_b, rewards_b=rewards_b, finished_b=finished_b,
-                      weights_b=weights_b)
+    _check_same_shape(r_s_b=r_s_b, rewards_b=rewards_b, finished_b=finished_b, weights_b=weights_b)
     finished = _bool(finished_b)
     # `where` before squaring: a truncated row's r_s (no z_c there) must not leak a NaN gradient.
     err_b = jnp.where(finished, _f32(r_s_b) - _f32(rewards_b), 0.0)
@@ -304,8 +310,10 @@ def aggregate_loss(loss_bt: jax.Array, mask_bt: jax.Array, mode: LossAggMode) ->
     micro-batches add up to the full batch's pair. `mode` is static (a python str).
     """
     if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss aggregation mode {mode!r} is unknown; use one of {LOSS_AGG_MODES} "
-                         "(config field `policy_loss.loss_agg`)")
+        raise ValueError(
+            f"loss aggregation mode {mode!r} is unknown; use one of {LOSS_AGG_MODES} "
+            "(config field `policy_loss.loss_agg`)"
+        )
     _check_same_shape(loss_bt=loss_bt, mask_bt=mask_bt)
     mask = _bool(mask_bt)
     masked_bt = jnp.where(mask, _f32(loss_bt), 0.0)
@@ -329,8 +337,10 @@ def kl_penalty(logp_bt: jax.Array, ref_logp_bt: jax.Array, kind: KLKind) -> jax.
     Aggregate the [B, T] result with `aggregate_loss`. `kind` is static (a python str).
     """
     if kind not in KL_KINDS:
-        raise ValueError(f"KL kind {kind!r} is unknown; use one of {KL_KINDS} "
-                         "(config field `policy_loss.kl_type`)")
+        raise ValueError(
+            f"KL kind {kind!r} is unknown; use one of {KL_KINDS} "
+            "(config field `policy_loss.kl_type`)"
+        )
     _check_same_shape(logp_bt=logp_bt, ref_logp_bt=ref_logp_bt)
     logp, ref = _f32(logp_bt), jax.lax.stop_gradient(_f32(ref_logp_bt))
     if kind == "k1":

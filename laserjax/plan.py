@@ -47,23 +47,56 @@ GiB = 1 << 30
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Hugging Face config.json fields of the paper's models (only the shape matters here).
-    "Qwen2.5-7B": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, tie_word_embeddings=False, rope_theta=1e6,
-                       max_position_embeddings=131072),
-    "Qwen2.5-1.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
-                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
-                         max_position_embeddings=131072),
-    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
-                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
-                         max_position_embeddings=131072),
+    "Qwen2.5-7B": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_theta=1e6,
+        max_position_embeddings=131072,
+    ),
+    "Qwen2.5-1.5B": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        max_position_embeddings=131072,
+    ),
+    "Qwen2.5-0.5B": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1e6,
+        max_position_embeddings=131072,
+    ),
     # OctoThinker-3B continues Llama-3.2-3B: the same shape (RoPE scaling is irrelevant here).
-    "OctoThinker-3B": dict(model_type="llama", vocab_size=128256, hidden_size=3072,
-                           intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                           num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                           rope_theta=500000.0, max_position_embeddings=131072),
+    "OctoThinker-3B": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
 }
 
 _PRESET_PATTERNS: tuple[tuple[str, str], ...] = (
@@ -97,8 +130,10 @@ def slice_chips(name: str) -> tuple[int, float]:
     """`v5p-64` -> (32 chips, 95.0 GiB each). v4 / v5p names count TensorCores (2 per chip)."""
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.strip().lower())
     if not m:
-        raise ConfigError(f"--slice {name!r}: expected an accelerator type such as v4-8, v5e-8 "
-                          f"(v5litepod-8), v5p-64 or v6e-64")
+        raise ConfigError(
+            f"--slice {name!r}: expected an accelerator type such as v4-8, v5e-8 "
+            f"(v5litepod-8), v5p-64 or v6e-64"
+        )
     per_chip, hbm = _TPU_CHIPS[m.group(1)]
     cores = int(m.group(2))
     if cores % per_chip:
@@ -113,18 +148,24 @@ def resolve_mesh(mesh: MeshConfig, devices: int | None) -> dict[str, int]:
     free = [a for a, s in sizes.items() if s == -1]
     if devices is None:
         if free:
-            raise ConfigError(f"config field `mesh.{free[0]}` is -1 (all remaining devices): "
-                              "give --devices N or --slice NAME so the planner knows how many")
+            raise ConfigError(
+                f"config field `mesh.{free[0]}` is -1 (all remaining devices): "
+                "give --devices N or --slice NAME so the planner knows how many"
+            )
         return sizes
     if free:
         if devices % known:
-            raise ConfigError(f"config field `mesh`: {devices} devices are not divisible by the "
-                              f"fixed axes' product {known}")
+            raise ConfigError(
+                f"config field `mesh`: {devices} devices are not divisible by the "
+                f"fixed axes' product {known}"
+            )
         sizes[free[0]] = devices // known
     if math.prod(sizes.values()) != devices:
-        raise ConfigError(f"config field `mesh`: data x fsdp x tensor = "
-                          f"{list(sizes.values())} uses {math.prod(sizes.values())} devices, "
-                          f"not {devices}; set one axis to -1 to fill the rest")
+        raise ConfigError(
+            f"config field `mesh`: data x fsdp x tensor = "
+            f"{list(sizes.values())} uses {math.prod(sizes.values())} devices, "
+            f"not {devices}; set one axis to -1 to fill the rest"
+        )
     return sizes
 
 
@@ -136,8 +177,9 @@ def preset_for(model_path: str) -> str | None:
     return None
 
 
-def model_config_for(cfg: Config, *, hf_config: str | None = None, preset: str | None = None
-                     ) -> tuple[TransformerConfig, str]:
+def model_config_for(
+    cfg: Config, *, hf_config: str | None = None, preset: str | None = None
+) -> tuple[TransformerConfig, str]:
     """The architecture to plan for, and where it came from.
 
     Order: `hf_config` (a config.json path), `preset`, the toy model of `model.toy`, a local
@@ -159,17 +201,20 @@ def model_config_for(cfg: Config, *, hf_config: str | None = None, preset: str |
         from laserjax import toy_task
 
         toy = toy_task.ToyConfig.from_dict(cfg.model.toy)
-        return toy_task.model_config(toy, dtype=cfg.model.dtype,
-                                     param_dtype=cfg.model.param_dtype), "model.toy"
+        return toy_task.model_config(
+            toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
+        ), "model.toy"
     local = pathlib.Path(cfg.model.path).expanduser()
     if (local / "config.json").is_file():
         return TransformerConfig.from_pretrained_dir(local, **kw), str(local / "config.json")
     name = preset_for(cfg.model.path)
     if name is None:
-        raise ConfigError(f"config field `model.path` = {cfg.model.path!r}: not a local checkpoint "
-                          "directory and not one of the built-in shapes "
-                          f"({', '.join(PRESETS)}); pass --hf-config path/to/config.json or "
-                          "--preset NAME")
+        raise ConfigError(
+            f"config field `model.path` = {cfg.model.path!r}: not a local checkpoint "
+            "directory and not one of the built-in shapes "
+            f"({', '.join(PRESETS)}); pass --hf-config path/to/config.json or "
+            "--preset NAME"
+        )
     return TransformerConfig.from_hf(PRESETS[name], **kw), f"preset {name}"
 
 
@@ -208,15 +253,19 @@ def abstract_state(model_cfg: TransformerConfig, optim_cfg: OptimConfig) -> tupl
 
 
 @functools.lru_cache(maxsize=64)
-def _state_bytes(model_cfg: TransformerConfig, optim_cfg: OptimConfig,
-                 mesh_items: tuple[tuple[str, int], ...]) -> tuple[int, int, int]:
+def _state_bytes(
+    model_cfg: TransformerConfig, optim_cfg: OptimConfig, mesh_items: tuple[tuple[str, int], ...]
+) -> tuple[int, int, int]:
     """Per-device bytes of (params, AdamW state, a float32 copy of params); cached because
     `suggest_micro_batch` asks for the same mesh many times."""
     mesh_shape = dict(mesh_items)
     params, opt_state = abstract_state(dataclasses.replace(model_cfg, remat=False), optim_cfg)
     f32 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params)
-    return (sharded_bytes(params, mesh_shape), sharded_bytes(opt_state, mesh_shape),
-            sharded_bytes(f32, mesh_shape))
+    return (
+        sharded_bytes(params, mesh_shape),
+        sharded_bytes(opt_state, mesh_shape),
+        sharded_bytes(f32, mesh_shape),
+    )
 
 
 def _layer_param_count(m: TransformerConfig) -> int:
@@ -243,8 +292,16 @@ def logit_chunk_len(response_len: int, chunk: int) -> int:
     return -(-response_len // n)
 
 
-def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_len: int,
-                     tensor: int, *, remat: bool, logit_chunk: int) -> dict[str, int]:
+def activation_bytes(
+    m: TransformerConfig,
+    rows: int,
+    prompt_len: int,
+    response_len: int,
+    tensor: int,
+    *,
+    remat: bool,
+    logit_chunk: int,
+) -> dict[str, int]:
     """What one micro-batch of `rows` rows (on one device) keeps alive in the train step.
 
     Sequence length L = prompt + response + 1 (z_c). `a` is the compute dtype's size. Per layer
@@ -277,8 +334,11 @@ def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_
     d, hd, t = m.hidden_size, m.head_dim, tensor
     seq = prompt_len + response_len + 1
     q, kv = _split(m.num_heads * hd, t), _split(m.num_kv_heads * hd, t)
-    heads, inter, vocab = _split(m.num_heads, t), _split(m.intermediate_size, t), _split(
-        m.vocab_size, t)
+    heads, inter, vocab = (
+        _split(m.num_heads, t),
+        _split(m.intermediate_size, t),
+        _split(m.vocab_size, t),
+    )
     block = m.attention_block
     if seq <= block:
         scores_row = heads * seq * seq * (4 + (a if a != 4 else 0)) + seq * seq
@@ -309,12 +369,17 @@ def activation_bytes(m: TransformerConfig, rows: int, prompt_len: int, response_
         kept = rows * (m.num_layers * layer_row + shared_row)
         peak_extra = rows * max(head_row, backward_row)
         weight_copies = (other_weights + m.num_layers * layer_weights) * a if copies else 0
-    return {"kept": kept, "working": peak_extra, "weight_copies": weight_copies,
-            "total": kept + peak_extra + weight_copies}
+    return {
+        "kept": kept,
+        "working": peak_extra,
+        "weight_copies": weight_copies,
+        "total": kept + peak_extra + weight_copies,
+    }
 
 
-def rollout_bytes(m: TransformerConfig, prompts: int, k: int, prompt_len: int,
-                  new_tokens: int, tensor: int) -> dict[str, int]:
+def rollout_bytes(
+    m: TransformerConfig, prompts: int, k: int, prompt_len: int, new_tokens: int, tensor: int
+) -> dict[str, int]:
     """The sampler's buffers on one device for `prompts` prompts (LASER_SPEC section 5).
 
     `PrefixCache`: keys and values [layers, prompts, P, KV, hd], one copy per prompt shared by its
@@ -333,17 +398,26 @@ def rollout_bytes(m: TransformerConfig, prompts: int, k: int, prompt_len: int,
     block = min(m.attention_block, prompt_len)
     prefill_scores = 2 * prompts * _split(m.num_heads, tensor) * block * prompt_len * 4
     decode_logits = 3 * prompts * k * m.vocab_size * 4
-    return {"prefix_cache": prefix, "suffix_cache": suffix, "sampler_state": state,
-            "working": max(prefix + prefill_scores, decode_logits)}
+    return {
+        "prefix_cache": prefix,
+        "suffix_cache": suffix,
+        "sampler_state": state,
+        "working": max(prefix + prefill_scores, decode_logits),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The estimate.
 
 
-def estimate(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, int], *,
-             micro_batch_size: int | None = None, logit_chunk: int | None = None,
-             ) -> dict[str, int]:
+def estimate(
+    model_cfg: TransformerConfig,
+    cfg: Config,
+    mesh_shape: dict[str, int],
+    *,
+    micro_batch_size: int | None = None,
+    logit_chunk: int | None = None,
+) -> dict[str, int]:
     """Bytes per device of a run of `cfg` with the architecture `model_cfg` on `mesh_shape`.
 
     `mesh_shape` maps data / fsdp / tensor to sizes. `micro_batch_size` (rows per micro-batch,
@@ -366,8 +440,10 @@ def estimate(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, in
     mb = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
     mb = mb or rows
     if rows % mb or mb % shards:
-        raise ConfigError(f"config field `train.micro_batch_size`: {mb} must divide the step's "
-                          f"{rows} rows and be a multiple of data x fsdp = {shards}")
+        raise ConfigError(
+            f"config field `train.micro_batch_size`: {mb} must divide the step's "
+            f"{rows} rows and be a multiple of data x fsdp = {shards}"
+        )
     chunk = logit_chunk or StepSettings.__dataclass_fields__["logit_chunk"].default
     p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
 
@@ -380,16 +456,19 @@ def estimate(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, in
     n_micro = rows // mb
     out["gradients"] = out["params"] + (grads_f32 if n_micro > 1 else 0)
     p_item = to_dtype(model_cfg.param_dtype).itemsize
-    out["weight_gather"] = (2 * _layer_param_count(model_cfg) // t * p_item
-                            if mesh_shape["fsdp"] > 1 else 0)
+    out["weight_gather"] = (
+        2 * _layer_param_count(model_cfg) // t * p_item if mesh_shape["fsdp"] > 1 else 0
+    )
     rows_dev = mb // shards
     for name, remat in (("activations_remat", True), ("activations_no_remat", False)):
-        out[name] = activation_bytes(model_cfg, rows_dev, p_len, t_len, t, remat=remat,
-                                     logit_chunk=chunk)["total"]
+        out[name] = activation_bytes(
+            model_cfg, rows_dev, p_len, t_len, t, remat=remat, logit_chunk=chunk
+        )["total"]
     out["activations"] = out["activations_remat" if model_cfg.remat else "activations_no_remat"]
     resident = out["params"] + out["opt_state"]
-    out["train_peak"] = (resident + out["batch"] + out["gradients"] + out["weight_gather"]
-                         + out["activations"])
+    out["train_peak"] = (
+        resident + out["batch"] + out["gradients"] + out["weight_gather"] + out["activations"]
+    )
 
     a = to_dtype(model_cfg.dtype).itemsize
     out["sampler_params"] = out["params"] * min(a, p_item) // p_item
@@ -397,8 +476,13 @@ def estimate(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, in
     roll = rollout_bytes(model_cfg, prompts_dev, cfg.rollout.samples_per_prompt, p_len, t_len, t)
     out["kv_prefix"], out["kv_suffix"] = roll["prefix_cache"], roll["suffix_cache"]
     out["rollout_buffers"] = roll["sampler_state"] + roll["working"]
-    out["rollout_peak"] = (resident + out["sampler_params"] + out["kv_prefix"] + out["kv_suffix"]
-                           + out["rollout_buffers"])
+    out["rollout_peak"] = (
+        resident
+        + out["sampler_params"]
+        + out["kv_prefix"]
+        + out["kv_suffix"]
+        + out["rollout_buffers"]
+    )
     out["peak"] = max(out["train_peak"], out["rollout_peak"])
     out["rows_per_device"] = rows_dev
     out["micro_batches"] = n_micro
@@ -412,8 +496,14 @@ def micro_batch_options(cfg: Config, mesh_shape: dict[str, int]) -> list[int]:
     return [mb for mb in range(rows, 0, -1) if rows % mb == 0 and mb % shards == 0]
 
 
-def suggest_micro_batch(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, int],
-                        hbm_bytes: float, *, remat: bool) -> tuple[int, dict[str, int]] | None:
+def suggest_micro_batch(
+    model_cfg: TransformerConfig,
+    cfg: Config,
+    mesh_shape: dict[str, int],
+    hbm_bytes: float,
+    *,
+    remat: bool,
+) -> tuple[int, dict[str, int]] | None:
     """The largest accepted micro-batch whose train step fits HEADROOM x HBM, with its
     estimate; None when not even the smallest fits."""
     model_cfg = dataclasses.replace(model_cfg, remat=remat)
@@ -424,9 +514,14 @@ def suggest_micro_batch(model_cfg: TransformerConfig, cfg: Config, mesh_shape: d
     return None
 
 
-def compiled_train_step_memory(model_cfg: TransformerConfig, cfg: Config, mesh: Mesh, *,
-                                micro_batch_size: int | None = None,
-                                logit_chunk: int | None = None) -> dict[str, int]:
+def compiled_train_step_memory(
+    model_cfg: TransformerConfig,
+    cfg: Config,
+    mesh: Mesh,
+    *,
+    micro_batch_size: int | None = None,
+    logit_chunk: int | None = None,
+) -> dict[str, int]:
     """XLA's own per-device numbers for the real train step, compiled from shapes only.
 
     Nothing is allocated: parameters, optimizer state and batch are ShapeDtypeStructs with the
@@ -446,32 +541,45 @@ def compiled_train_step_memory(model_cfg: TransformerConfig, cfg: Config, mesh: 
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     state = TrainState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32))
     shard = train_state_sharding(state, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, shard)
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard
+    )
     rows, k = cfg.rows_per_step, cfg.rollout.samples_per_prompt
     p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
 
     def arr(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype)
 
-    batch = TrainBatch(prompt_tokens=arr((rows, p_len), jnp.int32),
-                       prompt_mask=arr((rows, p_len), jnp.bool_),
-                       response_tokens=arr((rows, t_len), jnp.int32),
-                       response_mask=arr((rows, t_len), jnp.bool_),
-                       old_logprobs=arr((rows, t_len), jnp.float32),
-                       finished=arr((rows,), jnp.bool_), rewards=arr((rows,), jnp.float32),
-                       rollout_logp_zc=arr((rows,), jnp.float32))
+    batch = TrainBatch(
+        prompt_tokens=arr((rows, p_len), jnp.int32),
+        prompt_mask=arr((rows, p_len), jnp.bool_),
+        response_tokens=arr((rows, t_len), jnp.int32),
+        response_mask=arr((rows, t_len), jnp.bool_),
+        old_logprobs=arr((rows, t_len), jnp.float32),
+        finished=arr((rows,), jnp.bool_),
+        rewards=arr((rows,), jnp.float32),
+        rollout_logp_zc=arr((rows,), jnp.float32),
+    )
     mb = cfg.train.micro_batch_size if micro_batch_size is None else micro_batch_size
-    settings = StepSettings(group_size=k, self_reward_token_id=cfg.tokens.self_reward_token_id,
-                            temperature=cfg.rollout.temperature or 1.0, micro_batch_size=mb,
-                            **({"logit_chunk": logit_chunk} if logit_chunk else {}))
+    settings = StepSettings(
+        group_size=k,
+        self_reward_token_id=cfg.tokens.self_reward_token_id,
+        temperature=cfg.rollout.temperature or 1.0,
+        micro_batch_size=mb,
+        **({"logit_chunk": logit_chunk} if logit_chunk else {}),
+    )
     # `auto` is measured at run time; any number compiles the same program.
-    laser_cfg = dataclasses.replace(cfg.laser, c_ref=0.0) if cfg.laser.c_ref == "auto" \
-        else cfg.laser
+    laser_cfg = (
+        dataclasses.replace(cfg.laser, c_ref=0.0) if cfg.laser.c_ref == "auto" else cfg.laser
+    )
     step = make_train_step(graphdef, shard, laser_cfg, cfg.policy_loss, cfg.optim, settings, mesh)
     ma = step.lower(state, batch).compile().memory_analysis()
-    return {"arguments": int(ma.argument_size_in_bytes), "outputs": int(ma.output_size_in_bytes),
-            "aliased": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes)}
+    return {
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temp": int(ma.temp_size_in_bytes),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,25 +587,44 @@ def compiled_train_step_memory(model_cfg: TransformerConfig, cfg: Config, mesh: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config (default: the paper's defaults of "
-                        "laserjax.config: Qwen2.5-7B, 128 prompts x 8, prompt 2048, response 8192)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. mesh.fsdp=8 train.micro_batch_size=16")
+    parser.add_argument(
+        "--config",
+        help="YAML config (default: the paper's defaults of "
+        "laserjax.config: Qwen2.5-7B, 128 prompts x 8, prompt 2048, response 8192)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. mesh.fsdp=8 train.micro_batch_size=16",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--devices", type=int, help="number of chips (fills the mesh's -1 axis)")
-    where.add_argument("--slice", help="TPU accelerator type: v4-8, v5e-8 (v5litepod-8), v5p-64, "
-                       "v6e-64, ... (sets the chip count and HBM per chip)")
-    parser.add_argument("--hbm-gib", type=float,
-                        help="HBM per chip in GiB (default: the slice's; needed for the fit check "
-                             "with --devices)")
+    where.add_argument(
+        "--slice",
+        help="TPU accelerator type: v4-8, v5e-8 (v5litepod-8), v5p-64, "
+        "v6e-64, ... (sets the chip count and HBM per chip)",
+    )
+    parser.add_argument(
+        "--hbm-gib",
+        type=float,
+        help="HBM per chip in GiB (default: the slice's; needed for the fit check with --devices)",
+    )
     shape = parser.add_mutually_exclusive_group()
-    shape.add_argument("--hf-config", help="a Hugging Face config.json (or its directory) giving "
-                       "the architecture")
-    shape.add_argument("--preset", choices=sorted(PRESETS),
-                       help="a built-in architecture (default: recognised from model.path)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also compile the real train step from shapes on this machine's "
-                             "devices (the mesh must match them) and print XLA's own numbers")
+    shape.add_argument(
+        "--hf-config", help="a Hugging Face config.json (or its directory) giving the architecture"
+    )
+    shape.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a built-in architecture (default: recognised from model.path)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also compile the real train step from shapes on this machine's "
+        "devices (the mesh must match them) and print XLA's own numbers",
+    )
 
 
 def _gib(n: float) -> str:
@@ -508,8 +635,10 @@ def format_table(est: dict[str, int], remat: bool) -> str:
     rows = [
         ("params", "exact: shapes x dtype / mesh axes in PARAM_RULES"),
         ("opt_state", "exact: AdamW moments (params' dtype) + counts"),
-        ("gradients", "params' dtype" + (" + float32 accumulator" if est["micro_batches"] > 1
-                                         else "")),
+        (
+            "gradients",
+            "params' dtype" + (" + float32 accumulator" if est["micro_batches"] > 1 else ""),
+        ),
         ("batch", "the TrainBatch arrays of the step"),
         ("weight_gather", "two layers all-gathered over fsdp"),
         ("activations_no_remat", "one micro-batch" + ("" if remat else "  <- config")),
@@ -528,41 +657,56 @@ def format_table(est: dict[str, int], remat: bool) -> str:
 
 def _load(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
-    if args.config is None and not any(o.startswith(("model.path=", "model.toy"))
-                                       for o in overrides):
+    if args.config is None and not any(
+        o.startswith(("model.path=", "model.toy")) for o in overrides
+    ):
         # A `model.*` override builds the model section from scratch, which would drop the
         # default checkpoint: keep it explicitly.
         overrides.insert(0, f"model.path={Config().model.path}")
     return load_config(args.config, overrides)
 
 
-def _fit_report(model_cfg: TransformerConfig, cfg: Config, mesh_shape: dict[str, int],
-                est: dict[str, int], hbm_gib: float) -> dict[str, Any]:
+def _fit_report(
+    model_cfg: TransformerConfig,
+    cfg: Config,
+    mesh_shape: dict[str, int],
+    est: dict[str, int],
+    hbm_gib: float,
+) -> dict[str, Any]:
     """Print whether the plan fits and the largest micro-batch that does, with and without
     remat; return the same as JSON fields."""
     hbm = hbm_gib * GiB
     shards = mesh_shape["data"] * mesh_shape["fsdp"]
     fits = est["peak"] <= HEADROOM * hbm
-    print(f"HBM per chip {hbm_gib:g} GiB (planning to {HEADROOM:.0%}): peak "
-          f"{est['peak'] / GiB:.2f} GiB -> {'fits' if fits else 'DOES NOT FIT'}")
+    print(
+        f"HBM per chip {hbm_gib:g} GiB (planning to {HEADROOM:.0%}): peak "
+        f"{est['peak'] / GiB:.2f} GiB -> {'fits' if fits else 'DOES NOT FIT'}"
+    )
     out: dict[str, Any] = {"hbm_gib": hbm_gib, "fits": fits}
     for remat in (False, True):
         found = suggest_micro_batch(model_cfg, cfg, mesh_shape, hbm, remat=remat)
         out["suggested_micro_batch_" + ("remat" if remat else "no_remat")] = (
-            None if found is None else found[0])
+            None if found is None else found[0]
+        )
         label = f"model.remat={str(remat).lower()}"
         if found is None:
             smallest = micro_batch_options(cfg, mesh_shape)[-1]
-            print(f"{label}: no micro-batch fits (not even {smallest} rows); shard more (fsdp, "
-                  "tensor), use more chips, or shorten rollout.max_new_tokens")
+            print(
+                f"{label}: no micro-batch fits (not even {smallest} rows); shard more (fsdp, "
+                "tensor), use more chips, or shorten rollout.max_new_tokens"
+            )
         else:
             mb, e = found
-            print(f"{label}: largest micro-batch that fits: train.micro_batch_size={mb} "
-                  f"({mb // shards} per device, train peak {e['train_peak'] / GiB:.2f} GiB)")
+            print(
+                f"{label}: largest micro-batch that fits: train.micro_batch_size={mb} "
+                f"({mb // shards} per device, train peak {e['train_peak'] / GiB:.2f} GiB)"
+            )
     if est["rollout_peak"] > HEADROOM * hbm:
-        print(f"the rollout alone needs {est['rollout_peak'] / GiB:.2f} GiB per chip and its KV "
-              "cache does not shrink with the micro-batch: add chips, raise mesh.tensor, or "
-              "shorten rollout.max_new_tokens")
+        print(
+            f"the rollout alone needs {est['rollout_peak'] / GiB:.2f} GiB per chip and its KV "
+            "cache does not shrink with the micro-batch: add chips, raise mesh.tensor, or "
+            "shorten rollout.max_new_tokens"
+        )
     return out
 
 
@@ -583,18 +727,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     mb = est["rows_per_device"] * mesh_shape["data"] * mesh_shape["fsdp"]
 
-    print(f"model: {source} ({n_params / 1e9:.2f}B parameters, {model_cfg.param_dtype} weights, "
-          f"{model_cfg.dtype} compute, remat={model_cfg.remat})")
-    print(f"mesh: data={mesh_shape['data']} fsdp={mesh_shape['fsdp']} "
-          f"tensor={mesh_shape['tensor']} ({math.prod(mesh_shape.values())} devices"
-          + (f", {args.slice}" if args.slice else "") + ")")
-    print(f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples, "
-          f"prompt {cfg.rollout.max_prompt_len} + response {cfg.rollout.max_new_tokens} + 1; "
-          f"micro-batch {mb} rows ({est['rows_per_device']} per device, "
-          f"{est['micro_batches']} micro-batches)")
+    print(
+        f"model: {source} ({n_params / 1e9:.2f}B parameters, {model_cfg.param_dtype} weights, "
+        f"{model_cfg.dtype} compute, remat={model_cfg.remat})"
+    )
+    print(
+        f"mesh: data={mesh_shape['data']} fsdp={mesh_shape['fsdp']} "
+        f"tensor={mesh_shape['tensor']} ({math.prod(mesh_shape.values())} devices"
+        + (f", {args.slice}" if args.slice else "")
+        + ")"
+    )
+    print(
+        f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples, "
+        f"prompt {cfg.rollout.max_prompt_len} + response {cfg.rollout.max_new_tokens} + 1; "
+        f"micro-batch {mb} rows ({est['rows_per_device']} per device, "
+        f"{est['micro_batches']} micro-batches)"
+    )
     print(format_table(est, model_cfg.remat))
-    summary: dict[str, Any] = {"model": source, "params_count": n_params, "mesh": mesh_shape,
-                               "micro_batch_size": mb, "remat": model_cfg.remat, **est}
+    summary: dict[str, Any] = {
+        "model": source,
+        "params_count": n_params,
+        "mesh": mesh_shape,
+        "micro_batch_size": mb,
+        "remat": model_cfg.remat,
+        **est,
+    }
     if hbm_gib is not None:
         summary |= _fit_report(model_cfg, cfg, mesh_shape, est, hbm_gib)
     else:
@@ -602,15 +759,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.compile:
         n = math.prod(mesh_shape.values())
         if len(jax.devices()) < n:
-            raise ConfigError(f"--compile: the plan's mesh {mesh_shape} needs {n} devices and "
-                              f"this machine has {len(jax.devices())}; run it on the target")
+            raise ConfigError(
+                f"--compile: the plan's mesh {mesh_shape} needs {n} devices and "
+                f"this machine has {len(jax.devices())}; run it on the target"
+            )
         mesh = sharding.make_mesh(MeshConfig(**mesh_shape), jax.devices()[:n])
         xla = compiled_train_step_memory(model_cfg, cfg, mesh)
         modelled = est["gradients"] + est["weight_gather"] + est["activations"]
-        print(f"XLA ({jax.devices()[0].platform}): arguments {xla['arguments'] / GiB:.3f} GiB "
-              f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
-              f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
-              f"{modelled / GiB:.3f})")
+        print(
+            f"XLA ({jax.devices()[0].platform}): arguments {xla['arguments'] / GiB:.3f} GiB "
+            f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
+            f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
+            f"{modelled / GiB:.3f})"
+        )
         summary["xla"] = xla
     print(json.dumps(summary))
     return summary

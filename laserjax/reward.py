@@ -73,9 +73,9 @@ def extract_boxed(text: str) -> str | None:
     if last is None:
         return None
     start = last.end()
-    if not text[last.start():start].endswith("{"):
+    if not text[last.start() : start].endswith("{"):
         end = _UNBRACED_END_RE.search(text, start)
-        content = text[start:end.start() if end else len(text)].strip()
+        content = text[start : end.start() if end else len(text)].strip()
         return content or None
     depth = 1
     for token in _BRACE_TOKEN_RE.finditer(text, start):
@@ -85,7 +85,7 @@ def extract_boxed(text: str) -> str | None:
         elif brace == "}":
             depth -= 1
             if depth == 0:
-                return text[start:token.start()]
+                return text[start : token.start()]
     return None
 
 
@@ -123,8 +123,9 @@ def answer_to_str(answer: Any) -> str:
     if isinstance(answer, str):
         return answer.strip()
     if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        raise TypeError(f"reference answer must be a string or a number, got "
-                        f"{type(answer).__name__} {answer!r}")
+        raise TypeError(
+            f"reference answer must be a string or a number, got {type(answer).__name__} {answer!r}"
+        )
     if isinstance(answer, float):
         if not math.isfinite(answer):
             raise TypeError(f"reference answer must be finite, got {answer!r}")
@@ -179,8 +180,9 @@ class GradeResult:
     status: str
 
 
-def _precheck(response: str, require_single_boxed: bool,
-              max_answer_chars: int | None) -> tuple[str | None, GradeResult | None]:
+def _precheck(
+    response: str, require_single_boxed: bool, max_answer_chars: int | None
+) -> tuple[str | None, GradeResult | None]:
     """The cheap part of grading, done in the caller: extraction and the format gate."""
     pred = extract_boxed(response)
     if pred is None:
@@ -192,8 +194,9 @@ def _precheck(response: str, require_single_boxed: bool,
     return pred, None
 
 
-def grade_one(response: str, answer: str | int | float, *,
-              require_single_boxed: bool = False) -> float:
+def grade_one(
+    response: str, answer: str | int | float, *, require_single_boxed: bool = False
+) -> float:
     """r_v of one response, in this process and without a time limit (LASER_SPEC section 6).
 
     1.0 when the last boxed answer of `response` is equivalent to `answer` (exact match after
@@ -270,10 +273,14 @@ def _worker_entry(fd: int, parent_pid: int, pdeathsig: bool) -> None:
     _worker_main(multiprocessing.connection.Connection(fd))
 
 
-_STARTUP_HINT = ("grader workers die at start-up: check that `python -c 'import math_verify; "
-                 "import laserjax.reward'` works in this environment")
-_WORKER_CMD = ("import sys; from laserjax.reward import _worker_entry; "
-               "_worker_entry(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == '1')")
+_STARTUP_HINT = (
+    "grader workers die at start-up: check that `python -c 'import math_verify; "
+    "import laserjax.reward'` works in this environment"
+)
+_WORKER_CMD = (
+    "import sys; from laserjax.reward import _worker_entry; "
+    "_worker_entry(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == '1')"
+)
 
 
 @dataclasses.dataclass
@@ -312,9 +319,15 @@ class Grader:
     Not thread-safe: call it from one thread. Use it as a context manager or call `close()`.
     """
 
-    def __init__(self, num_workers: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_answer_chars: int | None = DEFAULT_MAX_ANSWER_CHARS,
-                 fast_path: bool = True, startup_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_answer_chars: int | None = DEFAULT_MAX_ANSWER_CHARS,
+        fast_path: bool = True,
+        startup_timeout_s: float = 120.0,
+    ) -> None:
         if num_workers is not None and num_workers < 1:
             raise ValueError(f"Grader num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
@@ -372,7 +385,8 @@ class Grader:
         while not all(w.ready for w in self._workers):
             waiting = {w.conn: w for w in self._workers if not w.ready}
             for conn in multiprocessing.connection.wait(
-                    list(waiting), timeout=max(0.0, deadline - time.monotonic())):
+                list(waiting), timeout=max(0.0, deadline - time.monotonic())
+            ):
                 w = waiting[conn]
                 try:
                     w.ready = conn.recv() == _READY
@@ -381,22 +395,35 @@ class Grader:
                     raise RuntimeError(_STARTUP_HINT) from None
             if time.monotonic() >= deadline:
                 self.close()
-                raise RuntimeError(f"no grader worker became ready within "
-                                   f"{self.startup_timeout_s:.0f} s; {_STARTUP_HINT}")
+                raise RuntimeError(
+                    f"no grader worker became ready within "
+                    f"{self.startup_timeout_s:.0f} s; {_STARTUP_HINT}"
+                )
 
     def _spawn(self) -> _Worker:
         parent_sock, child_sock = socket.socketpair()
         package_root = str(pathlib.Path(__file__).resolve().parents[1])
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        pdeathsig = (sys.platform.startswith("linux")
-                     and threading.current_thread() is threading.main_thread())
+        pdeathsig = (
+            sys.platform.startswith("linux")
+            and threading.current_thread() is threading.main_thread()
+        )
         with child_sock:
             process = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_CMD, str(child_sock.fileno()), str(os.getpid()),
-                 "1" if pdeathsig else "0"],
-                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env=env)
+                [
+                    sys.executable,
+                    "-c",
+                    _WORKER_CMD,
+                    str(child_sock.fileno()),
+                    str(os.getpid()),
+                    "1" if pdeathsig else "0",
+                ],
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                env=env,
+            )
         self.stats["workers_started"] += 1
         return _Worker(process, multiprocessing.connection.Connection(parent_sock.detach()))
 
@@ -415,19 +442,30 @@ class Grader:
 
     # -- grading -------------------------------------------------------------------------------
 
-    def grade_batch(self, responses: Sequence[str], answers: Sequence[str | int | float], *,
-                    require_single_boxed: bool = False) -> np.ndarray:
+    def grade_batch(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str | int | float],
+        *,
+        require_single_boxed: bool = False,
+    ) -> np.ndarray:
         """r_v of each response as float32 0/1, shape (len(responses),)."""
-        results = self.grade_detailed(responses, answers,
-                                      require_single_boxed=require_single_boxed)
+        results = self.grade_detailed(responses, answers, require_single_boxed=require_single_boxed)
         return np.asarray([r.correct for r in results], dtype=np.float32)
 
-    def grade_detailed(self, responses: Sequence[str], answers: Sequence[str | int | float], *,
-                       require_single_boxed: bool = False) -> list[GradeResult]:
+    def grade_detailed(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str | int | float],
+        *,
+        require_single_boxed: bool = False,
+    ) -> list[GradeResult]:
         """One `GradeResult` (extracted answer, 0/1, status) per response, in order."""
         if len(responses) != len(answers):
-            raise ValueError(f"grade: {len(responses)} responses but {len(answers)} answers; "
-                             "pass one reference answer per response")
+            raise ValueError(
+                f"grade: {len(responses)} responses but {len(answers)} answers; "
+                "pass one reference answer per response"
+            )
         results: list[GradeResult | None] = [None] * len(responses)
         pending: collections.deque[tuple[int, str, str]] = collections.deque()
         for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
@@ -446,8 +484,9 @@ class Grader:
         self.stats["graded"] += len(results)
         return results  # type: ignore[return-value]
 
-    def _run(self, pending: collections.deque[tuple[int, str, str]],
-             results: list[GradeResult | None]) -> None:
+    def _run(
+        self, pending: collections.deque[tuple[int, str, str]], results: list[GradeResult | None]
+    ) -> None:
         self._start_workers()
         preds = {i: pred for i, pred, _ in pending}
         startup_failures = 0
@@ -468,8 +507,7 @@ class Grader:
                     w.task, w.deadline = pending.popleft()[0], now + self.timeout_s
                     self.stats["ipc"] += 1
             busy = [w.deadline for w in self._workers if w.task is not None]
-            starting = [w.spawned_at + self.startup_timeout_s for w in self._workers
-                        if not w.ready]
+            starting = [w.spawned_at + self.startup_timeout_s for w in self._workers if not w.ready]
             wait_s = max(0.0, min(busy + starting, default=now) - now)
             by_fd = {w.conn: w for w in self._workers}
             for conn in multiprocessing.connection.wait(list(by_fd), timeout=wait_s):
@@ -501,10 +539,13 @@ class Grader:
                     self.stats["timeouts"] += 1
                     self._replace(w)
             if not any(w.ready for w in self._workers) and all(
-                    now >= w.spawned_at + self.startup_timeout_s for w in self._workers):
+                now >= w.spawned_at + self.startup_timeout_s for w in self._workers
+            ):
                 self.close()
-                raise RuntimeError(f"no grader worker became ready within "
-                                   f"{self.startup_timeout_s:.0f} s; {_STARTUP_HINT}")
+                raise RuntimeError(
+                    f"no grader worker became ready within "
+                    f"{self.startup_timeout_s:.0f} s; {_STARTUP_HINT}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,25 +555,44 @@ class Grader:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="jsonl of responses, one row per response")
     parser.add_argument("--output", required=True, help="jsonl written with one result per row")
-    parser.add_argument("--response-field", default="response",
-                        help="field holding the response text (default: response)")
-    parser.add_argument("--answer-field", default="answer",
-                        help="field holding the reference answer (default: answer)")
-    parser.add_argument("--id-field", default=None,
-                        help="field copied to each result as its id (default: the row number, "
-                             "counting lines from 1)")
-    parser.add_argument("--require-single-boxed", action="store_true",
-                        help="grade 0 unless the response has exactly one boxed answer "
-                             "(the training format gate)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help=f"grader processes (default: CPUs, at most 16; here "
-                             f"{default_num_workers()})")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds allowed per answer (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "--response-field",
+        default="response",
+        help="field holding the response text (default: response)",
+    )
+    parser.add_argument(
+        "--answer-field",
+        default="answer",
+        help="field holding the reference answer (default: answer)",
+    )
+    parser.add_argument(
+        "--id-field",
+        default=None,
+        help="field copied to each result as its id (default: the row number, "
+        "counting lines from 1)",
+    )
+    parser.add_argument(
+        "--require-single-boxed",
+        action="store_true",
+        help="grade 0 unless the response has exactly one boxed answer (the training format gate)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"grader processes (default: CPUs, at most 16; here {default_num_workers()})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds allowed per answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
 
 
-def _read_rows(path: pathlib.Path, response_field: str, answer_field: str,
-               id_field: str | None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+def _read_rows(
+    path: pathlib.Path, response_field: str, answer_field: str, id_field: str | None
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Output stubs for every row, and (response, answer) for the rows that can be graded."""
     rows, tasks = [], []
     with path.open() as f:
@@ -558,8 +618,9 @@ def _read_rows(path: pathlib.Path, response_field: str, answer_field: str,
             if response_field not in record:
                 problems.append(f"missing field {response_field!r} (--response-field)")
             elif not isinstance(response, str):
-                problems.append(f"field {response_field!r} is {type(response).__name__}, "
-                                "not a string")
+                problems.append(
+                    f"field {response_field!r} is {type(response).__name__}, not a string"
+                )
             answer = record.get(answer_field)
             if answer_field not in record:
                 problems.append(f"missing field {answer_field!r} (--answer-field)")
@@ -585,8 +646,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     rows, tasks = _read_rows(path, args.response_field, args.answer_field, args.id_field)
     with Grader(args.workers, timeout_s=args.timeout) as grader:
-        results = grader.grade_detailed([r for r, _ in tasks], [a for _, a in tasks],
-                                        require_single_boxed=args.require_single_boxed)
+        results = grader.grade_detailed(
+            [r for r, _ in tasks],
+            [a for _, a in tasks],
+            require_single_boxed=args.require_single_boxed,
+        )
         stats = dict(grader.stats)
     out_path = pathlib.Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -604,11 +668,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f.write(json.dumps(row) + "\n")
     correct = sum(int(r.correct) for r in results)
     summary = {
-        "graded": len(results), "correct": correct,
+        "graded": len(results),
+        "correct": correct,
         "accuracy": correct / len(results) if results else 0.0,
-        "errors": errors, "timeouts": stats.get("timeouts", 0),
+        "errors": errors,
+        "timeouts": stats.get("timeouts", 0),
         "no_boxed": sum(r.status == "no_boxed" for r in results),
-        "wall_s": round(time.monotonic() - t0, 2), "output": str(out_path),
+        "wall_s": round(time.monotonic() - t0, 2),
+        "output": str(out_path),
     }
     print(json.dumps(summary))
     return summary

@@ -96,8 +96,9 @@ def top_k_exact(x_rv: jax.Array, k: int, chunk: int = TOP_K_CHUNK) -> tuple[jax.
     return vals, jnp.take_along_axis(ids_rc, pos, axis=-1)
 
 
-def sample_tokens(logits_rv: jax.Array, keys_r: jax.Array, *, temperature: float, top_k: int,
-                  top_p: float) -> jax.Array:
+def sample_tokens(
+    logits_rv: jax.Array, keys_r: jax.Array, *, temperature: float, top_k: int, top_p: float
+) -> jax.Array:
     """One token per row: greedy (temperature 0) or temperature / top-k / top-p sampling.
 
     The order of Hugging Face's logits warpers: temperature, then top-k, then top-p. Top-k uses
@@ -229,28 +230,43 @@ def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return hit
 
 
-def _set_column(buf_bkt: jax.Array, index: jax.Array, values_bk: jax.Array,
-                where_bk: jax.Array) -> jax.Array:
+def _set_column(
+    buf_bkt: jax.Array, index: jax.Array, values_bk: jax.Array, where_bk: jax.Array
+) -> jax.Array:
     """buf[:, :, index] = values where `where_bk`, else unchanged."""
     old = jax.lax.dynamic_index_in_dim(buf_bkt, index, axis=2, keepdims=False)
     return jax.lax.dynamic_update_index_in_dim(
-        buf_bkt, jnp.where(where_bk, values_bk.astype(buf_bkt.dtype), old), index, axis=2)
+        buf_bkt, jnp.where(where_bk, values_bk.astype(buf_bkt.dtype), old), index, axis=2
+    )
 
 
-def _draw(logits_bkv: jax.Array, seed_key: jax.Array, index: jax.Array,
-          s: SamplingSettings) -> tuple[jax.Array, jax.Array]:
+def _draw(
+    logits_bkv: jax.Array, seed_key: jax.Array, index: jax.Array, s: SamplingSettings
+) -> tuple[jax.Array, jax.Array]:
     """Tokens [B, K] for response index `index` and their log-probs."""
     b, k, v = logits_bkv.shape
     keys_r = row_keys(seed_key, index, b * k)
-    tok_r = sample_tokens(logits_bkv.reshape(b * k, v), keys_r, temperature=s.temperature,
-                          top_k=s.top_k, top_p=s.top_p)
+    tok_r = sample_tokens(
+        logits_bkv.reshape(b * k, v),
+        keys_r,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+    )
     tok_bk = tok_r.reshape(b, k)
     return tok_bk, token_logprobs(logits_bkv, tok_bk, s.logprob_temperature)
 
 
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens_bp: jax.Array, mask_bp: jax.Array,
-             valid_b: jax.Array, seed: jax.Array, s: SamplingSettings, constrain
-             ) -> tuple[PrefixCache, SamplerState]:
+def _prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens_bp: jax.Array,
+    mask_bp: jax.Array,
+    valid_b: jax.Array,
+    seed: jax.Array,
+    s: SamplingSettings,
+    constrain,
+) -> tuple[PrefixCache, SamplerState]:
     model: Transformer = nnx.merge(graphdef, params)
     b = tokens_bp.shape[0]
     logits_bv, prefix = model.prefill(tokens_bp, prompt_positions(mask_bp), mask_bp)
@@ -263,8 +279,9 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens_bp: jax.Array, ma
     tokens_bkt = jnp.full((b, s.k, s.max_new_tokens), s.pad_id, jnp.int32)
     state = SamplerState(
         tokens_bkt=tokens_bkt.at[:, :, 0].set(jnp.where(valid_bk, tok_bk, s.pad_id)),
-        logprobs_bkt=jnp.zeros(tokens_bkt.shape, jnp.float32).at[:, :, 0].set(
-            jnp.where(valid_bk, lp_bk, 0.0)),
+        logprobs_bkt=jnp.zeros(tokens_bkt.shape, jnp.float32)
+        .at[:, :, 0]
+        .set(jnp.where(valid_bk, lp_bk, 0.0)),
         last_bk=tok_bk,
         lengths_bk=valid_bk.astype(jnp.int32),
         finished_bk=finished,
@@ -279,8 +296,9 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens_bp: jax.Array, ma
     return constrain(prefix), constrain(state)
 
 
-def _decode_step(model: Transformer, prefix: PrefixCache, st: SamplerState, s: SamplingSettings
-                 ) -> SamplerState:
+def _decode_step(
+    model: Transformer, prefix: PrefixCache, st: SamplerState, s: SamplingSettings
+) -> SamplerState:
     """Feed y_step; pending EOS rows read log p(z_c); generating rows draw y_{step+1}."""
     t = s.max_new_tokens
     positions_bk = jnp.broadcast_to(st.prompt_len_b[:, None] + st.step, st.last_bk.shape)
@@ -314,8 +332,14 @@ def _decode_step(model: Transformer, prefix: PrefixCache, st: SamplerState, s: S
     )
 
 
-def _decode_loop(graphdef: nnx.GraphDef, params: nnx.State, prefix: PrefixCache,
-                 state: SamplerState, s: SamplingSettings, constrain) -> SamplerState:
+def _decode_loop(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prefix: PrefixCache,
+    state: SamplerState,
+    s: SamplingSettings,
+    constrain,
+) -> SamplerState:
     model: Transformer = nnx.merge(graphdef, params)
 
     def cond(st: SamplerState) -> jax.Array:
@@ -353,16 +377,25 @@ def _constrainer(mesh: Mesh | None):
 
     def constrain(tree):
         if isinstance(tree, PrefixCache):
-            return PrefixCache(pin(tree.k_lbphd, _cache), pin(tree.v_lbphd, _cache),
-                               pin(tree.mask_bp, _batch_major))
+            return PrefixCache(
+                pin(tree.k_lbphd, _cache),
+                pin(tree.v_lbphd, _cache),
+                pin(tree.mask_bp, _batch_major),
+            )
         suffix = SuffixCache(pin(tree.suffix.k_lbkthd, _cache), pin(tree.suffix.v_lbkthd, _cache))
         replicated = sharding.replicated(mesh)
         fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
-        fields = {name: pin(x, _batch_major) for name, x in fields.items()
-                  if name not in ("suffix", "seed_key", "step")}
-        return SamplerState(**fields, suffix=suffix,
-                            seed_key=jax.lax.with_sharding_constraint(tree.seed_key, replicated),
-                            step=jax.lax.with_sharding_constraint(tree.step, replicated))
+        fields = {
+            name: pin(x, _batch_major)
+            for name, x in fields.items()
+            if name not in ("suffix", "seed_key", "step")
+        }
+        return SamplerState(
+            **fields,
+            suffix=suffix,
+            seed_key=jax.lax.with_sharding_constraint(tree.seed_key, replicated),
+            step=jax.lax.with_sharding_constraint(tree.step, replicated),
+        )
 
     return constrain
 
@@ -393,11 +426,19 @@ class Sampler:
     counts traces and calls so tests can assert both.
     """
 
-    def __init__(self, model: Transformer | tuple[nnx.GraphDef, nnx.State], *,
-                 eos_ids: Sequence[int], pad_id: int, self_reward_token_id: int,
-                 max_new_tokens: int, max_prompt_len: int = 2048,
-                 prompt_buckets: Sequence[int] = (), mesh: Mesh | None = None,
-                 cast_params: bool = True):
+    def __init__(
+        self,
+        model: Transformer | tuple[nnx.GraphDef, nnx.State],
+        *,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        self_reward_token_id: int,
+        max_new_tokens: int,
+        max_prompt_len: int = 2048,
+        prompt_buckets: Sequence[int] = (),
+        mesh: Mesh | None = None,
+        cast_params: bool = True,
+    ):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.cfg = nnx.merge(graphdef, params).cfg
         vocab = self.cfg.vocab_size
@@ -405,36 +446,56 @@ class Sampler:
         self.pad_id = int(pad_id)
         self.self_reward_token_id = int(self_reward_token_id)
         for e in self.eos_ids:
-            _require(0 <= e < vocab, "eos_ids",
-                     f"EOS id {e} is outside the vocabulary [0, {vocab})")
-        _require(0 <= self.pad_id < vocab, "pad_id",
-                 f"{self.pad_id} is outside the vocabulary [0, {vocab})")
+            _require(
+                0 <= e < vocab, "eos_ids", f"EOS id {e} is outside the vocabulary [0, {vocab})"
+            )
+        _require(
+            0 <= self.pad_id < vocab,
+            "pad_id",
+            f"{self.pad_id} is outside the vocabulary [0, {vocab})",
+        )
         z = self.self_reward_token_id
-        _require(0 <= z < vocab, "self_reward_token_id",
-                 f"z_c = {z} is outside the vocabulary [0, {vocab}); pick a token the model "
-                 "never emits (Qwen2.5: 151652, Llama-3: 128002)")
-        _require(z not in self.eos_ids, "self_reward_token_id",
-                 f"z_c = {z} is also an EOS id; choose a token the model never emits")
+        _require(
+            0 <= z < vocab,
+            "self_reward_token_id",
+            f"z_c = {z} is outside the vocabulary [0, {vocab}); pick a token the model "
+            "never emits (Qwen2.5: 151652, Llama-3: 128002)",
+        )
+        _require(
+            z not in self.eos_ids,
+            "self_reward_token_id",
+            f"z_c = {z} is also an EOS id; choose a token the model never emits",
+        )
         _require(max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {max_new_tokens}")
         buckets = tuple(sorted(int(b) for b in prompt_buckets)) or default_prompt_buckets(
-            max_prompt_len)
-        _require(all(b > 0 for b in buckets), "prompt_buckets", f"every bucket must be > 0: "
-                 f"{buckets}")
+            max_prompt_len
+        )
+        _require(
+            all(b > 0 for b in buckets), "prompt_buckets", f"every bucket must be > 0: {buckets}"
+        )
         self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = buckets
         self.mesh = mesh
-        self.batch_multiple = 1 if mesh is None else math.prod(mesh.shape[a]
-                                                                for a in sharding.BATCH)
+        self.batch_multiple = (
+            1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH)
+        )
         self.cast_params = cast_params
         self.graphdef = graphdef
-        self.stats = {"prefill_traces": 0, "decode_traces": 0, "prefill_calls": 0,
-                      "prefill_rows": 0, "decode_calls": 0, "decode_steps": 0}
+        self.stats = {
+            "prefill_traces": 0,
+            "decode_traces": 0,
+            "prefill_calls": 0,
+            "prefill_rows": 0,
+            "decode_calls": 0,
+            "decode_steps": 0,
+        }
         constrain = _constrainer(mesh)
 
         def prefill(params, tokens_bp, mask_bp, valid_b, seed, settings):
             self.stats["prefill_traces"] += 1
-            return _prefill(graphdef, params, tokens_bp, mask_bp, valid_b, seed, settings,
-                            constrain)
+            return _prefill(
+                graphdef, params, tokens_bp, mask_bp, valid_b, seed, settings, constrain
+            )
 
         def loop(params, prefix, state, settings):
             self.stats["decode_traces"] += 1
@@ -446,22 +507,42 @@ class Sampler:
         self.update_params(params)
 
     @classmethod
-    def from_config(cls, model, rollout: RolloutConfig, *, eos_ids: Sequence[int], pad_id: int,
-                    self_reward_token_id: int, mesh: Mesh | None = None) -> Sampler:
-        return cls(model, eos_ids=eos_ids, pad_id=pad_id,
-                   self_reward_token_id=self_reward_token_id,
-                   max_new_tokens=rollout.max_new_tokens, max_prompt_len=rollout.max_prompt_len,
-                   prompt_buckets=rollout.prompt_buckets, mesh=mesh)
+    def from_config(
+        cls,
+        model,
+        rollout: RolloutConfig,
+        *,
+        eos_ids: Sequence[int],
+        pad_id: int,
+        self_reward_token_id: int,
+        mesh: Mesh | None = None,
+    ) -> Sampler:
+        return cls(
+            model,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            self_reward_token_id=self_reward_token_id,
+            max_new_tokens=rollout.max_new_tokens,
+            max_prompt_len=rollout.max_prompt_len,
+            prompt_buckets=rollout.prompt_buckets,
+            mesh=mesh,
+        )
 
     def update_params(self, model_or_params: Transformer | nnx.State) -> None:
         """Use new policy weights (same structure and shapes: no recompile)."""
-        params = (nnx.state(model_or_params) if isinstance(model_or_params, nnx.Module)
-                  else model_or_params)
+        params = (
+            nnx.state(model_or_params)
+            if isinstance(model_or_params, nnx.Module)
+            else model_or_params
+        )
         compute = to_dtype(self.cfg.dtype)
 
         def cast(x):
-            if (self.cast_params and jnp.issubdtype(x.dtype, jnp.floating)
-                    and x.dtype.itemsize > compute.itemsize):
+            if (
+                self.cast_params
+                and jnp.issubdtype(x.dtype, jnp.floating)
+                and x.dtype.itemsize > compute.itemsize
+            ):
                 return x.astype(compute)
             return x
 
@@ -475,12 +556,15 @@ class Sampler:
         for b in self.prompt_buckets:
             if length <= b:
                 return b
-        raise ValueError(f"prompt of {length} tokens is longer than the largest prompt bucket "
-                         f"{self.prompt_buckets[-1]}; raise rollout.max_prompt_len / "
-                         "rollout.prompt_buckets or filter long prompts")
+        raise ValueError(
+            f"prompt of {length} tokens is longer than the largest prompt bucket "
+            f"{self.prompt_buckets[-1]}; raise rollout.max_prompt_len / "
+            "rollout.prompt_buckets or filter long prompts"
+        )
 
-    def pad_prompts(self, prompt_ids: Sequence[Sequence[int]]
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def pad_prompts(
+        self, prompt_ids: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Left-pad into [B, P] (B a multiple of the data-parallel size, P a bucket).
 
         Rows past the real prompts are batch padding: one pad token, marked invalid.
@@ -493,35 +577,44 @@ class Sampler:
             _require(r.size >= 1, f"prompt_ids[{i}]", "is empty; every prompt needs a token")
             bad = r[(r < 0) | (r >= vocab)]
             if bad.size:
-                _require(False, f"prompt_ids[{i}]",
-                         f"token {int(bad[0])} is outside the vocabulary [0, {vocab})")
+                _require(
+                    False,
+                    f"prompt_ids[{i}]",
+                    f"token {int(bad[0])} is outside the vocabulary [0, {vocab})",
+                )
         p = self.bucket_for(max(r.size for r in rows))
         b = -(-n // self.batch_multiple) * self.batch_multiple
         tokens = np.full((b, p), self.pad_id, np.int32)
         mask = np.zeros((b, p), bool)
         for i, r in enumerate(rows):
-            tokens[i, p - r.size:] = r
-            mask[i, p - r.size:] = True
+            tokens[i, p - r.size :] = r
+            mask[i, p - r.size :] = True
         mask[n:, -1] = True
         valid = np.arange(b) < n
         return tokens, mask, valid
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def settings(self, *, k: int, temperature: float, top_p: float, top_k: int
-                 ) -> SamplingSettings:
+    def settings(self, *, k: int, temperature: float, top_p: float, top_k: int) -> SamplingSettings:
         _require(k >= 1, "k", f"samples per prompt must be >= 1, got {k}")
         _require(temperature >= 0, "temperature", f"must be >= 0 (0 = greedy), got {temperature}")
         _require(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
         _require(top_k >= 0, "top_k", f"must be >= 0 (0 = full vocabulary), got {top_k}")
         top_k = 0 if top_k >= self.cfg.vocab_size else int(top_k)
-        return SamplingSettings(k=int(k), max_new_tokens=self.max_new_tokens,
-                                temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-                                eos_ids=self.eos_ids, pad_id=self.pad_id,
-                                self_reward_token_id=self.self_reward_token_id)
+        return SamplingSettings(
+            k=int(k),
+            max_new_tokens=self.max_new_tokens,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            top_k=top_k,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+            self_reward_token_id=self.self_reward_token_id,
+        )
 
-    def start(self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, seed: int
-              ) -> tuple[PrefixCache, SamplerState, np.ndarray, np.ndarray]:
+    def start(
+        self, prompt_ids: Sequence[Sequence[int]], settings: SamplingSettings, seed: int
+    ) -> tuple[PrefixCache, SamplerState, np.ndarray, np.ndarray]:
         """Pad, shard and prefill: the prefix cache and the initial state (device arrays)."""
         tokens, mask, valid = self.pad_prompts(prompt_ids)
         dev = [jnp.asarray(x) for x in (tokens, mask, valid)]
@@ -532,23 +625,42 @@ class Sampler:
         prefix, state = self._prefill(self.params, *dev, np.uint32(seed % 2**32), settings)
         return prefix, state, tokens, mask
 
-    def decode(self, prefix: PrefixCache, state: SamplerState, settings: SamplingSettings
-               ) -> SamplerState:
+    def decode(
+        self, prefix: PrefixCache, state: SamplerState, settings: SamplingSettings
+    ) -> SamplerState:
         """Run the decode loop until every row is complete; `state` is donated."""
         self.stats["decode_calls"] += 1
         return self._loop(self.params, prefix, state, settings)
 
-    def sample(self, prompt_ids: Sequence[Sequence[int]], *, k: int = 1,
-               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0
-               ) -> RolloutBatch:
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        k: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> RolloutBatch:
         """K samples per prompt, their log-probs and log p(z_c) (LASER_SPEC section 5)."""
         s = self.settings(k=k, temperature=temperature, top_p=top_p, top_k=top_k)
         prefix, state, tokens, mask = self.start(prompt_ids, s, seed)
         state = self.decode(prefix, state, s)
         n = len(prompt_ids)
-        host = _fetch({f: getattr(state, f) for f in (
-            "tokens_bkt", "logprobs_bkt", "lengths_bk", "finished_bk", "truncated_bk",
-            "logp_zc_bk", "step")})
+        host = _fetch(
+            {
+                f: getattr(state, f)
+                for f in (
+                    "tokens_bkt",
+                    "logprobs_bkt",
+                    "lengths_bk",
+                    "finished_bk",
+                    "truncated_bk",
+                    "logp_zc_bk",
+                    "step",
+                )
+            }
+        )
         self.stats["decode_steps"] += int(host["step"])
 
         def rows(x):  # [B, K, ...] of the real prompts -> [N*K, ...]
@@ -556,13 +668,19 @@ class Sampler:
 
         lengths = rows(host["lengths_bk"])
         return RolloutBatch(
-            prompt_tokens=tokens[:n], prompt_mask=mask[:n],
+            prompt_tokens=tokens[:n],
+            prompt_mask=mask[:n],
             response_tokens=rows(host["tokens_bkt"]),
             response_mask=np.arange(s.max_new_tokens)[None] < lengths[:, None],
-            logprobs=rows(host["logprobs_bkt"]), lengths=lengths,
-            finished=rows(host["finished_bk"]), truncated=rows(host["truncated_bk"]),
-            logp_zc=rows(host["logp_zc_bk"]), k=s.k,
-            logprob_temperature=s.logprob_temperature, decode_steps=int(host["step"]))
+            logprobs=rows(host["logprobs_bkt"]),
+            lengths=lengths,
+            finished=rows(host["finished_bk"]),
+            truncated=rows(host["truncated_bk"]),
+            logp_zc=rows(host["logp_zc_bk"]),
+            k=s.k,
+            logprob_temperature=s.logprob_temperature,
+            decode_steps=int(host["step"]),
+        )
 
 
 def _fetch(tree):
@@ -581,6 +699,15 @@ def _require(cond: bool, field: str, msg: str) -> None:
         raise ValueError(f"sampler argument `{field}`: {msg}")
 
 
-__all__ = ["RolloutBatch", "Sampler", "SamplerState", "SamplingSettings", "prompt_positions",
-           "sample_tokens", "token_logprobs", "top_k_exact", "row_keys", "default_prompt_buckets"]
-
+__all__ = [
+    "RolloutBatch",
+    "Sampler",
+    "SamplerState",
+    "SamplingSettings",
+    "prompt_positions",
+    "sample_tokens",
+    "token_logprobs",
+    "top_k_exact",
+    "row_keys",
+    "default_prompt_buckets",
+]

@@ -44,13 +44,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ConfigError(f"config field `mesh`: {len(devices)} devices are not divisible by "
-                              f"the fixed axes' product {known}")
+            raise ConfigError(
+                f"config field `mesh`: {len(devices)} devices are not divisible by "
+                f"the fixed axes' product {known}"
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"config field `mesh`: data x fsdp x tensor = {sizes} uses "
-                          f"{int(np.prod(sizes))} devices but {len(devices)} are present; set "
-                          "one axis to -1 to fill the rest")
+        raise ConfigError(
+            f"config field `mesh`: data x fsdp x tensor = {sizes} uses "
+            f"{int(np.prod(sizes))} devices but {len(devices)} are present; set "
+            "one axis to -1 to fill the rest"
+        )
     return Mesh(np.asarray(devices).reshape(sizes), AXES)
 
 

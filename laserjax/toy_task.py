@@ -56,23 +56,28 @@ class ToyConfig:
                 value = float(value)
                 object.__setattr__(self, f.name, value)
             if type(value) is not kind:
-                raise ConfigError(f"config field `model.toy.{f.name}`: expected "
-                                  f"{kind.__name__}, got {value!r}")
+                raise ConfigError(
+                    f"config field `model.toy.{f.name}`: expected {kind.__name__}, got {value!r}"
+                )
             if value < 0:
                 raise ConfigError(f"config field `model.toy.{f.name}`: must be >= 0, got {value}")
         if self.max_operand < 2:
             raise ConfigError("config field `model.toy.max_operand`: must be >= 2")
         if self.hidden_size % self.num_heads or self.num_heads % max(self.num_kv_heads, 1):
-            raise ConfigError("config fields `model.toy.hidden_size/num_heads/num_kv_heads`: "
-                              "hidden_size must divide by num_heads, num_heads by num_kv_heads")
+            raise ConfigError(
+                "config fields `model.toy.hidden_size/num_heads/num_kv_heads`: "
+                "hidden_size must divide by num_heads, num_heads by num_kv_heads"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ToyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d or {}) - known
         if unknown:
-            raise ConfigError(f"config field `model.toy`: unknown keys {sorted(unknown)}; known: "
-                              f"{', '.join(sorted(known))}")
+            raise ConfigError(
+                f"config field `model.toy`: unknown keys {sorted(unknown)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
         return cls(**(d or {}))
 
 
@@ -86,8 +91,9 @@ def make_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
-                                   additional_special_tokens=[ZC])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, additional_special_tokens=[ZC]
+    )
 
 
 def token_ids() -> dict[str, int]:
@@ -95,14 +101,24 @@ def token_ids() -> dict[str, int]:
     return {"pad": tok.pad_token_id, "eos": tok.eos_token_id, "zc": tok.convert_tokens_to_ids(ZC)}
 
 
-def model_config(toy: ToyConfig, *, dtype: str = "float32", param_dtype: str = "float32"
-                 ) -> TransformerConfig:
+def model_config(
+    toy: ToyConfig, *, dtype: str = "float32", param_dtype: str = "float32"
+) -> TransformerConfig:
     return TransformerConfig(
-        model_type="qwen2", vocab_size=len(make_tokenizer()), hidden_size=toy.hidden_size,
-        intermediate_size=toy.intermediate_size, num_layers=toy.num_layers,
-        num_heads=toy.num_heads, num_kv_heads=toy.num_kv_heads,
-        head_dim=toy.hidden_size // toy.num_heads, tie_word_embeddings=True, qkv_bias=True,
-        max_position_embeddings=64, dtype=dtype, param_dtype=param_dtype)
+        model_type="qwen2",
+        vocab_size=len(make_tokenizer()),
+        hidden_size=toy.hidden_size,
+        intermediate_size=toy.intermediate_size,
+        num_layers=toy.num_layers,
+        num_heads=toy.num_heads,
+        num_kv_heads=toy.num_kv_heads,
+        head_dim=toy.hidden_size // toy.num_heads,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        max_position_embeddings=64,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
 
 
 def problems(toy: ToyConfig) -> tuple[list[Problem], list[Problem]]:
@@ -122,7 +138,7 @@ def problems(toy: ToyConfig) -> tuple[list[Problem], list[Problem]]:
         op, a, b = pairs[i]
         answer = a + b if op == "+" else a * b
         every.append(Problem(id=f"{a}{op}{b}", problem=f"{a}{op}{b}=", answer=str(answer)))
-    return every[toy.eval_problems:], every[:toy.eval_problems]
+    return every[toy.eval_problems :], every[: toy.eval_problems]
 
 
 def exact_match(responses: list[str], answers: list[str]) -> np.ndarray:
@@ -143,8 +159,8 @@ def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict
     tokens = np.full((len(enc), width), ids["pad"], np.int32)
     loss_mask = np.zeros((len(enc), width), bool)
     for i, (a, b) in enumerate(enc):
-        tokens[i, :len(a) + len(b)] = a + b
-        loss_mask[i, len(a):len(a) + len(b)] = True
+        tokens[i, : len(a) + len(b)] = a + b
+        loss_mask[i, len(a) : len(a) + len(b)] = True
     valid = tokens != ids["pad"]
     positions = np.broadcast_to(np.arange(width), tokens.shape)
 
@@ -171,17 +187,20 @@ def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict
 
     loss = float("nan")
     if toy.sft_steps:
-        params, losses = run(params, jnp.asarray(
-            rng.integers(0, len(enc), (toy.sft_steps, toy.sft_batch))))
+        params, losses = run(
+            params, jnp.asarray(rng.integers(0, len(enc), (toy.sft_steps, toy.sft_batch)))
+        )
         nnx.update(model, params)
         loss = float(losses[-1])
     return {"sft_final_loss": loss, "sft_steps": toy.sft_steps}
 
 
-def build(toy: ToyConfig, *, seed: int, dtype: str = "float32", param_dtype: str = "float32"
-          ) -> tuple[Transformer, dict[str, float]]:
+def build(
+    toy: ToyConfig, *, seed: int, dtype: str = "float32", param_dtype: str = "float32"
+) -> tuple[Transformer, dict[str, float]]:
     """A freshly initialised tiny policy after its supervised warm start."""
-    model = Transformer(model_config(toy, dtype=dtype, param_dtype=param_dtype),
-                        rngs=nnx.Rngs(seed))
+    model = Transformer(
+        model_config(toy, dtype=dtype, param_dtype=param_dtype), rngs=nnx.Rngs(seed)
+    )
     train, _ = problems(toy)
     return model, warm_start(toy, train, model)

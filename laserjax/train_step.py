@@ -84,25 +84,28 @@ class TrainBatch:
     """[R, T] float: reference-policy log-probs, required when policy_loss.kl_coef > 0."""
 
     @classmethod
-    def from_rollout(cls, rollout: RolloutBatch, rewards: np.ndarray,
-                     ref_logprobs: np.ndarray | None = None) -> TrainBatch:
+    def from_rollout(
+        cls, rollout: RolloutBatch, rewards: np.ndarray, ref_logprobs: np.ndarray | None = None
+    ) -> TrainBatch:
         """From the sampler's output (one prompt row per prompt) and the verifier's rewards.
 
         The step's `StepSettings.temperature` must equal `rollout.logprob_temperature`.
         """
+
         def repeat(x: np.ndarray) -> jax.Array:
             return jnp.asarray(np.repeat(x, rollout.k, axis=0))
 
-        return cls(prompt_tokens=repeat(rollout.prompt_tokens),
-                   prompt_mask=repeat(rollout.prompt_mask),
-                   response_tokens=jnp.asarray(rollout.response_tokens),
-                   response_mask=jnp.asarray(rollout.response_mask),
-                   old_logprobs=jnp.asarray(rollout.logprobs, jnp.float32),
-                   finished=jnp.asarray(rollout.finished),
-                   rewards=jnp.asarray(rewards, jnp.float32),
-                   rollout_logp_zc=jnp.asarray(rollout.logp_zc, jnp.float32),
-                   ref_logprobs=None if ref_logprobs is None else jnp.asarray(ref_logprobs,
-                                                                              jnp.float32))
+        return cls(
+            prompt_tokens=repeat(rollout.prompt_tokens),
+            prompt_mask=repeat(rollout.prompt_mask),
+            response_tokens=jnp.asarray(rollout.response_tokens),
+            response_mask=jnp.asarray(rollout.response_mask),
+            old_logprobs=jnp.asarray(rollout.logprobs, jnp.float32),
+            finished=jnp.asarray(rollout.finished),
+            rewards=jnp.asarray(rewards, jnp.float32),
+            rollout_logp_zc=jnp.asarray(rollout.logp_zc, jnp.float32),
+            ref_logprobs=None if ref_logprobs is None else jnp.asarray(ref_logprobs, jnp.float32),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +133,10 @@ class StepSettings:
         if self.group_size < 1:
             raise ValueError(f"StepSettings.group_size must be >= 1 (K), got {self.group_size}")
         if self.micro_batch_size < 0:
-            raise ValueError("StepSettings.micro_batch_size must be >= 0 (0 = no accumulation), "
-                             f"got {self.micro_batch_size}")
+            raise ValueError(
+                "StepSettings.micro_batch_size must be >= 0 (0 = no accumulation), "
+                f"got {self.micro_batch_size}"
+            )
         if self.logit_chunk < 1:
             raise ValueError(f"StepSettings.logit_chunk must be >= 1, got {self.logit_chunk}")
         if self.temperature < 0:
@@ -166,18 +171,24 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 def train_state_sharding(state: TrainState, mesh: Mesh) -> TrainState:
     """NamedShardings of a TrainState (arrays or ShapeDtypeStructs), from the one rule table."""
-    return TrainState(params=sharding.state_shardings(state.params, mesh),
-                      opt_state=sharding.state_shardings(state.opt_state, mesh),
-                      step=sharding.replicated(mesh))
+    return TrainState(
+        params=sharding.state_shardings(state.params, mesh),
+        opt_state=sharding.state_shardings(state.opt_state, mesh),
+        step=sharding.replicated(mesh),
+    )
 
 
-def init_train_state(model: Transformer, optim_cfg: OptimConfig, mesh: Mesh
-                     ) -> tuple[nnx.GraphDef, TrainState]:
+def init_train_state(
+    model: Transformer, optim_cfg: OptimConfig, mesh: Mesh
+) -> tuple[nnx.GraphDef, TrainState]:
     """Split the model into (graphdef, params), place params and fresh AdamW moments on `mesh`."""
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(optim_cfg)
-    abstract = TrainState(params=params, opt_state=jax.eval_shape(tx.init, params),
-                          step=jax.ShapeDtypeStruct((), jnp.int32))
+    abstract = TrainState(
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+    )
     shard = train_state_sharding(abstract, mesh)
     params = jax.device_put(params, shard.params)
     opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
@@ -189,8 +200,9 @@ def init_train_state(model: Transformer, optim_cfg: OptimConfig, mesh: Mesh
 # The forward: sequences, chunked log-probs, log p(z_c).
 
 
-def build_sequences(batch: TrainBatch, zc_id: int, append_zc: bool
-                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def build_sequences(
+    batch: TrainBatch, zc_id: int, append_zc: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`prompt, response[, z_c]` as one padded batch (LASER_SPEC section 2).
 
     z_c sits at eos_pos + 1 of finished rows only, so the sequence gets one more column for a row
@@ -216,9 +228,14 @@ def build_sequences(batch: TrainBatch, zc_id: int, append_zc: bool
     return tokens_bl, positions_bl, mask_bl, n_resp_b
 
 
-def chunked_token_logprobs(model: Transformer, h_btd: jax.Array, targets_bt: jax.Array,
-                           temperature: float, chunk: int, with_entropy: bool = False
-                           ) -> tuple[jax.Array, jax.Array | None]:
+def chunked_token_logprobs(
+    model: Transformer,
+    h_btd: jax.Array,
+    targets_bt: jax.Array,
+    temperature: float,
+    chunk: int,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
     """`token_logprobs(model.logits(h), targets, temperature)` without materialising [B, T, V].
 
     The LM head runs over `chunk` positions at a time inside `lax.map`; `jax.checkpoint` keeps
@@ -257,8 +274,13 @@ def chunked_token_logprobs(model: Transformer, h_btd: jax.Array, targets_bt: jax
     return unchunk(logp_nbc), None if ent_nbc is None else unchunk(ent_nbc)
 
 
-def sequence_logprobs(model: Transformer, batch: TrainBatch, settings: StepSettings,
-                      with_zc: bool = True, mesh: Mesh | None = None) -> dict[str, jax.Array]:
+def sequence_logprobs(
+    model: Transformer,
+    batch: TrainBatch,
+    settings: StepSettings,
+    with_zc: bool = True,
+    mesh: Mesh | None = None,
+) -> dict[str, jax.Array]:
     """One forward over `prompt, response[, z_c]`: the policy and self-reward log-probs.
 
     Returns:
@@ -271,20 +293,28 @@ def sequence_logprobs(model: Transformer, batch: TrainBatch, settings: StepSetti
     p = batch.prompt_tokens.shape[1]
     t = batch.response_tokens.shape[1]
     if p < 1:
-        raise ValueError("TrainBatch.prompt_tokens has no columns: the first response token needs "
-                         "at least one prompt position to be predicted from")
+        raise ValueError(
+            "TrainBatch.prompt_tokens has no columns: the first response token needs "
+            "at least one prompt position to be predicted from"
+        )
     tokens, positions, mask, n_resp_b = build_sequences(
-        batch, settings.self_reward_token_id, append_zc=with_zc and settings.append_zc)
+        batch, settings.self_reward_token_id, append_zc=with_zc and settings.append_zc
+    )
     constrain = None
     if mesh is not None:  # keep the residual stream batch-sharded between blocks
         spec = NamedSharding(mesh, P(sharding.BATCH, None, None))
         constrain = lambda x: jax.lax.with_sharding_constraint(x, spec)  # noqa: E731
     h_bld = model.hidden(tokens, positions, mask, constrain=constrain)
     # Position i predicts token i + 1: response token j comes from position P - 1 + j.
-    h_resp = h_bld[:, p - 1:p - 1 + t]
+    h_resp = h_bld[:, p - 1 : p - 1 + t]
     logp_bt, ent_bt = chunked_token_logprobs(
-        model, h_resp, batch.response_tokens, settings.temperature, settings.logit_chunk,
-        settings.compute_entropy)
+        model,
+        h_resp,
+        batch.response_tokens,
+        settings.temperature,
+        settings.logit_chunk,
+        settings.compute_entropy,
+    )
     out = {"logp_bt": logp_bt}
     if ent_bt is not None:
         out["entropy_bt"] = ent_bt
@@ -314,23 +344,34 @@ def _check_rows(batch: TrainBatch, settings: StepSettings, mesh: Mesh | None) ->
     """Static shape checks (trace time); returns the number of micro-batches."""
     r = batch.rewards.shape[0]
     if r % settings.group_size:
-        raise ValueError(f"TrainBatch has {r} rows, not a multiple of K = group_size = "
-                         f"{settings.group_size}: rows must be whole prompt groups")
+        raise ValueError(
+            f"TrainBatch has {r} rows, not a multiple of K = group_size = "
+            f"{settings.group_size}: rows must be whole prompt groups"
+        )
     mb = settings.micro_batch_size or r
     if r % mb:
-        raise ValueError(f"micro_batch_size {mb} does not divide the {r} rows of the step batch; "
-                         "pick a divisor (config field train.micro_batch_size)")
+        raise ValueError(
+            f"micro_batch_size {mb} does not divide the {r} rows of the step batch; "
+            "pick a divisor (config field train.micro_batch_size)"
+        )
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
         if mb % shards:
-            raise ValueError(f"micro-batches of {mb} rows cannot be split over the {shards} batch "
-                             f"shards of the mesh (data x fsdp); make train.micro_batch_size a "
-                             f"multiple of {shards}")
+            raise ValueError(
+                f"micro-batches of {mb} rows cannot be split over the {shards} batch "
+                f"shards of the mesh (data x fsdp); make train.micro_batch_size a "
+                f"multiple of {shards}"
+            )
     return r // mb
 
 
-def make_grad_fn(graphdef: nnx.GraphDef, laser_cfg: LaserConfig, loss_cfg: PolicyLossConfig,
-                 settings: StepSettings, mesh: Mesh | None = None):
+def make_grad_fn(
+    graphdef: nnx.GraphDef,
+    laser_cfg: LaserConfig,
+    loss_cfg: PolicyLossConfig,
+    settings: StepSettings,
+    mesh: Mesh | None = None,
+):
     """`grad_fn(params, batch, step) -> (grads, metrics)` for the step numbered `step` (from 1).
 
     Not jitted: `make_train_step` jits it with the optimizer; tests jit it alone. `grads` has the
@@ -346,13 +387,22 @@ def make_grad_fn(graphdef: nnx.GraphDef, laser_cfg: LaserConfig, loss_cfg: Polic
         out = sequence_logprobs(model, b, settings, with_zc=use_laser, mesh=mesh)
         mask = b.response_mask
         loss_bt, ppo = laser.ppo_clipped_surrogate(
-            out["logp_bt"], b.old_logprobs, rows.advantages, mask, loss_cfg.clip_low,
-            loss_cfg.clip_high, loss_cfg.dual_clip)
+            out["logp_bt"],
+            b.old_logprobs,
+            rows.advantages,
+            mask,
+            loss_cfg.clip_low,
+            loss_cfg.clip_high,
+            loss_cfg.dual_clip,
+        )
         pg = laser.aggregate_loss(loss_bt, mask, loss_cfg.loss_agg)
         loss = laser.SumCount(pg.total, dens["policy"]).value()
-        metrics = {"actor/pg_loss": pg, "actor/pg_clipfrac": ppo["clipfrac"],
-                   "actor/pg_clipfrac_lower": ppo["clipfrac_lower"],
-                   "actor/ppo_kl": ppo["ppo_kl"]}
+        metrics = {
+            "actor/pg_loss": pg,
+            "actor/pg_clipfrac": ppo["clipfrac"],
+            "actor/pg_clipfrac_lower": ppo["clipfrac_lower"],
+            "actor/ppo_kl": ppo["ppo_kl"],
+        }
         if "entropy_bt" in out:
             metrics["actor/entropy"] = laser.aggregate_loss(out["entropy_bt"], mask, "token-mean")
         if use_kl:
@@ -374,8 +424,10 @@ def make_grad_fn(graphdef: nnx.GraphDef, laser_cfg: LaserConfig, loss_cfg: Polic
     def grad_fn(params: nnx.State, batch: TrainBatch, step: jax.Array | int):
         n_micro = _check_rows(batch, settings, mesh)
         if use_kl and batch.ref_logprobs is None:
-            raise ValueError("policy_loss.kl_coef > 0 needs TrainBatch.ref_logprobs (the "
-                             "reference policy's log-probs of the response tokens)")
+            raise ValueError(
+                "policy_loss.kl_coef > 0 needs TrainBatch.ref_logprobs (the "
+                "reference policy's log-probs of the response tokens)"
+            )
         # -- whole-batch quantities (spec 2-4): group statistics, class weights, denominators.
         step = jnp.asarray(step, jnp.int32)
         adv_v = laser.grpo_advantages(batch.rewards, k)
@@ -383,26 +435,33 @@ def make_grad_fn(graphdef: nnx.GraphDef, laser_cfg: LaserConfig, loss_cfg: Polic
         if use_laser:
             warm1, warm2 = laser_cfg.reasoning_warmup_steps, laser_cfg.self_reward_warmup_steps
             integrate = laser.integration_active(step, warm1, warm2)
-            r_s_rollout = laser.self_reward_score(batch.rollout_logp_zc, laser_cfg.beta_v,
-                                                  laser_cfg.c_ref)
+            r_s_rollout = laser.self_reward_score(
+                batch.rollout_logp_zc, laser_cfg.beta_v, laser_cfg.c_ref
+            )
             adv_int, fallback = laser.integrated_advantages(
-                adv_v, r_s_rollout, batch.finished, k, laser_cfg.tau, laser_cfg.std_threshold)
+                adv_v, r_s_rollout, batch.finished, k, laser_cfg.tau, laser_cfg.std_threshold
+            )
             advantages = jnp.where(integrate, adv_int, adv_v)
             mse_w, n_c, n_i = laser.mse_class_weights(batch.rewards, batch.finished)
             mse_on = laser.mse_active(step, warm1)
             mse_scale = jnp.where(mse_on, jnp.float32(laser_cfg.alpha), 0.0)
             dens = {"mse": n_c + n_i}
-            extra = {"self_reward/std_filter_fallback_frac": fallback,
-                     "self_reward/mse_active": mse_on.astype(jnp.float32),
-                     "self_reward/integration_active": integrate.astype(jnp.float32)}
+            extra = {
+                "self_reward/std_filter_fallback_frac": fallback,
+                "self_reward/mse_active": mse_on.astype(jnp.float32),
+                "self_reward/integration_active": integrate.astype(jnp.float32),
+            }
         else:
             advantages = adv_v
             mse_w = jnp.zeros_like(adv_v)
             mse_scale = jnp.float32(0.0)
             dens = {}
         # Any (sum, count) of `aggregate_loss` has a count that depends on the mask alone.
-        dens["policy"] = laser.aggregate_loss(jnp.zeros(batch.response_mask.shape, jnp.float32),
-                                              batch.response_mask, loss_cfg.loss_agg).count
+        dens["policy"] = laser.aggregate_loss(
+            jnp.zeros(batch.response_mask.shape, jnp.float32),
+            batch.response_mask,
+            loss_cfg.loss_agg,
+        ).count
         rows = _RowInputs(batch=batch, advantages=advantages, mse_weights=mse_w)
 
         # -- micro-batches: sum the gradients of numerator / whole-batch denominator.
@@ -423,7 +482,8 @@ def make_grad_fn(graphdef: nnx.GraphDef, laser_cfg: LaserConfig, loss_cfg: Polic
         values = laser.finalize(metrics)
         if use_laser:
             values["self_reward/f1"] = laser.self_verification_f1(
-                values["self_reward/acc_correct"], values["self_reward/acc_incorrect"])
+                values["self_reward/acc_correct"], values["self_reward/acc_incorrect"]
+            )
         values["response_length/mean"] = batch.response_mask.sum(-1).mean(dtype=jnp.float32)
         values["response/finished_frac"] = batch.finished.mean(dtype=jnp.float32)
         values["reward/mean"] = batch.rewards.mean(dtype=jnp.float32)
@@ -443,7 +503,8 @@ def _split_micro(x: jax.Array, n_micro: int, mesh: Mesh | None) -> jax.Array:
     x = x.reshape(r // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1)
     if mesh is not None:
         x = jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, P(None, sharding.BATCH, *(None,) * (x.ndim - 2))))
+            x, NamedSharding(mesh, P(None, sharding.BATCH, *(None,) * (x.ndim - 2)))
+        )
     return x
 
 
@@ -451,9 +512,15 @@ def _split_micro(x: jax.Array, n_micro: int, mesh: Mesh | None) -> jax.Array:
 # The jitted, sharded step.
 
 
-def make_train_step(graphdef: nnx.GraphDef, state_sharding: TrainState, laser_cfg: LaserConfig,
-                    loss_cfg: PolicyLossConfig, optim_cfg: OptimConfig, settings: StepSettings,
-                    mesh: Mesh):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    state_sharding: TrainState,
+    laser_cfg: LaserConfig,
+    loss_cfg: PolicyLossConfig,
+    optim_cfg: OptimConfig,
+    settings: StepSettings,
+    mesh: Mesh,
+):
     """`step_fn(state, batch) -> (state, metrics)`: one optimizer step, jitted on `mesh`.
 
     Params and optimizer state keep the shardings of `state_sharding` (from
@@ -472,9 +539,12 @@ def make_train_step(graphdef: nnx.GraphDef, state_sharding: TrainState, laser_cf
         return TrainState(params=params, opt_state=opt_state, step=step), metrics
 
     batch_sharding = NamedSharding(mesh, P(sharding.BATCH))  # a prefix for every batch array
-    return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,38 +556,54 @@ def check_batch(batch: TrainBatch, group_size: int) -> None:
     tokens_p, mask_p = np.asarray(batch.prompt_tokens), np.asarray(batch.prompt_mask, bool)
     tokens_r, mask_r = np.asarray(batch.response_tokens), np.asarray(batch.response_mask, bool)
     r = tokens_r.shape[0]
-    expect = {"prompt_tokens": (r, tokens_p.shape[1]), "prompt_mask": tokens_p.shape,
-              "response_tokens": tokens_r.shape, "response_mask": tokens_r.shape,
-              "old_logprobs": tokens_r.shape, "finished": (r,), "rewards": (r,),
-              "rollout_logp_zc": (r,)}
+    expect = {
+        "prompt_tokens": (r, tokens_p.shape[1]),
+        "prompt_mask": tokens_p.shape,
+        "response_tokens": tokens_r.shape,
+        "response_mask": tokens_r.shape,
+        "old_logprobs": tokens_r.shape,
+        "finished": (r,),
+        "rewards": (r,),
+        "rollout_logp_zc": (r,),
+    }
     if batch.ref_logprobs is not None:
         expect["ref_logprobs"] = tokens_r.shape
     for name, shape in expect.items():
         got = tuple(np.shape(getattr(batch, name)))
         if got != shape:
-            raise ValueError(f"TrainBatch.{name} has shape {got}, expected {shape} "
-                             "(rows R, prompt length P, response length T)")
+            raise ValueError(
+                f"TrainBatch.{name} has shape {got}, expected {shape} "
+                "(rows R, prompt length P, response length T)"
+            )
     if r % group_size:
         raise ValueError(f"TrainBatch has {r} rows, not a multiple of K = {group_size}")
     # Right padding: the mask never turns back on after its first False.
     bad = np.nonzero((~mask_r[:, :-1] & mask_r[:, 1:]).any(axis=1))[0]
     if bad.size:
-        raise ValueError(f"TrainBatch.response_mask row {bad[0]} is not right-padded (a gap "
-                         "before its last token); responses must be y_1 .. <eos> then padding")
+        raise ValueError(
+            f"TrainBatch.response_mask row {bad[0]} is not right-padded (a gap "
+            "before its last token); responses must be y_1 .. <eos> then padding"
+        )
     bad = np.nonzero((mask_p[:, :-1] & ~mask_p[:, 1:]).any(axis=1))[0]
     if bad.size:
-        raise ValueError(f"TrainBatch.prompt_mask row {bad[0]} is not left-padded; prompts must "
-                         "be padding then the prompt tokens")
+        raise ValueError(
+            f"TrainBatch.prompt_mask row {bad[0]} is not left-padded; prompts must "
+            "be padding then the prompt tokens"
+        )
     if tokens_p.shape[1] < 1 or (~mask_p.any(axis=1)).any():
         row = int(np.nonzero(~mask_p.any(axis=1))[0][0]) if tokens_p.shape[1] else 0
         raise ValueError(f"TrainBatch.prompt_mask row {row} is empty: every row needs a prompt")
     finished = np.asarray(batch.finished, bool)
     bad = np.nonzero(finished & ~mask_r.any(axis=1))[0]
     if bad.size:
-        raise ValueError(f"TrainBatch row {bad[0]} is finished but has no response tokens; a "
-                         "finished row's mask must include its EOS")
+        raise ValueError(
+            f"TrainBatch row {bad[0]} is finished but has no response tokens; a "
+            "finished row's mask must include its EOS"
+        )
     rewards = np.asarray(batch.rewards, np.float64)
     bad = np.nonzero((rewards != 0) & (rewards != 1))[0]
     if bad.size:
-        raise ValueError(f"TrainBatch.rewards row {bad[0]} is {rewards[bad[0]]}; the verifier "
-                         "reward must be 0 or 1 (LASER_SPEC section 6)")
+        raise ValueError(
+            f"TrainBatch.rewards row {bad[0]} is {rewards[bad[0]]}; the verifier "
+            "reward must be 0 or 1 (LASER_SPEC section 6)"
+        )

@@ -102,13 +102,20 @@ def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
         info: dict[str, Any] = {}
     else:
-        model, info = toy_task.build(toy, seed=cfg.train.seed, dtype=cfg.model.dtype,
-                                     param_dtype=cfg.model.param_dtype)
+        model, info = toy_task.build(
+            toy, seed=cfg.train.seed, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
+        )
     train, held_out = toy_task.problems(toy)
-    task = Task(tokenizer=tok, eos_ids=(ids["eos"],), pad_id=ids["pad"],
-                train_problems=train, train_prompts=[tok.encode(p.problem) for p in train],
-                eval_sets={"toy_arithmetic": (held_out, [tok.encode(p.problem) for p in held_out])},
-                reward_fn=toy_task.exact_match, extract_fn=lambda r: r.strip() or None)
+    task = Task(
+        tokenizer=tok,
+        eos_ids=(ids["eos"],),
+        pad_id=ids["pad"],
+        train_problems=train,
+        train_prompts=[tok.encode(p.problem) for p in train],
+        eval_sets={"toy_arithmetic": (held_out, [tok.encode(p.problem) for p in held_out])},
+        reward_fn=toy_task.exact_match,
+        extract_fn=lambda r: r.strip() or None,
+    )
     return model, task, info
 
 
@@ -119,36 +126,54 @@ def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, d
     from laserjax.reward import Grader, extract_boxed
 
     ckpt = resolve_checkpoint(cfg.model.path)
-    mcfg = TransformerConfig.from_pretrained_dir(ckpt, dtype=cfg.model.dtype,
-                                                 param_dtype=cfg.model.param_dtype,
-                                                 remat=cfg.model.remat)
+    mcfg = TransformerConfig.from_pretrained_dir(
+        ckpt, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat
+    )
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     try:
-        eos, pad = special_token_ids(ckpt, tok, eos_ids=cfg.tokens.eos_ids,
-                                     pad_id=cfg.tokens.pad_id)
+        eos, pad = special_token_ids(
+            ckpt, tok, eos_ids=cfg.tokens.eos_ids, pad_id=cfg.tokens.pad_id
+        )
     except ValueError as e:
         raise ConfigError(f"config field `tokens.eos_ids`: {e}") from None
     cfg.validate_against_vocab(mcfg.vocab_size, eos, pad)  # before loading or compiling
     if abstract:
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
     else:
-        model = load_pretrained(str(ckpt), dtype=cfg.model.dtype,
-                                param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                                mesh=mesh)
+        model = load_pretrained(
+            str(ckpt),
+            dtype=cfg.model.dtype,
+            param_dtype=cfg.model.param_dtype,
+            remat=cfg.model.remat,
+            mesh=mesh,
+        )
     if not cfg.data.train:
         raise ConfigError("config field `data.train`: set a jsonl/parquet path or hf:org/name")
-    problems, report = load_problems(cfg.data.train, problem_field=cfg.data.problem_field,
-                                     answer_field=cfg.data.answer_field)
-    enc = encode_prompts(problems, tok, template=cfg.data.template,
-                         max_prompt_len=cfg.rollout.max_prompt_len,
-                         prompt_overflow=cfg.data.prompt_overflow)
-    info = {"train_rows_skipped": report.num_skipped, "train_prompts_over_length":
-            enc.num_overflow, "train_problems": len(enc.problems)}
+    problems, report = load_problems(
+        cfg.data.train, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field
+    )
+    enc = encode_prompts(
+        problems,
+        tok,
+        template=cfg.data.template,
+        max_prompt_len=cfg.rollout.max_prompt_len,
+        prompt_overflow=cfg.data.prompt_overflow,
+    )
+    info = {
+        "train_rows_skipped": report.num_skipped,
+        "train_prompts_over_length": enc.num_overflow,
+        "train_problems": len(enc.problems),
+    }
     eval_sets = {}
     for name in cfg.data.eval:
         bench = load_benchmark(name)
-        e = encode_prompts(bench.problems, tok, template=cfg.data.template,
-                           max_prompt_len=cfg.rollout.max_prompt_len, prompt_overflow="filter")
+        e = encode_prompts(
+            bench.problems,
+            tok,
+            template=cfg.data.template,
+            max_prompt_len=cfg.rollout.max_prompt_len,
+            prompt_overflow="filter",
+        )
         eval_sets[bench.name] = (e.problems, e.token_ids)
     if cfg.data.reward == "exact":
         from laserjax.toy_task import exact_match
@@ -157,11 +182,20 @@ def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, d
     else:
         grader = Grader()
         reward_fn = lambda rs, ans: grader.grade_batch(  # noqa: E731
-            rs, ans, require_single_boxed=cfg.data.require_single_boxed)
+            rs, ans, require_single_boxed=cfg.data.require_single_boxed
+        )
         close = grader.close
-    task = Task(tokenizer=tok, eos_ids=eos, pad_id=pad, train_problems=enc.problems,
-                train_prompts=enc.token_ids, eval_sets=eval_sets, reward_fn=reward_fn,
-                extract_fn=extract_boxed, close=close)
+    task = Task(
+        tokenizer=tok,
+        eos_ids=eos,
+        pad_id=pad,
+        train_problems=enc.problems,
+        train_prompts=enc.token_ids,
+        eval_sets=eval_sets,
+        reward_fn=reward_fn,
+        extract_fn=extract_boxed,
+        close=close,
+    )
     return model, task, info
 
 
@@ -188,16 +222,24 @@ class MetricsLog:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError:
                     SummaryWriter = None
-                    print("train.tensorboard: neither tensorboardX nor torch's tensorboard is "
-                          "installed; pip install tensorboardX", file=sys.stderr)
+                    print(
+                        "train.tensorboard: neither tensorboardX nor torch's tensorboard is "
+                        "installed; pip install tensorboardX",
+                        file=sys.stderr,
+                    )
             if SummaryWriter is not None:
                 self.tb = SummaryWriter(str(out / "tensorboard"))
         if self.primary and cfg.train.wandb:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=cfg.train.wandb_project, config=to_dict(cfg),
-                                        dir=str(out), resume="allow", id=_run_id(out))
+                self.wandb = wandb.init(
+                    project=cfg.train.wandb_project,
+                    config=to_dict(cfg),
+                    dir=str(out),
+                    resume="allow",
+                    id=_run_id(out),
+                )
             except ImportError:
                 print("train.wandb: wandb is not installed; pip install wandb", file=sys.stderr)
 
@@ -242,8 +284,9 @@ def _keep_lines_up_to(path: pathlib.Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def zc_emitted_fraction(response_tokens: np.ndarray, response_mask: np.ndarray,
-                        zc_id: int) -> float:
+def zc_emitted_fraction(
+    response_tokens: np.ndarray, response_mask: np.ndarray, zc_id: int
+) -> float:
     """Share of responses that sampled z_c. The score assumes z_c is never emitted (LASER_SPEC
     section 1); a value that climbs means the self-verification loss has raised log p(z_c)
     enough to leak into responses (c_ref too close to 0 for beta_v, e.g. on a tiny vocabulary)."""
@@ -257,8 +300,11 @@ def _finite(x: Any) -> bool:
 
 @jax.jit
 def _params_finite(params) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)
-              if jnp.issubdtype(x.dtype, jnp.floating)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(params)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
     return jnp.all(jnp.stack(leaves))
 
 
@@ -274,18 +320,25 @@ class Trainer:
         self.ckpt = Checkpointer(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.resume_step = self.ckpt.latest_step()
         resuming = self.resume_step is not None
-        setup = _toy_setup if cfg.model.toy is not None else (
-            lambda c, a: _real_setup(c, self.mesh, a))
+        setup = (
+            _toy_setup if cfg.model.toy is not None else (lambda c, a: _real_setup(c, self.mesh, a))
+        )
         model, self.task, self.setup_info = setup(cfg, resuming)
         t = self.task
         per_host = cfg.train.prompts_per_step // jax.process_count()
         if per_host * jax.process_count() != cfg.train.prompts_per_step:
-            raise ConfigError(f"config field `train.prompts_per_step`: "
-                              f"{cfg.train.prompts_per_step} is not divisible by the "
-                              f"{jax.process_count()} processes")
-        self.loader = make_train_loader(t.train_problems, batch_size=per_host, seed=cfg.data.seed,
-                                        shard_index=jax.process_index(),
-                                        shard_count=jax.process_count())
+            raise ConfigError(
+                f"config field `train.prompts_per_step`: "
+                f"{cfg.train.prompts_per_step} is not divisible by the "
+                f"{jax.process_count()} processes"
+            )
+        self.loader = make_train_loader(
+            t.train_problems,
+            batch_size=per_host,
+            seed=cfg.data.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
         if resuming:
             graphdef, abstract = nnx.split(model, nnx.Param)
             self.graphdef = graphdef
@@ -300,19 +353,30 @@ class Trainer:
 
     def _make_sampler(self) -> Sampler:
         cfg, t = self.cfg, self.task
-        return Sampler((self.graphdef, self.state.params), eos_ids=t.eos_ids, pad_id=t.pad_id,
-                       self_reward_token_id=cfg.tokens.self_reward_token_id,
-                       max_new_tokens=cfg.rollout.max_new_tokens,
-                       max_prompt_len=cfg.rollout.max_prompt_len,
-                       prompt_buckets=cfg.rollout.prompt_buckets, mesh=self.mesh)
+        return Sampler(
+            (self.graphdef, self.state.params),
+            eos_ids=t.eos_ids,
+            pad_id=t.pad_id,
+            self_reward_token_id=cfg.tokens.self_reward_token_id,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            max_prompt_len=cfg.rollout.max_prompt_len,
+            prompt_buckets=cfg.rollout.prompt_buckets,
+            mesh=self.mesh,
+        )
 
     def _scoring(self) -> Scoring:
         return Scoring(beta_v=self.cfg.laser.beta_v, c_ref=self.c_ref)
 
     def _rollout(self, prompts: list[list[int]], answers: list[str], seed: int):
         r = self.cfg.rollout
-        rollout = self.sampler.sample(prompts, k=r.samples_per_prompt, temperature=r.temperature,
-                                      top_p=r.top_p, top_k=r.top_k, seed=seed)
+        rollout = self.sampler.sample(
+            prompts,
+            k=r.samples_per_prompt,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            seed=seed,
+        )
         texts = decode_responses(self.task.tokenizer, rollout)
         refs = [answers[i // r.samples_per_prompt] for i in range(len(texts))]
         return rollout, np.asarray(self.task.reward_fn(texts, refs), np.float32)
@@ -320,12 +384,21 @@ class Trainer:
     def _build_step(self) -> None:
         cfg = self.cfg
         laser_cfg = dataclasses.replace(cfg.laser, c_ref=self.c_ref)
-        settings = StepSettings(group_size=cfg.rollout.samples_per_prompt,
-                                self_reward_token_id=cfg.tokens.self_reward_token_id,
-                                temperature=cfg.rollout.temperature or 1.0,
-                                micro_batch_size=cfg.train.micro_batch_size)
-        self.step_fn = make_train_step(self.graphdef, train_state_sharding(self.state, self.mesh),
-                                       laser_cfg, cfg.policy_loss, cfg.optim, settings, self.mesh)
+        settings = StepSettings(
+            group_size=cfg.rollout.samples_per_prompt,
+            self_reward_token_id=cfg.tokens.self_reward_token_id,
+            temperature=cfg.rollout.temperature or 1.0,
+            micro_batch_size=cfg.train.micro_batch_size,
+        )
+        self.step_fn = make_train_step(
+            self.graphdef,
+            train_state_sharding(self.state, self.mesh),
+            laser_cfg,
+            cfg.policy_loss,
+            cfg.optim,
+            settings,
+            self.mesh,
+        )
 
     def evaluate(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -333,21 +406,36 @@ class Trainer:
         results: dict[str, EvalResult] = {}
         for name, (problems, prompts) in self.task.eval_sets.items():
             res = evaluate_prompts(
-                self.sampler, self.task.tokenizer, prompts, [p.answer for p in problems],
-                n=cfg.train.eval_samples, reward_fn=self.task.reward_fn,
-                extract_fn=self.task.extract_fn, scoring=self._scoring(),
-                temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                top_k=cfg.rollout.top_k, seed=10_000_019 * (cfg.train.seed + 1) + step,
-                ks=[cfg.train.eval_samples])
+                self.sampler,
+                self.task.tokenizer,
+                prompts,
+                [p.answer for p in problems],
+                n=cfg.train.eval_samples,
+                reward_fn=self.task.reward_fn,
+                extract_fn=self.task.extract_fn,
+                scoring=self._scoring(),
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                top_k=cfg.rollout.top_k,
+                seed=10_000_019 * (cfg.train.seed + 1) + step,
+                ks=[cfg.train.eval_samples],
+            )
             results[name] = res
             rows |= {f"{name}/{k}": v for k, v in res.summary.items()}
         k = cfg.train.eval_samples
         avg = average_over_benchmarks({n: r.summary for n, r in results.items()})
-        keys = {"accuracy": "accuracy", "self_verify_f1": "sv_f1",
-                "self_verify_acc_correct": "sv_acc_correct",
-                "self_verify_acc_incorrect": "sv_acc_incorrect", "maj_at_k": f"maj@{k}",
-                "weighted_maj_at_k": f"weighted_maj@{k}", "best_of_k": f"best_of_{k}",
-                "auroc": "auroc", "auroc_within": "auroc_within", "ece": "ece"}
+        keys = {
+            "accuracy": "accuracy",
+            "self_verify_f1": "sv_f1",
+            "self_verify_acc_correct": "sv_acc_correct",
+            "self_verify_acc_incorrect": "sv_acc_incorrect",
+            "maj_at_k": f"maj@{k}",
+            "weighted_maj_at_k": f"weighted_maj@{k}",
+            "best_of_k": f"best_of_{k}",
+            "auroc": "auroc",
+            "auroc_within": "auroc_within",
+            "ece": "ece",
+        }
         for out_key, key in keys.items():
             value = avg.get(key, math.nan)
             rows[out_key] = None if math.isnan(value) else float(value)
@@ -358,9 +446,11 @@ class Trainer:
         rollout, _ = self._rollout(prompts, answers, seed=-1 % 2**31)
         vals = rollout.logp_zc[rollout.finished]
         if vals.size == 0:
-            raise ConfigError("config field `laser.c_ref`: `auto` needs finished responses in "
-                              "the first rollout batch, and none ended with EOS; run "
-                              "`python -m laserjax calibrate` and set the value")
+            raise ConfigError(
+                "config field `laser.c_ref`: `auto` needs finished responses in "
+                "the first rollout batch, and none ended with EOS; run "
+                "`python -m laserjax calibrate` and set the value"
+            )
         return float(np.mean(vals))
 
     def _global_batch_indices(self) -> np.ndarray:
@@ -378,10 +468,20 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         if not bool(_params_finite(self.state.params)):
-            raise TrainingDiverged(f"step {step}: the updated parameters hold NaN or inf; not "
-                                   "saving them. The last good checkpoint is intact")
-        self.ckpt.save(step, self.state, {"step": step, "data": self.loader.get_state(),
-                                          "c_ref": self.c_ref, "seed": self.cfg.train.seed})
+            raise TrainingDiverged(
+                f"step {step}: the updated parameters hold NaN or inf; not "
+                "saving them. The last good checkpoint is intact"
+            )
+        self.ckpt.save(
+            step,
+            self.state,
+            {
+                "step": step,
+                "data": self.loader.get_state(),
+                "c_ref": self.c_ref,
+                "seed": self.cfg.train.seed,
+            },
+        )
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -408,8 +508,11 @@ class Trainer:
                 probe = [t.train_prompts[i] for i in range(min(len(t.train_prompts), 64))]
                 answers = [t.train_problems[i].answer for i in range(len(probe))]
                 self.c_ref = self._measure_c_ref(probe, answers)
-            run_info = {"c_ref": self.c_ref, **self.setup_info,
-                        "eval_start": self.evaluate(0) if t.eval_sets else {}}
+            run_info = {
+                "c_ref": self.c_ref,
+                **self.setup_info,
+                "eval_start": self.evaluate(0) if t.eval_sets else {},
+            }
             if primary:
                 run_info_path.write_text(json.dumps(run_info, indent=2))
         # A fresh run sets aside every line an earlier, never-checkpointed run left behind.
@@ -425,8 +528,9 @@ class Trainer:
                 idx = self._global_batch_indices()
                 prompts = [t.train_prompts[i] for i in idx]
                 answers = [t.train_problems[i].answer for i in idx]
-                rollout, rewards = self._rollout(prompts, answers,
-                                                 seed=(cfg.train.seed * 1_000_003 + step) % 2**31)
+                rollout, rewards = self._rollout(
+                    prompts, answers, seed=(cfg.train.seed * 1_000_003 + step) % 2**31
+                )
                 batch = TrainBatch.from_rollout(rollout, rewards)
                 check_batch(batch, cfg.rollout.samples_per_prompt)
                 self.state, metrics = self.step_fn(self.state, batch)
@@ -438,17 +542,23 @@ class Trainer:
                             f"step {step}: {key} = {row[key]}; stopping. The last good "
                             f"checkpoint (step {self.ckpt.latest_step()}) is intact in "
                             f"{self.out / 'checkpoints'}; lower optim.learning_rate or check "
-                            "the data")
+                            "the data"
+                        )
                 self.sampler.update_params(self.state.params)
                 log.write(row)
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(reward=f"{row['reward_mean']:.3f}",
-                                         f1=f"{row['self_verify_f1']:.3f}")
+                    progress.set_postfix(
+                        reward=f"{row['reward_mean']:.3f}", f1=f"{row['self_verify_f1']:.3f}"
+                    )
                 if step % cfg.train.save_every == 0 or step == cfg.train.total_steps:
                     self._save(step)
-                if t.eval_sets and cfg.train.eval_every and step % cfg.train.eval_every == 0 \
-                        and step != cfg.train.total_steps:
+                if (
+                    t.eval_sets
+                    and cfg.train.eval_every
+                    and step % cfg.train.eval_every == 0
+                    and step != cfg.train.total_steps
+                ):
                     log.write(self.evaluate(step), kind="eval")
             if t.eval_sets:
                 last_eval = self.evaluate(cfg.train.total_steps)
@@ -470,17 +580,20 @@ class Trainer:
     def _step_row(self, step, rollout, rewards, metrics, seconds) -> dict[str, Any]:
         scores = self._scoring().score(rollout.logp_zc, rollout.finished)
         sv = eval_metrics.self_verification(rewards, scores)
-        row = {"step": step, "reward_mean": float(rewards.mean()),
-               "self_verify_f1": sv.f1,
-               "self_verify_acc_correct": _nan_to_none(sv.acc_correct),
-               "self_verify_acc_incorrect": _nan_to_none(sv.acc_incorrect),
-               "r_s_correct_mean": _mean_or_none(scores[(rewards == 1) & rollout.finished]),
-               "r_s_incorrect_mean": _mean_or_none(scores[(rewards == 0) & rollout.finished]),
-               "response_len_mean": float(rollout.lengths.mean()),
-               "truncated_frac": float(rollout.truncated.mean()),
-               "zc_emitted_frac": zc_emitted_fraction(rollout.response_tokens,
-                                                      rollout.response_mask,
-                                                      self.cfg.tokens.self_reward_token_id)}
+        row = {
+            "step": step,
+            "reward_mean": float(rewards.mean()),
+            "self_verify_f1": sv.f1,
+            "self_verify_acc_correct": _nan_to_none(sv.acc_correct),
+            "self_verify_acc_incorrect": _nan_to_none(sv.acc_incorrect),
+            "r_s_correct_mean": _mean_or_none(scores[(rewards == 1) & rollout.finished]),
+            "r_s_incorrect_mean": _mean_or_none(scores[(rewards == 0) & rollout.finished]),
+            "response_len_mean": float(rollout.lengths.mean()),
+            "truncated_frac": float(rollout.truncated.mean()),
+            "zc_emitted_frac": zc_emitted_fraction(
+                rollout.response_tokens, rollout.response_mask, self.cfg.tokens.self_reward_token_id
+            ),
+        }
         for name, key in STEP_METRICS.items():
             if key in metrics:
                 row[name] = float(metrics[key])
@@ -490,18 +603,25 @@ class Trainer:
 
     def _summary(self, start: dict, end: dict, seconds: float) -> dict[str, Any]:
         k = self.cfg.train.eval_samples
-        return {"algorithm": self.cfg.laser.algorithm, "steps": self.cfg.train.total_steps,
-                "seed": self.cfg.train.seed, "c_ref": self.c_ref,
-                "accuracy_start": start.get("accuracy"), "accuracy_end": end.get("accuracy"),
-                "self_verify_f1_start": start.get("self_verify_f1"),
-                "self_verify_f1_end": end.get("self_verify_f1"),
-                "self_verify_acc_correct_end": end.get("self_verify_acc_correct"),
-                "self_verify_acc_incorrect_end": end.get("self_verify_acc_incorrect"),
-                "k": k, "maj_at_k": end.get("maj_at_k"),
-                "weighted_maj_at_k": end.get("weighted_maj_at_k"),
-                "best_of_k": end.get("best_of_k"), "auroc_end": end.get("auroc"),
-                "auroc_within_end": end.get("auroc_within"),
-                "seconds": seconds}
+        return {
+            "algorithm": self.cfg.laser.algorithm,
+            "steps": self.cfg.train.total_steps,
+            "seed": self.cfg.train.seed,
+            "c_ref": self.c_ref,
+            "accuracy_start": start.get("accuracy"),
+            "accuracy_end": end.get("accuracy"),
+            "self_verify_f1_start": start.get("self_verify_f1"),
+            "self_verify_f1_end": end.get("self_verify_f1"),
+            "self_verify_acc_correct_end": end.get("self_verify_acc_correct"),
+            "self_verify_acc_incorrect_end": end.get("self_verify_acc_incorrect"),
+            "k": k,
+            "maj_at_k": end.get("maj_at_k"),
+            "weighted_maj_at_k": end.get("weighted_maj_at_k"),
+            "best_of_k": end.get("best_of_k"),
+            "auroc_end": end.get("auroc"),
+            "auroc_within_end": end.get("auroc_within"),
+            "seconds": seconds,
+        }
 
     def export(self, out_dir: pathlib.Path) -> None:
         from laserjax.model.hf_params import save_pretrained
@@ -516,11 +636,15 @@ def _abstract_train_state(abstract_params, cfg: Config, mesh) -> TrainState:
     from laserjax.train_step import make_optimizer
 
     tx = make_optimizer(cfg.optim)
-    state = TrainState(params=abstract_params, opt_state=jax.eval_shape(tx.init, abstract_params),
-                       step=jax.ShapeDtypeStruct((), jnp.int32))
+    state = TrainState(
+        params=abstract_params,
+        opt_state=jax.eval_shape(tx.init, abstract_params),
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+    )
     shard = train_state_sharding(state, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shard)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard
+    )
 
 
 def _nan_to_none(x: float) -> float | None:
@@ -536,8 +660,14 @@ def _progress(cfg: Config, start: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=cfg.train.total_steps, initial=start, desc="laserjax", unit="step",
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=cfg.train.total_steps,
+        initial=start,
+        desc="laserjax",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -545,17 +675,21 @@ def format_summary(s: dict[str, Any]) -> str:
         return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
     k = s["k"]
-    rows = [("", "start", "end"),
-            ("held-out accuracy", f(s["accuracy_start"]), f(s["accuracy_end"])),
-            ("self-verification F1", f(s["self_verify_f1_start"]), f(s["self_verify_f1_end"])),
-            (f"maj@{k}", "", f(s["maj_at_k"])),
-            (f"self-reward weighted maj@{k}", "", f(s["weighted_maj_at_k"])),
-            (f"best-of-{k} by r_s", "", f(s["best_of_k"])),
-            ("AUROC of r_s (all samples)", "", f(s["auroc_end"])),
-            ("AUROC of r_s (within problems)", "", f(s["auroc_within_end"]))]
+    rows = [
+        ("", "start", "end"),
+        ("held-out accuracy", f(s["accuracy_start"]), f(s["accuracy_end"])),
+        ("self-verification F1", f(s["self_verify_f1_start"]), f(s["self_verify_f1_end"])),
+        (f"maj@{k}", "", f(s["maj_at_k"])),
+        (f"self-reward weighted maj@{k}", "", f(s["weighted_maj_at_k"])),
+        (f"best-of-{k} by r_s", "", f(s["best_of_k"])),
+        ("AUROC of r_s (all samples)", "", f(s["auroc_end"])),
+        ("AUROC of r_s (within problems)", "", f(s["auroc_within_end"])),
+    ]
     w = max(len(r[0]) for r in rows)
-    lines = [f"laserjax {s['algorithm']}: {s['steps']} steps, seed {s['seed']}, "
-             f"c_ref {f(s['c_ref'])}, {s['seconds']:.0f} s"]
+    lines = [
+        f"laserjax {s['algorithm']}: {s['steps']} steps, seed {s['seed']}, "
+        f"c_ref {f(s['c_ref'])}, {s['seconds']:.0f} s"
+    ]
     lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
     return "\n".join(lines)
 
@@ -566,8 +700,12 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="e.g. algorithm=grpo train.total_steps=10 output_dir=runs/x")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. algorithm=grpo train.total_steps=10 output_dir=runs/x",
+    )
 
 
 def maybe_initialize_distributed() -> None:
@@ -586,15 +724,20 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
         return
     if len(given) != len(names):
-        raise SystemExit(f"error: set all of {', '.join(names)} or none of them (none: let JAX "
-                         f"discover the cluster, as on TPU VMs); only {', '.join(given)} set")
+        raise SystemExit(
+            f"error: set all of {', '.join(names)} or none of them (none: let JAX "
+            f"discover the cluster, as on TPU VMs); only {', '.join(given)} set"
+        )
     try:
         num, pid = int(os.environ[names[1]]), int(os.environ[names[2]])
     except ValueError:
-        raise SystemExit(f"error: {names[1]} and {names[2]} must be integers, got "
-                         f"{os.environ[names[1]]!r} and {os.environ[names[2]]!r}") from None
-    jax.distributed.initialize(coordinator_address=os.environ[names[0]], num_processes=num,
-                               process_id=pid)
+        raise SystemExit(
+            f"error: {names[1]} and {names[2]} must be integers, got "
+            f"{os.environ[names[1]]!r} and {os.environ[names[2]]!r}"
+        ) from None
+    jax.distributed.initialize(
+        coordinator_address=os.environ[names[0]], num_processes=num, process_id=pid
+    )
 
 
 def run(args) -> dict[str, Any]:

@@ -15,6 +15,8 @@ SHARED_EVAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / 
 def eval_dir() -> pathlib.Path:
     """The paper's benchmark files in ../shared/data/eval; skips when absent."""
     if not SHARED_EVAL.is_dir():
-        pytest.skip(f"benchmark files not found at {SHARED_EVAL} "
-                    "(they live in ../shared, never in this repository)")
+        pytest.skip(
+            f"benchmark files not found at {SHARED_EVAL} "
+            "(they live in ../shared, never in this repository)"
+        )
     return SHARED_EVAL

@@ -4,34 +4,59 @@ from __future__ import annotations
 
 import pathlib
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            # Large enough that logits are O(1-10): a 1e-4 tolerance must be able to fail.
-            initializer_range=0.2)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    # Large enough that logits are O(1-10): a 1e-4 tolerance must be able to fail.
+    initializer_range=0.2,
+)
 
 KINDS = {
     "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen2_untied": ("qwen2", dict(tie_word_embeddings=False, rope_theta=1e6)),
     # Llama-3.1/3.2 style RoPE scaling, with a original context of 512 so all three branches of the
     # frequency ramp is exercised at head_dim 8.
-    "llama3": ("llama", dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=512))),
+    "llama3": (
+        "llama",
+        dict(
+            tie_word_embeddings=False,
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=512,
+            ),
+        ),
+    ),
     # head_dim (12) != hidden / heads (32 / 4 = 8).
     "qwen2_head_dim": ("qwen2", dict(tie_word_embeddings=True, head_dim=12)),
     "llama_bias": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
 }
 
 
-def make_tiny_hf(tmp_path: pathlib.Path, kind: str = "qwen2_tied", *, seed: int = 0,
-                 dtype: str = "float32", **overrides) -> pathlib.Path:
+def make_tiny_hf(
+    tmp_path: pathlib.Path,
+    kind: str = "qwen2_tied",
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    **overrides,
+) -> pathlib.Path:
     """Save a tiny random `kind` model (see KINDS) to tmp_path/kind and return the directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     family, extra = KINDS[kind]
-    cfg_cls, model_cls = ((Qwen2Config, Qwen2ForCausalLM) if family == "qwen2"
-                          else (LlamaConfig, LlamaForCausalLM))
+    cfg_cls, model_cls = (
+        (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
     torch.manual_seed(seed)
     cfg = cfg_cls(**(TINY | extra | overrides))
     model = model_cls(cfg).eval()

@@ -33,9 +33,18 @@ VOCAB, EOS, ZC = 96, 2, 90
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    cfg = TransformerConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32,
-                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=8, tie_word_embeddings=False, qkv_bias=True)
+    cfg = TransformerConfig(
+        model_type="qwen2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+        qkv_bias=True,
+    )
     m = Transformer(cfg, rngs=nnx.Rngs(0))
     # Scale the 0.02-std init up so log p(z_c) varies between pairs (std 0.9 nats: a 1e-5 check
     # can fail), as the train-step tests do.
@@ -81,8 +90,9 @@ def hand_values(model) -> np.ndarray:
 
 def test_measure_c_ref_equals_per_pair_forwards(model, hand_values):
     # batch_size 4: a full batch and a short one with filler rows.
-    mean, std, values = calibrate.measure_c_ref(model, *_pairs(), eos_id=EOS, z_token_id=ZC,
-                                                batch_size=4)
+    mean, std, values = calibrate.measure_c_ref(
+        model, *_pairs(), eos_id=EOS, z_token_id=ZC, batch_size=4
+    )
     np.testing.assert_allclose(values, hand_values, atol=1e-5, rtol=0)
     assert mean == pytest.approx(hand_values.mean(), abs=1e-5)
     assert std == pytest.approx(hand_values.std(), abs=1e-5)
@@ -92,8 +102,9 @@ def test_measure_c_ref_equals_per_pair_forwards(model, hand_values):
 def test_measure_c_ref_sharded_equals_per_pair_forwards(model, hand_values):
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2), jax.devices()[:4])
     # batch_size 3 rounds up to the 4 batch shards; the filler rows are never read.
-    _, _, values = calibrate.measure_c_ref(model, *_pairs(), eos_id=EOS, z_token_id=ZC,
-                                           batch_size=3, mesh=mesh)
+    _, _, values = calibrate.measure_c_ref(
+        model, *_pairs(), eos_id=EOS, z_token_id=ZC, batch_size=3, mesh=mesh
+    )
     np.testing.assert_allclose(values, hand_values, atol=1e-5, rtol=0)
 
 
@@ -140,8 +151,10 @@ CORPUS = [
     "compute the product of 4 and 6 : 4 * 6 = 24",
     "<user> <assistant> Assistant:",
 ]
-CHAT_TEMPLATE = ("{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant> Assistant:{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<user> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> Assistant:{% endif %}"
+)
 
 
 def _tiny_checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -154,8 +167,9 @@ def _tiny_checkpoint(tmp_path: pathlib.Path) -> pathlib.Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(vocab_size=88, special_tokens=["<pad>", "<eos>", "<unk>"])
     tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     assert len(fast) <= VOCAB and fast.eos_token_id == 1
     fast.save_pretrained(ckpt)
@@ -190,15 +204,31 @@ def test_cli_matches_transformers_on_given_responses(tmp_path, template):
     from laserjax.data import build_prompt
 
     ckpt = _tiny_checkpoint(tmp_path)
-    rows = [{"problem": "what is 2 + 3 ?", "response": "2 + 3 = 5 so \\boxed{5}"},
-            {"problem": "Let x be 7 . compute 2 x", "response": "2 x = 14 <eos>"},
-            {"problem": "compute 4 * 6", "response": "the product is 24"},
-            {"id": 9, "response": "a row without a problem is skipped"}]
+    rows = [
+        {"problem": "what is 2 + 3 ?", "response": "2 + 3 = 5 so \\boxed{5}"},
+        {"problem": "Let x be 7 . compute 2 x", "response": "2 x = 14 <eos>"},
+        {"problem": "compute 4 * 6", "response": "the product is 24"},
+        {"id": 9, "response": "a row without a problem is skipped"},
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     z = 60
-    summary, text = _run(["--model", str(ckpt), "--data", str(data), "--template", template,
-                          "--z-token-id", str(z), "--dtype", "float32", "--devices", "1"])
+    summary, text = _run(
+        [
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--template",
+            template,
+            "--z-token-id",
+            str(z),
+            "--dtype",
+            "float32",
+            "--devices",
+            "1",
+        ]
+    )
     assert summary["n"] == 3 and summary["rows_skipped"] == 1
     assert summary["eos_ids"] == [1] and summary["generated_responses"] == 0
     assert f"c_ref = {summary['c_ref']:.4f}" in text and "laser.c_ref" in text
@@ -207,8 +237,9 @@ def test_cli_matches_transformers_on_given_responses(tmp_path, template):
     seqs = []
     for r in rows[:3]:
         resp = tok(r["response"], add_special_tokens=False)["input_ids"]
-        seqs.append(build_prompt(r["problem"], tok, template) + resp
-                    + ([] if resp[-1] == 1 else [1]))
+        seqs.append(
+            build_prompt(r["problem"], tok, template) + resp + ([] if resp[-1] == 1 else [1])
+        )
     assert seqs[1][-1] == 1 and seqs[1][-2] != 1  # "<eos>" in the text: not appended twice
     want = _torch_logp_zc(ckpt, seqs, z)
     assert summary["c_ref"] == pytest.approx(want.mean(), abs=1e-4)
@@ -222,13 +253,33 @@ def test_cli_matches_transformers_on_given_responses(tmp_path, template):
 def test_cli_generates_missing_responses_with_the_sampler(tmp_path):
     ckpt = _tiny_checkpoint(tmp_path)
     data = tmp_path / "problems.jsonl"
-    data.write_text("\n".join(json.dumps({"question": f"what is {i} + {i} ?"})
-                              for i in range(6)) + "\n")
+    data.write_text(
+        "\n".join(json.dumps({"question": f"what is {i} + {i} ?"}) for i in range(6)) + "\n"
+    )
     # Sixteen EOS ids make most random samples finish within 12 tokens.
     eos = ",".join(str(i) for i in [1, *range(20, 35)])
-    summary, _ = _run(["--model", str(ckpt), "--data", str(data), "--prompt-field", "question",
-                       "--template", "plain", "--eos-id", eos, "--z-token-id", "60",
-                       "--max-new-tokens", "12", "--dtype", "float32", "--devices", "1"])
+    summary, _ = _run(
+        [
+            "--model",
+            str(ckpt),
+            "--data",
+            str(data),
+            "--prompt-field",
+            "question",
+            "--template",
+            "plain",
+            "--eos-id",
+            eos,
+            "--z-token-id",
+            "60",
+            "--max-new-tokens",
+            "12",
+            "--dtype",
+            "float32",
+            "--devices",
+            "1",
+        ]
+    )
     assert summary["given_responses"] == 0
     assert summary["generated_responses"] + summary["truncated_dropped"] == 6
     assert summary["generated_responses"] == summary["n"] >= 3
@@ -242,5 +293,17 @@ def test_cli_errors_name_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="--prompt-field"):
         _run(["--model", str(ckpt), "--data", str(data), "--devices", "1"])
     with pytest.raises(SystemExit, match="--z-token-id 500 must be inside the vocabulary"):
-        _run(["--model", str(ckpt), "--data", str(data), "--prompt-field", "question",
-              "--z-token-id", "500", "--devices", "1"])
+        _run(
+            [
+                "--model",
+                str(ckpt),
+                "--data",
+                str(data),
+                "--prompt-field",
+                "question",
+                "--z-token-id",
+                "500",
+                "--devices",
+                "1",
+            ]
+        )

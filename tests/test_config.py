@@ -16,23 +16,34 @@ def test_shipped_configs_validate(path):
 
 
 def test_overrides_parse_as_yaml_values():
-    cfg = load_config(CONFIGS[0], ["algorithm=grpo", "laser.alpha=0.05", "rollout.top_k=50",
-                                   "data.eval=[math500, aime24]", "train.tensorboard=true"])
+    cfg = load_config(
+        CONFIGS[0],
+        [
+            "algorithm=grpo",
+            "laser.alpha=0.05",
+            "rollout.top_k=50",
+            "data.eval=[math500, aime24]",
+            "train.tensorboard=true",
+        ],
+    )
     assert cfg.laser.algorithm == "grpo" and not cfg.laser.enabled
     assert cfg.laser.alpha == 0.05 and cfg.rollout.top_k == 50
     assert cfg.data.eval == ("math500", "aime24") and cfg.train.tensorboard is True
 
 
-@pytest.mark.parametrize("override, field", [
-    ("laser.reasoning_warmup_steps=-1", "laser.reasoning_warmup_steps"),
-    ("train.micro_batch_size=7", "train.micro_batch_size"),
-    ("laser.c_ref=abc", "laser.c_ref"),
-    ("rollout.top_p=0", "rollout.top_p"),
-    ("optim.learning_rate=fast", "optim.learning_rate"),
-    ("laser.nonsense=1", "laser.nonsense"),
-    ("algorithm=ppo", "laser.algorithm"),
-    ("model.dtype=float8", "model.dtype"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("laser.reasoning_warmup_steps=-1", "laser.reasoning_warmup_steps"),
+        ("train.micro_batch_size=7", "train.micro_batch_size"),
+        ("laser.c_ref=abc", "laser.c_ref"),
+        ("rollout.top_p=0", "rollout.top_p"),
+        ("optim.learning_rate=fast", "optim.learning_rate"),
+        ("laser.nonsense=1", "laser.nonsense"),
+        ("algorithm=ppo", "laser.algorithm"),
+        ("model.dtype=float8", "model.dtype"),
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         load_config(CONFIGS[0], [override])

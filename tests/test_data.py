@@ -28,24 +28,31 @@ def _write_jsonl(path, rows):
 
 
 def test_malformed_rows_are_skipped_with_their_ids_and_numbers_normalised(tmp_path):
-    src = _write_jsonl(tmp_path / "train.jsonl", [
-        {"uid": "a", "problem": "  What is 1+1?  ", "answer": " 2 "},
-        {"uid": "b", "problem": "What is 7*10?", "answer": 70},      # int -> "70"
-        {"uid": "c", "problem": "Half of 1?", "answer": 0.5},        # float -> "0.5"
-        {"uid": "d", "problem": "Ten?", "answer": 10.0},             # integral float -> "10"
-        {"uid": "e", "problem": "No answer here"},                   # missing answer
-        {"uid": "f", "problem": "Empty answer", "answer": "   "},
-        {"uid": "g", "problem": "List answer", "answer": [1, 2]},
-        {"uid": "h", "answer": "3"},                                 # missing problem
-        {"uid": "i", "problem": "", "answer": "3"},
-        {"uid": "j", "problem": "Bool", "answer": True},
-        "{broken json",
-        {"problem": "No id", "answer": "4"},
-        {"uid": "a", "problem": "Duplicate id", "answer": "5"},
-    ])
+    src = _write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"uid": "a", "problem": "  What is 1+1?  ", "answer": " 2 "},
+            {"uid": "b", "problem": "What is 7*10?", "answer": 70},  # int -> "70"
+            {"uid": "c", "problem": "Half of 1?", "answer": 0.5},  # float -> "0.5"
+            {"uid": "d", "problem": "Ten?", "answer": 10.0},  # integral float -> "10"
+            {"uid": "e", "problem": "No answer here"},  # missing answer
+            {"uid": "f", "problem": "Empty answer", "answer": "   "},
+            {"uid": "g", "problem": "List answer", "answer": [1, 2]},
+            {"uid": "h", "answer": "3"},  # missing problem
+            {"uid": "i", "problem": "", "answer": "3"},
+            {"uid": "j", "problem": "Bool", "answer": True},
+            "{broken json",
+            {"problem": "No id", "answer": "4"},
+            {"uid": "a", "problem": "Duplicate id", "answer": "5"},
+        ],
+    )
     problems, report = load_problems(src, id_field="uid")
-    assert problems == [Problem("a", "What is 1+1?", "2"), Problem("b", "What is 7*10?", "70"),
-                        Problem("c", "Half of 1?", "0.5"), Problem("d", "Ten?", "10")]
+    assert problems == [
+        Problem("a", "What is 1+1?", "2"),
+        Problem("b", "What is 7*10?", "70"),
+        Problem("c", "Half of 1?", "0.5"),
+        Problem("d", "Ten?", "10"),
+    ]
     assert report.rows == 13 and report.loaded == 4 and report.normalised == 3
     assert report.skipped_ids == ["e", "f", "g", "h", "i", "j", "row 10", "row 11", "a"]
     reasons = dict(report.skipped[:6])
@@ -60,17 +67,21 @@ def test_malformed_rows_are_skipped_with_their_ids_and_numbers_normalised(tmp_pa
 
 
 def test_ids_default_to_row_index_and_fields_are_configurable(tmp_path):
-    src = _write_jsonl(tmp_path / "t.jsonl", [{"question": "Q0", "final": "1"},
-                                              {"question": "Q1"},
-                                              {"question": "Q2", "final": "3"}])
+    src = _write_jsonl(
+        tmp_path / "t.jsonl",
+        [{"question": "Q0", "final": "1"}, {"question": "Q1"}, {"question": "Q2", "final": "3"}],
+    )
     problems, report = load_problems(src, problem_field="question", answer_field="final")
     assert [p.id for p in problems] == ["0", "2"] and report.skipped_ids == ["row 1"]
 
 
 def test_zero_usable_rows_names_the_fields(tmp_path):
     src = _write_jsonl(tmp_path / "t.jsonl", [{"question": "Q", "final": "1"}])
-    with pytest.raises(ValueError, match=r"problem field 'problem' and answer field 'answer'.*"
-                                         r"first row has fields \['final', 'question'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"problem field 'problem' and answer field 'answer'.*"
+        r"first row has fields \['final', 'question'\]",
+    ):
         load_problems(src)
 
 
@@ -94,7 +105,8 @@ def test_parquet_and_hf_need_their_packages(tmp_path):
         import pyarrow.parquet
 
         pyarrow.parquet.write_table(
-            pa.table({"problem": ["Q0", "Q1"], "answer": ["1", None]}), tmp_path / "x.parquet")
+            pa.table({"problem": ["Q0", "Q1"], "answer": ["1", None]}), tmp_path / "x.parquet"
+        )
         problems, report = load_problems(tmp_path / "x.parquet")
         assert problems == [Problem("0", "Q0", "1")] and report.skipped_ids == ["row 1"]
     try:
@@ -119,8 +131,13 @@ def test_all_five_benchmarks_load(eval_dir):
     assert load_benchmark("OlympiadBench", eval_dir).n == 2
     by_path = load_benchmark(eval_dir / "amc23.jsonl")
     assert by_path.name == "amc23" and by_path.n == 32
-    assert BENCHMARK_N == {"math500": 2, "amc23": 32, "aime24": 32, "aime25": 32,
-                           "olympiadbench": 2}
+    assert BENCHMARK_N == {
+        "math500": 2,
+        "amc23": 32,
+        "aime24": 32,
+        "aime25": 32,
+        "olympiadbench": 2,
+    }
 
 
 def test_load_benchmark_errors(tmp_path, monkeypatch):
@@ -134,8 +151,10 @@ def test_load_benchmark_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Prompts, with a word-level tokenizer built in the test.
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +165,22 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(
-        ["Question: what is one plus one ? Answer:", PLAIN_SUFFIX,
-         "a b c d e f g h i j k l m n o p q r s t u v w x y z"],
-        trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<eos>", "<|user|>",
-                                                  "<|assistant|>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<eos>", chat_template=CHAT_TEMPLATE)
+        [
+            "Question: what is one plus one ? Answer:",
+            PLAIN_SUFFIX,
+            "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+        ],
+        trainers.WordLevelTrainer(
+            special_tokens=["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def test_chat_prompt(tokenizer):
@@ -167,8 +196,9 @@ def test_chat_prompt(tokenizer):
 def test_plain_prompt_carries_the_suffix(tokenizer):
     text = prompt_text("what is one plus one ?", tokenizer, "plain")
     assert text == f"Question: what is one plus one ?\n{PLAIN_SUFFIX}\nAnswer:"
-    assert tokenizer.decode(build_prompt("what is one plus one ?", tokenizer, "plain")) \
-        .endswith("Answer :")
+    assert tokenizer.decode(build_prompt("what is one plus one ?", tokenizer, "plain")).endswith(
+        "Answer :"
+    )
 
 
 def test_chat_template_missing_is_a_clear_error(tokenizer):
@@ -178,17 +208,24 @@ def test_chat_template_missing_is_a_clear_error(tokenizer):
 
 
 def test_overlong_prompts_are_filtered_or_rejected(tokenizer):
-    problems = [Problem("short", "a b", "1"), Problem("long", " ".join("abcdefghijklmnop"), "2"),
-                Problem("short2", "c", "3")]
+    problems = [
+        Problem("short", "a b", "1"),
+        Problem("long", " ".join("abcdefghijklmnop"), "2"),
+        Problem("short2", "c", "3"),
+    ]
     limit = len(build_prompt("a b", tokenizer, "chat")) + 1
     enc = encode_prompts(problems, tokenizer, template="chat", max_prompt_len=limit)
     assert [p.id for p in enc.problems] == ["short", "short2"]
     assert enc.overflow_ids == ["long"] and enc.num_overflow == 1
     assert enc.token_ids[1] == build_prompt("c", tokenizer, "chat")
-    with pytest.raises(ValueError, match=r"problem 'long': its prompt is \d+ tokens, over "
-                                         rf"rollout.max_prompt_len = {limit}"):
-        encode_prompts(problems, tokenizer, template="chat", max_prompt_len=limit,
-                       prompt_overflow="error")
+    with pytest.raises(
+        ValueError,
+        match=r"problem 'long': its prompt is \d+ tokens, over "
+        rf"rollout.max_prompt_len = {limit}",
+    ):
+        encode_prompts(
+            problems, tokenizer, template="chat", max_prompt_len=limit, prompt_overflow="error"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +252,9 @@ def test_two_shards_are_a_disjoint_cover_of_the_global_batches():
     n, b = 24, 3
     single = _take(make_train_loader(range(n), batch_size=2 * b, seed=1), 8)  # two epochs
     shard0 = _take(make_train_loader(range(n), batch_size=b, seed=1, shard_count=2), 8)
-    shard1 = _take(make_train_loader(range(n), batch_size=b, seed=1, shard_index=1,
-                                     shard_count=2), 8)
+    shard1 = _take(
+        make_train_loader(range(n), batch_size=b, seed=1, shard_index=1, shard_count=2), 8
+    )
     for s in range(8):
         assert not set(shard0[s]) & set(shard1[s])
         assert sorted(np.concatenate([shard0[s], shard1[s]])) == sorted(single[s])
@@ -225,8 +263,16 @@ def test_two_shards_are_a_disjoint_cover_of_the_global_batches():
 
 
 def test_finite_epochs_give_every_host_the_same_number_of_batches():
-    counts = [len(list(make_train_loader(range(11), batch_size=2, seed=0, shard_index=i,
-                                         shard_count=2, num_epochs=2))) for i in range(2)]
+    counts = [
+        len(
+            list(
+                make_train_loader(
+                    range(11), batch_size=2, seed=0, shard_index=i, shard_count=2, num_epochs=2
+                )
+            )
+        )
+        for i in range(2)
+    ]
     assert counts == [5, 5]  # 22 draws cut to 20 = 5 global batches of 2 x 2
 
 

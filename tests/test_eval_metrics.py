@@ -38,8 +38,7 @@ def test_pass_at_k_against_the_binomial_definition():
     assert pass_at_k(correct, 4) == pytest.approx(0.75)  # any correct sample
     n, c, k = 32, 5, 8
     row = np.r_[np.ones(c), np.zeros(n - c)][None]
-    assert pass_at_k(row, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k),
-                                              rel=1e-12)
+    assert pass_at_k(row, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), rel=1e-12)
     with pytest.raises(ValueError, match=r"k = 5 must be in \[1, n = 4\]"):
         pass_at_k(correct, 5)
 
@@ -53,10 +52,12 @@ def test_majority_vote_tie_goes_to_the_first_occurrence():
 
 
 def test_maj_at_k():
-    answers = [["1", "2", "2", "1", "3"],      # all 5: tie -> "1" (wrong); k=3: "2" (right)
-               ["7", "8", "8", "8", "7"],      # "8" (right)
-               [None, None, None, None, None],  # nobody answered -> 0
-               ["5", "6", "6", "5", "5"]]      # all 5: "5" (right); k=3: "6" (wrong)
+    answers = [
+        ["1", "2", "2", "1", "3"],  # all 5: tie -> "1" (wrong); k=3: "2" (right)
+        ["7", "8", "8", "8", "7"],  # "8" (right)
+        [None, None, None, None, None],  # nobody answered -> 0
+        ["5", "6", "6", "5", "5"],
+    ]  # all 5: "5" (right); k=3: "6" (wrong)
     correct = [[0, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 0, 0, 0], [1, 0, 0, 1, 1]]
     assert maj_at_k(answers, correct) == 0.5
     assert maj_at_k(answers, correct, k=3) == 0.5
@@ -67,19 +68,19 @@ def test_maj_at_k():
 
 def test_weighted_vote_rules():
     w = lambda scores: np.clip(np.nan_to_num(np.asarray(scores, float), nan=0.0), 0, 1)
-    assert vote(["1", "2", "2"], w([0.9, 0.3, 0.4])) == 0        # 0.9 beats 0.7
-    assert vote(["1", "2", "2"], w([5.0, 0.6, 0.6])) == 1        # clipped: 1.0 loses to 1.2
-    assert vote(["a", "b", "b"], w([0.5, 0.25, 0.25])) == 1      # equal weight: more votes win
-    assert vote(["a", "b", "b"], w([0.3, 0.1, 0.2])) == 1        # 0.1 + 0.2 == 0.3 counts as tied
-    assert vote(["a", "b", "b"], w([-1.0, 0.0, NAN])) == 1       # all weigh 0: plain majority
-    assert vote(["a", "b"], w([0.5, 0.5])) == 0                  # full tie: first occurrence
+    assert vote(["1", "2", "2"], w([0.9, 0.3, 0.4])) == 0  # 0.9 beats 0.7
+    assert vote(["1", "2", "2"], w([5.0, 0.6, 0.6])) == 1  # clipped: 1.0 loses to 1.2
+    assert vote(["a", "b", "b"], w([0.5, 0.25, 0.25])) == 1  # equal weight: more votes win
+    assert vote(["a", "b", "b"], w([0.3, 0.1, 0.2])) == 1  # 0.1 + 0.2 == 0.3 counts as tied
+    assert vote(["a", "b", "b"], w([-1.0, 0.0, NAN])) == 1  # all weigh 0: plain majority
+    assert vote(["a", "b"], w([0.5, 0.5])) == 0  # full tie: first occurrence
 
 
 def test_weighted_maj_at_k():
     answers = [["1", "2", "2"], ["3", "4", "4"]]
     correct = [[1, 0, 0], [0, 1, 1]]
     scores = [[0.9, 0.3, 0.4], [0.2, NAN, 0.1]]
-    assert maj_at_k(answers, correct) == 0.5           # "2" (wrong), "4" (right)
+    assert maj_at_k(answers, correct) == 0.5  # "2" (wrong), "4" (right)
     assert weighted_maj_at_k(answers, correct, scores) == 0.5  # "1" (right), "3": 0.2 > 0.1
     assert weighted_maj_at_k(answers, correct, [[0.9, 0.3, 0.4], [0.0, 0.3, 0.1]]) == 1.0
     assert weighted_maj_at_k(answers, correct, scores, k=1) == 0.5
@@ -89,9 +90,9 @@ def test_weighted_maj_at_k():
 
 def test_best_of_n():
     assert best_of_n([[0, 1, 0]], [[0.1, 0.9, 0.5]]) == 1.0
-    assert best_of_n([[0, 1]], [[0.7, 0.7]]) == 0.0          # tie: earliest sample
-    assert best_of_n([[1, 0]], [[NAN, 0.2]]) == 0.0          # NaN ranks lowest
-    assert best_of_n([[1, 0]], [[NAN, NAN]]) == 1.0          # nothing scored: the first sample
+    assert best_of_n([[0, 1]], [[0.7, 0.7]]) == 0.0  # tie: earliest sample
+    assert best_of_n([[1, 0]], [[NAN, 0.2]]) == 0.0  # NaN ranks lowest
+    assert best_of_n([[1, 0]], [[NAN, NAN]]) == 1.0  # nothing scored: the first sample
     assert best_of_n([[0, 1, 1]], [[0.5, 0.1, 0.9]], k=2) == 0.0
     assert best_of_n([[0, 1], [1, 0]], [[0.1, 0.2], [0.4, 0.3]]) == 1.0
 
@@ -149,8 +150,7 @@ def test_auroc_within():
     rng = np.random.default_rng(1)
     c = rng.integers(0, 2, (30, 6))
     sc = np.round(rng.normal(size=(30, 6)) + c + rng.normal(size=(30, 1)), 1)
-    pairs = [(p, n) for ci, si in zip(c, sc, strict=True)
-             for p in si[ci == 1] for n in si[ci == 0]]
+    pairs = [(p, n) for ci, si in zip(c, sc, strict=True) for p in si[ci == 1] for n in si[ci == 0]]
     want = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
     assert auroc_within(c, sc) == pytest.approx(want, abs=1e-12)
 

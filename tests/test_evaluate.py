@@ -36,12 +36,29 @@ from laserjax.sampler import Sampler
 # ---------------------------------------------------------------------------------------------
 # evaluate_prompts with a fake reward.
 
-CFG = TransformerConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
-                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                        tie_word_embeddings=True, qkv_bias=True)
+CFG = TransformerConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+)
 EOS, PAD, ZC, T = (0, 1, 2, 3), 63, 62, 8
-PROMPTS = [[10, 11, 12], [13, 14, 15, 16, 17], [20], [30, 31, 32, 33], [40, 41], [50],
-           [51, 52, 53], [54]]
+PROMPTS = [
+    [10, 11, 12],
+    [13, 14, 15, 16, 17],
+    [20],
+    [30, 31, 32, 33],
+    [40, 41],
+    [50],
+    [51, 52, 53],
+    [54],
+]
 ANSWERS = [str(i % 3) for i in range(len(PROMPTS))]
 SCORING = Scoring(beta_v=0.1, c_ref=-8.0)
 
@@ -55,8 +72,10 @@ class IdTokenizer:
 
 def fake_reward(responses: list[str], answers: list[str]) -> np.ndarray:
     """Correct when the response's first token id is congruent to the answer mod 3."""
-    return np.asarray([float(int(r.split()[0]) % 3 == int(a)) for r, a in
-                       zip(responses, answers, strict=True)], np.float32)
+    return np.asarray(
+        [float(int(r.split()[0]) % 3 == int(a)) for r, a in zip(responses, answers, strict=True)],
+        np.float32,
+    )
 
 
 def first_token_answer(response: str) -> str | None:
@@ -70,13 +89,26 @@ def first_token_answer(response: str) -> str | None:
 def toy_sampler() -> Sampler:
     graphdef, state = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
     state = jax.tree.map(lambda x: x * 5.0 if x.ndim >= 2 else x, state)  # O(1) logits
-    return Sampler(nnx.merge(graphdef, state), eos_ids=EOS, pad_id=PAD, self_reward_token_id=ZC,
-                   max_new_tokens=T, prompt_buckets=(8,))
+    return Sampler(
+        nnx.merge(graphdef, state),
+        eos_ids=EOS,
+        pad_id=PAD,
+        self_reward_token_id=ZC,
+        max_new_tokens=T,
+        prompt_buckets=(8,),
+    )
 
 
 def run_eval(sampler, prompts, answers, **kw):
-    args = dict(n=4, reward_fn=fake_reward, extract_fn=first_token_answer, scoring=SCORING,
-                temperature=1.0, seed=7, batch_prompts=4)
+    args = dict(
+        n=4,
+        reward_fn=fake_reward,
+        extract_fn=first_token_answer,
+        scoring=SCORING,
+        temperature=1.0,
+        seed=7,
+        batch_prompts=4,
+    )
     return evaluate_prompts(sampler, IdTokenizer(), prompts, answers, **(args | kw))
 
 
@@ -93,13 +125,20 @@ def test_evaluate_prompts_arrays_and_summary_against_sampler_and_eval_metrics(to
 
     # The arrays are the sampler's own output (called directly with the same seeds: seed +
     # start of each batch of 4 prompts), graded by the reward function.
-    rows = [toy_sampler.sample(PROMPTS[start:start + 4], k=n, temperature=1.0, seed=7 + start)
-            for start in (0, 4)]
+    rows = [
+        toy_sampler.sample(PROMPTS[start : start + 4], k=n, temperature=1.0, seed=7 + start)
+        for start in (0, 4)
+    ]
     lengths = np.concatenate([r.lengths for r in rows])
     finished = np.concatenate([r.finished for r in rows])
     logp = np.concatenate([r.logp_zc for r in rows])
-    texts = [t for r in rows for t in IdTokenizer().batch_decode(
-        [row[:m] for row, m in zip(r.response_tokens, r.lengths, strict=True)])]
+    texts = [
+        t
+        for r in rows
+        for t in IdTokenizer().batch_decode(
+            [row[:m] for row, m in zip(r.response_tokens, r.lengths, strict=True)]
+        )
+    ]
     np.testing.assert_array_equal(res.lengths_pn.ravel(), lengths)
     np.testing.assert_array_equal(res.truncated_pn.ravel(), ~finished)
     assert [t for row in res.responses_pn for t in row] == texts
@@ -109,8 +148,9 @@ def test_evaluate_prompts_arrays_and_summary_against_sampler_and_eval_metrics(to
     # r_s = beta_v * (log p(z_c) - c_ref) for finished samples (LASER_SPEC section 1), else NaN.
     expect_rs = np.where(finished, 0.1 * (logp.astype(np.float64) + 8.0), np.nan)
     np.testing.assert_allclose(res.scores_pn.ravel(), expect_rs, rtol=0, atol=1e-6)
-    assert np.isnan(res.scores_pn).any() and np.isfinite(res.scores_pn).any(), \
+    assert np.isnan(res.scores_pn).any() and np.isfinite(res.scores_pn).any(), (
         "the case should hold truncated and finished samples"
+    )
     assert 0 < res.correct_pn.mean() < 1, "the case should hold correct and incorrect samples"
 
     # The summary is eval_metrics on those arrays, metric by metric.
@@ -124,7 +164,11 @@ def test_evaluate_prompts_arrays_and_summary_against_sampler_and_eval_metrics(to
         assert s[f"best_of_{k}"] == eval_metrics.best_of_n(c, sc, k)
     sv = eval_metrics.self_verification(c, sc)
     assert (s["sv_acc_correct"], s["sv_acc_incorrect"], s["sv_f1"], s["sv_unscored"]) == (
-        sv.acc_correct, sv.acc_incorrect, sv.f1, sv.n_unscored)
+        sv.acc_correct,
+        sv.acc_incorrect,
+        sv.f1,
+        sv.n_unscored,
+    )
     assert s["sv_unscored"] == int((~finished).sum())
     assert s["auroc"] == eval_metrics.auroc(c, sc) and s["ece"] == eval_metrics.ece(c, sc)
     assert s["response_len_mean"] == lengths.mean()
@@ -165,11 +209,30 @@ def test_evaluate_prompts_rejects_mismatched_inputs(toy_sampler):
 
 
 def test_average_over_benchmarks_at_each_n_and_shared_k():
-    a = {"problems": 2, "n": 2, "accuracy": 0.5, "pass@1": 0.5, "pass@2": 1.0, "maj@2": 0.5,
-         "sv_f1": 0.2, "auroc": math.nan, "sv_unscored": 1}
-    b = {"problems": 1, "n": 4, "accuracy": 0.25, "pass@1": 0.25, "pass@2": 0.5,
-         "pass@4": 1.0, "maj@2": 0.0, "maj@4": 1.0, "sv_f1": 0.4, "auroc": 0.75,
-         "sv_unscored": 2}
+    a = {
+        "problems": 2,
+        "n": 2,
+        "accuracy": 0.5,
+        "pass@1": 0.5,
+        "pass@2": 1.0,
+        "maj@2": 0.5,
+        "sv_f1": 0.2,
+        "auroc": math.nan,
+        "sv_unscored": 1,
+    }
+    b = {
+        "problems": 1,
+        "n": 4,
+        "accuracy": 0.25,
+        "pass@1": 0.25,
+        "pass@2": 0.5,
+        "pass@4": 1.0,
+        "maj@2": 0.0,
+        "maj@4": 1.0,
+        "sv_f1": 0.4,
+        "auroc": 0.75,
+        "sv_unscored": 2,
+    }
     avg = average_over_benchmarks({"a": a, "b": b})
     assert avg["accuracy"] == pytest.approx(0.375)
     assert avg["pass@n"] == pytest.approx((1.0 + 1.0) / 2)  # pass@2 of a, pass@4 of b
@@ -185,11 +248,15 @@ def test_average_over_benchmarks_at_each_n_and_shared_k():
 # The command on a tiny Hugging Face checkpoint.
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|z|>"]
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = [r"Please reason step by step, and put your final answer within \boxed{}.",
-          r"The answer is $\boxed{\frac{1}{2}}$, so x^2 + y_1 = 3 and (a, b) = \sqrt{5} \pi.",
-          "Question: what is the value of 0 1 2 3 4 5 6 7 8 9? Answer: user assistant"]
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    r"Please reason step by step, and put your final answer within \boxed{}.",
+    r"The answer is $\boxed{\frac{1}{2}}$, so x^2 + y_1 = 3 and (a, b) = \sqrt{5} \pi.",
+    "Question: what is the value of 0 1 2 3 4 5 6 7 8 9? Answer: user assistant",
+]
 VOCAB = 320
 
 
@@ -201,12 +268,19 @@ def save_tiny_tokenizer(model_dir: pathlib.Path) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIAL, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=SPECIAL,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     assert tok.get_vocab_size() == VOCAB
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>",
-                            eos_token="<|im_end|>", chat_template=CHAT).save_pretrained(model_dir)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>", chat_template=CHAT
+    ).save_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -227,21 +301,56 @@ def token_ids(tiny_ckpt) -> dict[str, int]:
 
 
 def eval_argv(ckpt, eval_dir, out, zc, *extra) -> list[str]:
-    return ["eval", "--model", str(ckpt), "--eval-dir", str(eval_dir), "--output-dir", str(out),
-            "--z-token-id", str(zc), "--dtype", "float32", "--mesh", "none",
-            "--grader-workers", "2", *extra]
+    return [
+        "eval",
+        "--model",
+        str(ckpt),
+        "--eval-dir",
+        str(eval_dir),
+        "--output-dir",
+        str(out),
+        "--z-token-id",
+        str(zc),
+        "--dtype",
+        "float32",
+        "--mesh",
+        "none",
+        "--grader-workers",
+        "2",
+        *extra,
+    ]
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-SAMPLE_KEYS = {"benchmark", "problem_id", "sample", "response", "extracted_answer", "reference",
-               "correct", "r_s", "length", "truncated"}
+SAMPLE_KEYS = {
+    "benchmark",
+    "problem_id",
+    "sample",
+    "response",
+    "extracted_answer",
+    "reference",
+    "correct",
+    "r_s",
+    "length",
+    "truncated",
+}
 
 
-MATH500_ARGV = ["--benchmarks", "math500", "--limit", "20", "--n", "4", "--max-new-tokens",
-                "32", "--batch-prompts", "20"]
+MATH500_ARGV = [
+    "--benchmarks",
+    "math500",
+    "--limit",
+    "20",
+    "--n",
+    "4",
+    "--max-new-tokens",
+    "32",
+    "--batch-prompts",
+    "20",
+]
 
 
 _MATH500_RUNS: dict[pathlib.Path, pathlib.Path] = {}
@@ -267,7 +376,8 @@ def test_eval_command_end_to_end_math500(math500_run, token_ids, eval_dir):
     assert all(set(r) == SAMPLE_KEYS for r in rows)
     problems = load_benchmark("math500", eval_dir).problems[:20]
     assert [(r["problem_id"], r["sample"]) for r in rows] == [
-        (p.id, j) for p in problems for j in range(4)]
+        (p.id, j) for p in problems for j in range(4)
+    ]
     assert all(r["reference"] == problems[i // 4].answer for i, r in enumerate(rows))
     for r in rows:
         assert 1 <= r["length"] <= 32
@@ -282,9 +392,21 @@ def test_eval_command_end_to_end_math500(math500_run, token_ids, eval_dir):
 
     summary = json.loads((out / "summary.json").read_text())
     s = summary["benchmarks"]["math500"]
-    expected_keys = {"problems", "n", "accuracy", "sv_acc_correct", "sv_acc_incorrect", "sv_f1",
-                     "sv_unscored", "auroc", "auroc_within", "ece", "response_len_mean",
-                     "truncated_frac", "prompts_over_length"}
+    expected_keys = {
+        "problems",
+        "n",
+        "accuracy",
+        "sv_acc_correct",
+        "sv_acc_incorrect",
+        "sv_f1",
+        "sv_unscored",
+        "auroc",
+        "auroc_within",
+        "ece",
+        "response_len_mean",
+        "truncated_frac",
+        "prompts_over_length",
+    }
     expected_keys |= {f"{m}@{k}" for m in ("pass", "maj", "weighted_maj") for k in (1, 2, 4)}
     expected_keys |= {f"best_of_{k}" for k in (1, 2, 4)}
     assert set(s) == expected_keys
@@ -293,8 +415,17 @@ def test_eval_command_end_to_end_math500(math500_run, token_ids, eval_dir):
     assert s["sv_unscored"] == len(rows) - len(finished)
     assert s["response_len_mean"] == pytest.approx(np.mean([r["length"] for r in rows]))
     avg = summary["average"]
-    assert {"accuracy", "pass@n", "maj@n", "weighted_maj@n", "best_of_n", "sv_f1", "auroc",
-            "ece", "samples"} <= set(avg)
+    assert {
+        "accuracy",
+        "pass@n",
+        "maj@n",
+        "weighted_maj@n",
+        "best_of_n",
+        "sv_f1",
+        "auroc",
+        "ece",
+        "samples",
+    } <= set(avg)
     assert avg["accuracy"] == s["accuracy"] and avg["samples"] == 80
     assert summary["settings"]["benchmarks"] == {"math500": 4}
     assert summary["settings"]["eos_ids"] == [token_ids["<|im_end|>"]]  # the tokenizer's EOS
@@ -303,9 +434,20 @@ def test_eval_command_end_to_end_math500(math500_run, token_ids, eval_dir):
 
 @pytest.mark.slow
 def test_eval_command_resumes_after_a_crash(tiny_ckpt, token_ids, eval_dir, tmp_path):
-    argv = ["--benchmarks", "math500,amc23", "--limit", "5", "--n", "2", "--max-new-tokens",
-            "8", "--batch-prompts", "2", "--eos-ids",
-            ",".join(str(i) for i in range(40) if i != token_ids["<|z|>"])]
+    argv = [
+        "--benchmarks",
+        "math500,amc23",
+        "--limit",
+        "5",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--batch-prompts",
+        "2",
+        "--eos-ids",
+        ",".join(str(i) for i in range(40) if i != token_ids["<|z|>"]),
+    ]
     zc = token_ids["<|z|>"]
     whole_dir = tmp_path / "whole"
     cli.main(eval_argv(tiny_ckpt, eval_dir, whole_dir, zc, *argv))
@@ -334,9 +476,22 @@ def test_eval_command_paper_n_per_benchmark(tiny_ckpt, token_ids, eval_dir, tmp_
     out = tmp_path / "out"
     # Many EOS ids (all but z_c below 64): most samples finish within 4 tokens.
     eos = ",".join(str(i) for i in range(64) if i != token_ids["<|z|>"])
-    cli.main(eval_argv(tiny_ckpt, eval_dir, out, token_ids["<|z|>"], "--benchmarks",
-                       "math500,aime24", "--limit", "2", "--max-new-tokens", "4",
-                       "--eos-ids", eos))
+    cli.main(
+        eval_argv(
+            tiny_ckpt,
+            eval_dir,
+            out,
+            token_ids["<|z|>"],
+            "--benchmarks",
+            "math500,aime24",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--eos-ids",
+            eos,
+        )
+    )
     rows = read_rows(out / "samples.jsonl")
     counts = {b: sum(r["benchmark"] == b for r in rows) for b in ("math500", "aime24")}
     assert counts == {"math500": 2 * 2, "aime24": 2 * 32}  # n = 2 and 32, as the paper
@@ -352,32 +507,51 @@ def test_eval_command_paper_n_per_benchmark(tiny_ckpt, token_ids, eval_dir, tmp_
 def test_eval_command_on_a_mesh_matches_one_device(tiny_ckpt, token_ids, eval_dir, tmp_path):
     """Data-parallel over the 8 fake CPU devices: the sampler draws per row from the seed, so
     the samples are the single-device ones; r_s to 1e-5 (float32 reductions may differ)."""
-    argv = ["--benchmarks", "math500", "--limit", "4", "--n", "2", "--max-new-tokens", "8",
-            "--eos-ids", ",".join(str(i) for i in range(40) if i != token_ids["<|z|>"])]
+    argv = [
+        "--benchmarks",
+        "math500",
+        "--limit",
+        "4",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--eos-ids",
+        ",".join(str(i) for i in range(40) if i != token_ids["<|z|>"]),
+    ]
     zc = token_ids["<|z|>"]
     cli.main(eval_argv(tiny_ckpt, eval_dir, tmp_path / "one", zc, *argv))
     # The later --mesh wins over eval_argv's `--mesh none`.
-    cli.main(eval_argv(tiny_ckpt, eval_dir, tmp_path / "mesh", zc, *argv, "--mesh",
-                       "data=-1,fsdp=1,tensor=1"))
+    cli.main(
+        eval_argv(
+            tiny_ckpt, eval_dir, tmp_path / "mesh", zc, *argv, "--mesh", "data=-1,fsdp=1,tensor=1"
+        )
+    )
     one, mesh = (read_rows(tmp_path / d / "samples.jsonl") for d in ("one", "mesh"))
     assert len(jax.devices()) == 8 and len(one) == len(mesh) == 8
     for a, b in zip(one, mesh, strict=True):
         assert {k: v for k, v in a.items() if k != "r_s"} == {
-            k: v for k, v in b.items() if k != "r_s"}
+            k: v for k, v in b.items() if k != "r_s"
+        }
         assert (a["r_s"] is None) == (b["r_s"] is None)
         if a["r_s"] is not None:
             assert abs(a["r_s"] - b["r_s"]) < 1e-5
     assert any(r["r_s"] is not None for r in one)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--benchmarks", "math5000"], "neither one of math500, amc23, aime24, aime25, "
-                                   "olympiadbench"),
-    (["--benchmarks", "math500", "--n", "0"], "--n: must be >= 1"),
-    (["--benchmarks", "math500", "--mesh", "data=2,model=4"], "--mesh: 'model=4'"),
-    (["--benchmarks", "math500", "--top-p", "1.5"], "--top-p: .*top_p"),
-    (["--benchmarks", "math500", "--eos-ids", "2,x"], "--eos-ids: expected integers"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--benchmarks", "math5000"],
+            "neither one of math500, amc23, aime24, aime25, olympiadbench",
+        ),
+        (["--benchmarks", "math500", "--n", "0"], "--n: must be >= 1"),
+        (["--benchmarks", "math500", "--mesh", "data=2,model=4"], "--mesh: 'model=4'"),
+        (["--benchmarks", "math500", "--top-p", "1.5"], "--top-p: .*top_p"),
+        (["--benchmarks", "math500", "--eos-ids", "2,x"], "--eos-ids: expected integers"),
+    ],
+)
 def test_eval_command_input_errors(tiny_ckpt, eval_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(eval_argv(tiny_ckpt, eval_dir, tmp_path, 3, *extra))
@@ -385,10 +559,24 @@ def test_eval_command_input_errors(tiny_ckpt, eval_dir, tmp_path, extra, message
 
 def test_eval_command_token_id_errors(tiny_ckpt, token_ids, eval_dir, tmp_path):
     # The default z_c (Qwen2.5's 151652) is outside this model's vocabulary of 320.
-    argv = ["eval", "--model", str(tiny_ckpt), "--eval-dir", str(eval_dir), "--benchmarks",
-            "math500", "--output-dir", str(tmp_path), "--mesh", "none"]
-    with pytest.raises(SystemExit, match=r"--z-token-id: .*151652 is outside the vocabulary "
-                                         r"\[0, 320\)"):
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_ckpt),
+        "--eval-dir",
+        str(eval_dir),
+        "--benchmarks",
+        "math500",
+        "--output-dir",
+        str(tmp_path),
+        "--mesh",
+        "none",
+    ]
+    with pytest.raises(
+        SystemExit,
+        match=r"--z-token-id: .*151652 is outside the vocabulary "
+        r"\[0, 320\)",
+    ):
         cli.main(argv)
     eos = token_ids["<|im_end|>"]
     with pytest.raises(SystemExit, match="--z-token-id: .*EOS id"):
@@ -401,8 +589,19 @@ def test_eval_command_needs_n_for_other_files(tiny_ckpt, tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text(json.dumps({"problem": "1 + 1?", "answer": "2"}) + "\n")
     with pytest.raises(SystemExit, match="--n: .*mine.jsonl' is not one of the paper's"):
-        cli.main(["eval", "--model", str(tiny_ckpt), "--benchmarks", str(data),
-                  "--output-dir", str(tmp_path / "o"), "--z-token-id", "3"])
+        cli.main(
+            [
+                "eval",
+                "--model",
+                str(tiny_ckpt),
+                "--benchmarks",
+                str(data),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--z-token-id",
+                "3",
+            ]
+        )
 
 
 def test_default_output_dir_is_named_after_the_model():

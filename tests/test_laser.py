@@ -18,8 +18,9 @@ TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def close(actual, expected, **tol):
-    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
-                               **(tol or TOL))
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **(tol or TOL)
+    )
 
 
 def loop_std_unbiased(xs):
@@ -53,7 +54,7 @@ def test_grpo_advantages_against_loops():
     a = laser.grpo_advantages(jnp.asarray(rewards), 6)
     expected = []
     for g in range(4):
-        grp = [float(r) for r in rewards[6 * g: 6 * g + 6]]
+        grp = [float(r) for r in rewards[6 * g : 6 * g + 6]]
         m, sd = sum(grp) / 6, loop_std_unbiased(grp)
         expected += [(r - m) / (sd + 1e-6) for r in grp]
     close(a, expected, rtol=1e-5, atol=1e-6)
@@ -95,8 +96,9 @@ def test_mse_class_weights_hand_case():
 
 def test_mse_class_weights_absent_class():
     # All finished rows correct: N_i = 0; w_correct = (3 + 0) / (2 * 3) = 0.5, no incorrect weight.
-    w, n_c, n_i = laser.mse_class_weights(jnp.array([1.0, 1.0, 1.0, 0.0]),
-                                          jnp.array([True, True, True, False]))
+    w, n_c, n_i = laser.mse_class_weights(
+        jnp.array([1.0, 1.0, 1.0, 0.0]), jnp.array([True, True, True, False])
+    )
     close(w, [0.5, 0.5, 0.5, 0.0])
     assert float(n_c) == 3.0 and float(n_i) == 0.0
 
@@ -158,8 +160,9 @@ def test_self_reward_mse_microbatches_sum_to_full_batch():
         return laser.self_reward_mse(r_s, rewards, finished, w), jax.grad(pair_total)(r_s)
 
     full, g_full = mse_and_grad(r_s, rewards, finished, w)
-    halves = [mse_and_grad(r_s[s], rewards[s], finished[s], w[s])
-              for s in (slice(0, 8), slice(8, 16))]
+    halves = [
+        mse_and_grad(r_s[s], rewards[s], finished[s], w[s]) for s in (slice(0, 8), slice(8, 16))
+    ]
     summed = jax.tree.map(jnp.add, halves[0][0], halves[1][0])
     close(summed.total, full.total, rtol=1e-6)
     assert float(summed.count) == float(full.count) == float(n_c + n_i)
@@ -179,8 +182,9 @@ def test_integrated_advantages_hand_case():
     r_s = [0.9, 0.2, 1.5, -0.3, 0.5, 0.52, 0.48, 0.5, 0.8, 0.9, 0.1, 5.0]
     finished = [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0]
     a_v = laser.grpo_advantages(jnp.array(rewards, jnp.float32), 4)
-    a, frac = laser.integrated_advantages(a_v, jnp.array(r_s), jnp.array(finished, jnp.float32),
-                                          4, tau, T)
+    a, frac = laser.integrated_advantages(
+        a_v, jnp.array(r_s), jnp.array(finished, jnp.float32), 4, tau, T
+    )
     a_v = np.asarray(a_v, np.float64)
 
     expected = []
@@ -214,9 +218,11 @@ def test_integrated_advantages_tau_zero_and_group_of_one():
 def test_integrated_advantages_no_gradient_through_scores():
     a_v = jnp.array([0.5, -0.5, 0.5, -0.5])
     fin = jnp.ones(4, bool)
-    grad = jax.grad(lambda r: jnp.sum(
-        laser.integrated_advantages(a_v, r, fin, 4, 0.5, 0.0)[0] * jnp.arange(4.0)))(
-        jnp.array([0.9, 0.1, 0.4, 0.6]))
+    grad = jax.grad(
+        lambda r: jnp.sum(
+            laser.integrated_advantages(a_v, r, fin, 4, 0.5, 0.0)[0] * jnp.arange(4.0)
+        )
+    )(jnp.array([0.9, 0.1, 0.4, 0.6]))
     close(grad, [0.0, 0.0, 0.0, 0.0])
 
 
@@ -254,8 +260,7 @@ def test_ppo_surrogate_hand_case():
     close(m["clipfrac"], 2 / 6)  # r=1.5 (A>0) and r=0.5 (A<0)
     close(m["clipfrac_lower"], 1 / 6)  # r=4.0
     close(m["ratio_mean"], (1.25 + 1.5 + 0.5 + 0.5 + 2.0 + 4.0) / 6, rtol=1e-6)
-    close(m["ppo_kl"], -sum(math.log(r) for r in (1.25, 1.5, 0.5, 0.5, 2.0, 4.0)) / 6,
-          rtol=1e-5)
+    close(m["ppo_kl"], -sum(math.log(r) for r in (1.25, 1.5, 0.5, 0.5, 2.0, 4.0)) / 6, rtol=1e-5)
 
 
 def test_ppo_surrogate_dual_clip_off_and_symmetric_clip():
@@ -271,8 +276,9 @@ def test_ppo_surrogate_dual_clip_off_and_symmetric_clip():
 def test_ppo_surrogate_gradient():
     # d loss / d logp = -A r where the unclipped branch is taken, 0 where clipped (either clip).
     logp, old, adv, mask = _ppo_inputs()
-    grad = jax.grad(lambda lp: jnp.sum(
-        laser.ppo_clipped_surrogate(lp, old, adv, mask, 0.2, 0.28, 3.0)[0]))(logp)
+    grad = jax.grad(
+        lambda lp: jnp.sum(laser.ppo_clipped_surrogate(lp, old, adv, mask, 0.2, 0.28, 3.0)[0])
+    )(logp)
     close(grad, [[-1.25, 0.0, -0.5, 0.0], [0.0, 2.0, 0.0, 0.0]], rtol=1e-6, atol=1e-6)
     assert np.all(np.isfinite(np.asarray(grad)))
 
@@ -283,18 +289,23 @@ LOSS_BT = [[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [5.0, 6.0, 7.0], [9.0, 9.0, 9.0]]
 MASK_BT = [[1, 1, 1], [1, 0, 0], [1, 1, 0], [0, 0, 0]]  # the last row is padding
 
 
-@pytest.mark.parametrize("mode, total, count", [
-    ("token-mean", 1 + 2 + 3 + 4 + 5 + 6, 6),
-    ("seq-mean-token-mean", 2.0 + 4.0 + 5.5, 3),
-    ("seq-mean-token-sum", 6.0 + 4.0 + 11.0, 3),
-])
+@pytest.mark.parametrize(
+    "mode, total, count",
+    [
+        ("token-mean", 1 + 2 + 3 + 4 + 5 + 6, 6),
+        ("seq-mean-token-mean", 2.0 + 4.0 + 5.5, 3),
+        ("seq-mean-token-sum", 6.0 + 4.0 + 11.0, 3),
+    ],
+)
 def test_aggregate_loss_modes(mode, total, count):
     pair = laser.aggregate_loss(jnp.array(LOSS_BT), jnp.array(MASK_BT, jnp.float32), mode)
     close(pair.total, total)
     assert float(pair.count) == count
     # micro-batches of two rows each add up to the full batch
-    halves = [laser.aggregate_loss(jnp.array(LOSS_BT[s]), jnp.array(MASK_BT[s], bool), mode)
-              for s in (slice(0, 2), slice(2, 4))]
+    halves = [
+        laser.aggregate_loss(jnp.array(LOSS_BT[s]), jnp.array(MASK_BT[s], bool), mode)
+        for s in (slice(0, 2), slice(2, 4))
+    ]
     summed = jax.tree.map(jnp.add, *halves)
     close(summed.total, total)
     assert float(summed.count) == count
@@ -317,6 +328,7 @@ def test_policy_loss_microbatches_equal_full_batch():
     @jax.jit
     def pg(lp, old, adv, mask):
         """Per mode: the (sum, count) pair, the PPO metrics, and d(sum)/d logp."""
+
         def total(lp, mode):
             loss_bt, metrics = laser.ppo_clipped_surrogate(lp, old, adv, mask, 0.2, 0.28, 3.0)
             pair = laser.aggregate_loss(loss_bt, mask, mode)
@@ -336,8 +348,12 @@ def test_policy_loss_microbatches_equal_full_batch():
             close(metrics[k].value(), m_full[k].value(), rtol=1e-6, atol=1e-6)
         # the loss is total / count with a data-only count: micro-batch gradients divided by
         # the full count concatenate to the full-batch gradient
-        close(jnp.concatenate([g0, g1]) / pair_full.count, g_full / pair_full.count,
-              rtol=1e-6, atol=1e-8)
+        close(
+            jnp.concatenate([g0, g1]) / pair_full.count,
+            g_full / pair_full.count,
+            rtol=1e-6,
+            atol=1e-8,
+        )
 
 
 def test_kl_penalty_kinds():
@@ -382,13 +398,16 @@ def test_self_verification_metrics_hand_case():
     close(m["acc_incorrect"], 1 / 2)
     close(m["r_s_correct"], (0.9 + 0.4 + 0.6) / 3)
     close(m["r_s_incorrect"], (0.5 + 0.7) / 2)
-    close(laser.self_verification_f1(m["acc_correct"], m["acc_incorrect"]),
-          2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    close(
+        laser.self_verification_f1(m["acc_correct"], m["acc_incorrect"]),
+        2 * (2 / 3) * 0.5 / (2 / 3 + 0.5),
+    )
 
 
 def test_self_verification_absent_class_and_f1_edges():
-    pairs = laser.self_verification_metrics(jnp.array([0.9, 0.2]), jnp.array([1.0, 1.0]),
-                                            jnp.array([True, True]))
+    pairs = laser.self_verification_metrics(
+        jnp.array([0.9, 0.2]), jnp.array([1.0, 1.0]), jnp.array([True, True])
+    )
     assert float(pairs["acc_incorrect"].count) == 0.0
     m = laser.finalize(pairs)
     close(m["acc_correct"], 0.5)

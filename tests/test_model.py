@@ -30,9 +30,15 @@ def padded_batch(seed: int = 0, lengths=(12, 9, 5), vocab: int = 96, offset: int
 
 def hf_logits(hf_model, tokens, mask, positions) -> np.ndarray:
     with torch.no_grad():
-        return hf_model(input_ids=torch.tensor(tokens),
-                        attention_mask=torch.tensor(mask.astype(int)),
-                        position_ids=torch.tensor(positions)).logits.float().numpy()
+        return (
+            hf_model(
+                input_ids=torch.tensor(tokens),
+                attention_mask=torch.tensor(mask.astype(int)),
+                position_ids=torch.tensor(positions),
+            )
+            .logits.float()
+            .numpy()
+        )
 
 
 def jax_logits(model, tokens, mask, positions) -> np.ndarray:
@@ -49,19 +55,27 @@ def test_fp32_logits_match_transformers(tmp_path, kind):
 
 
 def test_config_reads_rope_theta_from_old_and_new_layouts():
-    base = dict(model_type="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8,
-                num_hidden_layers=1, num_attention_heads=2)
+    base = dict(
+        model_type="qwen2",
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
     old = TransformerConfig.from_hf(base | {"rope_theta": 1e6})
-    new = TransformerConfig.from_hf(base | {"rope_parameters": {"rope_type": "default",
-                                                                "rope_theta": 1e6}})
+    new = TransformerConfig.from_hf(
+        base | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    )
     assert old.rope_theta == new.rope_theta == 1e6
 
 
 @pytest.mark.parametrize("kind", ["qwen2_tied", "llama3"])
 def test_export_round_trip_through_transformers(tmp_path, kind):
     """laserjax (random init) -> save_pretrained -> transformers gives the same logits."""
-    cfg = TransformerConfig.from_hf(json.loads(
-        (make_tiny_hf(tmp_path, kind) / "config.json").read_text()))
+    cfg = TransformerConfig.from_hf(
+        json.loads((make_tiny_hf(tmp_path, kind) / "config.json").read_text())
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(3))
     out_dir = save_pretrained(model, tmp_path / "export", max_shard_bytes=20_000)
     assert (out_dir / "model.safetensors.index.json").is_file()  # several shards were written
@@ -95,8 +109,12 @@ def test_bf16_forward_within_stated_tolerance(tmp_path):
     tokens, mask, positions = padded_batch(seed=2)
     ref = hf_logits(load_hf_torch(path), tokens, mask, positions)
     hf_bf16 = hf_logits(load_hf_torch(path, dtype="bfloat16"), tokens, mask, positions)
-    out = jax_logits(load_pretrained(str(path), dtype="bfloat16", param_dtype="bfloat16"),
-                     tokens, mask, positions)
+    out = jax_logits(
+        load_pretrained(str(path), dtype="bfloat16", param_dtype="bfloat16"),
+        tokens,
+        mask,
+        positions,
+    )
     err = np.abs(out - ref)[mask].max()
     assert err <= 0.03 * np.abs(ref[mask]).max()
     assert err <= 1.25 * np.abs(hf_bf16 - ref)[mask].max()
@@ -124,8 +142,9 @@ def test_prefill_and_decode_equal_the_full_forward(tmp_path):
     decoded = []
     for t in range(steps):
         pos = np.broadcast_to(plen[:, None] + t, (b, k))
-        logits, suffix = model.decode(jnp.asarray(gen[:, :, t]), jnp.asarray(pos), prefix, suffix,
-                                      t)
+        logits, suffix = model.decode(
+            jnp.asarray(gen[:, :, t]), jnp.asarray(pos), prefix, suffix, t
+        )
         decoded.append(np.asarray(logits))
     for i in range(b):
         for j in range(k):
@@ -145,8 +164,9 @@ def test_sharded_load_equals_single_device(tmp_path):
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert len(kernel.addressable_shards) == 8
     plain = load_pretrained(str(path))
-    for a, b in zip(jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain)),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(sharded)), jax.tree.leaves(nnx.state(plain)), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -209,9 +229,18 @@ def test_blocked_attention_equals_dense_forward_and_gradient():
     """Query blocks of 4 over 13 positions (a ragged last block) against one dense block."""
     import dataclasses
 
-    cfg = TransformerConfig(model_type="qwen2", vocab_size=50, hidden_size=32,
-                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=8, qkv_bias=True, attention_block=4)
+    cfg = TransformerConfig(
+        model_type="qwen2",
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+        attention_block=4,
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens, mask, positions = padded_batch(lengths=(13, 8, 5), vocab=50, offset=0)
 
@@ -222,7 +251,8 @@ def test_blocked_attention_equals_dense_forward_and_gradient():
 
     (l_blk, logits_blk), g_blk = nnx.value_and_grad(loss, has_aux=True)(model, 4)
     (l_dense, logits_dense), g_dense = nnx.value_and_grad(loss, has_aux=True)(model, 64)
-    np.testing.assert_allclose(np.asarray(logits_blk)[mask], np.asarray(logits_dense)[mask],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logits_blk)[mask], np.asarray(logits_dense)[mask], atol=1e-5
+    )
     for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_dense), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -51,12 +51,25 @@ TOTAL_STEPS = 3
 # about half the time, so groups have mixed rewards and the policy gradient is not zero; warm-ups
 # of 0 steps switch the self-reward MSE and the advantage integration on from step 1. Then every
 # step changes the parameters and the next step's rollouts depend on the cross-process update.
-ARGS = ["mesh.data=2", "model.toy.max_operand=9", "model.toy.mul_max_operand=0",
-        "model.toy.num_layers=2", "model.toy.sft_learning_rate=0.003", "model.toy.sft_steps=100",
-        "model.toy.eval_problems=4", "train.eval_samples=4", "train.prompts_per_step=4",
-        "rollout.samples_per_prompt=4", "laser.c_ref=-6.0", "laser.reasoning_warmup_steps=0",
-        "laser.self_reward_warmup_steps=0", f"train.total_steps={TOTAL_STEPS}",
-        f"train.save_every={TOTAL_STEPS}", "train.progress_bar=false", "train.export_hf=true"]
+ARGS = [
+    "mesh.data=2",
+    "model.toy.max_operand=9",
+    "model.toy.mul_max_operand=0",
+    "model.toy.num_layers=2",
+    "model.toy.sft_learning_rate=0.003",
+    "model.toy.sft_steps=100",
+    "model.toy.eval_problems=4",
+    "train.eval_samples=4",
+    "train.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "laser.c_ref=-6.0",
+    "laser.reasoning_warmup_steps=0",
+    "laser.self_reward_warmup_steps=0",
+    f"train.total_steps={TOTAL_STEPS}",
+    f"train.save_every={TOTAL_STEPS}",
+    "train.progress_bar=false",
+    "train.export_hf=true",
+]
 
 
 def _free_port() -> int:
@@ -67,18 +80,32 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LASERJAX_")}
-    env |= {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", **extra}
+    env |= {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        **extra,
+    }
     return env
 
 
-def _start(out: pathlib.Path, env: dict[str, str], log: pathlib.Path,
-           extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "laserjax", "train", "--config", str(DEMO), *ARGS, *extra,
-           f"output_dir={out}"]
+def _start(
+    out: pathlib.Path, env: dict[str, str], log: pathlib.Path, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "laserjax",
+        "train",
+        "--config",
+        str(DEMO),
+        *ARGS,
+        *extra,
+        f"output_dir={out}",
+    ]
     with log.open("w") as f:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def _wait(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
@@ -98,19 +125,28 @@ def _wait(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
                 p.wait()
     if any(p.returncode for p, _ in procs.values()):
         timed_out = time.monotonic() > deadline
-        tails = "\n".join(f"--- {name} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
-                          for name, (p, log) in procs.items())
-        pytest.fail(f"a training run failed{f' (over {TIMEOUT_S} s)' if timed_out else ''}; "
-                    f"logs:\n{tails}")
+        tails = "\n".join(
+            f"--- {name} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+            for name, (p, log) in procs.items()
+        )
+        pytest.fail(
+            f"a training run failed{f' (over {TIMEOUT_S} s)' if timed_out else ''}; logs:\n{tails}"
+        )
 
 
-def _start_two_processes(out: pathlib.Path, logs: pathlib.Path, tag: str,
-                         extra: tuple[str, ...] = ()) -> dict:
+def _start_two_processes(
+    out: pathlib.Path, logs: pathlib.Path, tag: str, extra: tuple[str, ...] = ()
+) -> dict:
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = {}
     for i in range(2):
-        env = _env(1, LASERJAX_DISTRIBUTED="1", LASERJAX_COORDINATOR=coordinator,
-                   LASERJAX_NUM_PROCESSES="2", LASERJAX_PROCESS_ID=str(i))
+        env = _env(
+            1,
+            LASERJAX_DISTRIBUTED="1",
+            LASERJAX_COORDINATOR=coordinator,
+            LASERJAX_NUM_PROCESSES="2",
+            LASERJAX_PROCESS_ID=str(i),
+        )
         log = logs / f"{tag}{i}.log"
         procs[f"{tag} process {i}"] = (_start(out, env, log, extra), log)
     return procs
@@ -169,8 +205,9 @@ def _restore_on_one_device(step_dir: pathlib.Path) -> dict:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(step_dir / "state").item_metadata
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              meta)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
+        )
         return ckpt.restore(step_dir / "state", target)
 
 
@@ -185,14 +222,17 @@ def test_two_processes_save_the_one_process_checkpoint_and_export(runs):
     assert jax.tree.structure(state_one) == jax.tree.structure(state_two)
     flat_one = jax.tree_util.tree_flatten_with_path(state_one)[0]
     for (path, a), b in zip(flat_one, jax.tree.leaves(state_two), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                      err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path)
+        )
     assert int(state_two["step"]) == TOTAL_STEPS
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
         meta_one, meta_two = ckpt.restore(step_one / "meta"), ckpt.restore(step_two / "meta")
     assert meta_one == meta_two  # step, data-iterator state, c_ref, seed
-    hf_one, hf_two = load_file(one / "hf" / "model.safetensors"), load_file(
-        two / "hf" / "model.safetensors")
+    hf_one, hf_two = (
+        load_file(one / "hf" / "model.safetensors"),
+        load_file(two / "hf" / "model.safetensors"),
+    )
     assert hf_one.keys() == hf_two.keys()
     for name in hf_one:
         np.testing.assert_array_equal(hf_one[name], hf_two[name], err_msg=name)

@@ -55,7 +55,8 @@ def test_notebook_is_committed_without_outputs():
     assert code, "the notebook has no code cells"
     for i, cell in enumerate(code):
         assert cell.outputs == [] and cell.execution_count is None, (
-            f"code cell {i} holds outputs; clear them before committing")
+            f"code cell {i} holds outputs; clear them before committing"
+        )
     params = nb.cells[_parameters_index(nb)].source
     for name in ("SMALL = False", 'REPO = "."', "REPO_URL = "):
         assert name in params, f"the parameters cell lost `{name}`"
@@ -74,17 +75,28 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     at = _parameters_index(nb)
     injected = nbformat.v4.new_code_cell(
         f"SMALL = True\nREPO = {str(REPO)!r}\nOUT = {str(out)!r}\n",
-        metadata={"tags": ["injected-parameters"]})
+        metadata={"tags": ["injected-parameters"]},
+    )
     nb.cells.insert(at + 1, injected)
-    client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb,
+        kernel_name=KERNEL,
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     client.execute()  # raises CellExecutionError, with the traceback, on the first failing cell
 
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if o.output_type == "error"]
+    errors = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+    ]
     assert not errors, errors
-    shown = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
-                if o.output_type == "display_data" and "image/png" in o.get("data", {}))
+    shown = sum(
+        1
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "display_data" and "image/png" in o.get("data", {})
+    )
     assert shown == len(FIGURES), f"{shown} figures displayed, expected {len(FIGURES)}"
     for name in FIGURES:
         png = out / "figures" / f"{name}.png"
@@ -106,8 +118,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         assert len(ids) == 32 and len(rows) == 32 * 16
         res = result_from_records(rows, ids, n=16)
         assert voting[algorithm]["maj"] == [
-            eval_metrics.maj_at_k(res.answers_pn, res.correct_pn, k) for k in ks]
+            eval_metrics.maj_at_k(res.answers_pn, res.correct_pn, k) for k in ks
+        ]
         assert voting[algorithm]["weighted"] == [
             eval_metrics.weighted_maj_at_k(res.answers_pn, res.correct_pn, res.scores_pn, k)
-            for k in ks]
-
+            for k in ks
+        ]

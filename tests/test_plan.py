@@ -37,20 +37,39 @@ from laserjax.config import ConfigError, MeshConfig, OptimConfig, load_config
 from laserjax.model.transformer import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
 
-TOY = dict(model_type="qwen2", vocab_size=256, hidden_size=64, intermediate_size=128,
-           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True)
+TOY = dict(
+    model_type="qwen2",
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    qkv_bias=True,
+)
 
 
-def _cfg(prompts: int = 2, k: int = 4, p: int = 16, t: int = 48, mb: int = 0,
-         dtype: str = "float32"):
-    return load_config(None, ["model.path=toy", f"train.prompts_per_step={prompts}",
-                              f"rollout.samples_per_prompt={k}", f"rollout.max_prompt_len={p}",
-                              f"rollout.max_new_tokens={t}", f"train.micro_batch_size={mb}",
-                              f"model.dtype={dtype}", "model.param_dtype=float32"])
+def _cfg(
+    prompts: int = 2, k: int = 4, p: int = 16, t: int = 48, mb: int = 0, dtype: str = "float32"
+):
+    return load_config(
+        None,
+        [
+            "model.path=toy",
+            f"train.prompts_per_step={prompts}",
+            f"rollout.samples_per_prompt={k}",
+            f"rollout.max_prompt_len={p}",
+            f"rollout.max_new_tokens={t}",
+            f"train.micro_batch_size={mb}",
+            f"model.dtype={dtype}",
+            "model.param_dtype=float32",
+        ],
+    )
 
 
 def _mesh(data: int, fsdp: int, tensor: int):
-    return sharding.make_mesh(MeshConfig(data, fsdp, tensor), jax.devices()[:data * fsdp * tensor])
+    return sharding.make_mesh(MeshConfig(data, fsdp, tensor), jax.devices()[: data * fsdp * tensor])
 
 
 def _shape(data: int, fsdp: int, tensor: int) -> dict[str, int]:
@@ -70,8 +89,9 @@ def test_state_bytes_equal_the_shards_init_train_state_places(mesh):
     # vocab 250: on the (1, 2, 4) mesh the tensor axis does not divide it, so the embedding and
     # the LM head keep only their fsdp split (`sharding._fit`'s fallback to replication).
     model_cfg = TransformerConfig(**(TOY | dict(vocab_size=250)))
-    graphdef, state = ts.init_train_state(Transformer(model_cfg, rngs=nnx.Rngs(0)), OptimConfig(),
-                                          _mesh(*mesh))
+    graphdef, state = ts.init_train_state(
+        Transformer(model_cfg, rngs=nnx.Rngs(0)), OptimConfig(), _mesh(*mesh)
+    )
     est = plan.estimate(model_cfg, _cfg(), _shape(*mesh))
     assert est["params"] == _device_bytes(state.params)
     assert est["opt_state"] == _device_bytes(state.opt_state) + _device_bytes(state.step)
@@ -94,12 +114,25 @@ def test_compiled_step_arguments_exact_and_temp_within_stated_bound():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [
-    dict(), dict(t=96), dict(prompts=4), dict(num_layers=4), dict(intermediate_size=512),
-    dict(hidden_size=128, num_heads=8, head_dim=16), dict(vocab_size=1024), dict(mb=4),
-    dict(p=64, t=192), dict(dtype="bfloat16"), dict(mesh=(2, 1, 2)), dict(mesh=(1, 1, 2)),
-    dict(attention_block=16), dict(attention_block=32, num_layers=4, p=64, t=192),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(t=96),
+        dict(prompts=4),
+        dict(num_layers=4),
+        dict(intermediate_size=512),
+        dict(hidden_size=128, num_heads=8, head_dim=16),
+        dict(vocab_size=1024),
+        dict(mb=4),
+        dict(p=64, t=192),
+        dict(dtype="bfloat16"),
+        dict(mesh=(2, 1, 2)),
+        dict(mesh=(1, 1, 2)),
+        dict(attention_block=16),
+        dict(attention_block=32, num_layers=4, p=64, t=192),
+    ],
+)
 def test_compiled_temp_sweep(case):
     """The bound of the fast test over shapes where each term dominates in turn (measured
     ratios 1.11-1.65; blocked attention 1.26-1.36). Meshes with fsdp > 1 are left out: there
@@ -130,15 +163,21 @@ def _vjp_residual_bytes(f, *args) -> int:
     return total
 
 
-def _saved_vs_planned(model_cfg: TransformerConfig, r: int, p: int, t: int, chunk: int
-                      ) -> tuple[int, int]:
+def _saved_vs_planned(
+    model_cfg: TransformerConfig, r: int, p: int, t: int, chunk: int
+) -> tuple[int, int]:
     """(bytes JAX saves for the backward of the step's forward, the plan's kept activations)."""
     graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
     batch = ts.TrainBatch(
-        prompt_tokens=jnp.zeros((r, p), jnp.int32), prompt_mask=jnp.ones((r, p), bool),
-        response_tokens=jnp.zeros((r, t), jnp.int32), response_mask=jnp.ones((r, t), bool),
-        old_logprobs=jnp.zeros((r, t)), finished=jnp.ones((r,), bool), rewards=jnp.zeros((r,)),
-        rollout_logp_zc=jnp.zeros((r,)))
+        prompt_tokens=jnp.zeros((r, p), jnp.int32),
+        prompt_mask=jnp.ones((r, p), bool),
+        response_tokens=jnp.zeros((r, t), jnp.int32),
+        response_mask=jnp.ones((r, t), bool),
+        old_logprobs=jnp.zeros((r, t)),
+        finished=jnp.ones((r,), bool),
+        rewards=jnp.zeros((r,)),
+        rollout_logp_zc=jnp.zeros((r,)),
+    )
     settings = ts.StepSettings(group_size=4, self_reward_token_id=255, logit_chunk=chunk)
 
     def loss(params):
@@ -149,10 +188,14 @@ def _saved_vs_planned(model_cfg: TransformerConfig, r: int, p: int, t: int, chun
     return _vjp_residual_bytes(loss, params), act["kept"] + act["weight_copies"]
 
 
-@pytest.mark.parametrize("dtype,num_layers,attention", [
-    ("float32", 2, {}), ("bfloat16", 6, {}),
-    ("bfloat16", 2, dict(attention_block=16)),  # blocked attention: L = 113 > 16
-])
+@pytest.mark.parametrize(
+    "dtype,num_layers,attention",
+    [
+        ("float32", 2, {}),
+        ("bfloat16", 6, {}),
+        ("bfloat16", 2, dict(attention_block=16)),  # blocked attention: L = 113 > 16
+    ],
+)
 def test_remat_kept_activations_match_what_jax_saves(dtype, num_layers, attention):
     shape = dict(r=8, p=16, t=96, chunk=32)  # 3 LM-head chunks; L = 113
     model_cfg = TransformerConfig(**(TOY | attention | dict(num_layers=num_layers, dtype=dtype)))
@@ -170,8 +213,15 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh):
     model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16")))
     model = Transformer(model_cfg, rngs=nnx.Rngs(0))
     prompts, k, p, t = 4, 3, 16, 24
-    sampler = Sampler(model, eos_ids=(1,), pad_id=0, self_reward_token_id=255,
-                      max_new_tokens=t, prompt_buckets=(p,), mesh=_mesh(*mesh))
+    sampler = Sampler(
+        model,
+        eos_ids=(1,),
+        pad_id=0,
+        self_reward_token_id=255,
+        max_new_tokens=t,
+        prompt_buckets=(p,),
+        mesh=_mesh(*mesh),
+    )
     settings = sampler.settings(k=k, temperature=1.0, top_p=1.0, top_k=0)
     prefix, state, _, _ = sampler.start([[5] * p] * prompts, settings, seed=0)
     cfg = _cfg(prompts=prompts, k=k, p=p, t=t, dtype="bfloat16")
@@ -186,12 +236,15 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh):
 # Shapes, slices, meshes, suggestions, the command.
 
 
-@pytest.mark.parametrize("name,want", [
-    ("Qwen2.5-0.5B", 494_032_768),
-    pytest.param("Qwen2.5-1.5B", 1_543_714_304, marks=pytest.mark.slow),
-    pytest.param("OctoThinker-3B", 3_212_749_824, marks=pytest.mark.slow),
-    pytest.param("Qwen2.5-7B", 7_615_616_512, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "name,want",
+    [
+        ("Qwen2.5-0.5B", 494_032_768),
+        pytest.param("Qwen2.5-1.5B", 1_543_714_304, marks=pytest.mark.slow),
+        pytest.param("OctoThinker-3B", 3_212_749_824, marks=pytest.mark.slow),
+        pytest.param("Qwen2.5-7B", 7_615_616_512, marks=pytest.mark.slow),
+    ],
+)
 def test_presets_have_the_published_parameter_counts(name, want):
     model_cfg = TransformerConfig.from_hf(plan.PRESETS[name])
     params, _ = plan.abstract_state(model_cfg, OptimConfig())
@@ -250,8 +303,15 @@ def test_estimate_scales_as_modelled():
 
 def test_suggested_micro_batch_is_the_largest_that_fits():
     model_cfg = TransformerConfig.from_hf(plan.PRESETS["Qwen2.5-0.5B"], dtype="bfloat16")
-    cfg = load_config(None, ["model.path=Qwen/Qwen2.5-0.5B", "train.prompts_per_step=32",
-                             "rollout.max_prompt_len=1024", "rollout.max_new_tokens=4096"])
+    cfg = load_config(
+        None,
+        [
+            "model.path=Qwen/Qwen2.5-0.5B",
+            "train.prompts_per_step=32",
+            "rollout.max_prompt_len=1024",
+            "rollout.max_new_tokens=4096",
+        ],
+    )
     shape = _shape(8, 1, 1)
     hbm = 16 * plan.GiB
     mb, est = plan.suggest_micro_batch(model_cfg, cfg, shape, hbm, remat=True)
@@ -260,16 +320,22 @@ def test_suggested_micro_batch_is_the_largest_that_fits():
     assert all(o % 8 == 0 and 256 % o == 0 for o in options)
     bigger = [o for o in options if o > mb]
     if bigger:
-        remat_cfg = TransformerConfig.from_hf(plan.PRESETS["Qwen2.5-0.5B"], dtype="bfloat16",
-                                              remat=True)
+        remat_cfg = TransformerConfig.from_hf(
+            plan.PRESETS["Qwen2.5-0.5B"], dtype="bfloat16", remat=True
+        )
         nxt = plan.estimate(remat_cfg, cfg, shape, micro_batch_size=min(bigger))
         assert nxt["train_peak"] > plan.HEADROOM * hbm
     assert plan.suggest_micro_batch(model_cfg, cfg, shape, 1 * plan.GiB, remat=True) is None
 
 
 def test_cli_prints_table_verdict_and_json():
-    args = ["train.prompts_per_step=32", "rollout.max_prompt_len=1024",
-            "rollout.max_new_tokens=4096", "train.micro_batch_size=8", "model.remat=true"]
+    args = [
+        "train.prompts_per_step=32",
+        "rollout.max_prompt_len=1024",
+        "rollout.max_new_tokens=4096",
+        "train.micro_batch_size=8",
+        "model.remat=true",
+    ]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         cli.main(["plan", "--preset", "Qwen2.5-0.5B", "--slice", "v5e-8", *args])
@@ -295,6 +361,7 @@ def test_cli_compile_on_the_demo_config():
     with contextlib.redirect_stdout(out):
         cli.main(["plan", "--config", "configs/demo_cpu.yaml", "--compile"])
     summary = json.loads(out.getvalue().strip().splitlines()[-1])
-    assert summary["xla"]["arguments"] == (summary["params"] + summary["opt_state"]
-                                           + summary["batch"])
+    assert summary["xla"]["arguments"] == (
+        summary["params"] + summary["opt_state"] + summary["batch"]
+    )
     assert np.isfinite(summary["xla"]["temp"]) and summary["xla"]["temp"] > 0

@@ -24,21 +24,24 @@ from laserjax.reward import (
 DEADLINE_SLACK_S = 2.0
 
 
-@pytest.mark.parametrize("text, expected", [
-    (r"so $\boxed{3}$.", "3"),
-    (r"first \boxed{1}, finally \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
-    (r"\fbox{7}", "7"),
-    (r"\boxed {12}", "12"),
-    ("the answer is $\\boxed 5$.", "5"),
-    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are not structure
-    (r"\boxed{\left\{ x \right.}", r"\left\{ x \right."),
-    (r"\boxed{\boxed{4}}", "4"),  # the last box opened is the inner one
-    ("no answer here", None),
-    (r"\boxed{1} and then a truncated \boxed{2", None),  # the final answer is malformed
-    (r"\boxed{", None),
-    (r"\boxed", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so $\boxed{3}$.", "3"),
+        (r"first \boxed{1}, finally \boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed {12}", "12"),
+        ("the answer is $\\boxed 5$.", "5"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are not structure
+        (r"\boxed{\left\{ x \right.}", r"\left\{ x \right."),
+        (r"\boxed{\boxed{4}}", "4"),  # the last box opened is the inner one
+        ("no answer here", None),
+        (r"\boxed{1} and then a truncated \boxed{2", None),  # the final answer is malformed
+        (r"\boxed{", None),
+        (r"\boxed", None),
+    ],
+)
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
@@ -110,8 +113,9 @@ def _check_hand_cases(g: Grader) -> None:
 
 def test_grader_batch_matches_hand_cases(grader):
     _check_hand_cases(grader)
-    got = grader.grade_batch([r"Maybe \boxed{2}? No: \boxed{3}."] * 2, ["3", "3"],
-                             require_single_boxed=True)
+    got = grader.grade_batch(
+        [r"Maybe \boxed{2}? No: \boxed{3}."] * 2, ["3", "3"], require_single_boxed=True
+    )
     np.testing.assert_array_equal(got, [0.0, 0.0])
 
 
@@ -141,12 +145,17 @@ def test_cheap_pathological_inputs_short_circuit():
     with Grader(2, timeout_s=1.0) as g:
         t0 = time.monotonic()
         results = g.grade_detailed(
-            ["x" * 1_000_000, "\\boxed{", PATHOLOGICAL["10,000 nested braces"],
-             PATHOLOGICAL["1 MB answer"], r"\boxed{\frac{1}{2}}"],
-            ["1", "1", "1", "1", r"\frac{1}{2}"])
+            [
+                "x" * 1_000_000,
+                "\\boxed{",
+                PATHOLOGICAL["10,000 nested braces"],
+                PATHOLOGICAL["1 MB answer"],
+                r"\boxed{\frac{1}{2}}",
+            ],
+            ["1", "1", "1", "1", r"\frac{1}{2}"],
+        )
         elapsed = time.monotonic() - t0
-        assert [r.status for r in results] == ["no_boxed", "no_boxed", "too_long", "too_long",
-                                               "ok"]
+        assert [r.status for r in results] == ["no_boxed", "no_boxed", "too_long", "too_long", "ok"]
         assert [r.correct for r in results] == [0.0, 0.0, 0.0, 0.0, 1.0]
         assert g.stats["ipc"] == 0 and g.stats["workers_started"] == 0
         assert elapsed < 1.0
@@ -174,18 +183,32 @@ def test_math500_gold_solutions_accepted_by_math_verify(eval_dir):
     """The paper's recipe accepts all 500 gold solutions; every one goes through math-verify."""
     rows = _math500_rows(eval_dir)
     with Grader(2, fast_path=False) as g:
-        got = g.grade_batch([r["solution"] for r in rows], [r["answer"] for r in rows],
-                            require_single_boxed=False)
+        got = g.grade_batch(
+            [r["solution"] for r in rows], [r["answer"] for r in rows], require_single_boxed=False
+        )
         assert g.stats["ipc"] == 500 and g.stats["timeouts"] == 0
-    assert int(got.sum()) == 500, [r["unique_id"] for r, c in zip(rows, got, strict=True)
-                                   if not c]
+    assert int(got.sum()) == 500, [r["unique_id"] for r, c in zip(rows, got, strict=True) if not c]
 
 
 def test_grade_command_on_math500(eval_dir, tmp_path, capsys):
     out = tmp_path / "graded.jsonl"
-    cli.main(["grade", "--input", str(eval_dir / "math500.jsonl"), "--response-field",
-              "solution", "--answer-field", "answer", "--id-field", "unique_id", "--output",
-              str(out), "--workers", "2"])
+    cli.main(
+        [
+            "grade",
+            "--input",
+            str(eval_dir / "math500.jsonl"),
+            "--response-field",
+            "solution",
+            "--answer-field",
+            "answer",
+            "--id-field",
+            "unique_id",
+            "--output",
+            str(out),
+            "--workers",
+            "2",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["graded"] == 500 and summary["correct"] == 500
     assert summary["accuracy"] == 1.0 and summary["errors"] == 0
@@ -197,17 +220,34 @@ def test_grade_command_on_math500(eval_dir, tmp_path, capsys):
 
 def test_grade_command_reports_bad_rows(tmp_path, capsys):
     src = tmp_path / "responses.jsonl"
-    src.write_text("\n".join([
-        json.dumps({"id": "a", "response": r"\boxed{70}", "answer": 70}),
-        json.dumps({"id": "b", "response": r"\boxed{1}"}),
-        "{not json",
-        json.dumps({"id": "d", "answer": "2"}),
-        json.dumps({"id": "e", "response": r"\boxed{\frac{1}{2}}", "answer": "0.5"}),
-        json.dumps({"id": "f", "response": "no box", "answer": "3"}),
-    ]) + "\n")
+    src.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "response": r"\boxed{70}", "answer": 70}),
+                json.dumps({"id": "b", "response": r"\boxed{1}"}),
+                "{not json",
+                json.dumps({"id": "d", "answer": "2"}),
+                json.dumps({"id": "e", "response": r"\boxed{\frac{1}{2}}", "answer": "0.5"}),
+                json.dumps({"id": "f", "response": "no box", "answer": "3"}),
+            ]
+        )
+        + "\n"
+    )
     out = tmp_path / "out.jsonl"
-    cli.main(["grade", "--input", str(src), "--output", str(out), "--id-field", "id",
-              "--workers", "1", "--require-single-boxed"])
+    cli.main(
+        [
+            "grade",
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--id-field",
+            "id",
+            "--workers",
+            "1",
+            "--require-single-boxed",
+        ]
+    )
     captured = capsys.readouterr()
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["graded"] == 3 and summary["correct"] == 2 and summary["errors"] == 3
@@ -245,9 +285,11 @@ def test_workers_die_with_their_parent_even_mid_task():
         "threading.Thread(target=g.grade_batch, args=([r'\\boxed{9^{9^{9^{9}}}}'], ['1']),\n"
         "                 daemon=True).start()\n"
         "time.sleep(1.0)\n"
-        "os._exit(0)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=120, check=True)
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
     pid = int(out.stdout.split()[0])
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:

@@ -21,9 +21,18 @@ from laserjax.sampler import Sampler, prompt_positions, sample_tokens, token_log
 from laserjax.sharding import make_mesh
 
 ATOL = 1e-4
-CFG = TransformerConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
-                        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                        tie_word_embeddings=True, qkv_bias=True)
+CFG = TransformerConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+)
 # Six of 64 ids end a response, so with 8 new tokens the batch holds finished and truncated
 # rows and (for SEED) a row that ends with EOS at the last position, whose z_c read is the
 # loop's one extra step. test_batch_covers_every_ending checks that coverage.
@@ -40,8 +49,15 @@ def tiny_model(seed: int = 0, scale: float = 5.0) -> Transformer:
 
 
 def make_sampler(model, mesh=None) -> Sampler:
-    return Sampler(model, eos_ids=EOS, pad_id=PAD, self_reward_token_id=ZC, max_new_tokens=T,
-                   prompt_buckets=(8,), mesh=mesh)
+    return Sampler(
+        model,
+        eos_ids=EOS,
+        pad_id=PAD,
+        self_reward_token_id=ZC,
+        max_new_tokens=T,
+        prompt_buckets=(8,),
+        mesh=mesh,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +93,13 @@ def teacher_forced(model, batch, temperature: float, zc_temperature: float = 1.0
     seq[fin, eos_at[fin] + 1] = ZC
     mask[fin, eos_at[fin] + 1] = True
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    logits = np.asarray(model(jnp.asarray(seq), jnp.asarray(positions), jnp.asarray(mask)),
-                        np.float64)
+    logits = np.asarray(
+        model(jnp.asarray(seq), jnp.asarray(positions), jnp.asarray(mask)), np.float64
+    )
     tempered = np.asarray(jax.nn.log_softmax(jnp.asarray(logits / temperature), axis=-1))
-    lp = np.take_along_axis(tempered[:, p - 1:p - 1 + t], seq[:, p:p + t, None], axis=-1)[..., 0]
+    lp = np.take_along_axis(tempered[:, p - 1 : p - 1 + t], seq[:, p : p + t, None], axis=-1)[
+        ..., 0
+    ]
     raw = np.asarray(jax.nn.log_softmax(jnp.asarray(logits / zc_temperature), axis=-1))
     zc = raw[np.arange(rows), eos_at, ZC]
     return np.where(batch.response_mask, lp, 0.0), np.where(batch.finished, zc, 0.0)
@@ -141,8 +160,8 @@ def test_rows_end_with_eos_or_truncation(batches, temperature):
 def test_left_padded_prompts(batches):
     b = batches[1.0]
     for i, p in enumerate(PROMPTS):
-        assert b.prompt_tokens[i, 8 - len(p):].tolist() == p
-        assert b.prompt_mask[i].sum() == len(p) and b.prompt_mask[i, -len(p):].all()
+        assert b.prompt_tokens[i, 8 - len(p) :].tolist() == p
+        assert b.prompt_mask[i].sum() == len(p) and b.prompt_mask[i, -len(p) :].all()
     assert prompt_positions(jnp.asarray([[False, True, True]])).tolist() == [[0, 0, 1]]
 
 
@@ -201,10 +220,18 @@ def test_bf16_params_cast_once_is_exact():
     state = jax.tree.map(lambda x: x * 5.0 if x.ndim >= 2 else x, state)
     outs = []
     for cast in (True, False):
-        s = Sampler((graphdef, state), eos_ids=EOS, pad_id=PAD, self_reward_token_id=ZC,
-                    max_new_tokens=4, prompt_buckets=(8,), cast_params=cast)
+        s = Sampler(
+            (graphdef, state),
+            eos_ids=EOS,
+            pad_id=PAD,
+            self_reward_token_id=ZC,
+            max_new_tokens=4,
+            prompt_buckets=(8,),
+            cast_params=cast,
+        )
         assert {x.dtype for x in jax.tree.leaves(s.params)} == {
-            jnp.dtype("bfloat16" if cast else "float32")}
+            jnp.dtype("bfloat16" if cast else "float32")
+        }
         outs.append(s.sample(PROMPTS[:2], k=2, temperature=1.0, seed=0))
     np.testing.assert_array_equal(outs[0].response_tokens, outs[1].response_tokens)
     np.testing.assert_array_equal(outs[0].logprobs, outs[1].logprobs)
@@ -240,7 +267,7 @@ def expected_probs(temperature: float, top_k: int, top_p: float) -> np.ndarray:
     x = LOGITS / temperature
     order = np.argsort(-x)
     keep = np.zeros(len(x), bool)
-    keep[order[:top_k or len(x)]] = True
+    keep[order[: top_k or len(x)]] = True
     p = np.where(keep, np.exp(x - x.max()), 0.0)
     p /= p.sum()
     mass = 0.0
@@ -252,14 +279,17 @@ def expected_probs(temperature: float, top_k: int, top_p: float) -> np.ndarray:
     return p / p.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [
-    (1.0, 0, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.6), (1.3, 5, 0.8), (1.0, 1, 1.0)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.0, 0, 0.6), (1.3, 5, 0.8), (1.0, 1, 1.0)],
+)
 def test_sampling_frequencies(temperature, top_k, top_p):
     n = 40_000
     keys = jax.random.split(jax.random.key(0), n)
     logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
-    toks = np.asarray(sample_tokens(logits, keys, temperature=temperature, top_k=top_k,
-                                    top_p=top_p))
+    toks = np.asarray(
+        sample_tokens(logits, keys, temperature=temperature, top_k=top_k, top_p=top_p)
+    )
     freq = np.bincount(toks, minlength=len(LOGITS)) / n
     want = expected_probs(temperature, top_k, top_p)
     assert (freq[want == 0] == 0).all()
@@ -271,8 +301,11 @@ def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(1), (6, 50))
     keys = jax.random.split(jax.random.key(2), 6)
     want = np.argmax(np.asarray(logits), axis=-1)
-    for kw in (dict(temperature=0.0, top_k=0, top_p=1.0), dict(temperature=0.0, top_k=7,
-               top_p=0.3), dict(temperature=1.0, top_k=1, top_p=1.0)):
+    for kw in (
+        dict(temperature=0.0, top_k=0, top_p=1.0),
+        dict(temperature=0.0, top_k=7, top_p=0.3),
+        dict(temperature=1.0, top_k=1, top_p=1.0),
+    ):
         np.testing.assert_array_equal(sample_tokens(logits, keys, **kw), want)
 
 
@@ -280,13 +313,19 @@ def test_token_logprobs_by_hand():
     logits = jnp.asarray([[1.0, 2.0, 3.0], [0.0, 0.0, math.log(2.0)]])
     tokens = jnp.asarray([2, 0])
     z1 = math.exp(1) + math.exp(2) + math.exp(3)
-    np.testing.assert_allclose(token_logprobs(logits, tokens, 1.0),
-                               [3 - math.log(z1), -math.log(4.0)], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(token_logprobs(logits, tokens, 0.0),
-                               token_logprobs(logits, tokens, 1.0))
+    np.testing.assert_allclose(
+        token_logprobs(logits, tokens, 1.0),
+        [3 - math.log(z1), -math.log(4.0)],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        token_logprobs(logits, tokens, 0.0), token_logprobs(logits, tokens, 1.0)
+    )
     z2 = math.exp(2) + math.exp(4) + math.exp(6)
-    np.testing.assert_allclose(token_logprobs(logits, tokens, 0.5)[0], 6 - math.log(z2),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        token_logprobs(logits, tokens, 0.5)[0], 6 - math.log(z2), rtol=1e-6, atol=1e-6
+    )
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -326,26 +365,42 @@ def test_greedy_matches_transformers_generate(tmp_path):
     prompts = [[5, 17, 33, 60, 2, 71, 9], [44, 12], [90, 3, 3, 27]]
 
     def hf_generate(eos_ids):
-        sampler = Sampler(model, eos_ids=eos_ids, pad_id=pad, self_reward_token_id=zc,
-                          max_new_tokens=new, prompt_buckets=(8,))
+        sampler = Sampler(
+            model,
+            eos_ids=eos_ids,
+            pad_id=pad,
+            self_reward_token_id=zc,
+            max_new_tokens=new,
+            prompt_buckets=(8,),
+        )
         tokens, mask, _ = sampler.pad_prompts(prompts)
         with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
-                              attention_mask=torch.tensor(mask.astype(np.int64)),
-                              do_sample=False, max_new_tokens=new, min_new_tokens=0,
-                              eos_token_id=list(eos_ids) or None, pad_token_id=pad)
-        return sampler, out[:, tokens.shape[1]:].numpy()
+            out = hf.generate(
+                input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask.astype(np.int64)),
+                do_sample=False,
+                max_new_tokens=new,
+                min_new_tokens=0,
+                eos_token_id=list(eos_ids) or None,
+                pad_token_id=pad,
+            )
+        return sampler, out[:, tokens.shape[1] :].numpy()
 
     # Pick as EOS a token that greedy emits mid-way through row 0, so that row finishes early
     # and the others (checked below) run to the limit or stop elsewhere.
     _, free = hf_generate(())
-    eos = int(next(t for i, t in enumerate(free[0]) if i >= 3 and t not in free[0, :i]
-                   and t not in (pad, zc)))
+    eos = int(
+        next(
+            t
+            for i, t in enumerate(free[0])
+            if i >= 3 and t not in free[0, :i] and t not in (pad, zc)
+        )
+    )
     sampler, want = hf_generate((eos,))
     got = sampler.sample(prompts, k=1, temperature=0.0)
     assert got.finished[0] and got.lengths[0] < new and got.truncated.any()
-    np.testing.assert_array_equal(got.response_tokens[:, :want.shape[1]], want)
-    assert (got.response_tokens[:, want.shape[1]:] == pad).all()
+    np.testing.assert_array_equal(got.response_tokens[:, : want.shape[1]], want)
+    assert (got.response_tokens[:, want.shape[1] :] == pad).all()
     assert vocab > max(max(p) for p in prompts)
 
 
@@ -357,8 +412,23 @@ def test_generate_command_prints_samples_and_r_s(capsys):
 
     from laserjax.cli import main
 
-    main(["generate", "--tiny", "--ids", "5,6,7", "--k", "3", "--max-new-tokens", "6",
-          "--json", "--seed", "1", "--c-ref", "-20"])
+    main(
+        [
+            "generate",
+            "--tiny",
+            "--ids",
+            "5,6,7",
+            "--k",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--seed",
+            "1",
+            "--c-ref",
+            "-20",
+        ]
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["sample"] for x in lines] == [0, 1, 2]
     for x in lines:

@@ -19,8 +19,9 @@ TPU_SH = REPO / "tpu_scripts" / "tpu.sh"
 V4 = ["--name", "lj-v4", "--zone", "us-central2-b"]
 V5P = ["--name", "lj-v5p", "--zone", "europe-west4-b", "--project", "my-proj"]
 SSH_V4 = "gcloud compute tpus tpu-vm ssh lj-v4 --zone=us-central2-b --worker=all"
-SSH_V5P = ("gcloud compute tpus tpu-vm ssh lj-v5p --zone=europe-west4-b --project=my-proj"
-           " --worker=all")
+SSH_V5P = (
+    "gcloud compute tpus tpu-vm ssh lj-v5p --zone=europe-west4-b --project=my-proj --worker=all"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,13 @@ def bin_without_gcloud(tmp_path_factory) -> pathlib.Path:
 
 
 def run_tpu(args: list[str], path: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(TPU_SH), *args], capture_output=True, text=True,
-                          env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), **env},
-                          timeout=60)
+    return subprocess.run(
+        ["bash", str(TPU_SH), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": path, "HOME": os.environ.get("HOME", "/tmp"), **env},
+        timeout=60,
+    )
 
 
 def dry_run(args: list[str], path: pathlib.Path) -> list[str]:
@@ -48,117 +53,197 @@ def dry_run(args: list[str], path: pathlib.Path) -> list[str]:
 
 
 EXPECTED: dict[str, tuple[list[str], list[str]]] = {
-    "create v4-8": (["create", *V4, "--accelerator-type", "v4-8"], [
-        "gcloud compute tpus tpu-vm create lj-v4 --zone=us-central2-b --accelerator-type=v4-8"
-        " --version=tpu-ubuntu2204-base",
-    ]),
-    "create v5e-8 spot": (["create", "--name", "lj-v5e", "--zone", "us-west4-a",
-                           "--accelerator-type", "v5e-8", "--spot"], [
-        "gcloud compute tpus tpu-vm create lj-v5e --zone=us-west4-a --accelerator-type=v5litepod-8"
-        " --version=v2-alpha-tpuv5-lite --spot",
-    ]),
-    "create v5p-64 queued": (["create", *V5P, "--accelerator-type", "v5p-64", "--queued"], [
-        "gcloud compute tpus queued-resources create lj-v5p --zone=europe-west4-b"
-        " --project=my-proj --node-id=lj-v5p --accelerator-type=v5p-64"
-        " --runtime-version=v2-alpha-tpuv5",
-    ]),
+    "create v4-8": (
+        ["create", *V4, "--accelerator-type", "v4-8"],
+        [
+            "gcloud compute tpus tpu-vm create lj-v4 --zone=us-central2-b --accelerator-type=v4-8"
+            " --version=tpu-ubuntu2204-base",
+        ],
+    ),
+    "create v5e-8 spot": (
+        [
+            "create",
+            "--name",
+            "lj-v5e",
+            "--zone",
+            "us-west4-a",
+            "--accelerator-type",
+            "v5e-8",
+            "--spot",
+        ],
+        [
+            "gcloud compute tpus tpu-vm create lj-v5e --zone=us-west4-a"
+            " --accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite --spot",
+        ],
+    ),
+    "create v5p-64 queued": (
+        ["create", *V5P, "--accelerator-type", "v5p-64", "--queued"],
+        [
+            "gcloud compute tpus queued-resources create lj-v5p --zone=europe-west4-b"
+            " --project=my-proj --node-id=lj-v5p --accelerator-type=v5p-64"
+            " --runtime-version=v2-alpha-tpuv5",
+        ],
+    ),
     "create v6e-64 preemptible, runtime given": (
-        ["create", "--name", "lj-v6e", "--zone", "us-east5-b", "--accelerator-type", "v6e-64",
-         "--preemptible", "--runtime-version", "v2-alpha-tpuv6e"], [
+        [
+            "create",
+            "--name",
+            "lj-v6e",
+            "--zone",
+            "us-east5-b",
+            "--accelerator-type",
+            "v6e-64",
+            "--preemptible",
+            "--runtime-version",
+            "v2-alpha-tpuv6e",
+        ],
+        [
             "gcloud compute tpus tpu-vm create lj-v6e --zone=us-east5-b --accelerator-type=v6e-64"
             " --version=v2-alpha-tpuv6e --preemptible",
-        ]),
-    "status": (["status", *V4], [
-        "gcloud compute tpus tpu-vm describe lj-v4 --zone=us-central2-b",
-    ]),
-    "status queued": (["status", *V5P, "--queued"], [
-        "gcloud compute tpus queued-resources describe lj-v5p --zone=europe-west4-b"
-        " --project=my-proj",
-    ]),
-    "sync archive": (["sync", *V5P, "--source", "/src/laserjax", "--ref", "v0.1"], [
-        "git -C /src/laserjax archive --format=tar.gz"
-        " --output=/tmp/laserjax-src-lj-v5p.tar.gz v0.1",
-        "gcloud compute tpus tpu-vm scp /tmp/laserjax-src-lj-v5p.tar.gz"
-        " lj-v5p:laserjax-src.tar.gz --zone=europe-west4-b --project=my-proj --worker=all",
-        f"{SSH_V5P} '--command=mkdir -p laserjax && tar -xzf laserjax-src.tar.gz -C laserjax"
-        " && rm -f laserjax-src.tar.gz'",
-    ]),
-    "sync git": (["sync", *V4, "--repo-url", "https://github.com/me/laserjax.git",
-                  "--ref", "main"], [
-        f"{SSH_V4} '--command=(test -d laserjax/.git || git clone --quiet"
-        " https://github.com/me/laserjax.git laserjax) && cd laserjax"
-        " && git fetch --quiet origin main && git checkout --quiet --detach FETCH_HEAD'",
-    ]),
-    "setup": (["setup", *V4], [
-        f"{SSH_V4} '--command=test -f laserjax/requirements.txt || {{ echo \"no"
-        " ~/laserjax/requirements.txt on this worker: run sync first\" >&2; exit 1; }"
-        " && python3 -m pip install --user --upgrade uv"
-        " && python3 -m uv venv --allow-existing --python 3.11 ~/laserjax-venv"
-        " && python3 -m uv pip install --python ~/laserjax-venv/bin/python --upgrade"
-        " \"jax[tpu]\" -r laserjax/requirements.txt'",
-    ]),
+        ],
+    ),
+    "status": (
+        ["status", *V4],
+        [
+            "gcloud compute tpus tpu-vm describe lj-v4 --zone=us-central2-b",
+        ],
+    ),
+    "status queued": (
+        ["status", *V5P, "--queued"],
+        [
+            "gcloud compute tpus queued-resources describe lj-v5p --zone=europe-west4-b"
+            " --project=my-proj",
+        ],
+    ),
+    "sync archive": (
+        ["sync", *V5P, "--source", "/src/laserjax", "--ref", "v0.1"],
+        [
+            "git -C /src/laserjax archive --format=tar.gz"
+            " --output=/tmp/laserjax-src-lj-v5p.tar.gz v0.1",
+            "gcloud compute tpus tpu-vm scp /tmp/laserjax-src-lj-v5p.tar.gz"
+            " lj-v5p:laserjax-src.tar.gz --zone=europe-west4-b --project=my-proj --worker=all",
+            f"{SSH_V5P} '--command=mkdir -p laserjax && tar -xzf laserjax-src.tar.gz -C laserjax"
+            " && rm -f laserjax-src.tar.gz'",
+        ],
+    ),
+    "sync git": (
+        ["sync", *V4, "--repo-url", "https://github.com/me/laserjax.git", "--ref", "main"],
+        [
+            f"{SSH_V4} '--command=(test -d laserjax/.git || git clone --quiet"
+            " https://github.com/me/laserjax.git laserjax) && cd laserjax"
+            " && git fetch --quiet origin main && git checkout --quiet --detach FETCH_HEAD'",
+        ],
+    ),
+    "setup": (
+        ["setup", *V4],
+        [
+            f"{SSH_V4} '--command=test -f laserjax/requirements.txt || {{ echo \"no"
+            ' ~/laserjax/requirements.txt on this worker: run sync first" >&2; exit 1; }'
+            " && python3 -m pip install --user --upgrade uv"
+            " && python3 -m uv venv --allow-existing --python 3.11 ~/laserjax-venv"
+            " && python3 -m uv pip install --python ~/laserjax-venv/bin/python --upgrade"
+            ' "jax[tpu]" -r laserjax/requirements.txt\'',
+        ],
+    ),
     "setup pinned with find-links": (
-        ["setup", *V5P, "--jax-spec", "jax[tpu]==0.6.2", "--python-version", "3.12",
-         "--find-links", "https://storage.googleapis.com/jax-releases/libtpu_releases.html"], [
+        [
+            "setup",
+            *V5P,
+            "--jax-spec",
+            "jax[tpu]==0.6.2",
+            "--python-version",
+            "3.12",
+            "--find-links",
+            "https://storage.googleapis.com/jax-releases/libtpu_releases.html",
+        ],
+        [
             f"{SSH_V5P} '--command=test -f laserjax/requirements.txt || {{ echo \"no"
-            " ~/laserjax/requirements.txt on this worker: run sync first\" >&2; exit 1; }"
+            ' ~/laserjax/requirements.txt on this worker: run sync first" >&2; exit 1; }'
             " && python3 -m pip install --user --upgrade uv"
             " && python3 -m uv venv --allow-existing --python 3.12 ~/laserjax-venv"
             " && python3 -m uv pip install --python ~/laserjax-venv/bin/python --upgrade"
-            " \"jax[tpu]==0.6.2\" --find-links"
+            ' "jax[tpu]==0.6.2" --find-links'
             " https://storage.googleapis.com/jax-releases/libtpu_releases.html"
             " -r laserjax/requirements.txt'",
-        ]),
-    "check": (["check", *V4], [
-        f"{SSH_V4} '--command=~/laserjax-venv/bin/python -c \"import jax;"
-        " jax.distributed.initialize(); print(jax.process_index(), jax.process_count(),"
-        " jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)\"'",
-    ]),
+        ],
+    ),
+    "check": (
+        ["check", *V4],
+        [
+            f"{SSH_V4} '--command=~/laserjax-venv/bin/python -c \"import jax;"
+            " jax.distributed.initialize(); print(jax.process_index(), jax.process_count(),"
+            " jax.local_device_count(), jax.device_count(), jax.devices()[0].device_kind)\"'",
+        ],
+    ),
     "launch 7B on v5p-64": (
-        ["launch", *V5P, "--config", "configs/qwen2.5_7b_laser.yaml", "--env", "HF_HOME=/tmp/hf",
-         "train.total_steps=200", "data.eval=[aime24, math500]"], [
+        [
+            "launch",
+            *V5P,
+            "--config",
+            "configs/qwen2.5_7b_laser.yaml",
+            "--env",
+            "HF_HOME=/tmp/hf",
+            "train.total_steps=200",
+            "data.eval=[aime24, math500]",
+        ],
+        [
             f"{SSH_V5P} '--command=cd laserjax || exit 1; mkdir -p logs;"
-            " if [ -f logs/train.pid ] && kill -0 \"$(cat logs/train.pid)\" 2>/dev/null;"
-            " then echo \"a laserjax run is still going (pid $(cat logs/train.pid)): stop it with"
-            " the kill verb first\" >&2; exit 1; fi;"
+            ' if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" 2>/dev/null;'
+            ' then echo "a laserjax run is still going (pid $(cat logs/train.pid)): stop it with'
+            ' the kill verb first" >&2; exit 1; fi;'
             " LASERJAX_DISTRIBUTED=1 HF_HOME=/tmp/hf setsid nohup ~/laserjax-venv/bin/python -m"
             " laserjax train --config configs/qwen2.5_7b_laser.yaml train.total_steps=200"
-            " \"data.eval=[aime24, math500]\" > logs/train.log 2>&1 < /dev/null &"
+            ' "data.eval=[aime24, math500]" > logs/train.log 2>&1 < /dev/null &'
             " echo $! > logs/train.pid;"
-            " echo \"started pid $(cat logs/train.pid) on $(hostname), log"
+            ' echo "started pid $(cat logs/train.pid) on $(hostname), log'
             " ~/laserjax/logs/train.log\"'",
-        ]),
+        ],
+    ),
     "launch with own log file": (
-        ["launch", *V4, "--config", "configs/qwen2.5_0.5b.yaml", "--log-file", "runs/a.log"], [
+        ["launch", *V4, "--config", "configs/qwen2.5_0.5b.yaml", "--log-file", "runs/a.log"],
+        [
             f"{SSH_V4} '--command=cd laserjax || exit 1; mkdir -p logs runs;"
-            " if [ -f logs/train.pid ] && kill -0 \"$(cat logs/train.pid)\" 2>/dev/null;"
-            " then echo \"a laserjax run is still going (pid $(cat logs/train.pid)): stop it with"
-            " the kill verb first\" >&2; exit 1; fi;"
+            ' if [ -f logs/train.pid ] && kill -0 "$(cat logs/train.pid)" 2>/dev/null;'
+            ' then echo "a laserjax run is still going (pid $(cat logs/train.pid)): stop it with'
+            ' the kill verb first" >&2; exit 1; fi;'
             " LASERJAX_DISTRIBUTED=1 setsid nohup ~/laserjax-venv/bin/python -m"
             " laserjax train --config configs/qwen2.5_0.5b.yaml > runs/a.log 2>&1 < /dev/null &"
             " echo $! > logs/train.pid;"
-            " echo \"started pid $(cat logs/train.pid) on $(hostname), log"
+            ' echo "started pid $(cat logs/train.pid) on $(hostname), log'
             " ~/laserjax/runs/a.log\"'",
-        ]),
-    "logs": (["logs", *V4], [
-        "gcloud compute tpus tpu-vm ssh lj-v4 --zone=us-central2-b --worker=0"
-        " '--command=tail -n 100 -F laserjax/logs/train.log'",
-    ]),
-    "logs worker 3": (["logs", *V5P, "--worker", "3", "--lines", "20", "--no-follow"], [
-        "gcloud compute tpus tpu-vm ssh lj-v5p --zone=europe-west4-b --project=my-proj --worker=3"
-        " '--command=tail -n 20 laserjax/logs/train.log'",
-    ]),
-    "kill": (["kill", *V5P], [
-        f"{SSH_V5P} '--command=cd laserjax && if [ -f logs/train.pid ];"
-        " then kill -TERM -- -\"$(cat logs/train.pid)\" 2>/dev/null; rm -f logs/train.pid; fi'",
-    ]),
+        ],
+    ),
+    "logs": (
+        ["logs", *V4],
+        [
+            "gcloud compute tpus tpu-vm ssh lj-v4 --zone=us-central2-b --worker=0"
+            " '--command=tail -n 100 -F laserjax/logs/train.log'",
+        ],
+    ),
+    "logs worker 3": (
+        ["logs", *V5P, "--worker", "3", "--lines", "20", "--no-follow"],
+        [
+            "gcloud compute tpus tpu-vm ssh lj-v5p --zone=europe-west4-b --project=my-proj"
+            " --worker=3 '--command=tail -n 20 laserjax/logs/train.log'",
+        ],
+    ),
+    "kill": (
+        ["kill", *V5P],
+        [
+            f"{SSH_V5P} '--command=cd laserjax && if [ -f logs/train.pid ];"
+            ' then kill -TERM -- -"$(cat logs/train.pid)" 2>/dev/null; rm -f logs/train.pid; fi\'',
+        ],
+    ),
     "stop": (["stop", *V4], ["gcloud compute tpus tpu-vm stop lj-v4 --zone=us-central2-b"]),
     "start": (["start", *V4], ["gcloud compute tpus tpu-vm start lj-v4 --zone=us-central2-b"]),
     "delete": (["delete", *V4], ["gcloud compute tpus tpu-vm delete lj-v4 --zone=us-central2-b"]),
-    "delete queued": (["delete", *V5P, "--queued"], [
-        "gcloud compute tpus queued-resources delete lj-v5p --zone=europe-west4-b"
-        " --project=my-proj --force",
-    ]),
+    "delete queued": (
+        ["delete", *V5P, "--queued"],
+        [
+            "gcloud compute tpus queued-resources delete lj-v5p --zone=europe-west4-b"
+            " --project=my-proj --force",
+        ],
+    ),
 }
 
 
@@ -170,32 +255,53 @@ def test_dry_run_prints_exact_commands(case, bin_without_gcloud):
 
 def test_sync_archives_this_checkout_by_default(bin_without_gcloud):
     first = dry_run(["sync", *V4], bin_without_gcloud)[0]
-    assert first == (f"git -C {REPO} archive --format=tar.gz"
-                     " --output=/tmp/laserjax-src-lj-v4.tar.gz HEAD")
+    assert first == (
+        f"git -C {REPO} archive --format=tar.gz --output=/tmp/laserjax-src-lj-v4.tar.gz HEAD"
+    )
 
 
-@pytest.mark.parametrize("args, names", [
-    (["create", *V4, "--accelerator-type", "v9-8"], ["--accelerator-type", "'v9-8'", "v5p-64"]),
-    (["create", *V4, "--accelerator-type", "tpu-v4"], ["--accelerator-type", "GENERATION-SIZE"]),
-    (["create", *V4, "--accelerator-type", "v4-12"], ["--accelerator-type", "multiples of 8"]),
-    (["create", *V4, "--accelerator-type", "v5e-2"], ["--accelerator-type", "16, 32"]),
-    (["create", *V4], ["--accelerator-type is required"]),
-    (["create", "--name", "lj", "--accelerator-type", "v4-8"], ["--zone is required",
-                                                               "--zone=us-central2-b"]),
-    (["launch", "--name", "lj", "--config", "c.yaml"], ["--zone is required"]),
-    (["create", "--name", "lj", "--zone", "us-central2", "--accelerator-type", "v4-8"],
-     ["--zone 'us-central2' is not valid", "regions-zones"]),
-    (["create", "--zone", "us-central2-b", "--accelerator-type", "v4-8"], ["--name is required"]),
-    (["create", "--name", "LJ_1", "--zone", "us-central2-b", "--accelerator-type", "v4-8"],
-     ["--name 'LJ_1' is not valid"]),
-    (["create", *V4, "--accelerator-type", "v4-8", "--queued", "--preemptible"],
-     ["--preemptible", "--spot"]),
-    (["launch", *V4], ["--config is required"]),
-    (["launch", *V4, "--config", "c.yaml", "--env", "NOVALUE"], ["--env 'NOVALUE'", "NAME=VALUE"]),
-    (["sync", *V4, "--remote-dir", "../elsewhere"], ["--remote-dir '../elsewhere'"]),
-    (["logs", *V4, "--worker", "first"], ["--worker 'first'"]),
-    ([], ["give a verb", "launch"]),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["create", *V4, "--accelerator-type", "v9-8"], ["--accelerator-type", "'v9-8'", "v5p-64"]),
+        (
+            ["create", *V4, "--accelerator-type", "tpu-v4"],
+            ["--accelerator-type", "GENERATION-SIZE"],
+        ),
+        (["create", *V4, "--accelerator-type", "v4-12"], ["--accelerator-type", "multiples of 8"]),
+        (["create", *V4, "--accelerator-type", "v5e-2"], ["--accelerator-type", "16, 32"]),
+        (["create", *V4], ["--accelerator-type is required"]),
+        (
+            ["create", "--name", "lj", "--accelerator-type", "v4-8"],
+            ["--zone is required", "--zone=us-central2-b"],
+        ),
+        (["launch", "--name", "lj", "--config", "c.yaml"], ["--zone is required"]),
+        (
+            ["create", "--name", "lj", "--zone", "us-central2", "--accelerator-type", "v4-8"],
+            ["--zone 'us-central2' is not valid", "regions-zones"],
+        ),
+        (
+            ["create", "--zone", "us-central2-b", "--accelerator-type", "v4-8"],
+            ["--name is required"],
+        ),
+        (
+            ["create", "--name", "LJ_1", "--zone", "us-central2-b", "--accelerator-type", "v4-8"],
+            ["--name 'LJ_1' is not valid"],
+        ),
+        (
+            ["create", *V4, "--accelerator-type", "v4-8", "--queued", "--preemptible"],
+            ["--preemptible", "--spot"],
+        ),
+        (["launch", *V4], ["--config is required"]),
+        (
+            ["launch", *V4, "--config", "c.yaml", "--env", "NOVALUE"],
+            ["--env 'NOVALUE'", "NAME=VALUE"],
+        ),
+        (["sync", *V4, "--remote-dir", "../elsewhere"], ["--remote-dir '../elsewhere'"]),
+        (["logs", *V4, "--worker", "first"], ["--worker 'first'"]),
+        ([], ["give a verb", "launch"]),
+    ],
+)
 def test_bad_input_names_the_flag(args, names, bin_without_gcloud):
     out = run_tpu([*args, "--dry-run"] if args else [], str(bin_without_gcloud))
     assert out.returncode == 2 and out.stdout == ""
@@ -262,12 +368,25 @@ def _alive_in_group(pgid: int) -> list[int]:
     return alive
 
 
-WORKER_TOOLS = ("git", "setsid", "nohup", "tar", "gzip", "mkdir", "rm", "cat", "tail", "sleep",
-                "hostname")
+WORKER_TOOLS = (
+    "git",
+    "setsid",
+    "nohup",
+    "tar",
+    "gzip",
+    "mkdir",
+    "rm",
+    "cat",
+    "tail",
+    "sleep",
+    "hostname",
+)
 
 
-@pytest.mark.skipif(not (REPO / ".git").exists() or not all(map(shutil.which, WORKER_TOOLS)),
-                    reason=f"needs a git checkout and {', '.join(WORKER_TOOLS)} on PATH")
+@pytest.mark.skipif(
+    not (REPO / ".git").exists() or not all(map(shutil.which, WORKER_TOOLS)),
+    reason=f"needs a git checkout and {', '.join(WORKER_TOOLS)} on PATH",
+)
 def test_worker_side_shell_on_two_emulated_workers(tmp_path, bin_without_gcloud):
     bin_dir = tmp_path / "bin"
     shutil.copytree(bin_without_gcloud, bin_dir, symlinks=True)
@@ -296,20 +415,33 @@ def test_worker_side_shell_on_two_emulated_workers(tmp_path, bin_without_gcloud)
         out = tpu("sync", *common)
         assert out.returncode == 0, out.stderr
         printed = dry_run(["sync", *common], bin_without_gcloud)
-        assert [line.removeprefix("+ ") for line in out.stderr.splitlines()
-                if line.startswith("+ ")] == printed
+        assert [
+            line.removeprefix("+ ") for line in out.stderr.splitlines() if line.startswith("+ ")
+        ] == printed
         assert [ast.literal_eval(c) for c in calls.read_text().splitlines()] == [
-            shlex.split(line)[1:] for line in printed[1:]]
+            shlex.split(line)[1:] for line in printed[1:]
+        ]
         for i in range(2):
             code = workers / f"w{i}" / "laserjax"
             assert (code / "laserjax" / "cli.py").read_bytes() == subprocess.run(
                 ["git", "-C", str(REPO), "show", "HEAD:laserjax/cli.py"],
-                capture_output=True, check=True).stdout
+                capture_output=True,
+                check=True,
+            ).stdout
             assert not (workers / f"w{i}" / "laserjax-src.tar.gz").exists()
         assert (workers / "w0" / "laserjax" / "logs" / "old.log").read_text() == "kept"
 
-        out = tpu("launch", *V4, "--config", "configs/qwen2.5_0.5b.yaml", "--env", "A_B=x y",
-                  "train.total_steps=3", "data.eval=[aime24, math500]", "x=it's $HOME")
+        out = tpu(
+            "launch",
+            *V4,
+            "--config",
+            "configs/qwen2.5_0.5b.yaml",
+            "--env",
+            "A_B=x y",
+            "train.total_steps=3",
+            "data.eval=[aime24, math500]",
+            "x=it's $HOME",
+        )
         assert out.returncode == 0, out.stderr
         for i in range(2):
             logs = workers / f"w{i}" / "laserjax" / "logs"
@@ -318,9 +450,16 @@ def test_worker_side_shell_on_two_emulated_workers(tmp_path, bin_without_gcloud)
             while "child:" not in (logs / "train.log").read_text() and time.time() < deadline:
                 time.sleep(0.05)
             lines = (logs / "train.log").read_text().splitlines()
-            assert lines[:8] == ["LASERJAX_DISTRIBUTED=1", "arg:-m", "arg:laserjax", "arg:train",
-                                 "arg:--config", "arg:configs/qwen2.5_0.5b.yaml",
-                                 "arg:train.total_steps=3", "arg:data.eval=[aime24, math500]"]
+            assert lines[:8] == [
+                "LASERJAX_DISTRIBUTED=1",
+                "arg:-m",
+                "arg:laserjax",
+                "arg:train",
+                "arg:--config",
+                "arg:configs/qwen2.5_0.5b.yaml",
+                "arg:train.total_steps=3",
+                "arg:data.eval=[aime24, math500]",
+            ]
             assert lines[8] == "arg:x=it's $HOME"
             # The run leads its own process group: the pid file names the group kill stops.
             assert len(_alive_in_group(pgids[-1])) == 2
@@ -348,4 +487,3 @@ def test_worker_side_shell_on_two_emulated_workers(tmp_path, bin_without_gcloud)
         for g in pgids:
             for pid in _alive_in_group(g):
                 os.kill(pid, 9)
-

@@ -29,9 +29,18 @@ LASER_OFF = LaserConfig(alpha=0.0, reasoning_warmup_steps=1000, self_reward_warm
 
 
 def _model(tie: bool = True, seed: int = 0) -> Transformer:
-    cfg = TransformerConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32,
-                            intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                            head_dim=8, tie_word_embeddings=tie, qkv_bias=True)
+    cfg = TransformerConfig(
+        model_type="qwen2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=tie,
+        qkv_bias=True,
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(seed))
     # Scale the 0.02-std init up so the next-token distributions are far from uniform.
     params = nnx.state(model, nnx.Param)
@@ -58,8 +67,14 @@ def _rows(seed: int = 0):
     ptok = np.where(pmask, rng.integers(3, VOCAB - 10, (R, P)), 0)
     rtok = np.where(rmask, rng.integers(3, VOCAB - 10, (R, T)), 0)
     rtok[np.arange(R)[finished], resp_len[finished] - 1] = EOS
-    return dict(prompt_tokens=ptok, prompt_mask=pmask, response_tokens=rtok, response_mask=rmask,
-                finished=finished, rewards=rewards)
+    return dict(
+        prompt_tokens=ptok,
+        prompt_mask=pmask,
+        response_tokens=rtok,
+        response_mask=rmask,
+        finished=finished,
+        rewards=rewards,
+    )
 
 
 def _plain_forward_logits(model, rows) -> jax.Array:
@@ -93,7 +108,7 @@ def _batch(model, seed: int = 0, temperature: float = 1.0, **overrides) -> ts.Tr
     clip range on some tokens (both clip branches and the dual clip get exercised)."""
     rows = _rows(seed) | overrides
     rng = np.random.default_rng(seed + 1)
-    logits = _plain_forward_logits(model, rows)[:, P - 1:P - 1 + T]
+    logits = _plain_forward_logits(model, rows)[:, P - 1 : P - 1 + T]
     logp = np.asarray(jax.nn.log_softmax(logits / temperature, -1))
     logp = np.take_along_axis(logp, rows["response_tokens"][..., None], -1)[..., 0]
     old = np.where(rows["response_mask"], logp + rng.normal(0, 0.3, logp.shape), 0.0)
@@ -169,13 +184,14 @@ def test_logprobs_equal_plain_teacher_forced_forward(model):
     logits_blv, lens = _packed_forward(model, rows)
     for r, (n_prompt, n_resp) in enumerate(lens):
         resp = rows["response_tokens"][r][:n_resp]
-        logits = logits_blv[r, n_prompt - 1:n_prompt - 1 + n_resp]
+        logits = logits_blv[r, n_prompt - 1 : n_prompt - 1 + n_resp]
         want = token_logprobs(logits, jnp.asarray(resp), temperature)
         np.testing.assert_allclose(logp_bt[r, :n_resp], np.asarray(want), atol=1e-5, rtol=0)
         # And the definition spelt out: tempered log_softmax over the whole vocabulary.
         by_hand = np.asarray(jax.nn.log_softmax(logits / temperature, -1))
-        np.testing.assert_allclose(logp_bt[r, :n_resp], by_hand[np.arange(n_resp), resp],
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            logp_bt[r, :n_resp], by_hand[np.arange(n_resp), resp], atol=1e-5, rtol=0
+        )
         if rows["finished"][r]:
             eos = n_prompt + n_resp - 1  # z_c is predicted at the EOS position, raw logits
             want_zc = jax.nn.log_softmax(logits_blv[r, eos])[ZC]
@@ -189,8 +205,14 @@ def test_rollout_logprobs_equal_train_step_logprobs(model):
     from laserjax.sampler import Sampler
 
     eos_ids = tuple(range(2, 10))  # several EOS ids so that about half the rows finish
-    sampler = Sampler(model, eos_ids=eos_ids, pad_id=0, self_reward_token_id=ZC,
-                      max_new_tokens=T, prompt_buckets=(P,))
+    sampler = Sampler(
+        model,
+        eos_ids=eos_ids,
+        pad_id=0,
+        self_reward_token_id=ZC,
+        max_new_tokens=T,
+        prompt_buckets=(P,),
+    )
     prompts = [[11, 12, 13], [20, 21, 22, 23, 24]]
     rollout = sampler.sample(prompts, k=K, temperature=0.7, seed=3)
     assert 0 < rollout.finished.sum() < R  # both finished and truncated rows
@@ -199,10 +221,15 @@ def test_rollout_logprobs_equal_train_step_logprobs(model):
     settings = _settings(temperature=rollout.logprob_temperature)
     out = jax.jit(lambda b: ts.sequence_logprobs(model, b, settings))(batch)
     mask = rollout.response_mask
-    np.testing.assert_allclose(np.asarray(out["logp_bt"])[mask], rollout.logprobs[mask],
-                               atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out["logp_zc_b"])[rollout.finished],
-                               rollout.logp_zc[rollout.finished], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(out["logp_bt"])[mask], rollout.logprobs[mask], atol=1e-5, rtol=0
+    )
+    np.testing.assert_allclose(
+        np.asarray(out["logp_zc_b"])[rollout.finished],
+        rollout.logp_zc[rollout.finished],
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_train_step_uses_the_samplers_token_logprobs():
@@ -221,20 +248,24 @@ def _reference_grpo_loss(graphdef, batch, loss_cfg: PolicyLossConfig):
     """GRPO written out independently, as a function of the params: full-vocabulary logits of
     `prompt, response` (no z_c), group-normalised advantages, the dual-clip PPO surrogate,
     token-mean."""
-    rows = {f: np.asarray(getattr(batch, f)) for f in ("prompt_tokens", "prompt_mask",
-                                                      "response_tokens", "response_mask")}
+    rows = {
+        f: np.asarray(getattr(batch, f))
+        for f in ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask")
+    }
     r_gk = np.asarray(batch.rewards, np.float64).reshape(-1, K)
     adv = (r_gk - r_gk.mean(1, keepdims=True)) / (r_gk.std(1, ddof=1, keepdims=True) + 1e-6)
     adv = jnp.asarray(adv.reshape(-1, 1), jnp.float32)
     mask = batch.response_mask
 
     def loss_fn(params):
-        logits = _plain_forward_logits(nnx.merge(graphdef, params), rows)[:, P - 1:P - 1 + T]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1),
-                                   batch.response_tokens[..., None], -1)[..., 0]
+        logits = _plain_forward_logits(nnx.merge(graphdef, params), rows)[:, P - 1 : P - 1 + T]
+        logp = jnp.take_along_axis(
+            jax.nn.log_softmax(logits, -1), batch.response_tokens[..., None], -1
+        )[..., 0]
         ratio = jnp.exp(jnp.where(mask, logp - batch.old_logprobs, 0.0))
-        loss = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - loss_cfg.clip_low,
-                                                         1 + loss_cfg.clip_high))
+        loss = jnp.maximum(
+            -adv * ratio, -adv * jnp.clip(ratio, 1 - loss_cfg.clip_low, 1 + loss_cfg.clip_high)
+        )
         loss = jnp.where(adv < 0, jnp.minimum(loss, -adv * loss_cfg.dual_clip), loss)
         return jnp.sum(jnp.where(mask, loss, 0.0)) / mask.sum()
 
@@ -252,13 +283,15 @@ def test_step_without_mse_and_integration_is_plain_grpo(model):
     batch = _batch(model)
     loss_cfg = PolicyLossConfig()
     graphdef, params = nnx.split(model, nnx.Param)
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(
-        _reference_grpo_loss(graphdef, batch, loss_cfg)))(params)
+    ref_loss, ref_grads = jax.jit(
+        jax.value_and_grad(_reference_grpo_loss(graphdef, batch, loss_cfg))
+    )(params)
     grads_zc, m_zc = _grads(model, batch, LASER_OFF, _settings(append_zc=True))
     grads_nozc, m_nozc = _grads(model, batch, LASER_OFF, _settings(append_zc=False))
     # `algorithm: grpo` also takes the single-chunk LM head (chunk >= T, logits kept).
-    grads_grpo, m_grpo = _grads(model, batch, dataclasses.replace(LASER_OFF, algorithm="grpo"),
-                                _settings(logit_chunk=T))
+    grads_grpo, m_grpo = _grads(
+        model, batch, dataclasses.replace(LASER_OFF, algorithm="grpo"), _settings(logit_chunk=T)
+    )
     assert 0 < float(m_zc["actor/pg_clipfrac"]) < 1  # the clipped branch is really exercised
     assert float(m_zc["self_reward/mse_active"]) == 0.0
     assert float(m_zc["self_reward/integration_active"]) == 0.0
@@ -288,8 +321,11 @@ def test_mse_over_finished_rows_only(model):
     truncated = ~np.asarray(batch.finished)
     rng = np.random.default_rng(7)
     tokens = np.asarray(batch.response_tokens).copy()
-    tokens[truncated] = np.where(np.asarray(batch.response_mask)[truncated],
-                                 rng.integers(3, VOCAB - 10, tokens[truncated].shape), 0)
+    tokens[truncated] = np.where(
+        np.asarray(batch.response_mask)[truncated],
+        rng.integers(3, VOCAB - 10, tokens[truncated].shape),
+        0,
+    )
     other = batch.replace(response_tokens=jnp.asarray(tokens, jnp.int32))
     grads2, metrics2 = _grads(model, other, laser_cfg, _settings())
     assert _max_rel_err(grads2, grads) <= 1e-6
@@ -298,8 +334,10 @@ def test_mse_over_finished_rows_only(model):
     # By hand: finished rows 0, 1, 3 (correct), 4, 7 (incorrect): N_c = 3, N_i = 2.
     rows = _rows()
     logits_blv, lens = _packed_forward(model, rows)
-    logp_zc = {r: float(jax.nn.log_softmax(logits_blv[r, sum(lens[r]) - 1])[ZC])
-               for r in np.nonzero(rows["finished"])[0]}
+    logp_zc = {
+        r: float(jax.nn.log_softmax(logits_blv[r, sum(lens[r]) - 1])[ZC])
+        for r in np.nonzero(rows["finished"])[0]
+    }
     n_c, n_i = 3, 2
     total = 0.0
     for r, lp in logp_zc.items():
@@ -314,7 +352,8 @@ def test_mse_over_finished_rows_only(model):
 
 
 @pytest.mark.parametrize(
-    "loss_agg", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow)])
+    "loss_agg", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow)]
+)
 def test_two_micro_batches_equal_the_full_batch(model, loss_agg):
     """Full LaSeR step (MSE and integration on, KL on): gradients of 2 micro-batches of 4 rows
     equal one batch of 8, max |diff| <= 1e-5 x the leaf's largest gradient; metrics to 1e-5
@@ -323,8 +362,9 @@ def test_two_micro_batches_equal_the_full_batch(model, loss_agg):
     batch = _batch(model)
     batch = batch.replace(ref_logprobs=batch.old_logprobs - 0.1)
     full, m_full = _grads(model, batch, LASER_ON, _settings(), loss_cfg=loss_cfg)
-    micro, m_micro = _grads(model, batch, LASER_ON, _settings(micro_batch_size=4),
-                            loss_cfg=loss_cfg)
+    micro, m_micro = _grads(
+        model, batch, LASER_ON, _settings(micro_batch_size=4), loss_cfg=loss_cfg
+    )
     assert float(m_full["self_reward/integration_active"]) == 1.0
     assert float(m_full["self_reward/mse"]) > 0 and float(m_full["actor/kl_loss"]) > 0
     assert _max_rel_err(micro, full) <= 1e-5
@@ -341,12 +381,21 @@ def test_sharded_step_equals_single_device_step(model):
     settings = _settings(micro_batch_size=4)
     batch = _batch(model)
     results = []
-    for mesh_cfg, devices in ((MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8]),
-                              (MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])):
+    for mesh_cfg, devices in (
+        (MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8]),
+        (MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+    ):
         mesh = sharding.make_mesh(mesh_cfg, devices)
         graphdef, state = ts.init_train_state(_model(), optim, mesh)
-        step = ts.make_train_step(graphdef, ts.train_state_sharding(state, mesh), LASER_ON,
-                                  PolicyLossConfig(), optim, settings, mesh)
+        step = ts.make_train_step(
+            graphdef,
+            ts.train_state_sharding(state, mesh),
+            LASER_ON,
+            PolicyLossConfig(),
+            optim,
+            settings,
+            mesh,
+        )
         state, metrics = step(state, batch)
         results.append((jax.device_get(state), jax.device_get(metrics), state))
     (s8, m8, live8), (s1, m1, _) = results
@@ -360,8 +409,12 @@ def test_sharded_step_equals_single_device_step(model):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
     for name, value in m1.items():
         np.testing.assert_allclose(m8[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(s1.params), jax.tree.leaves(nnx.state(_model(), nnx.Param)), strict=True))
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(s1.params), jax.tree.leaves(nnx.state(_model(), nnx.Param)), strict=True
+        )
+    )
     assert moved > 5e-4  # the step really updated the params (AdamW moves ~lr per element)
 
 
@@ -384,7 +437,9 @@ def test_bad_batches_are_named(model):
     graphdef, params = nnx.split(model, nnx.Param)
     with pytest.raises(ValueError, match="needs TrainBatch.ref_logprobs"):
         ts.make_grad_fn(graphdef, LASER_ON, PolicyLossConfig(kl_coef=0.1), _settings())(
-            params, batch, 1)
+            params, batch, 1
+        )
     with pytest.raises(ValueError, match="micro_batch_size 3 does not divide the 8 rows"):
         ts.make_grad_fn(graphdef, LASER_ON, PolicyLossConfig(), _settings(micro_batch_size=3))(
-            params, batch, 1)
+            params, batch, 1
+        )

@@ -47,17 +47,41 @@ RUN_TIMEOUT_S = 600  # one tiny run is ~15-25 s of CPU; the margin is for a load
 # The demo, shrunk: 4 prompts x K = 8 samples per step, 4 held-out problems x 8 samples (the same
 # rollout shape, one compile), warm-ups of 2 + 2 steps so the self-reward MSE and the advantage
 # integration both switch on inside the 8 steps, and a checkpoint every 2 steps.
-SMALL = ["train.prompts_per_step=4", "model.toy.eval_problems=4", "train.eval_samples=8",
-         "laser.reasoning_warmup_steps=2", "laser.self_reward_warmup_steps=2",
-         "train.progress_bar=false", "train.export_hf=false"]
+SMALL = [
+    "train.prompts_per_step=4",
+    "model.toy.eval_problems=4",
+    "train.eval_samples=8",
+    "laser.reasoning_warmup_steps=2",
+    "laser.self_reward_warmup_steps=2",
+    "train.progress_bar=false",
+    "train.export_hf=false",
+]
 TOTAL_STEPS, SAVE_EVERY = 8, 2
 RESUME_ARGS = SMALL + [f"train.total_steps={TOTAL_STEPS}", f"train.save_every={SAVE_EVERY}"]
 
-REQUIRED_STEP_KEYS = ("step", "reward_mean", "self_verify_f1", "self_verify_acc_correct",
-                      "self_verify_acc_incorrect", "mse_loss", "policy_loss", "response_len_mean",
-                      "truncated_frac", "zc_emitted_frac", "step_seconds")
-REQUIRED_SUMMARY_KEYS = ("accuracy_start", "accuracy_end", "self_verify_f1_start",
-                         "self_verify_f1_end", "k", "maj_at_k", "weighted_maj_at_k", "seconds")
+REQUIRED_STEP_KEYS = (
+    "step",
+    "reward_mean",
+    "self_verify_f1",
+    "self_verify_acc_correct",
+    "self_verify_acc_incorrect",
+    "mse_loss",
+    "policy_loss",
+    "response_len_mean",
+    "truncated_frac",
+    "zc_emitted_frac",
+    "step_seconds",
+)
+REQUIRED_SUMMARY_KEYS = (
+    "accuracy_start",
+    "accuracy_end",
+    "self_verify_f1_start",
+    "self_verify_f1_end",
+    "k",
+    "maj_at_k",
+    "weighted_maj_at_k",
+    "seconds",
+)
 TIMING_KEYS = {"step_seconds", "seconds"}
 """Wall-clock fields: the only ones a resumed run may report differently."""
 
@@ -87,12 +111,18 @@ cli.main(sys.argv[3:])
 def _env(cache_dir: pathlib.Path) -> dict[str, str]:
     env = dict(os.environ)
     # conftest.py gives this process 8 fake CPU devices; the demo's mesh is one device.
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags)
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return env
 
 
@@ -110,9 +140,14 @@ class Finished:
 
 def _train(out: pathlib.Path, args: list[str], cache_dir: pathlib.Path) -> Finished:
     tic = time.time()
-    p = subprocess.run([sys.executable, "-m", "laserjax", *_train_argv(out, args)], cwd=REPO,
-                       env=_env(cache_dir), capture_output=True, text=True,
-                       timeout=RUN_TIMEOUT_S)
+    p = subprocess.run(
+        [sys.executable, "-m", "laserjax", *_train_argv(out, args)],
+        cwd=REPO,
+        env=_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     return Finished(p.returncode, p.stdout, p.stderr, time.time() - tic)
 
 
@@ -132,8 +167,11 @@ def _drop_timing(row: dict) -> dict:
 def _restore(run_dir: pathlib.Path, step: int):
     """(graphdef, TrainState, meta) of checkpoint `step`, on one device of this process."""
     cfg = load_config(run_dir / "config.yaml")
-    mcfg = toy_task.model_config(toy_task.ToyConfig.from_dict(cfg.model.toy),
-                                 dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    mcfg = toy_task.model_config(
+        toy_task.ToyConfig.from_dict(cfg.model.toy),
+        dtype=cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
+    )
     mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     graphdef, target = init_train_state(Transformer(mcfg, rngs=nnx.Rngs(0)), cfg.optim, mesh)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
@@ -196,14 +234,25 @@ def killed_and_resumed(work, cache_dir, full_run) -> KilledAndResumed:
     tic = time.time()
     with open(work / "killed.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", PAUSE_MID_STEP, str(kill_step), str(marker),
-             *_train_argv(out, RESUME_ARGS)],
-            cwd=REPO, env=_env(cache_dir), stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-c",
+                PAUSE_MID_STEP,
+                str(kill_step),
+                str(marker),
+                *_train_argv(out, RESUME_ARGS),
+            ],
+            cwd=REPO,
+            env=_env(cache_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             while not marker.exists():
                 assert proc.poll() is None, (
                     f"run exited ({proc.returncode}) before step {kill_step}:\n"
-                    f"{(work / 'killed.log').read_text()[-4000:]}")
+                    f"{(work / 'killed.log').read_text()[-4000:]}"
+                )
                 assert time.time() - tic < RUN_TIMEOUT_S, "run never reached the kill point"
                 time.sleep(0.05)
             os.kill(proc.pid, signal.SIGKILL)
@@ -212,11 +261,18 @@ def killed_and_resumed(work, cache_dir, full_run) -> KilledAndResumed:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    killed = KilledAndResumed(out, (out / "metrics.jsonl").read_text(),
-                              (out / "eval.jsonl").read_text(), _checkpoint_steps(out), None)
+    killed = KilledAndResumed(
+        out,
+        (out / "metrics.jsonl").read_text(),
+        (out / "eval.jsonl").read_text(),
+        _checkpoint_steps(out),
+        None,
+    )
     killed.resume = _ok(_train(out, RESUME_ARGS, cache_dir))
-    print(f"\nkilled run: {time.time() - tic - killed.resume.seconds:.1f} s, "
-          f"resumed run: {killed.resume.seconds:.1f} s")
+    print(
+        f"\nkilled run: {time.time() - tic - killed.resume.seconds:.1f} s, "
+        f"resumed run: {killed.resume.seconds:.1f} s"
+    )
     return killed
 
 
@@ -285,14 +341,20 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work, cache_d
     shutil.copytree(full_run, out)
     good = (out / "metrics.jsonl").read_text()
     _, before, _ = _restore(out, TOTAL_STEPS)
-    run = _train(out, SMALL + ["train.total_steps=12", f"train.save_every={SAVE_EVERY}",
-                               "optim.learning_rate=1e30"], cache_dir)
+    run = _train(
+        out,
+        SMALL
+        + ["train.total_steps=12", f"train.save_every={SAVE_EVERY}", "optim.learning_rate=1e30"],
+        cache_dir,
+    )
     print(f"\ndiverging run: {run.seconds:.1f} s")
 
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
-    assert (f"error: step {TOTAL_STEPS + 2}: policy_loss = nan; stopping. The last good "
-            f"checkpoint (step {TOTAL_STEPS}) is intact") in run.stderr
+    assert (
+        f"error: step {TOTAL_STEPS + 2}: policy_loss = nan; stopping. The last good "
+        f"checkpoint (step {TOTAL_STEPS}) is intact"
+    ) in run.stderr
     assert "lower optim.learning_rate" in run.stderr
 
     assert _checkpoint_steps(out) == [TOTAL_STEPS - SAVE_EVERY, TOTAL_STEPS]
@@ -314,9 +376,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work, cache_d
 @pytest.fixture(scope="module")
 def grpo_run(work, cache_dir) -> pathlib.Path:
     out = work / "grpo"
-    run = _ok(_train(out, SMALL + ["algorithm=grpo", "train.total_steps=4",
-                                   f"train.save_every={SAVE_EVERY}", "train.export_hf=true"],
-                     cache_dir))
+    run = _ok(
+        _train(
+            out,
+            SMALL
+            + [
+                "algorithm=grpo",
+                "train.total_steps=4",
+                f"train.save_every={SAVE_EVERY}",
+                "train.export_hf=true",
+            ],
+            cache_dir,
+        )
+    )
     print(f"\ngrpo run with HF export: {run.seconds:.1f} s")
     return out
 
@@ -347,8 +419,9 @@ def test_hf_export_loads_in_transformers_with_the_trained_logits(grpo_run):
     vocab = model.cfg.vocab_size
     tokens_bt = np.random.default_rng(0).integers(0, vocab, (3, 12), dtype=np.int32)
     positions_bt = np.broadcast_to(np.arange(12, dtype=np.int32), tokens_bt.shape)
-    ours = np.asarray(model(jnp.asarray(tokens_bt), jnp.asarray(positions_bt),
-                            jnp.ones(tokens_bt.shape, bool)))
+    ours = np.asarray(
+        model(jnp.asarray(tokens_bt), jnp.asarray(positions_bt), jnp.ones(tokens_bt.shape, bool))
+    )
     with torch.no_grad():
         ref = hf(torch.from_numpy(tokens_bt.astype(np.int64))).logits.numpy()
     assert ours.shape == ref.shape == (3, 12, vocab)
@@ -356,8 +429,11 @@ def test_hf_export_loads_in_transformers_with_the_trained_logits(grpo_run):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
     # The export is the final policy, not an earlier one: the step-2 checkpoint's logits differ.
     graphdef2, state2, _ = _restore(grpo_run, SAVE_EVERY)
-    earlier = np.asarray(nnx.merge(graphdef2, state2.params)(
-        jnp.asarray(tokens_bt), jnp.asarray(positions_bt), jnp.ones(tokens_bt.shape, bool)))
+    earlier = np.asarray(
+        nnx.merge(graphdef2, state2.params)(
+            jnp.asarray(tokens_bt), jnp.asarray(positions_bt), jnp.ones(tokens_bt.shape, bool)
+        )
+    )
     assert np.abs(earlier - ref).max() > 1e-3
 
 
@@ -365,32 +441,48 @@ def test_hf_export_loads_in_transformers_with_the_trained_logits(grpo_run):
 # 2. Invalid configs fail before any compile, naming the field and the fix.
 
 
-@pytest.mark.parametrize("overrides, field, fix", [
-    # batch not divisible: 32 prompts x 8 samples = 256 rows
-    (["train.micro_batch_size=3"], "train.micro_batch_size", "pick a divisor of 256"),
-    (["rollout.samples_per_prompt=3", "train.micro_batch_size=64"], "train.micro_batch_size",
-     "pick a divisor of 96"),
-    # z_c equal to an EOS or the pad id given in the config, or not a token id at all
-    (["tokens.eos_ids=[1,2]"], "tokens.self_reward_token_id", "is also an EOS id"),
-    (["tokens.pad_id=2"], "tokens.self_reward_token_id", "equals the pad id; choose another"),
-    (["tokens.self_reward_token_id=-1"], "tokens.self_reward_token_id", "must be a token id >= 0"),
-    # negative warm-ups
-    (["laser.reasoning_warmup_steps=-1"], "laser.reasoning_warmup_steps",
-     "use 0 to switch the warm-up off"),
-    (["laser.self_reward_warmup_steps=-3"], "laser.self_reward_warmup_steps",
-     "use 0 to switch the warm-up off"),
-    (["optim.warmup_steps=-1"], "optim.warmup_steps", "must be >= 0"),
-    # unknown keys list the known ones
-    (["train.totl_steps=5"], "train.totl_steps", "known fields of `train`: total_steps"),
-    (["lazer.alpha=0.1"], "lazer", "known fields of `config`: model, tokens, laser"),
-    # bad value types
-    (["train.total_steps=many"], "train.total_steps", "expected int, got 'many'"),
-    (["train.total_steps=2.5"], "train.total_steps", "expected int, got 2.5"),
-    (["train.export_hf=maybe"], "train.export_hf", "expected true/false"),
-    (["laser.c_ref=high"], "laser.c_ref", "must be a number (e.g. -23.0) or `auto`"),
-    (["train=5"], "train", "expected a section"),
-    (["algorithm=ppo"], "laser.algorithm", "use laser or grpo"),
-])
+@pytest.mark.parametrize(
+    "overrides, field, fix",
+    [
+        # batch not divisible: 32 prompts x 8 samples = 256 rows
+        (["train.micro_batch_size=3"], "train.micro_batch_size", "pick a divisor of 256"),
+        (
+            ["rollout.samples_per_prompt=3", "train.micro_batch_size=64"],
+            "train.micro_batch_size",
+            "pick a divisor of 96",
+        ),
+        # z_c equal to an EOS or the pad id given in the config, or not a token id at all
+        (["tokens.eos_ids=[1,2]"], "tokens.self_reward_token_id", "is also an EOS id"),
+        (["tokens.pad_id=2"], "tokens.self_reward_token_id", "equals the pad id; choose another"),
+        (
+            ["tokens.self_reward_token_id=-1"],
+            "tokens.self_reward_token_id",
+            "must be a token id >= 0",
+        ),
+        # negative warm-ups
+        (
+            ["laser.reasoning_warmup_steps=-1"],
+            "laser.reasoning_warmup_steps",
+            "use 0 to switch the warm-up off",
+        ),
+        (
+            ["laser.self_reward_warmup_steps=-3"],
+            "laser.self_reward_warmup_steps",
+            "use 0 to switch the warm-up off",
+        ),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps", "must be >= 0"),
+        # unknown keys list the known ones
+        (["train.totl_steps=5"], "train.totl_steps", "known fields of `train`: total_steps"),
+        (["lazer.alpha=0.1"], "lazer", "known fields of `config`: model, tokens, laser"),
+        # bad value types
+        (["train.total_steps=many"], "train.total_steps", "expected int, got 'many'"),
+        (["train.total_steps=2.5"], "train.total_steps", "expected int, got 2.5"),
+        (["train.export_hf=maybe"], "train.export_hf", "expected true/false"),
+        (["laser.c_ref=high"], "laser.c_ref", "must be a number (e.g. -23.0) or `auto`"),
+        (["train=5"], "train", "expected a section"),
+        (["algorithm=ppo"], "laser.algorithm", "use laser or grpo"),
+    ],
+)
 def test_invalid_config_fails_at_load_naming_field_and_fix(overrides, field, fix):
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, overrides)
@@ -429,29 +521,43 @@ def test_compile_counter_sees_a_compile():
 
 def _toy_token_cases() -> list[tuple[int, str]]:
     vocab, ids = len(toy_task.make_tokenizer()), toy_task.token_ids()
-    return [(vocab + 7, f"is outside the vocabulary [0, {vocab})"),
-            (ids["eos"], f"is one of the EOS ids [{ids['eos']}]"),
-            (ids["pad"], "equals the pad id")]
+    return [
+        (vocab + 7, f"is outside the vocabulary [0, {vocab})"),
+        (ids["eos"], f"is one of the EOS ids [{ids['eos']}]"),
+        (ids["pad"], "equals the pad id"),
+    ]
 
 
 @pytest.mark.parametrize("case", range(3), ids=["outside_vocab", "eos", "pad"])
 def test_token_ids_against_the_vocabulary_fail_before_any_compile(tmp_path, case):
     zc, fix = _toy_token_cases()[case]
     # mesh.data=-1: this process has 8 fake devices. sft_steps=1 keeps a failing run cheap.
-    cfg = load_config(DEMO, [f"output_dir={tmp_path}", f"tokens.self_reward_token_id={zc}",
-                             "mesh.data=-1", "model.toy.sft_steps=1"])
+    cfg = load_config(
+        DEMO,
+        [
+            f"output_dir={tmp_path}",
+            f"tokens.self_reward_token_id={zc}",
+            "mesh.data=-1",
+            "model.toy.sft_steps=1",
+        ],
+    )
     with _CountCompiles() as c, pytest.raises(ConfigError) as e:
         Trainer(cfg)
     assert "`tokens.self_reward_token_id`" in str(e.value) and fix in str(e.value), str(e.value)
-    assert c.count == 0, (f"{c.count} XLA compiles ran before the token-id check; validate "
-                          "against the vocabulary before building the model")
+    assert c.count == 0, (
+        f"{c.count} XLA compiles ran before the token-id check; validate "
+        "against the vocabulary before building the model"
+    )
 
 
-@pytest.mark.parametrize("override, field, fix", [
-    ("model.toy.sft_stepz=3", "model.toy", "unknown keys ['sft_stepz']"),
-    ("model.toy.hidden_size=wide", "model.toy.hidden_size", "expected int, got 'wide'"),
-    ("model.toy.sft_steps=-1", "model.toy.sft_steps", "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, field, fix",
+    [
+        ("model.toy.sft_stepz=3", "model.toy", "unknown keys ['sft_stepz']"),
+        ("model.toy.hidden_size=wide", "model.toy.hidden_size", "expected int, got 'wide'"),
+        ("model.toy.sft_steps=-1", "model.toy.sft_steps", "must be >= 0"),
+    ],
+)
 def test_invalid_toy_settings_fail_before_any_compile(tmp_path, override, field, fix):
     # model.toy is a free mapping in the config, checked when the trainer builds the toy task:
     # it must fail the same way as every other config field.
@@ -470,9 +576,19 @@ def test_real_model_token_ids_fail_before_any_compile(tmp_path):
     toy_task.make_tokenizer().save_pretrained(str(ckpt))
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps({"problem": "1+1=", "answer": "2"}) + "\n")
-    cfg = load_config(None, [f"model.path={ckpt}", "model.dtype=float32", f"data.train={train}",
-                             "data.reward=exact", "data.template=plain", "mesh.data=-1",
-                             "tokens.self_reward_token_id=151652", f"output_dir={tmp_path / 'o'}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.path={ckpt}",
+            "model.dtype=float32",
+            f"data.train={train}",
+            "data.reward=exact",
+            "data.template=plain",
+            "mesh.data=-1",
+            "tokens.self_reward_token_id=151652",
+            f"output_dir={tmp_path / 'o'}",
+        ],
+    )
     with _CountCompiles() as c, pytest.raises(ConfigError) as e:
         Trainer(cfg)
     assert "`tokens.self_reward_token_id`" in str(e.value)
@@ -481,10 +597,14 @@ def test_real_model_token_ids_fail_before_any_compile(tmp_path):
 
 
 def _cli_train(tmp_path: pathlib.Path, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "laserjax",
-                           *_train_argv(tmp_path / "run", args)],
-                          cwd=REPO, env=_env(tmp_path / "jax_cache"), capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "-m", "laserjax", *_train_argv(tmp_path / "run", args)],
+        cwd=REPO,
+        env=_env(tmp_path / "jax_cache"),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 def test_cli_reports_a_config_error_in_one_line_and_compiles_nothing(tmp_path):
@@ -493,7 +613,8 @@ def test_cli_reports_a_config_error_in_one_line_and_compiles_nothing(tmp_path):
     assert p.stderr.strip().splitlines() == [
         "error: config field `train.micro_batch_size`: the step batch has prompts_per_step * "
         "samples_per_prompt = 256 rows, which 3 does not divide; pick a divisor of 256 (or 0 for "
-        "no accumulation)"]
+        "no accumulation)"
+    ]
     assert not (tmp_path / "run").exists()  # nothing ran: not even the run directory
     assert not (tmp_path / "jax_cache").exists()  # and nothing was compiled
 
@@ -504,18 +625,23 @@ def test_cli_reports_an_unknown_toy_key_as_a_config_error(tmp_path):
     p = _cli_train(tmp_path, ["model.toy.sft_stepz=3"])
     assert p.returncode == 1
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert p.stderr.strip().startswith("error: config field `model.toy`: unknown keys "
-                                       "['sft_stepz']"), p.stderr[-2000:]
+    assert p.stderr.strip().startswith(
+        "error: config field `model.toy`: unknown keys ['sft_stepz']"
+    ), p.stderr[-2000:]
 
 
 def test_zc_emitted_fraction_counts_responses_that_sampled_zc():
     from laserjax.trainer import zc_emitted_fraction
 
     zc, pad, eos = 2, 0, 1
-    tokens = np.array([[5, zc, 6, eos],    # z_c inside the response
-                       [5, 6, eos, pad],   # clean
-                       [5, eos, pad, pad],  # clean
-                       [5, 6, 7, zc]])     # z_c in a slot past the mask: padding, not sampled
+    tokens = np.array(
+        [
+            [5, zc, 6, eos],  # z_c inside the response
+            [5, 6, eos, pad],  # clean
+            [5, eos, pad, pad],  # clean
+            [5, 6, 7, zc],
+        ]
+    )  # z_c in a slot past the mask: padding, not sampled
     mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
     assert zc_emitted_fraction(tokens, mask, zc) == 0.25
     assert zc_emitted_fraction(tokens, np.ones_like(mask), zc) == 0.5

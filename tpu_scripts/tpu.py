@@ -63,18 +63,26 @@ def normalize_accelerator_type(value: str) -> str:
     aliases = [f"{alias} (= {gen})" for alias, gen in GENERATION_ALIASES.items()]
     known = ", ".join(list(DEFAULT_RUNTIME) + aliases)
     if not m:
-        raise UsageError(f"--accelerator-type {value!r} is not of the form GENERATION-SIZE; use "
-                         f"one of the generations {known}, e.g. v4-8, v5litepod-8, v5p-64, v6e-64")
+        raise UsageError(
+            f"--accelerator-type {value!r} is not of the form GENERATION-SIZE; use "
+            f"one of the generations {known}, e.g. v4-8, v5litepod-8, v5p-64, v6e-64"
+        )
     gen, size = GENERATION_ALIASES.get(m[1], m[1]), int(m[2])
     if gen not in DEFAULT_RUNTIME:
-        raise UsageError(f"--accelerator-type {value!r}: unknown TPU generation {m[1]!r}; use one "
-                         f"of {known}, e.g. v4-8, v5litepod-8, v5p-64, v6e-64")
+        raise UsageError(
+            f"--accelerator-type {value!r}: unknown TPU generation {m[1]!r}; use one "
+            f"of {known}, e.g. v4-8, v5litepod-8, v5p-64, v6e-64"
+        )
     if gen in CORE_COUNTED and (size < 8 or size % 8):
-        raise UsageError(f"--accelerator-type {value!r}: {gen} sizes count TensorCores and are "
-                         f"multiples of 8 ({gen}-8, {gen}-16, {gen}-32, ...)")
+        raise UsageError(
+            f"--accelerator-type {value!r}: {gen} sizes count TensorCores and are "
+            f"multiples of 8 ({gen}-8, {gen}-16, {gen}-32, ...)"
+        )
     if gen not in CORE_COUNTED and size not in CHIP_COUNTED_SIZES:
-        raise UsageError(f"--accelerator-type {value!r}: {gen} sizes count chips and are one of "
-                         f"{', '.join(map(str, CHIP_COUNTED_SIZES))} (e.g. {gen}-8)")
+        raise UsageError(
+            f"--accelerator-type {value!r}: {gen} sizes count chips and are one of "
+            f"{', '.join(map(str, CHIP_COUNTED_SIZES))} (e.g. {gen}-8)"
+        )
     return f"{gen}-{size}"
 
 
@@ -87,20 +95,38 @@ def _require(value: str | None, flag: str, what: str, pattern: str, example: str
 
 
 def validate_common(args: argparse.Namespace) -> None:
-    _require(args.name, "--name", "the TPU VM / slice name (lowercase letters, digits, hyphens)",
-             r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", "laserjax-v4")
-    _require(args.zone, "--zone", f"the zone of the slice, REGION-LETTER (the zones that offer "
-             f"each TPU generation: {ZONES_DOC})", r"[a-z]+-[a-z]+[0-9]+-[a-z]", "us-central2-b")
+    _require(
+        args.name,
+        "--name",
+        "the TPU VM / slice name (lowercase letters, digits, hyphens)",
+        r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?",
+        "laserjax-v4",
+    )
+    _require(
+        args.zone,
+        "--zone",
+        f"the zone of the slice, REGION-LETTER (the zones that offer "
+        f"each TPU generation: {ZONES_DOC})",
+        r"[a-z]+-[a-z]+[0-9]+-[a-z]",
+        "us-central2-b",
+    )
     if args.project is not None:
-        _require(args.project, "--project", "the Google Cloud project id",
-                 r"[a-z][-a-z0-9.:]{4,61}[a-z0-9]", "my-project")
+        _require(
+            args.project,
+            "--project",
+            "the Google Cloud project id",
+            r"[a-z][-a-z0-9.:]{4,61}[a-z0-9]",
+            "my-project",
+        )
 
 
 def _home_relative(value: str, flag: str) -> str:
     """A directory on the worker, relative to the home directory, used unquoted in commands."""
     if not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*", value) or ".." in value.split("/"):
-        raise UsageError(f"{flag} {value!r}: give a plain path relative to the worker's home "
-                         "directory (letters, digits, . _ - /), e.g. laserjax")
+        raise UsageError(
+            f"{flag} {value!r}: give a plain path relative to the worker's home "
+            "directory (letters, digits, . _ - /), e.g. laserjax"
+        )
     return value
 
 
@@ -142,15 +168,20 @@ def _python(args: argparse.Namespace) -> str:
 
 def create_commands(args: argparse.Namespace) -> list[Command]:
     if not args.accelerator_type:
-        raise UsageError("--accelerator-type is required: GENERATION-SIZE, e.g. "
-                         "--accelerator-type=v4-8 (or v5litepod-8, v5p-64, v6e-64)")
+        raise UsageError(
+            "--accelerator-type is required: GENERATION-SIZE, e.g. "
+            "--accelerator-type=v4-8 (or v5litepod-8, v5p-64, v6e-64)"
+        )
     accel = normalize_accelerator_type(args.accelerator_type)
     runtime = args.runtime_version or DEFAULT_RUNTIME[accel.split("-")[0]]
     if args.queued:
         if args.preemptible:
             raise UsageError("--preemptible does not apply to --queued requests; use --spot")
-        cmd = _queued("create", args) + [f"--node-id={args.name}", f"--accelerator-type={accel}",
-                                         f"--runtime-version={runtime}"]
+        cmd = _queued("create", args) + [
+            f"--node-id={args.name}",
+            f"--accelerator-type={accel}",
+            f"--runtime-version={runtime}",
+        ]
     else:
         cmd = _tpu_vm("create", args) + [f"--accelerator-type={accel}", f"--version={runtime}"]
     return [cmd + ["--spot"] * args.spot + ["--preemptible"] * args.preemptible]
@@ -171,18 +202,33 @@ def sync_commands(args: argparse.Namespace) -> list[Command]:
     if args.repo_url:
         url = _quote(args.repo_url)
         ref = _quote(args.ref)
-        remote = (f"(test -d {remote_dir}/.git || git clone --quiet {url} {remote_dir})"
-                  f" && cd {remote_dir} && git fetch --quiet origin {ref}"
-                  " && git checkout --quiet --detach FETCH_HEAD")
+        remote = (
+            f"(test -d {remote_dir}/.git || git clone --quiet {url} {remote_dir})"
+            f" && cd {remote_dir} && git fetch --quiet origin {ref}"
+            " && git checkout --quiet --detach FETCH_HEAD"
+        )
         return [_ssh(args, "all", remote)]
     archive = args.archive or f"/tmp/laserjax-src-{args.name}.tar.gz"
     source = str(pathlib.Path(args.source).resolve())
     return [
         ["git", "-C", source, "archive", "--format=tar.gz", f"--output={archive}", args.ref],
-        ["gcloud", "compute", "tpus", "tpu-vm", "scp", archive, f"{args.name}:{ARCHIVE_ON_WORKER}",
-         *_where(args), "--worker=all"],
-        _ssh(args, "all", f"mkdir -p {remote_dir} && tar -xzf {ARCHIVE_ON_WORKER} -C {remote_dir}"
-                          f" && rm -f {ARCHIVE_ON_WORKER}"),
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "scp",
+            archive,
+            f"{args.name}:{ARCHIVE_ON_WORKER}",
+            *_where(args),
+            "--worker=all",
+        ],
+        _ssh(
+            args,
+            "all",
+            f"mkdir -p {remote_dir} && tar -xzf {ARCHIVE_ON_WORKER} -C {remote_dir}"
+            f" && rm -f {ARCHIVE_ON_WORKER}",
+        ),
     ]
 
 
@@ -197,7 +243,7 @@ def setup_commands(args: argparse.Namespace) -> list[Command]:
     find_links = f" --find-links {_quote(args.find_links)}" if args.find_links else ""
     remote = (
         f"test -f {remote_dir}/requirements.txt"
-        f" || {{ echo \"no ~/{remote_dir}/requirements.txt on this worker: run sync first\" >&2;"
+        f' || {{ echo "no ~/{remote_dir}/requirements.txt on this worker: run sync first" >&2;'
         " exit 1; }"
         " && python3 -m pip install --user --upgrade uv"
         f" && python3 -m uv venv --allow-existing --python {_quote(args.python_version)}"
@@ -211,9 +257,11 @@ def setup_commands(args: argparse.Namespace) -> list[Command]:
 def check_commands(args: argparse.Namespace) -> list[Command]:
     """Start JAX's multi-host runtime on every worker and print what each process sees:
     process index, process count, local devices, global devices, device kind."""
-    code = ("import jax; jax.distributed.initialize(); print(jax.process_index(),"
-            " jax.process_count(), jax.local_device_count(), jax.device_count(),"
-            " jax.devices()[0].device_kind)")
+    code = (
+        "import jax; jax.distributed.initialize(); print(jax.process_index(),"
+        " jax.process_count(), jax.local_device_count(), jax.device_count(),"
+        " jax.devices()[0].device_kind)"
+    )
     return [_ssh(args, "all", f'{_python(args)} -c "{code}"')]
 
 
@@ -226,27 +274,40 @@ def launch_commands(args: argparse.Namespace) -> list[Command]:
     remote_dir = _home_relative(args.remote_dir, "--remote-dir")
     log_file = _home_relative(args.log_file, "--log-file")
     if not args.config:
-        raise UsageError("--config is required: the YAML config, relative to the repository, "
-                         "e.g. --config=configs/qwen2.5_0.5b.yaml")
+        raise UsageError(
+            "--config is required: the YAML config, relative to the repository, "
+            "e.g. --config=configs/qwen2.5_0.5b.yaml"
+        )
     env = ["LASERJAX_DISTRIBUTED=1"]
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise UsageError(f"--env {item!r}: write it as NAME=VALUE, e.g. --env HF_HOME=/tmp/hf")
         env.append(f"{key}={_quote(value)}")
-    train = [_python(args), "-m", "laserjax", "train", "--config", _quote(args.config),
-             *map(_quote, args.overrides)]
+    train = [
+        _python(args),
+        "-m",
+        "laserjax",
+        "train",
+        "--config",
+        _quote(args.config),
+        *map(_quote, args.overrides),
+    ]
     log_dirs = sorted({"logs", str(pathlib.PurePosixPath(log_file).parent)} - {"."})
     running = f'[ -f {PID_FILE} ] && kill -0 "$(cat {PID_FILE})" 2>/dev/null'
-    remote = "; ".join([
-        f"cd {remote_dir} || exit 1",
-        f"mkdir -p {' '.join(log_dirs)}",
-        f'if {running}; then echo "a laserjax run is still going (pid $(cat {PID_FILE})):'
-        ' stop it with the kill verb first" >&2; exit 1; fi',
-        " ".join([*env, "setsid", "nohup", *train, ">", log_file, "2>&1", "<", "/dev/null", "&"])
-        + f" echo $! > {PID_FILE}",
-        f'echo "started pid $(cat {PID_FILE}) on $(hostname), log ~/{remote_dir}/{log_file}"',
-    ])
+    remote = "; ".join(
+        [
+            f"cd {remote_dir} || exit 1",
+            f"mkdir -p {' '.join(log_dirs)}",
+            f'if {running}; then echo "a laserjax run is still going (pid $(cat {PID_FILE})):'
+            ' stop it with the kill verb first" >&2; exit 1; fi',
+            " ".join(
+                [*env, "setsid", "nohup", *train, ">", log_file, "2>&1", "<", "/dev/null", "&"]
+            )
+            + f" echo $! > {PID_FILE}",
+            f'echo "started pid $(cat {PID_FILE}) on $(hostname), log ~/{remote_dir}/{log_file}"',
+        ]
+    )
     return [_ssh(args, "all", remote)]
 
 
@@ -265,8 +326,10 @@ def kill_commands(args: argparse.Namespace) -> list[Command]:
     """Stop the run on every worker: SIGTERM to its whole process group (one worker's process
     alone would leave the others blocked in a collective)."""
     remote_dir = _home_relative(args.remote_dir, "--remote-dir")
-    remote = (f"cd {remote_dir} && if [ -f {PID_FILE} ];"
-              f" then kill -TERM -- -\"$(cat {PID_FILE})\" 2>/dev/null; rm -f {PID_FILE}; fi")
+    remote = (
+        f"cd {remote_dir} && if [ -f {PID_FILE} ];"
+        f' then kill -TERM -- -"$(cat {PID_FILE})" 2>/dev/null; rm -f {PID_FILE}; fi'
+    )
     return [_ssh(args, "all", remote)]
 
 
@@ -292,25 +355,33 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="TPU VM / slice name")
     p.add_argument("--zone", help=f"zone, e.g. us-central2-b ({ZONES_DOC})")
     p.add_argument("--project", help="Google Cloud project (default: gcloud's configured one)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the commands, one per line, and run nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the commands, one per line, and run nothing"
+    )
 
 
 def _add_remote_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--remote-dir", default="laserjax",
-                   help="code directory on each worker, relative to home (default: laserjax)")
+    p.add_argument(
+        "--remote-dir",
+        default="laserjax",
+        help="code directory on each worker, relative to home (default: laserjax)",
+    )
 
 
 def _add_venv(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--venv", default="laserjax-venv",
-                   help="virtual environment on each worker, relative to home "
-                        "(default: laserjax-venv)")
+    p.add_argument(
+        "--venv",
+        default="laserjax-venv",
+        help="virtual environment on each worker, relative to home (default: laserjax-venv)",
+    )
 
 
 def _add_log_file(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-file", default="logs/train.log",
-                   help="log file on each worker, relative to --remote-dir (default: "
-                        "logs/train.log)")
+    p.add_argument(
+        "--log-file",
+        default="logs/train.log",
+        help="log file on each worker, relative to --remote-dir (default: logs/train.log)",
+    )
 
 
 VERBS: dict[str, tuple[Callable[[argparse.Namespace], list[Command]], str]] = {
@@ -330,8 +401,10 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace], list[Command]], str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tpu_scripts/tpu.sh", description=__doc__.split("\n\n")[0],
-        epilog="Run `tpu_scripts/tpu.sh VERB --help` for a verb's flags.")
+        prog="tpu_scripts/tpu.sh",
+        description=__doc__.split("\n\n")[0],
+        epilog="Run `tpu_scripts/tpu.sh VERB --help` for a verb's flags.",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="verb")
     parsers = {}
     for verb, (_, help_text) in VERBS.items():
@@ -339,42 +412,72 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
 
     p = parsers["create"]
-    p.add_argument("--accelerator-type",
-                   help="GENERATION-SIZE: v4-8, v5litepod-8 (alias v5e-8), v5p-64, v6e-64, ...")
-    p.add_argument("--runtime-version",
-                   help="TPU software version (default per generation: "
-                        + ", ".join(f"{g}: {r}" for g, r in DEFAULT_RUNTIME.items()) + ")")
-    p.add_argument("--queued", action="store_true",
-                   help="request it as a queued resource (waits for capacity); see `status`")
+    p.add_argument(
+        "--accelerator-type",
+        help="GENERATION-SIZE: v4-8, v5litepod-8 (alias v5e-8), v5p-64, v6e-64, ...",
+    )
+    p.add_argument(
+        "--runtime-version",
+        help="TPU software version (default per generation: "
+        + ", ".join(f"{g}: {r}" for g, r in DEFAULT_RUNTIME.items())
+        + ")",
+    )
+    p.add_argument(
+        "--queued",
+        action="store_true",
+        help="request it as a queued resource (waits for capacity); see `status`",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--spot", action="store_true", help="Spot VMs: cheaper, may be preempted")
-    kind.add_argument("--preemptible", action="store_true",
-                      help="preemptible TPU (not with --queued; prefer --spot)")
+    kind.add_argument(
+        "--preemptible",
+        action="store_true",
+        help="preemptible TPU (not with --queued; prefer --spot)",
+    )
     for verb in ("status", "delete"):
-        parsers[verb].add_argument("--queued", action="store_true",
-                                   help="the slice was created with create --queued")
+        parsers[verb].add_argument(
+            "--queued", action="store_true", help="the slice was created with create --queued"
+        )
 
     p = parsers["sync"]
     _add_remote_dir(p)
-    p.add_argument("--ref", default="HEAD",
-                   help="git revision to ship (default: HEAD; uncommitted changes are not sent)")
-    p.add_argument("--source", default=str(REPO_ROOT),
-                   help="local repository to archive (default: this checkout)")
-    p.add_argument("--archive", help="local path of the archive (default: "
-                                     "/tmp/laserjax-src-NAME.tar.gz)")
-    p.add_argument("--repo-url", help="instead of copying: clone this URL on each worker and "
-                                      "check out --ref there")
+    p.add_argument(
+        "--ref",
+        default="HEAD",
+        help="git revision to ship (default: HEAD; uncommitted changes are not sent)",
+    )
+    p.add_argument(
+        "--source",
+        default=str(REPO_ROOT),
+        help="local repository to archive (default: this checkout)",
+    )
+    p.add_argument(
+        "--archive", help="local path of the archive (default: /tmp/laserjax-src-NAME.tar.gz)"
+    )
+    p.add_argument(
+        "--repo-url",
+        help="instead of copying: clone this URL on each worker and check out --ref there",
+    )
 
     p = parsers["setup"]
     _add_remote_dir(p)
     _add_venv(p)
-    p.add_argument("--python-version", default="3.11",
-                   help="Python for the venv, fetched by uv (default: 3.11)")
-    p.add_argument("--jax-spec", default="jax[tpu]",
-                   help='JAX requirement, e.g. "jax[tpu]==0.10.0" (default: jax[tpu])')
-    p.add_argument("--find-links", help="extra wheel index page for libtpu, e.g. "
-                                        "https://storage.googleapis.com/jax-releases/"
-                                        "libtpu_releases.html (only for older jax pins)")
+    p.add_argument(
+        "--python-version",
+        default="3.11",
+        help="Python for the venv, fetched by uv (default: 3.11)",
+    )
+    p.add_argument(
+        "--jax-spec",
+        default="jax[tpu]",
+        help='JAX requirement, e.g. "jax[tpu]==0.10.0" (default: jax[tpu])',
+    )
+    p.add_argument(
+        "--find-links",
+        help="extra wheel index page for libtpu, e.g. "
+        "https://storage.googleapis.com/jax-releases/"
+        "libtpu_releases.html (only for older jax pins)",
+    )
 
     _add_venv(parsers["check"])
 
@@ -383,18 +486,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_venv(p)
     _add_log_file(p)
     p.add_argument("--config", help="YAML config, relative to the repository")
-    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment variable for the run (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides passed to `laserjax train`")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment variable for the run (repeatable)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides passed to `laserjax train`",
+    )
 
     p = parsers["logs"]
     _add_remote_dir(p)
     _add_log_file(p)
     p.add_argument("--worker", default="0", help="worker index, or all (default: 0)")
     p.add_argument("--lines", type=int, default=100, help="lines of history (default: 100)")
-    p.add_argument("--no-follow", dest="follow", action="store_false",
-                   help="print and exit instead of following the file")
+    p.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_false",
+        help="print and exit instead of following the file",
+    )
 
     _add_remote_dir(parsers["kill"])
     return parser
@@ -412,11 +528,16 @@ def plan(argv: Sequence[str]) -> tuple[argparse.Namespace, list[Command]]:
 def _warn_if_dirty(args: argparse.Namespace) -> None:
     if args.verb != "sync" or args.repo_url:
         return
-    out = subprocess.run(["git", "-C", str(args.source), "status", "--porcelain",
-                          "--untracked-files=no"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "-C", str(args.source), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode == 0 and out.stdout.strip():
-        print(f"note: uncommitted changes in {args.source} are not sent; sync ships {args.ref}",
-              file=sys.stderr)
+        print(
+            f"note: uncommitted changes in {args.source} are not sent; sync ships {args.ref}",
+            file=sys.stderr,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -430,16 +551,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
     if shutil.which("gcloud") is None:
-        print("tpu_scripts/tpu.sh: error: gcloud not found on PATH; install the Google Cloud CLI "
-              "(https://cloud.google.com/sdk/docs/install) or use --dry-run", file=sys.stderr)
+        print(
+            "tpu_scripts/tpu.sh: error: gcloud not found on PATH; install the Google Cloud CLI "
+            "(https://cloud.google.com/sdk/docs/install) or use --dry-run",
+            file=sys.stderr,
+        )
         return 127
     _warn_if_dirty(args)
     for cmd in commands:
         print(f"+ {shlex.join(cmd)}", file=sys.stderr, flush=True)
         rc = subprocess.run(cmd).returncode
         if rc != 0:
-            print(f"tpu_scripts/tpu.sh: error: `{' '.join(cmd[:5])} ...` exited with {rc}; "
-                  "the commands after it were not run", file=sys.stderr)
+            print(
+                f"tpu_scripts/tpu.sh: error: `{' '.join(cmd[:5])} ...` exited with {rc}; "
+                "the commands after it were not run",
+                file=sys.stderr,
+            )
             return rc
     return 0
 

@@ -34,8 +34,11 @@ HF_TABLE: tuple[tuple[str, str, str | None], ...] = (
     ("layers/{i}/self_attn/v_proj/bias", "model.layers.{i}.self_attn.v_proj.bias", None),
     ("layers/{i}/self_attn/o_proj/kernel", "model.layers.{i}.self_attn.o_proj.weight", "T"),
     ("layers/{i}/self_attn/o_proj/bias", "model.layers.{i}.self_attn.o_proj.bias", None),
-    ("layers/{i}/post_attention_layernorm/weight",
-     "model.layers.{i}.post_attention_layernorm.weight", None),
+    (
+        "layers/{i}/post_attention_layernorm/weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        None,
+    ),
     ("layers/{i}/mlp/gate_proj/kernel", "model.layers.{i}.mlp.gate_proj.weight", "T"),
     ("layers/{i}/mlp/gate_proj/bias", "model.layers.{i}.mlp.gate_proj.bias", None),
     ("layers/{i}/mlp/up_proj/kernel", "model.layers.{i}.mlp.up_proj.weight", "T"),
@@ -74,15 +77,21 @@ def resolve_checkpoint(path_or_id: str) -> pathlib.Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return pathlib.Path(snapshot_download(
-            path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+        return pathlib.Path(
+            snapshot_download(
+                path_or_id,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+            )
+        )
     except Exception as e:  # the hub's own errors are many; say what was asked for
-        raise FileNotFoundError(f"model {path_or_id!r} is neither a local directory nor a "
-                                f"downloadable hub id: {e}") from e
+        raise FileNotFoundError(
+            f"model {path_or_id!r} is neither a local directory nor a downloadable hub id: {e}"
+        ) from e
 
 
-def special_token_ids(ckpt_dir: pathlib.Path, tokenizer, *, eos_ids: tuple[int, ...] = (),
-                      pad_id: int = -1) -> tuple[tuple[int, ...], int]:
+def special_token_ids(
+    ckpt_dir: pathlib.Path, tokenizer, *, eos_ids: tuple[int, ...] = (), pad_id: int = -1
+) -> tuple[tuple[int, ...], int]:
     """(EOS ids, pad id) of a checkpoint; explicit values win.
 
     EOS: `eos_ids` if given, else generation_config.json's `eos_token_id` (chat models list two),
@@ -99,8 +108,10 @@ def special_token_ids(ckpt_dir: pathlib.Path, tokenizer, *, eos_ids: tuple[int, 
     if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
         eos = (int(tokenizer.eos_token_id),)
     if not eos:
-        raise ValueError(f"checkpoint {str(ckpt_dir)!r}: no EOS id in generation_config.json, "
-                         "config.json or the tokenizer; set `tokens.eos_ids` (--eos-ids)")
+        raise ValueError(
+            f"checkpoint {str(ckpt_dir)!r}: no EOS id in generation_config.json, "
+            "config.json or the tokenizer; set `tokens.eos_ids` (--eos-ids)"
+        )
     if pad_id < 0:
         tok_pad = None if tokenizer is None else tokenizer.pad_token_id
         pad_id = int(tok_pad) if tok_pad is not None else eos[0]
@@ -119,8 +130,10 @@ class _SafetensorsReader:
         elif (ckpt_dir / "model.safetensors").is_file():
             weight_map = None
         else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
-                                    f"{str(ckpt_dir)!r} (laserjax reads safetensors only)")
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in "
+                f"{str(ckpt_dir)!r} (laserjax reads safetensors only)"
+            )
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self._handles = {f: safe_open(str(ckpt_dir / f), framework="np") for f in files}
         self._where = {}
@@ -145,16 +158,23 @@ class _SafetensorsReader:
 _SUPPORTED_FILE_DTYPES = ("F32", "BF16", "F16")
 
 
-def load_pretrained(path_or_id: str, *, dtype: str = "float32", param_dtype: str = "float32",
-                    remat: bool = False, mesh: Mesh | None = None) -> Transformer:
+def load_pretrained(
+    path_or_id: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    remat: bool = False,
+    mesh: Mesh | None = None,
+) -> Transformer:
     """Load a Hugging Face Qwen2/Llama checkpoint (directory or hub id) into a `Transformer`.
 
     With `mesh`, each parameter is created directly with its sharding from the rule table in
     `laserjax.sharding`, reading only the slice each device holds.
     """
     ckpt = resolve_checkpoint(path_or_id)
-    cfg = TransformerConfig.from_pretrained_dir(ckpt, dtype=dtype, param_dtype=param_dtype,
-                                                remat=remat)
+    cfg = TransformerConfig.from_pretrained_dir(
+        ckpt, dtype=dtype, param_dtype=param_dtype, remat=remat
+    )
     reader = _SafetensorsReader(ckpt)
     pdt = to_dtype(param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -167,33 +187,43 @@ def load_pretrained(path_or_id: str, *, dtype: str = "float32", param_dtype: str
     for path, leaf in expected.items():
         hf, transform = table[path]
         if hf not in available:
-            raise ValueError(f"checkpoint {str(ckpt)!r} has no tensor `{hf}` (needed for "
-                             f"laserjax parameter `{path}`); is the config's architecture right?")
+            raise ValueError(
+                f"checkpoint {str(ckpt)!r} has no tensor `{hf}` (needed for "
+                f"laserjax parameter `{path}`); is the config's architecture right?"
+            )
         file_dtype = reader.dtype(hf)
         if file_dtype not in _SUPPORTED_FILE_DTYPES:
-            raise ValueError(f"tensor `{hf}` has dtype {file_dtype}; laserjax loads "
-                             f"{', '.join(_SUPPORTED_FILE_DTYPES)}")
+            raise ValueError(
+                f"tensor `{hf}` has dtype {file_dtype}; laserjax loads "
+                f"{', '.join(_SUPPORTED_FILE_DTYPES)}"
+            )
         shape = reader.shape(hf)
         want = tuple(leaf.shape)
         got = shape[::-1] if transform == "T" else shape
         if got != want:
-            raise ValueError(f"tensor `{hf}` has shape {list(shape)}, but config.json implies "
-                             f"{list(want[::-1] if transform == 'T' else want)} for `{path}`")
+            raise ValueError(
+                f"tensor `{hf}` has shape {list(shape)}, but config.json implies "
+                f"{list(want[::-1] if transform == 'T' else want)} for `{path}`"
+            )
         used.add(hf)
         loaders[path] = _slice_loader(reader, hf, transform, pdt)
     extra = {n for n in available - used if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings:
         extra.discard("lm_head.weight")  # some tied checkpoints store the tied copy too
     if extra:
-        raise ValueError(f"checkpoint {str(ckpt)!r} has tensors laserjax does not map: "
-                         f"{sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}; is "
-                         "`model_type` in config.json right?")
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r} has tensors laserjax does not map: "
+            f"{sorted(extra)[:8]}{' ...' if len(extra) > 8 else ''}; is "
+            "`model_type` in config.json right?"
+        )
 
     if mesh is not None:
+
         def build(path, leaf):
             sharding = jax.sharding.NamedSharding(mesh, spec_for(path, tuple(leaf.shape), mesh))
             return jax.make_array_from_callback(tuple(leaf.shape), sharding, loaders[path])
     else:
+
         def build(path, leaf):
             return jnp.asarray(loaders[path](None))
 
@@ -213,9 +243,14 @@ def _slice_loader(reader: _SafetensorsReader, hf: str, transform: str | None, pd
     return load
 
 
-def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *,
-                    dtype: str | None = None, max_shard_bytes: int = 4 << 30,
-                    extra_config: dict | None = None) -> pathlib.Path:
+def save_pretrained(
+    model: Transformer,
+    out_dir: str | pathlib.Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 4 << 30,
+    extra_config: dict | None = None,
+) -> pathlib.Path:
     """Write `config.json` + safetensors that `AutoModelForCausalLM.from_pretrained` loads.
 
     Tied embeddings write no `lm_head.weight`. Arrays are gathered to the host (on several hosts
@@ -264,6 +299,7 @@ def save_pretrained(model: Transformer, out_dir: str | pathlib.Path, *,
             save_file(shard, str(out / fname), metadata={"format": "pt"})
             weight_map |= {n: fname for n in shard}
         total = sum(t.nbytes for t in tensors.values())
-        (out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     return out

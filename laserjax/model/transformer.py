@@ -70,11 +70,15 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"config field `model_type`: {self.model_type!r} is not supported; "
-                             f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"config field `model_type`: {self.model_type!r} is not supported; "
+                f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"config fields `num_attention_heads` ({self.num_heads}) must be a "
-                             f"multiple of `num_key_value_heads` ({self.num_kv_heads})")
+            raise ValueError(
+                f"config fields `num_attention_heads` ({self.num_heads}) must be a "
+                f"multiple of `num_key_value_heads` ({self.num_kv_heads})"
+            )
         to_dtype(self.dtype), to_dtype(self.param_dtype)
 
     @property
@@ -86,13 +90,22 @@ class TransformerConfig:
         """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"config field `model_type`: {model_type!r} is not supported; "
-                             f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"config field `model_type`: {model_type!r} is not supported; "
+                f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if hf.get("use_sliding_window"):
-            raise ValueError("config field `use_sliding_window` is true; laserjax implements full "
-                             "attention only (every released Qwen2.5 checkpoint sets it false)")
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads"):
+            raise ValueError(
+                "config field `use_sliding_window` is true; laserjax implements full "
+                "attention only (every released Qwen2.5 checkpoint sets it false)"
+            )
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if f not in hf:
                 raise ValueError(f"config field `{f}` is missing from the Hugging Face config")
         # transformers 5 writes `rope_parameters` (theta included); older files `rope_theta` and
@@ -103,8 +116,10 @@ class TransformerConfig:
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"config field `rope_scaling.rope_type`: {rope_type!r} is not "
-                             "supported; use default, linear or llama3")
+            raise ValueError(
+                f"config field `rope_scaling.rope_type`: {rope_type!r} is not "
+                "supported; use default, linear or llama3"
+            )
         rope = {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
         num_heads = hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
@@ -141,7 +156,8 @@ class TransformerConfig:
         hf: dict[str, Any] = dict(
             model_type=self.model_type,
             architectures=[
-                "Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+                "Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"
+            ],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -246,8 +262,16 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel stored [in, out] in param_dtype, computed in dtype."""
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype,
-                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
@@ -260,8 +284,9 @@ class Linear(nnx.Module):
         return y
 
 
-def _causal_attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
-                   key_mask_bs: jax.Array, block: int) -> jax.Array:
+def _causal_attend(
+    q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, key_mask_bs: jax.Array, block: int
+) -> jax.Array:
     """Causal attention (by index) over keys where key_mask_bs is True, `block` queries at a time.
 
     Each block's scores are recomputed in the backward pass (`jax.checkpoint`), so memory grows
@@ -287,8 +312,9 @@ def _causal_attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
     return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
-def _attend(q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts: jax.Array
-            ) -> jax.Array:
+def _attend(
+    q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts: jax.Array
+) -> jax.Array:
     """Grouped-query attention; softmax in float32; masked keys get a large negative score."""
     b, t, h, d = q_bthd.shape
     g = h // k_bshd.shape[2]
@@ -324,8 +350,9 @@ class Attention(nnx.Module):
         out = _causal_attend(q, k, v, key_mask_bt, block)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), (k, v)
 
-    def attend_cached(self, q_bkhd, prefix_k, prefix_v, prefix_mask_bp, suffix_k, suffix_v,
-                      suffix_mask_t):
+    def attend_cached(
+        self, q_bkhd, prefix_k, prefix_v, prefix_mask_bp, suffix_k, suffix_v, suffix_mask_t
+    ):
         """Decode attention: K samples per prompt over the shared prefix plus their own suffix.
 
         The prefix keys/values are read once per prompt for all K samples; this step's key/value
@@ -343,15 +370,20 @@ class Attention(nnx.Module):
         p = prefix_k.shape[1]
         probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1) / math.sqrt(d), axis=-1)
         probs = probs.astype(prefix_v.dtype)
-        out = (jnp.einsum("bjngp,bpnd->bjngd", probs[..., :p], prefix_v)
-               + jnp.einsum("bjngt,bjtnd->bjngd", probs[..., p:], suffix_v))
+        out = jnp.einsum("bjngp,bpnd->bjngd", probs[..., :p], prefix_v) + jnp.einsum(
+            "bjngt,bjtnd->bjngd", probs[..., p:], suffix_v
+        )
         return self.o_proj(out.reshape(b, kk, -1))
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        kw = dict(bias=cfg.mlp_bias, dtype=to_dtype(cfg.dtype),
-                  param_dtype=to_dtype(cfg.param_dtype), rngs=rngs)
+        kw = dict(
+            bias=cfg.mlp_bias,
+            dtype=to_dtype(cfg.dtype),
+            param_dtype=to_dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
@@ -369,8 +401,9 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_btd, positions_bt, key_mask_bt, inv_freq, block):
-        h, kv = self.self_attn(self.input_layernorm(x_btd), positions_bt, key_mask_bt, inv_freq,
-                               block)
+        h, kv = self.self_attn(
+            self.input_layernorm(x_btd), positions_bt, key_mask_bt, inv_freq, block
+        )
         x_btd = x_btd + h
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
@@ -391,9 +424,18 @@ class Transformer(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pdt, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, bias=False, dtype=to_dtype(cfg.dtype),
-            param_dtype=pdt, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                bias=False,
+                dtype=to_dtype(cfg.dtype),
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+        )
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -407,14 +449,21 @@ class Transformer(nnx.Module):
             w_dv = self.embed_tokens.embedding[...].astype(self.dtype).T
         else:
             w_dv = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", h_btd.astype(self.dtype), w_dv,
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "...d,dv->...v", h_btd.astype(self.dtype), w_dv, preferred_element_type=jnp.float32
+        )
 
     # -- training forward -------------------------------------------------------------------
 
-    def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array,
-               *, return_kv: bool = False,
-               constrain: Callable[[jax.Array], jax.Array] | None = None):
+    def hidden(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        mask_bt: jax.Array,
+        *,
+        return_kv: bool = False,
+        constrain: Callable[[jax.Array], jax.Array] | None = None,
+    ):
         """Final-normalised hidden states [B, T, D] for a batch of padded sequences.
 
         Attention is causal by index and ignores keys where mask_bt is False, so one batch can
@@ -439,22 +488,33 @@ class Transformer(nnx.Module):
         x = self.norm(x)
         return (x, kvs) if return_kv else x
 
-    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array
-                 ) -> jax.Array:
+    def __call__(
+        self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bt: jax.Array
+    ) -> jax.Array:
         return self.logits(self.hidden(tokens_bt, positions_bt, mask_bt))
 
     # -- sampling ---------------------------------------------------------------------------
 
-    def prefill(self, tokens_bp: jax.Array, positions_bp: jax.Array, mask_bp: jax.Array
-                ) -> tuple[jax.Array, PrefixCache]:
+    def prefill(
+        self, tokens_bp: jax.Array, positions_bp: jax.Array, mask_bp: jax.Array
+    ) -> tuple[jax.Array, PrefixCache]:
         """Run left-padded prompts once: logits of the last position [B, V] and the prefix cache."""
         h, kvs = self.hidden(tokens_bp, positions_bp, mask_bp, return_kv=True)
-        cache = PrefixCache(k_lbphd=jnp.stack([k for k, _ in kvs]),
-                            v_lbphd=jnp.stack([v for _, v in kvs]), mask_bp=mask_bp)
+        cache = PrefixCache(
+            k_lbphd=jnp.stack([k for k, _ in kvs]),
+            v_lbphd=jnp.stack([v for _, v in kvs]),
+            mask_bp=mask_bp,
+        )
         return self.logits(h[:, -1]), cache
 
-    def decode(self, tokens_bk: jax.Array, positions_bk: jax.Array, prefix: PrefixCache,
-               suffix: SuffixCache, step: jax.Array) -> tuple[jax.Array, SuffixCache]:
+    def decode(
+        self,
+        tokens_bk: jax.Array,
+        positions_bk: jax.Array,
+        prefix: PrefixCache,
+        suffix: SuffixCache,
+        step: jax.Array,
+    ) -> tuple[jax.Array, SuffixCache]:
         """One token for each of K samples per prompt, written at suffix index `step`.
 
         Sample j of prompt b attends to prompt b's prefix keys and to its own suffix keys
@@ -468,11 +528,19 @@ class Transformer(nnx.Module):
             h = block.input_layernorm(x)
             q, k_new, v_new = block.self_attn.qkv(h, positions_bk, inv_freq)
             k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k_new[None, :, :, None].astype(k_cache.dtype), (i, 0, 0, step, 0, 0))
+                k_cache, k_new[None, :, :, None].astype(k_cache.dtype), (i, 0, 0, step, 0, 0)
+            )
             v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v_new[None, :, :, None].astype(v_cache.dtype), (i, 0, 0, step, 0, 0))
+                v_cache, v_new[None, :, :, None].astype(v_cache.dtype), (i, 0, 0, step, 0, 0)
+            )
             x = x + block.self_attn.attend_cached(
-                q, prefix.k_lbphd[i], prefix.v_lbphd[i], prefix.mask_bp, k_cache[i], v_cache[i],
-                suffix_mask_t)
+                q,
+                prefix.k_lbphd[i],
+                prefix.v_lbphd[i],
+                prefix.mask_bp,
+                k_cache[i],
+                v_cache[i],
+                suffix_mask_t,
+            )
             x = x + block.mlp(block.post_attention_layernorm(x))
         return self.logits(self.norm(x)), SuffixCache(k_cache, v_cache)
