@@ -36,4 +36,5 @@ def main(argv: list[str] | None = None) -> None:
         prog=f"python -m laserjax {argv[0]}", description=COMMANDS[argv[0]][1]
     )
     module.add_arguments(cmd_parser)
-    module.run(cmd_parser.parse_args(argv[1:]))
+    # Intermixed: `train --config c a=1 --allow-change k b=2` keeps every key=value.
+    module.run(cmd_parser.parse_intermixed_args(argv[1:]))

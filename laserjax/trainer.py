@@ -26,10 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import nnx
 
-from laserjax import eval_metrics, sharding
+from laserjax import eval_metrics, run_identity, sharding
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import Config, ConfigError, load_config, to_dict
 from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems, make_train_loader
@@ -313,13 +312,21 @@ def _params_finite(params) -> jax.Array:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, allow_change: tuple[str, ...] = ()):
         self.cfg = cfg
         self.out = pathlib.Path(cfg.output_dir)
+        # Before anything is built or written: a run directory holds one run (run_identity).
+        self.identity = run_identity.check(self.out, cfg, allow_change)
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.ckpt = Checkpointer(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
         self.resume_step = self.ckpt.latest_step()
         resuming = self.resume_step is not None
+        if resuming and self.resume_step > cfg.train.total_steps:
+            raise ConfigError(
+                f"config field `train.total_steps`: {cfg.train.total_steps} is below the step "
+                f"of the latest checkpoint in {self.out / 'checkpoints'} ({self.resume_step}); "
+                "a run cannot be shortened below what it has trained: use a new output_dir"
+            )
         setup = (
             _toy_setup if cfg.model.toy is not None else (lambda c, a: _real_setup(c, self.mesh, a))
         )
@@ -491,9 +498,23 @@ class Trainer:
         primary = jax.process_index() == 0
         if primary:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            self.identity.write(self.out, cfg, self.resume_step)
         start = 0
         run_info_path = self.out / "run_info.json"
+        summary_path = self.out / "summary.json"
+        if self.resume_step == cfg.train.total_steps and summary_path.is_file():
+            # Finished already: report it, rewrite nothing (a rerun is not a new result).
+            summary = json.loads(summary_path.read_text())
+            if primary:
+                print(
+                    f"{self.out}: this run is complete (step {self.resume_step}); nothing to do, "
+                    f"{summary_path.name} left as it is. To train on, raise train.total_steps "
+                    "and pass --allow-change train.total_steps"
+                )
+                print(format_summary(summary))
+            t.close()
+            self.ckpt.close()
+            return summary
         if self.resume_step is not None:
             self.state, meta = self.ckpt.restore(self.resume_step, self.state)
             self.loader.set_state(meta["data"])
@@ -502,6 +523,8 @@ class Trainer:
             self.sampler = self._make_sampler()
             run_info = json.loads(run_info_path.read_text())
             print(f"resumed from checkpoint step {start} in {self.out / 'checkpoints'}")
+            if primary:
+                run_identity.record(self.out, "resume", from_step=start)
         else:
             self.sampler = self._make_sampler()
             if self.c_ref is None:
@@ -514,6 +537,7 @@ class Trainer:
                 "eval_start": self.evaluate(0) if t.eval_sets else {},
             }
             if primary:
+                run_identity.set_aside(run_info_path, "restart")
                 run_info_path.write_text(json.dumps(run_info, indent=2))
         # A fresh run sets aside every line an earlier, never-checkpointed run left behind.
         log = MetricsLog(self.out, cfg, start if self.resume_step is not None else -1)
@@ -570,7 +594,15 @@ class Trainer:
             t.close()
         summary = self._summary(run_info.get("eval_start", {}), last_eval, time.time() - t0)
         if primary:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            run_identity.set_aside(summary_path, "resume")  # e.g. a finished run trained on
+            summary_path.write_text(json.dumps(summary, indent=2))
+            run_identity.record(
+                self.out,
+                "finish",
+                from_step=start,
+                step=cfg.train.total_steps,
+                seconds=round(summary["seconds"], 1),
+            )
             print(format_summary(summary))
         if cfg.train.export_hf:
             self.export(self.out / "hf")
@@ -706,6 +738,14 @@ def add_arguments(parser) -> None:
         metavar="key=value",
         help="e.g. algorithm=grpo train.total_steps=10 output_dir=runs/x",
     )
+    parser.add_argument(
+        "--allow-change",
+        action="append",
+        metavar="KEY[,KEY]",
+        help="continue the run in output_dir although these config keys differ from its "
+        "config.yaml (e.g. train.total_steps to train longer); the change is recorded in "
+        f"{run_identity.HISTORY_FILE}",
+    )
 
 
 def maybe_initialize_distributed() -> None:
@@ -747,6 +787,7 @@ def run(args) -> dict[str, Any]:
         raise SystemExit(f"error: {e}") from None
     maybe_initialize_distributed()
     try:
-        return Trainer(cfg).run()
+        allow = run_identity.parse_allow_change(getattr(args, "allow_change", None))
+        return Trainer(cfg, allow_change=allow).run()
     except (ConfigError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None

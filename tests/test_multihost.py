@@ -169,7 +169,9 @@ def resumed(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("multihost_resume")
     out = root / "run"
     _wait(_start_two_processes(out, root, "first", ("train.total_steps=1", "train.save_every=1")))
-    _wait(_start_two_processes(out, root, "resumed", ("train.save_every=1",)))
+    # Lengthening a run is a change of its config: allowed explicitly, and recorded.
+    resumed_args = ("train.save_every=1", "--allow-change", "train.total_steps")
+    _wait(_start_two_processes(out, root, "resumed", resumed_args))
     assert "resumed from checkpoint step 1" in (root / "resumed0.log").read_text()
     return out
 

@@ -344,7 +344,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work, cache_d
     run = _train(
         out,
         SMALL
-        + ["train.total_steps=12", f"train.save_every={SAVE_EVERY}", "optim.learning_rate=1e30"],
+        + ["train.total_steps=12", f"train.save_every={SAVE_EVERY}", "optim.learning_rate=1e30"]
+        + ["--allow-change", "train.total_steps,optim.learning_rate"],
         cache_dir,
     )
     print(f"\ndiverging run: {run.seconds:.1f} s")
