@@ -178,6 +178,11 @@ class Rule:
         """The sample whose answer is the rule's answer given these samples: plain majority."""
         return vote(answers)
 
+    @property
+    def pick_key(self) -> tuple:
+        """Rules with equal keys pick alike on the same samples (the replay shares their votes)."""
+        return ("majority",)
+
     def decide(
         self,
         answers: Sequence[str | None],
@@ -221,6 +226,10 @@ class FixedK(Rule):
 
     def pick(self, answers, scores, finished) -> int | None:
         return vote(answers, _clip_weights(scores) if self.weighted else None)
+
+    @property
+    def pick_key(self) -> tuple:
+        return ("weighted",) if self.weighted else ("majority",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +314,10 @@ class ScoreBetaStop(Rule):
     def pick(self, answers, scores, finished) -> int | None:
         return vote(answers, pseudo_count_weights(scores, self.lam))
 
+    @property
+    def pick_key(self) -> tuple:
+        return ("pseudo", self.lam) if self.lam else ("majority",)
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreAccept(Rule):
@@ -337,6 +350,10 @@ class ScoreAccept(Rule):
         if ok:
             return max(ok, key=lambda i: (s[i], -i))
         return self.fallback.pick(answers, scores, finished)
+
+    @property
+    def pick_key(self) -> tuple:
+        return ("accept", self.tau, self.fallback.pick_key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("laserjax.calibrate", "measure c_ref = mean log pi_ref(z_c | x, y, eos)"),
     "plan": ("laserjax.plan", "print bytes per device for a config and mesh"),
     "generate": ("laserjax.generate", "generate from a model (smoke test of the sampler)"),
+    "adaptive": (
+        "laserjax.adaptive_cmd",
+        "compare stopping rules for test-time voting on sample pools (offline and online)",
+    ),
 }
 
 

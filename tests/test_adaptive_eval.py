@@ -1,0 +1,279 @@
+"""The offline replay (numbers by hand on a two-problem pool), matched savings, and online
+adaptive sampling against the replay: with one problem per sampler call and the pool drawn by
+the same function with a rule that never stops, online sampling draws exactly the pool's samples
+in order, so its stops, answers and accuracy equal the replay's on the pool's own order."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from laserjax import cli
+from laserjax.adaptive import BetaStop, FixedK, ScoreAccept, ScoreBetaStop, WindowStop
+from laserjax.adaptive_eval import (
+    Pool,
+    ReplayRow,
+    matched_savings,
+    orders_for,
+    replay,
+    replay_orders,
+    sample_adaptively,
+)
+from laserjax.evaluate import Scoring
+from laserjax.model import Transformer, TransformerConfig
+from laserjax.sampler import Sampler
+
+
+def hand_pool() -> Pool:
+    # problem 0: "1" x3 then "2" (correct answer "1"); problem 1: "5", "6", "6", "6" (right: "6")
+    answers = [["1", "1", "1", "2"], ["5", "6", "6", "6"]]
+    correct = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], float)
+    scores = np.array([[0.5, 0.5, 0.5, 0.5], [0.95, 0.2, 0.2, 0.2]])
+    lengths = np.array([[3, 4, 5, 6], [1, 2, 3, 4]])
+    return Pool(answers, scores, np.ones((2, 4), bool), correct, lengths)
+
+
+def test_replay_on_the_pools_own_order_by_hand():
+    pool = hand_pool()
+    rules = [
+        FixedK(k=1),
+        FixedK(k=3),
+        BetaStop(threshold=0.85),
+        ScoreAccept(tau=0.9, fallback=BetaStop(threshold=0.85)),
+        WindowStop(window=2),
+    ]
+    rows = {r.rule: r for r in replay(pool, rules, num_orders=1, seed=None)}
+    # maj@1: p0 "1" right, p1 "5" wrong; 1 sample; tokens (3 + 1) / 2
+    assert (rows["maj@1"].accuracy, rows["maj@1"].samples, rows["maj@1"].tokens) == (0.5, 1, 2)
+    # maj@3: p0 "1", p1 "6" (2 of 3): both right; tokens (12 + 6) / 2
+    assert (rows["maj@3"].accuracy, rows["maj@3"].samples, rows["maj@3"].tokens) == (1, 3, 9)
+    # AC at 0.85: p0 stops at 2 (0.875); p1: (1,0) .75, (1,1) .5, (2,1) .6875, (3,1) .8125 ->
+    # budget 4, answer "6". samples (2 + 4) / 2, tokens (7 + 10) / 2
+    ac = rows["ac_beta@0.85"]
+    assert (ac.accuracy, ac.samples, ac.tokens) == (1, 3, 8.5)
+    # r_s accept at 0.9: p1's first sample (0.95) is accepted at once, and it is wrong; p0 as AC
+    acc = rows["rs_accept@0.9+ac_beta@0.85"]
+    assert (acc.accuracy, acc.samples, acc.tokens) == (0.5, 1.5, 4)
+    # ESC w = 2: p0 window [1, 1] stops at 2; p1 [5, 6] no, [6, 6] stops at 4
+    assert (rows["esc@w2"].accuracy, rows["esc@w2"].samples) == (1, 3)
+    assert all(r.accuracy_sd == 0 for r in rows.values())  # one order
+    # one-run SE: every problem is answered the same in every order, q in {0, 1}
+    assert all(r.single_run_se == 0 for r in rows.values())
+
+
+def test_replay_orders_are_shared_and_each_a_permutation():
+    pool = hand_pool()
+    orders = orders_for(pool, 5, seed=3)
+    assert orders.shape == (5, 2, 4)
+    assert (np.sort(orders, axis=-1) == np.arange(4)).all()
+    np.testing.assert_array_equal(orders, orders_for(pool, 5, seed=3))
+    # maj@4 sees every sample in any order: accuracy 1, no spread, tokens (18 + 10) / 2
+    (row,) = replay_orders(pool, [FixedK(k=4)], orders)
+    assert row.accuracy == 1 and row.accuracy_sd == 0 and row.tokens == 14
+    # maj@1 is right when p1's order starts with a "6" sample (3 of 4); p0 when it starts with "1"
+    (row,) = replay_orders(pool, [FixedK(k=1)], orders)
+    expected = np.mean(
+        [np.isin(o[0, 0], [0, 1, 2]) / 2 + np.isin(o[1, 0], [1, 2, 3]) / 2 for o in orders]
+    )
+    assert row.accuracy == pytest.approx(expected, abs=1e-12)
+
+
+def test_matched_savings():
+    def row(rule, family, acc, samples):
+        return ReplayRow(rule, family, acc, 0.0, 0.0, samples, 10 * samples, 0.0)
+
+    rows = [
+        row("maj@8", "maj", 0.70, 8),
+        row("maj@16", "maj", 0.72, 16),
+        row("a1", "A", 0.71, 3),
+        row("a2", "A", 0.72, 5),
+        row("a3", "A", 0.73, 9),
+        row("b1", "B", 0.65, 2),
+    ]
+    ref, savings = matched_savings(rows)
+    by = {s.family: s for s in savings}
+    assert ref.rule == "maj@16"
+    assert by["A"].rule == "a2" and by["A"].saving == pytest.approx(16 / 5)
+    assert by["maj"].rule == "maj@16" and by["maj"].saving == 1
+    assert by["B"].rule is None and by["B"].accuracy == 0.65
+    with pytest.raises(ValueError, match="maj@32"):
+        matched_savings(rows, "maj@32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Online against the replay on a tiny random model.
+
+CFG = TransformerConfig(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    tie_word_embeddings=True,
+    qkv_bias=True,
+)
+PROMPTS = [[10, 11, 12], [13, 14], [20], [30, 31, 32, 33], [40, 41], [50]]
+REFS = [str(i % 3) for i in range(len(PROMPTS))]
+
+
+class IdTokenizer:
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(str(int(t)) for t in row) for row in rows]
+
+
+def first_token_mod3(text: str) -> str | None:
+    """The answer: the first response token id mod 3 (None for an empty response)."""
+    return str(int(text.split()[0]) % 3) if text.strip() else None
+
+
+def reward(responses: list[str], refs: list[str]) -> np.ndarray:
+    return np.array([float(first_token_mod3(r) == a) for r, a in zip(responses, refs, strict=True)])
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    return Sampler(
+        model, eos_ids=tuple(range(16)), pad_id=63, self_reward_token_id=62, max_new_tokens=6
+    )
+
+
+def run(sampler, rule, max_samples, batch_prompts=1, seed=5):
+    return sample_adaptively(
+        sampler,
+        IdTokenizer(),
+        PROMPTS,
+        REFS,
+        rule,
+        round_size=2,
+        max_samples=max_samples,
+        reward_fn=reward,
+        extract_fn=first_token_mod3,
+        scoring=Scoring(beta_v=0.1, c_ref=-10.0),  # r_s about 0.6 for this model
+        temperature=1.0,
+        seed=seed,
+        batch_prompts=batch_prompts,
+    )
+
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def pool(sampler):
+    full = run(sampler, FixedK(k=N), N)
+    assert [len(a) for a in full.answers] == [N] * len(PROMPTS)
+    return full.pool()
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [BetaStop(threshold=0.8), ScoreBetaStop(threshold=0.8, lam=1.0), WindowStop(window=2)],
+    ids=lambda r: r.name,
+)
+def test_online_equals_replay_with_the_same_seeds(sampler, pool, rule):
+    n = N
+    online = run(sampler, rule, n)
+    stops = [len(a) for a in online.answers]
+    assert min(stops) < n  # the rule stops some problem early: the comparison is not vacuous
+    for p, s in enumerate(stops):
+        assert online.answers[p] == pool.answers_pn[p][:s]
+        np.testing.assert_array_equal(online.scores[p], pool.scores_pn[p, :s])
+        assert online.lengths[p] == list(pool.lengths_pn[p, :s])
+    (row,) = replay(pool, [rule], num_orders=1, seed=None, round_size=2)
+    assert online.accuracy == row.accuracy
+    assert online.samples == row.samples
+    assert online.tokens == row.tokens
+
+
+@pytest.mark.slow  # a second compile (8 prompts)
+def test_online_padding_to_a_power_of_two_changes_no_draw(sampler):
+    # 6 open problems go to the sampler as 8 prompts (2 copies of the last); the real rows must
+    # be what an unpadded call with the same seed draws
+    res = run(sampler, FixedK(k=2), 2, batch_prompts=8)
+    direct = sampler.sample(PROMPTS, k=2, temperature=1.0, seed=5)
+    texts = IdTokenizer().batch_decode(
+        [row[:n] for row, n in zip(direct.response_tokens, direct.lengths, strict=True)]
+    )
+    assert [a for ans in res.answers for a in ans] == [first_token_mod3(t) for t in texts]
+    assert res.sampler_calls == 1
+    with pytest.raises(ValueError, match="multiple of round_size"):
+        run(sampler, FixedK(k=4), 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command on a saved pool.
+
+
+def write_pool(path, n=16, problems=12, seed=0):
+    """A samples.jsonl in the `eval` row format: answers drawn so that about 60% are right."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for p in range(problems):
+            for j in range(n):
+                right = rng.uniform() < 0.6
+                ans = "7" if right else str(rng.integers(0, 3))
+                row = {
+                    "benchmark": "toy",
+                    "problem_id": f"p{p}",
+                    "sample": j,
+                    "response": ans,
+                    "extracted_answer": ans,
+                    "correct": bool(right),
+                    "r_s": float(rng.uniform(0.5, 1.0) if right else rng.uniform(0.0, 0.6)),
+                    "length": 3,
+                    "truncated": False,
+                }
+                f.write(json.dumps(row) + "\n")
+
+
+def test_adaptive_command_on_a_pool(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    write_pool(tmp_path / "samples.jsonl")
+    out = tmp_path / "out"
+    cli.main(
+        [
+            "adaptive",
+            "--pool",
+            str(tmp_path / "samples.jsonl"),
+            "--orders",
+            "3",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    report = json.loads((out / "replay.json").read_text())
+    (entry,) = report["pools"].values()
+    assert entry["problems"] == 12 and entry["n"] == 16
+    names = [r["rule"] for r in entry["rules"]]
+    assert {"maj@16", "ac_beta@0.95", "esc@w5", "rs_beta@0.95,lam1"} <= set(names)
+    assert (out / "replay.png").stat().st_size > 0
+    text = (out / "replay.md").read_text()
+    assert "At the accuracy of maj@16" in text and text in capsys.readouterr().out
+
+
+def test_adaptive_command_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--run"):
+        cli.main(["adaptive"])
+    with pytest.raises(SystemExit, match="--pool"):
+        cli.main(["adaptive", "--pool", str(tmp_path / "none.jsonl")])
+    write_pool(tmp_path / "samples.jsonl", n=4)
+    with pytest.raises(SystemExit, match="--reference.*maj@16"):
+        cli.main(
+            [
+                "adaptive",
+                "--pool",
+                str(tmp_path / "samples.jsonl"),
+                "--no-plot",
+                "--output-dir",
+                str(tmp_path / "o"),
+            ]
+        )
+    with pytest.raises(SystemExit, match="--online"):
+        cli.main(["adaptive", "--pool", str(tmp_path / "samples.jsonl"), "--online", "ac:0.9"])
