@@ -1,4 +1,5 @@
-"""`python -m laserjax calibrate`: measure c_ref, the self-reward's reference constant.
+"""Measuring c_ref, the self-reward's reference constant (`python -m laserjax calibrate`, in
+`laserjax.commands.calibrate`).
 
 LASER_SPEC section 1: r_s = beta_v * (log pi_theta(z_c | x, y, <eos>) - c_ref), with c_ref the
 mean of log pi_ref(z_c | x, y, <eos>) under the starting model. Every model has its own value
@@ -25,7 +26,6 @@ Two warnings guard the assumptions of the closed form:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from laserjax import sharding
-from laserjax.config import TokenConfig
 from laserjax.model.transformer import Transformer
-from laserjax.sampler import token_logprobs
+from laserjax.sampler import Sampler, token_logprobs
 
 STD_WARN = 1.0
 """Warn when the std of log pi_ref(z_c) over pairs exceeds this many nats."""
@@ -183,6 +183,41 @@ def calibration_warnings(values: np.ndarray, beta_v: float) -> list[str]:
     return out
 
 
+def sample_responses(
+    model: Transformer,
+    prompts: list[list[int]],
+    *,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    z_token_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    mesh: Mesh | None,
+) -> tuple[list[list[int] | None], list[float | None]]:
+    """One sample per prompt: its tokens (EOS included) and the sampler's own log p(z_c), or
+    None for both when it was truncated."""
+    sampler = Sampler(
+        model,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        self_reward_token_id=z_token_id,
+        max_new_tokens=max_new_tokens,
+        max_prompt_len=max(map(len, prompts)),
+        mesh=mesh,
+    )
+    out = sampler.sample(prompts, k=1, temperature=temperature, seed=seed)
+    responses, logps = [], []
+    for i in range(len(prompts)):
+        if out.finished[i]:
+            responses.append(out.response_tokens[i, : out.lengths[i]].tolist())
+            logps.append(float(out.logp_zc[i]))
+        else:
+            responses.append(None)
+            logps.append(None)
+    return responses, logps
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs from a jsonl.
 
@@ -225,242 +260,3 @@ def read_pairs(
     if len(rows) > n:
         rows = random.Random(seed).sample(rows, n)
     return rows, {"rows_skipped": len(skipped), "skipped_examples": skipped[:5]}
-
-
-# ---------------------------------------------------------------------------------------------
-# The command.
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="the starting policy: a Hugging Face checkpoint directory or hub id",
-    )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="jsonl with a prompt field per row and, "
-        "optionally, a response field (rows without one are sampled)",
-    )
-    parser.add_argument(
-        "--prompt-field",
-        default="problem",
-        help="field holding the problem text (default: problem)",
-    )
-    parser.add_argument(
-        "--response-field",
-        default="response",
-        help="field holding a response text (default: response)",
-    )
-    parser.add_argument("--n", type=int, default=300, help="pairs to measure (the paper: 300)")
-    parser.add_argument(
-        "--z-token-id",
-        type=int,
-        default=TokenConfig.self_reward_token_id,
-        help="z_c (default 151652, Qwen2.5's <|vision_start|>; Llama-3 / OctoThinker: 128002)",
-    )
-    parser.add_argument(
-        "--eos-id",
-        help="EOS ids, comma separated; the first is appended to "
-        "responses without one (default: the checkpoint's generation_config)",
-    )
-    parser.add_argument(
-        "--template",
-        choices=("chat", "plain"),
-        default="chat",
-        help="the prompt template of training (data.template)",
-    )
-    parser.add_argument("--beta-v", type=float, default=0.1, help="beta_v, for the log Z check")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="sequences per forward; the dense attention of one layer holds "
-        "batch x heads x length^2 float32 scores",
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=8192, help="length limit of generated responses"
-    )
-    parser.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        help="sampling temperature of generated responses (the rollouts')",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float32"),
-        default="bfloat16",
-        help="compute dtype; match the training run's model.dtype",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the row sample and of generation"
-    )
-    parser.add_argument(
-        "--devices",
-        type=int,
-        default=None,
-        help="devices to shard the model over (fsdp; default: all local ones)",
-    )
-
-
-def _parse_ids(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise SystemExit(
-            f"calibrate: --eos-id expects integers separated by commas, got {text!r}"
-        ) from None
-
-
-def _generate(
-    model: Transformer,
-    prompts: list[list[int]],
-    *,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
-    z_token_id: int,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    mesh,
-) -> tuple[list[list[int] | None], list[float | None]]:
-    """One sample per prompt: its tokens (EOS included) and the sampler's own log p(z_c), or
-    None for both when it was truncated."""
-    from laserjax.sampler import Sampler
-
-    sampler = Sampler(
-        model,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
-        self_reward_token_id=z_token_id,
-        max_new_tokens=max_new_tokens,
-        max_prompt_len=max(map(len, prompts)),
-        mesh=mesh,
-    )
-    out = sampler.sample(prompts, k=1, temperature=temperature, seed=seed)
-    responses, logps = [], []
-    for i in range(len(prompts)):
-        if out.finished[i]:
-            responses.append(out.response_tokens[i, : out.lengths[i]].tolist())
-            logps.append(float(out.logp_zc[i]))
-        else:
-            responses.append(None)
-            logps.append(None)
-    return responses, logps
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure c_ref; print a sentence, any warnings and a one-line JSON summary."""
-    from transformers import AutoTokenizer
-
-    from laserjax.config import MeshConfig
-    from laserjax.data import build_prompt
-    from laserjax.model import hf_params
-
-    path = pathlib.Path(args.data)
-    if not path.is_file():
-        raise SystemExit(f"calibrate: --data {str(path)!r} not found")
-    if args.n < 1:
-        raise SystemExit(f"calibrate: --n must be >= 1, got {args.n}")
-    try:
-        rows, info = read_pairs(path, args.prompt_field, args.response_field, args.n, args.seed)
-    except ValueError as e:
-        raise SystemExit(f"calibrate: {e}") from None
-    ckpt = hf_params.resolve_checkpoint(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    try:
-        eos_ids, pad_id = hf_params.special_token_ids(
-            ckpt, tokenizer, eos_ids=_parse_ids(args.eos_id) if args.eos_id else ()
-        )
-    except ValueError as e:
-        raise SystemExit(f"calibrate: {e}") from None
-    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1), devices)
-    model = hf_params.load_pretrained(
-        str(ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh
-    )
-    vocab = model.cfg.vocab_size
-    if not 0 <= args.z_token_id < vocab or args.z_token_id in eos_ids:
-        raise SystemExit(
-            f"calibrate: --z-token-id {args.z_token_id} must be inside the "
-            f"vocabulary [0, {vocab}) and not an EOS id {list(eos_ids)} "
-            "(Qwen2.5: 151652, Llama-3 / OctoThinker: 128002)"
-        )
-
-    try:
-        prompts = [build_prompt(problem, tokenizer, args.template) for problem, _ in rows]
-    except ValueError as e:
-        raise SystemExit(f"calibrate: {e}") from None
-    responses: list[list[int] | None] = [
-        None if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
-        for _, text in rows
-    ]
-    missing = [i for i, r in enumerate(responses) if r is None]
-    sampler_logp: dict[int, float] = {}
-    if missing:
-        generated, logps = _generate(
-            model,
-            [prompts[i] for i in missing],
-            eos_ids=eos_ids,
-            pad_id=pad_id,
-            z_token_id=args.z_token_id,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-            mesh=mesh,
-        )
-        for i, g, lp in zip(missing, generated, logps, strict=True):
-            responses[i] = g
-            if lp is not None:
-                sampler_logp[i] = lp
-    keep = [i for i, r in enumerate(responses) if r is not None]
-    if not keep:
-        raise SystemExit(
-            "calibrate: every generated response was truncated (no EOS within "
-            f"--max-new-tokens {args.max_new_tokens}); raise it or give responses"
-        )
-    mean, std, values = measure_c_ref(
-        model,
-        [prompts[i] for i in keep],
-        [responses[i] for i in keep],
-        eos_id=eos_ids,
-        z_token_id=args.z_token_id,
-        batch_size=args.batch_size,
-        mesh=mesh,
-    )
-    warnings = calibration_warnings(values, args.beta_v)
-    summary: dict[str, Any] = {
-        "c_ref": round(mean, 4),
-        "std": round(std, 4),
-        "n": len(keep),
-        "min": round(float(values.min()), 4),
-        "max": round(float(values.max()), 4),
-        "given_responses": len(rows) - len(missing),
-        "generated_responses": len(sampler_logp),
-        "truncated_dropped": len(missing) - len(sampler_logp),
-        "model": args.model,
-        "z_token_id": args.z_token_id,
-        "eos_ids": list(eos_ids),
-        "template": args.template,
-        "dtype": args.dtype,
-        "beta_v": args.beta_v,
-        **info,
-        "warnings": warnings,
-    }
-    if sampler_logp:
-        # The sampler's decode-step read and the teacher-forced forward are two computations of
-        # the same number (spec sections 1 and 5); their gap is worth seeing.
-        pos = {i: j for j, i in enumerate(keep)}
-        summary["sampler_vs_forward_max_abs_diff"] = round(
-            max(abs(sampler_logp[i] - values[pos[i]]) for i in sampler_logp), 6
-        )
-    print(
-        f"c_ref = {mean:.4f} (std {std:.4f} over {len(keep)} pairs): set `laser.c_ref: "
-        f"{mean:.2f}` in the config (LASER_SPEC section 1)."
-    )
-    for w in warnings:
-        print(f"warning: {w}")
-    print(json.dumps(summary))
-    return summary

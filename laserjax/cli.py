@@ -1,7 +1,8 @@
 """`python -m laserjax <command>`: one subcommand per job.
 
-Each command lives in its own module, which exposes `add_arguments(parser)` and `run(args)`;
-modules are imported only when their command runs so `--help` stays fast.
+Each command lives in its own module under `laserjax/commands/`, which exposes
+`add_arguments(parser)` and `run(args)`; modules are imported only when their command runs so
+`--help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("laserjax.trainer", "train a policy with LaSeR (or plain GRPO) from a YAML config"),
-    "eval": ("laserjax.evaluate", "sample, grade and score benchmarks with the self-reward"),
-    "grade": ("laserjax.reward", "grade a jsonl of responses against reference answers"),
-    "calibrate": ("laserjax.calibrate", "measure c_ref = mean log pi_ref(z_c | x, y, eos)"),
-    "plan": ("laserjax.plan", "print bytes per device for a config and mesh"),
-    "generate": ("laserjax.generate", "generate from a model (smoke test of the sampler)"),
+    "train": (
+        "laserjax.commands.train",
+        "train a policy with LaSeR (or plain GRPO) from a YAML config",
+    ),
+    "eval": ("laserjax.commands.eval", "sample, grade and score benchmarks with the self-reward"),
+    "grade": ("laserjax.commands.grade", "grade a jsonl of responses against reference answers"),
+    "calibrate": (
+        "laserjax.commands.calibrate",
+        "measure c_ref = mean log pi_ref(z_c | x, y, eos)",
+    ),
+    "plan": ("laserjax.commands.plan", "print bytes per device for a config and mesh"),
+    "generate": ("laserjax.commands.generate", "generate from a model (smoke test of the sampler)"),
     "adaptive": (
         "laserjax.adaptive_cmd",
         "compare stopping rules for test-time voting on sample pools (offline and online)",

@@ -1,4 +1,4 @@
-"""The verifier reward r_v (LASER_SPEC section 6) and the `grade` command.
+"""The verifier reward r_v (LASER_SPEC section 6); `laserjax.commands.grade` is its command.
 
 r_v = 1 when the last `\\boxed{...}` of a response is mathematically equivalent to the reference
 answer, else 0. Equivalence is math-verify's, called the way the reference code calls it:
@@ -17,10 +17,8 @@ in the worker processes, or on the first `grade_one` call.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import json
 import logging
 import math
 import multiprocessing
@@ -546,136 +544,3 @@ class Grader:
                     f"no grader worker became ready within "
                     f"{self.startup_timeout_s:.0f} s; {_STARTUP_HINT}"
                 )
-
-
-# ---------------------------------------------------------------------------------------------
-# `python -m laserjax grade`
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", required=True, help="jsonl of responses, one row per response")
-    parser.add_argument("--output", required=True, help="jsonl written with one result per row")
-    parser.add_argument(
-        "--response-field",
-        default="response",
-        help="field holding the response text (default: response)",
-    )
-    parser.add_argument(
-        "--answer-field",
-        default="answer",
-        help="field holding the reference answer (default: answer)",
-    )
-    parser.add_argument(
-        "--id-field",
-        default=None,
-        help="field copied to each result as its id (default: the row number, "
-        "counting lines from 1)",
-    )
-    parser.add_argument(
-        "--require-single-boxed",
-        action="store_true",
-        help="grade 0 unless the response has exactly one boxed answer (the training format gate)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help=f"grader processes (default: CPUs, at most 16; here {default_num_workers()})",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help=f"seconds allowed per answer (default {DEFAULT_TIMEOUT_S:g})",
-    )
-
-
-def _read_rows(
-    path: pathlib.Path, response_field: str, answer_field: str, id_field: str | None
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Output stubs for every row, and (response, answer) for the rows that can be graded."""
-    rows, tasks = [], []
-    with path.open() as f:
-        for row_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            out: dict[str, Any] = {"row": row_number}
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                out["error"] = f"row {row_number}: not valid JSON ({e.msg})"
-                rows.append(out)
-                continue
-            if not isinstance(record, dict):
-                out["error"] = f"row {row_number}: expected a JSON object"
-                rows.append(out)
-                continue
-            out["id"] = record.get(id_field) if id_field else row_number
-            problems = []
-            if id_field and id_field not in record:
-                problems.append(f"missing field {id_field!r} (--id-field)")
-            response = record.get(response_field)
-            if response_field not in record:
-                problems.append(f"missing field {response_field!r} (--response-field)")
-            elif not isinstance(response, str):
-                problems.append(
-                    f"field {response_field!r} is {type(response).__name__}, not a string"
-                )
-            answer = record.get(answer_field)
-            if answer_field not in record:
-                problems.append(f"missing field {answer_field!r} (--answer-field)")
-            else:
-                try:
-                    answer = answer_to_str(answer)
-                except TypeError as e:
-                    problems.append(f"field {answer_field!r}: {e}")
-            if problems:
-                out["error"] = f"row {row_number}: " + "; ".join(problems)
-            else:
-                out["_task"] = len(tasks)
-                tasks.append((response, answer))
-            rows.append(out)
-    return rows, tasks
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Grade `--input` into `--output`; print and return the one-line summary."""
-    path = pathlib.Path(args.input)
-    if not path.is_file():
-        raise SystemExit(f"grade: --input {str(path)!r} not found")
-    t0 = time.monotonic()
-    rows, tasks = _read_rows(path, args.response_field, args.answer_field, args.id_field)
-    with Grader(args.workers, timeout_s=args.timeout) as grader:
-        results = grader.grade_detailed(
-            [r for r, _ in tasks],
-            [a for _, a in tasks],
-            require_single_boxed=args.require_single_boxed,
-        )
-        stats = dict(grader.stats)
-    out_path = pathlib.Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    errors = 0
-    with out_path.open("w") as f:
-        for row in rows:
-            task = row.pop("_task", None)
-            if task is None:
-                errors += 1
-                print(f"grade: {row['error']}", file=sys.stderr)
-                row.update(extracted=None, correct=False)
-            else:
-                res = results[task]
-                row.update(extracted=res.extracted, correct=bool(res.correct), status=res.status)
-            f.write(json.dumps(row) + "\n")
-    correct = sum(int(r.correct) for r in results)
-    summary = {
-        "graded": len(results),
-        "correct": correct,
-        "accuracy": correct / len(results) if results else 0.0,
-        "errors": errors,
-        "timeouts": stats.get("timeouts", 0),
-        "no_boxed": sum(r.status == "no_boxed" for r in results),
-        "wall_s": round(time.monotonic() - t0, 2),
-        "output": str(out_path),
-    }
-    print(json.dumps(summary))
-    return summary

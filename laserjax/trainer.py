@@ -1,4 +1,4 @@
-"""The LaSeR trainer loop and the `train` command (LASER_SPEC section 4).
+"""The LaSeR trainer loop (LASER_SPEC section 4); `laserjax.commands.train` runs it.
 
 One step: a batch of prompts from the data iterator -> the sampler (K samples each, with the
 rollout-time self-reward from its extra decode step) -> the verifier -> the jitted train step
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -28,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from laserjax import eval_metrics, run_identity, sharding
+from laserjax import eval_metrics, run_identity, sharding, toy_task
 from laserjax.checkpoint import Checkpointer
-from laserjax.config import Config, ConfigError, load_config, to_dict
+from laserjax.config import Config, ConfigError, to_dict
 from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems, make_train_loader
 from laserjax.evaluate import (
     EvalResult,
@@ -40,6 +39,13 @@ from laserjax.evaluate import (
     evaluate_prompts,
 )
 from laserjax.model import Transformer, TransformerConfig
+from laserjax.model.hf_params import (
+    load_pretrained,
+    resolve_checkpoint,
+    save_pretrained,
+    special_token_ids,
+)
+from laserjax.reward import Grader, extract_boxed
 from laserjax.sampler import Sampler
 from laserjax.train_step import (
     StepSettings,
@@ -47,6 +53,7 @@ from laserjax.train_step import (
     TrainState,
     check_batch,
     init_train_state,
+    make_optimizer,
     make_train_step,
     train_state_sharding,
 )
@@ -91,8 +98,6 @@ class Task:
 
 
 def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
-    from laserjax import toy_task
-
     toy = toy_task.ToyConfig.from_dict(cfg.model.toy)
     tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
     cfg.validate_against_vocab(len(tok), (ids["eos"],), ids["pad"])  # before any compile
@@ -120,9 +125,6 @@ def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str
 
 def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
     from transformers import AutoTokenizer
-
-    from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
-    from laserjax.reward import Grader, extract_boxed
 
     ckpt = resolve_checkpoint(cfg.model.path)
     mcfg = TransformerConfig.from_pretrained_dir(
@@ -175,9 +177,7 @@ def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, d
         )
         eval_sets[bench.name] = (e.problems, e.token_ids)
     if cfg.data.reward == "exact":
-        from laserjax.toy_task import exact_match
-
-        reward_fn, close = exact_match, (lambda: None)
+        reward_fn, close = toy_task.exact_match, (lambda: None)
     else:
         grader = Grader()
         reward_fn = lambda rs, ans: grader.grade_batch(  # noqa: E731
@@ -656,8 +656,6 @@ class Trainer:
         }
 
     def export(self, out_dir: pathlib.Path) -> None:
-        from laserjax.model.hf_params import save_pretrained
-
         model = nnx.merge(self.graphdef, self.state.params)
         save_pretrained(model, out_dir)
         if jax.process_index() == 0:
@@ -665,8 +663,6 @@ class Trainer:
 
 
 def _abstract_train_state(abstract_params, cfg: Config, mesh) -> TrainState:
-    from laserjax.train_step import make_optimizer
-
     tx = make_optimizer(cfg.optim)
     state = TrainState(
         params=abstract_params,
@@ -724,70 +720,3 @@ def format_summary(s: dict[str, Any]) -> str:
     ]
     lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The command.
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="e.g. algorithm=grpo train.total_steps=10 output_dir=runs/x",
-    )
-    parser.add_argument(
-        "--allow-change",
-        action="append",
-        metavar="KEY[,KEY]",
-        help="continue the run in output_dir although these config keys differ from its "
-        "config.yaml (e.g. train.total_steps to train longer); the change is recorded in "
-        f"{run_identity.HISTORY_FILE}",
-    )
-
-
-def maybe_initialize_distributed() -> None:
-    """Multi-host runs (tpu_scripts set LASERJAX_DISTRIBUTED=1): join the JAX cluster first.
-
-    TPU VMs discover the cluster themselves. Elsewhere (e.g. several CPU processes on one
-    machine, as tests/test_multihost.py runs) LASERJAX_COORDINATOR (host:port of process 0),
-    LASERJAX_NUM_PROCESSES and LASERJAX_PROCESS_ID name it; CPU collectives across processes
-    use gloo (jax's default `jax_cpu_collectives_implementation`).
-    """
-    if os.environ.get("LASERJAX_DISTRIBUTED") != "1":
-        return
-    names = ("LASERJAX_COORDINATOR", "LASERJAX_NUM_PROCESSES", "LASERJAX_PROCESS_ID")
-    given = [n for n in names if os.environ.get(n)]
-    if not given:
-        jax.distributed.initialize()
-        return
-    if len(given) != len(names):
-        raise SystemExit(
-            f"error: set all of {', '.join(names)} or none of them (none: let JAX "
-            f"discover the cluster, as on TPU VMs); only {', '.join(given)} set"
-        )
-    try:
-        num, pid = int(os.environ[names[1]]), int(os.environ[names[2]])
-    except ValueError:
-        raise SystemExit(
-            f"error: {names[1]} and {names[2]} must be integers, got "
-            f"{os.environ[names[1]]!r} and {os.environ[names[2]]!r}"
-        ) from None
-    jax.distributed.initialize(
-        coordinator_address=os.environ[names[0]], num_processes=num, process_id=pid
-    )
-
-
-def run(args) -> dict[str, Any]:
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    maybe_initialize_distributed()
-    try:
-        allow = run_identity.parse_allow_change(getattr(args, "allow_change", None))
-        return Trainer(cfg, allow_change=allow).run()
-    except (ConfigError, TrainingDiverged) as e:
-        raise SystemExit(f"error: {e}") from None

@@ -605,7 +605,7 @@ def test_eval_command_needs_n_for_other_files(tiny_ckpt, tmp_path):
 
 
 def test_default_output_dir_is_named_after_the_model():
-    from laserjax.evaluate import default_output_dir
+    from laserjax.commands.eval import default_output_dir
 
     assert default_output_dir("Qwen/Qwen2.5-Math-7B") == "runs/eval/Qwen2.5-Math-7B"
     assert default_output_dir("/ckpts/step_200/") == "runs/eval/step_200"

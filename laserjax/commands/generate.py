@@ -15,7 +15,11 @@ import json
 import pathlib
 from typing import Any
 
+from flax import nnx
+
 from laserjax.config import TokenConfig
+from laserjax.model import Transformer, TransformerConfig, hf_params
+from laserjax.sampler import Sampler
 
 TINY_VOCAB = 256
 TINY_EOS = tuple(range(16))
@@ -90,11 +94,6 @@ def load_tokenizer(ckpt: pathlib.Path) -> Any:
 
 
 def run(args: argparse.Namespace) -> None:
-    from flax import nnx
-
-    from laserjax.model import Transformer, TransformerConfig
-    from laserjax.sampler import Sampler
-
     tokenizer = None
     if args.tiny:
         cfg = TransformerConfig(
@@ -116,8 +115,6 @@ def run(args: argparse.Namespace) -> None:
         if args.prompt is not None:
             raise SystemExit("--prompt needs a tokenizer; the --tiny model takes --ids")
     else:
-        from laserjax.model import hf_params
-
         ckpt = hf_params.resolve_checkpoint(args.model)
         model = hf_params.load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype)
         tokenizer = load_tokenizer(ckpt)

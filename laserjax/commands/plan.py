@@ -1,0 +1,225 @@
+"""`python -m laserjax plan`: bytes per device of a training run, before renting the chips.
+
+    python -m laserjax plan --config configs/qwen2.5_7b_laser.yaml --slice v5p-64 \\
+        mesh.fsdp=32 mesh.data=1 train.micro_batch_size=32
+
+The memory model is `laserjax.plan`; this module parses the flags, loads the config, prints the
+table, the fit verdict and a micro-batch suggestion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+import jax
+
+from laserjax import sharding
+from laserjax.config import Config, ConfigError, MeshConfig, load_config
+from laserjax.model.transformer import TransformerConfig
+from laserjax.plan import (
+    HEADROOM,
+    PRESETS,
+    GiB,
+    abstract_state,
+    compiled_train_step_memory,
+    estimate,
+    micro_batch_options,
+    model_config_for,
+    resolve_mesh,
+    slice_chips,
+    suggest_micro_batch,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        help="YAML config (default: the paper's defaults of "
+        "laserjax.config: Qwen2.5-7B, 128 prompts x 8, prompt 2048, response 8192)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. mesh.fsdp=8 train.micro_batch_size=16",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--devices", type=int, help="number of chips (fills the mesh's -1 axis)")
+    where.add_argument(
+        "--slice",
+        help="TPU accelerator type: v4-8, v5e-8 (v5litepod-8), v5p-64, "
+        "v6e-64, ... (sets the chip count and HBM per chip)",
+    )
+    parser.add_argument(
+        "--hbm-gib",
+        type=float,
+        help="HBM per chip in GiB (default: the slice's; needed for the fit check with --devices)",
+    )
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--hf-config", help="a Hugging Face config.json (or its directory) giving the architecture"
+    )
+    shape.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a built-in architecture (default: recognised from model.path)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also compile the real train step from shapes on this machine's "
+        "devices (the mesh must match them) and print XLA's own numbers",
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def format_table(est: dict[str, int], remat: bool) -> str:
+    rows = [
+        ("params", "exact: shapes x dtype / mesh axes in PARAM_RULES"),
+        ("opt_state", "exact: AdamW moments (params' dtype) + counts"),
+        (
+            "gradients",
+            "params' dtype" + (" + float32 accumulator" if est["micro_batches"] > 1 else ""),
+        ),
+        ("batch", "the TrainBatch arrays of the step"),
+        ("weight_gather", "two layers all-gathered over fsdp"),
+        ("activations_no_remat", "one micro-batch" + ("" if remat else "  <- config")),
+        ("activations_remat", "one micro-batch" + ("  <- config" if remat else "")),
+        ("train_peak", "params + opt + grads + batch + gather + activations"),
+        ("sampler_params", "the sampler's compute-dtype weight copy"),
+        ("kv_prefix", "one per prompt, shared by its K samples"),
+        ("kv_suffix", "per sample, max_new_tokens long"),
+        ("rollout_buffers", "tokens/log-probs + prefill or decode working set"),
+        ("rollout_peak", "params + opt + sampler params + caches + buffers"),
+    ]
+    lines = [f"{'component':<22}{'GiB/device':>10}  note", "-" * 78]
+    lines += [f"{name:<22}{_gib(est[name]):>10}  {note}" for name, note in rows]
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.config is None and not any(
+        o.startswith(("model.path=", "model.toy")) for o in overrides
+    ):
+        # A `model.*` override builds the model section from scratch, which would drop the
+        # default checkpoint: keep it explicitly.
+        overrides.insert(0, f"model.path={Config().model.path}")
+    return load_config(args.config, overrides)
+
+
+def _fit_report(
+    model_cfg: TransformerConfig,
+    cfg: Config,
+    mesh_shape: dict[str, int],
+    est: dict[str, int],
+    hbm_gib: float,
+) -> dict[str, Any]:
+    """Print whether the plan fits and the largest micro-batch that does, with and without
+    remat; return the same as JSON fields."""
+    hbm = hbm_gib * GiB
+    shards = mesh_shape["data"] * mesh_shape["fsdp"]
+    fits = est["peak"] <= HEADROOM * hbm
+    print(
+        f"HBM per chip {hbm_gib:g} GiB (planning to {HEADROOM:.0%}): peak "
+        f"{est['peak'] / GiB:.2f} GiB -> {'fits' if fits else 'DOES NOT FIT'}"
+    )
+    out: dict[str, Any] = {"hbm_gib": hbm_gib, "fits": fits}
+    for remat in (False, True):
+        found = suggest_micro_batch(model_cfg, cfg, mesh_shape, hbm, remat=remat)
+        out["suggested_micro_batch_" + ("remat" if remat else "no_remat")] = (
+            None if found is None else found[0]
+        )
+        label = f"model.remat={str(remat).lower()}"
+        if found is None:
+            smallest = micro_batch_options(cfg, mesh_shape)[-1]
+            print(
+                f"{label}: no micro-batch fits (not even {smallest} rows); shard more (fsdp, "
+                "tensor), use more chips, or shorten rollout.max_new_tokens"
+            )
+        else:
+            mb, e = found
+            print(
+                f"{label}: largest micro-batch that fits: train.micro_batch_size={mb} "
+                f"({mb // shards} per device, train peak {e['train_peak'] / GiB:.2f} GiB)"
+            )
+    if est["rollout_peak"] > HEADROOM * hbm:
+        print(
+            f"the rollout alone needs {est['rollout_peak'] / GiB:.2f} GiB per chip and its KV "
+            "cache does not shrink with the micro-batch: add chips, raise mesh.tensor, or "
+            "shorten rollout.max_new_tokens"
+        )
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table, the fit verdict, a micro-batch suggestion and a one-line JSON summary."""
+    cfg = _load(args)
+    devices, hbm_gib = None, None
+    if args.slice:
+        devices, hbm_gib = slice_chips(args.slice)
+    elif args.devices is not None:
+        devices = args.devices
+    if args.hbm_gib is not None:
+        hbm_gib = args.hbm_gib
+    mesh_shape = resolve_mesh(cfg.mesh, devices)
+    model_cfg, source = model_config_for(cfg, hf_config=args.hf_config, preset=args.preset)
+    est = estimate(model_cfg, cfg, mesh_shape)
+    params = abstract_state(model_cfg, cfg.optim)[0]
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    mb = est["rows_per_device"] * mesh_shape["data"] * mesh_shape["fsdp"]
+
+    print(
+        f"model: {source} ({n_params / 1e9:.2f}B parameters, {model_cfg.param_dtype} weights, "
+        f"{model_cfg.dtype} compute, remat={model_cfg.remat})"
+    )
+    print(
+        f"mesh: data={mesh_shape['data']} fsdp={mesh_shape['fsdp']} "
+        f"tensor={mesh_shape['tensor']} ({math.prod(mesh_shape.values())} devices"
+        + (f", {args.slice}" if args.slice else "")
+        + ")"
+    )
+    print(
+        f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.samples_per_prompt} samples, "
+        f"prompt {cfg.rollout.max_prompt_len} + response {cfg.rollout.max_new_tokens} + 1; "
+        f"micro-batch {mb} rows ({est['rows_per_device']} per device, "
+        f"{est['micro_batches']} micro-batches)"
+    )
+    print(format_table(est, model_cfg.remat))
+    summary: dict[str, Any] = {
+        "model": source,
+        "params_count": n_params,
+        "mesh": mesh_shape,
+        "micro_batch_size": mb,
+        "remat": model_cfg.remat,
+        **est,
+    }
+    if hbm_gib is not None:
+        summary |= _fit_report(model_cfg, cfg, mesh_shape, est, hbm_gib)
+    else:
+        print("no HBM size given (--slice or --hbm-gib): fit check skipped")
+    if args.compile:
+        n = math.prod(mesh_shape.values())
+        if len(jax.devices()) < n:
+            raise ConfigError(
+                f"--compile: the plan's mesh {mesh_shape} needs {n} devices and "
+                f"this machine has {len(jax.devices())}; run it on the target"
+            )
+        mesh = sharding.make_mesh(MeshConfig(**mesh_shape), jax.devices()[:n])
+        xla = compiled_train_step_memory(model_cfg, cfg, mesh)
+        modelled = est["gradients"] + est["weight_gather"] + est["activations"]
+        print(
+            f"XLA ({jax.devices()[0].platform}): arguments {xla['arguments'] / GiB:.3f} GiB "
+            f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
+            f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
+            f"{modelled / GiB:.3f})"
+        )
+        summary["xla"] = xla
+    print(json.dumps(summary))
+    return summary
