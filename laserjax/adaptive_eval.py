@@ -39,6 +39,7 @@ from laserjax.adaptive import (
     answer_ids,
     stop_points,
 )
+from laserjax.evaluate import decode_responses
 
 ROUND_SEED_STRIDE = 1_000_003
 """Seed offset between rounds of `sample_adaptively` (more than any benchmark's problems)."""
@@ -381,8 +382,6 @@ def sample_adaptively(
     `scoring` is an `evaluate.Scoring` (r_s from log p(z_c)); `on_round(round, open)` is told how
     many problems each round samples.
     """
-    from laserjax.evaluate import decode_responses
-
     if round_size < 1 or max_samples < round_size or max_samples % round_size:
         raise ValueError(
             f"sample_adaptively: max_samples ({max_samples}) must be a positive multiple of "

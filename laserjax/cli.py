@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("laserjax.commands.plan", "print bytes per device for a config and mesh"),
     "generate": ("laserjax.commands.generate", "generate from a model (smoke test of the sampler)"),
     "adaptive": (
-        "laserjax.adaptive_cmd",
+        "laserjax.commands.adaptive",
         "compare stopping rules for test-time voting on sample pools (offline and online)",
     ),
 }

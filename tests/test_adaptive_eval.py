@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import test_evaluate as te
 from flax import nnx
 
 from laserjax import cli
@@ -25,6 +26,10 @@ from laserjax.adaptive_eval import (
 from laserjax.evaluate import Scoring
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
+
+# The eval command's tiny checkpoint and its 20-problem MATH500 run, shared as fixtures.
+MATH500_ARGV, eval_argv, read_rows = te.MATH500_ARGV, te.eval_argv, te.read_rows
+tiny_ckpt, token_ids, math500_run = te.tiny_ckpt, te.token_ids, te.math500_run
 
 
 def hand_pool() -> Pool:
@@ -277,3 +282,42 @@ def test_adaptive_command_errors(tmp_path):
         )
     with pytest.raises(SystemExit, match="--online"):
         cli.main(["adaptive", "--pool", str(tmp_path / "samples.jsonl"), "--online", "ac:0.9"])
+
+
+# ---------------------------------------------------------------------------------------------
+# `eval --stop-rule`: the eval command sampling adaptively.
+
+
+@pytest.mark.slow  # a second 20-problem eval run
+def test_eval_stop_rule_that_never_stops_early_draws_what_eval_draws(
+    math500_run, tiny_ckpt, token_ids, eval_dir, tmp_path
+):
+    """maj:4 in one round of 4 with every problem in one call is plain `eval --n 4`: round 0's
+    seed is the first batch's seed, so the samples are the same; the summary reports the vote."""
+    out = tmp_path / "adaptive"
+    argv = [*MATH500_ARGV, "--stop-rule", "maj:4", "--round-size", "4"]
+    cli.main(eval_argv(tiny_ckpt, eval_dir, out, token_ids["<|z|>"], *argv))
+    plain = read_rows(math500_run / "samples.jsonl")
+    rows = read_rows(out / "samples.jsonl")
+    assert len(rows) == len(plain) == 80
+    for a, b in zip(rows, plain, strict=True):
+        assert {k: a[k] for k in b} == b
+        assert a["round"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["benchmarks"]["math500"]
+    assert summary["stop_rule"] == "maj@4" and s["samples_per_problem"] == 4
+    picked = {r["problem_id"]: r for r in rows if r["picked"]}
+    assert s["accuracy"] == pytest.approx(sum(r["correct"] for r in picked.values()) / 20)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--stop-rule", "beta:0.9"], "--stop-rule: stopping rule 'beta:0.9'"),
+        (["--stop-rule", "ac:0.9", "--round-size", "3"], "--round-size: must be >= 1 and divide"),
+        (["--stop-rule", "ac:0.9", "--resume"], "--resume: not supported with --stop-rule"),
+    ],
+)
+def test_eval_stop_rule_errors(tiny_ckpt, eval_dir, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(eval_argv(tiny_ckpt, eval_dir, tmp_path, 3, *MATH500_ARGV, *extra))

@@ -193,6 +193,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds allowed per answer (default: laserjax.reward's)",
     )
+    # imported here, not at the top: laserjax.commands.adaptive imports this module
+    from laserjax.commands.adaptive import add_eval_arguments
+
+    add_eval_arguments(parser)
 
 
 class EvalError(ValueError):
@@ -246,6 +250,10 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise _fail(flag, f"must be >= {low}, got {value}")
     if args.grader_timeout is not None and args.grader_timeout <= 0:
         raise _fail("--grader-timeout", f"must be > 0 seconds, got {args.grader_timeout}")
+    if getattr(args, "stop_rule", None) is not None:
+        from laserjax.commands.adaptive import check_eval_flags
+
+        check_eval_flags(args)
 
 
 def _benchmark_names(text: str) -> list[str]:
@@ -392,6 +400,8 @@ def _settings(
         seed=args.seed,
         batch_prompts=args.batch_prompts,
         dtype=args.dtype,
+        stop_rule=getattr(args, "stop_rule", None),
+        round_size=getattr(args, "round_size", None),
     )
 
 
@@ -571,6 +581,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     longest = max(len(t) for _, toks in prompts.values() for t in toks)
     sampler = _build_sampler(args, setup, max_prompt_len=max(longest, 16))
     scoring = Scoring(beta_v=args.beta_v, c_ref=args.c_ref)
+    if getattr(args, "stop_rule", None) is not None:
+        from laserjax.commands.adaptive import eval_adaptive
+
+        return eval_adaptive(
+            args, benches, prompts, setup.tokenizer, sampler, scoring, settings, primary
+        )
 
     rows: dict[str, list[dict[str, Any]]] = {name: list(r) for name, r in kept.items()}
     timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
