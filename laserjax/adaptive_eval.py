@@ -88,10 +88,10 @@ class ReplayRow:
     rule: str
     family: str
     accuracy: float
-    accuracy_sd: float  # over orders of the pool
-    single_run_se: float
-    """Standard error of one fresh run's accuracy on these problems: sqrt(sum_p q_p (1 - q_p)) / P
-    with q_p the share of orders in which problem p is answered right."""
+    accuracy_sd: float
+    """Spread of the accuracy over the replayed orders. Over permutations it understates how much
+    one fresh run varies (every order reuses the same n samples); over bootstrap draws
+    (`replace=True`) each draw is one simulated fresh run, so this is one run's noise."""
     samples: float
     tokens: float
     no_answer: float  # share of (problem, order) stops with nobody answering
@@ -129,21 +129,36 @@ def default_rules(n: int) -> list[Rule]:
 
 
 def replay(
-    pool: Pool, rules: Sequence[Rule], *, num_orders: int = 32, seed: int = 0, round_size: int = 1
+    pool: Pool,
+    rules: Sequence[Rule],
+    *,
+    num_orders: int = 32,
+    seed: int | None = 0,
+    round_size: int = 1,
+    replace: bool = False,
 ) -> list[ReplayRow]:
-    """Every rule on the same `num_orders` random orders of each problem's pool."""
-    return replay_orders(pool, rules, orders_for(pool, num_orders, seed), round_size=round_size)
+    """Every rule on the same `num_orders` random orders of each problem's pool (see
+    `orders_for`)."""
+    orders = orders_for(pool, num_orders, seed, replace=replace)
+    return replay_orders(pool, rules, orders, round_size=round_size)
 
 
-def orders_for(pool: Pool, num_orders: int, seed: int | None) -> np.ndarray:
-    """[R, P, n] sample orders: random permutations, or the pool's own order when `seed` is
-    None."""
+def orders_for(
+    pool: Pool, num_orders: int, seed: int | None, *, replace: bool = False
+) -> np.ndarray:
+    """[R, P, n] sample indices per problem: random permutations of its pool; with `replace`,
+    bootstrap draws (n indices drawn with replacement: fresh samples from the pool's empirical
+    distribution, so a rule stopping at s samples is not pushed toward the pool's own vote as
+    s nears n); the pool's own order when `seed` is None."""
     if num_orders < 1:
         raise ValueError(f"num_orders must be >= 1, got {num_orders}")
     shape = (num_orders, pool.num_problems, pool.n)
     if seed is None:
         return np.broadcast_to(np.arange(pool.n), shape).copy()
-    return np.argsort(np.random.default_rng(seed).random(shape), axis=-1)
+    rng = np.random.default_rng(seed)
+    if replace:
+        return rng.integers(0, pool.n, size=shape)
+    return np.argsort(rng.random(shape), axis=-1)
 
 
 def replay_orders(
@@ -182,14 +197,12 @@ def replay_orders(
             samples[i, r] = stop.mean()
             tokens[i, r] = cum_len[rows[:, 0], stop - 1].mean()
     acc = hits.mean(axis=2)
-    q = hits.mean(axis=1)  # [rules, P]: how often each problem is answered right
     return [
         ReplayRow(
             rule=rule.name,
             family=family(rule),
             accuracy=float(acc[i].mean()),
             accuracy_sd=float(acc[i].std()),
-            single_run_se=float(np.sqrt((q[i] * (1 - q[i])).sum()) / num),
             samples=float(samples[i].mean()),
             tokens=float(tokens[i].mean()),
             no_answer=float(none[i].mean() / num),
@@ -237,21 +250,24 @@ def matched_savings(
 
 
 def format_replay(
-    rows: Sequence[ReplayRow], ref: ReplayRow, savings: Sequence[Saving], title: str
+    rows: Sequence[ReplayRow],
+    ref: ReplayRow,
+    savings: Sequence[Saving],
+    title: str,
+    ref_boot: ReplayRow | None = None,
 ) -> str:
-    """Markdown: every rule's point, then the matched-accuracy table."""
+    """Markdown: every rule's point, then the matched-accuracy table (with the reference's
+    bootstrap replay, `ref_boot`, as the noise of one run when given)."""
     lines = [
         f"### {title}",
         "",
-        "| rule | accuracy % | sd over orders | one-run SE | samples / problem | "
-        "tokens / problem | no answer |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | accuracy % | sd over orders | samples / problem | tokens / problem | no answer |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.rule} | {100 * r.accuracy:.2f} | {100 * r.accuracy_sd:.2f} | "
-            f"{100 * r.single_run_se:.2f} | {r.samples:.2f} | {r.tokens:.1f} | "
-            f"{100 * r.no_answer:.1f}% |"
+            f"{r.samples:.2f} | {r.tokens:.1f} | {100 * r.no_answer:.1f}% |"
         )
     lines += [
         "",
@@ -271,6 +287,14 @@ def format_replay(
                 f"| {s.family} | {s.rule} | {100 * s.accuracy:.2f} | {s.samples:.2f} | "
                 f"{s.tokens:.1f} | {s.saving:.2f}x |"
             )
+    if ref_boot is not None:
+        lines += [
+            "",
+            f"Noise: one fresh run of {ref_boot.rule} varies by {100 * ref_boot.accuracy_sd:.2f} "
+            f"points (sd over bootstrap draws from the pool; its bootstrap mean is "
+            f"{100 * ref_boot.accuracy:.2f}%). Permutations of one pool vary less, and reuse "
+            "more of the pool's own vote the more samples a rule takes.",
+        ]
     return "\n".join(lines) + "\n"
 
 

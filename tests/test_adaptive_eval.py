@@ -65,8 +65,6 @@ def test_replay_on_the_pools_own_order_by_hand():
     # ESC w = 2: p0 window [1, 1] stops at 2; p1 [5, 6] no, [6, 6] stops at 4
     assert (rows["esc@w2"].accuracy, rows["esc@w2"].samples) == (1, 3)
     assert all(r.accuracy_sd == 0 for r in rows.values())  # one order
-    # one-run SE: every problem is answered the same in every order, q in {0, 1}
-    assert all(r.single_run_se == 0 for r in rows.values())
 
 
 def test_replay_orders_are_shared_and_each_a_permutation():
@@ -84,11 +82,20 @@ def test_replay_orders_are_shared_and_each_a_permutation():
         [np.isin(o[0, 0], [0, 1, 2]) / 2 + np.isin(o[1, 0], [1, 2, 3]) / 2 for o in orders]
     )
     assert row.accuracy == pytest.approx(expected, abs=1e-12)
+    # bootstrap draws: indices with repeats; maj@1 is right exactly when the first draw is
+    boot = orders_for(pool, 50, seed=3, replace=True)
+    assert boot.shape == (50, 2, 4) and ((boot >= 0) & (boot < 4)).all()
+    assert any(len(set(o)) < 4 for o in boot.reshape(-1, 4))
+    (row,) = replay_orders(pool, [FixedK(k=1)], boot)
+    expected = np.mean(
+        [np.isin(o[0, 0], [0, 1, 2]) / 2 + np.isin(o[1, 0], [1, 2, 3]) / 2 for o in boot]
+    )
+    assert row.accuracy == pytest.approx(expected, abs=1e-12)
 
 
 def test_matched_savings():
     def row(rule, family, acc, samples):
-        return ReplayRow(rule, family, acc, 0.0, 0.0, samples, 10 * samples, 0.0)
+        return ReplayRow(rule, family, acc, 0.0, samples, 10 * samples, 0.0)
 
     rows = [
         row("maj@8", "maj", 0.70, 8),
@@ -260,7 +267,8 @@ def test_adaptive_command_on_a_pool(tmp_path, capsys):
     assert {"maj@16", "ac_beta@0.95", "esc@w5", "rs_beta@0.95,lam1"} <= set(names)
     assert (out / "replay.png").stat().st_size > 0
     text = (out / "replay.md").read_text()
-    assert "At the accuracy of maj@16" in text and text in capsys.readouterr().out
+    assert "At the accuracy of maj@16" in text and "Noise: one fresh run of maj@16" in text
+    assert text in capsys.readouterr().out
 
 
 def test_adaptive_command_errors(tmp_path):

@@ -89,9 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--online",
-        default=None,
+        action="append",
+        default=[],
         help="also sample each --run adaptively with this rule, e.g. ac:0.95, rsbeta:0.95:1, "
-        "rsaccept:0.9, esc:4, maj:16 (see laserjax.adaptive.parse_rule)",
+        "rsaccept:0.9, esc:4, maj:16 (see laserjax.adaptive.parse_rule); repeatable",
     )
     parser.add_argument(
         "--round-size", type=int, default=4, help="online: samples per open problem per round"
@@ -274,12 +275,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if value < 1:
             raise _fail(flag, f"must be >= 1, got {value}")
-    online_rule = None
-    if args.online is not None:
+    online_rules = []
+    if args.online:
         if not args.run:
             raise _fail("--online", "needs a --run to sample from")
         try:
-            online_rule = parse_rule(args.online)
+            online_rules = [parse_rule(spec) for spec in args.online]
         except ValueError as e:
             raise _fail("--online", str(e)) from None
         if args.n % args.round_size:
@@ -305,17 +306,21 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     text, curves = [], {}
     for title, pool in pools.items():
         t0 = time.time()
-        rows = replay(pool, default_rules(pool.n), num_orders=args.orders, seed=args.seed)
+        rules = default_rules(pool.n)
+        rows = replay(pool, rules, num_orders=args.orders, seed=args.seed)
         try:
             ref, savings = matched_savings(rows, args.reference)
         except ValueError as e:
             raise _fail("--reference", str(e)) from None
+        ref_rule = next(r for r in rules if r.name == ref.rule)
+        (ref_boot,) = replay(pool, [ref_rule], num_orders=args.orders, seed=args.seed, replace=True)
         text.append(
             format_replay(
                 rows,
                 ref,
                 savings,
                 f"{title}: {pool.num_problems} problems x {pool.n} samples, {args.orders} orders",
+                ref_boot,
             )
         )
         curves[title] = rows
@@ -324,11 +329,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "n": pool.n,
             "rules": [_row_json(r) for r in rows],
             "matched": [dataclasses.asdict(s) for s in savings],
+            "reference_bootstrap": _row_json(ref_boot),
             "replay_s": round(time.time() - t0, 1),
         }
-        if online_rule is not None and title in setups:
-            entry["online"] = _online(args, online_rule, pool, *setups[title])
-            text.append(_format_online(entry["online"]))
+        if online_rules and title in setups:
+            entry["online"] = [_online(args, rule, pool, *setups[title]) for rule in online_rules]
+            text += [_format_online(o) for o in entry["online"]]
         report["pools"][title] = entry
     (out / "replay.md").write_text("\n".join(text))
     (out / "replay.json").write_text(json.dumps(_nan_to_none(report), indent=2) + "\n")
@@ -368,6 +374,14 @@ def _online(
     (row,) = replay(
         pool, [rule], num_orders=args.orders, seed=args.seed, round_size=args.round_size
     )
+    (boot,) = replay(
+        pool,
+        [rule],
+        num_orders=args.orders,
+        seed=args.seed,
+        round_size=args.round_size,
+        replace=True,
+    )
     return {
         "rule": rule.name,
         "round_size": args.round_size,
@@ -378,24 +392,32 @@ def _online(
         "sampler_calls": res.sampler_calls,
         "replay_accuracy": row.accuracy,
         "replay_accuracy_sd": row.accuracy_sd,
-        "replay_single_run_se": row.single_run_se,
         "replay_samples": row.samples,
         "replay_tokens": row.tokens,
+        "bootstrap_accuracy": boot.accuracy,
+        "bootstrap_accuracy_sd": boot.accuracy_sd,
+        "bootstrap_samples": boot.samples,
     }
 
 
 def _format_online(o: dict[str, Any]) -> str:
-    # One fresh run and the pool each carry about one run's sampling noise: compare the difference
-    # with sqrt(2) one-run standard errors.
-    noise = math.sqrt(2) * o["replay_single_run_se"]
-    z = (o["accuracy"] - o["replay_accuracy"]) / noise if noise else math.nan
+    # The online run and the pool are each one draw: their difference varies by about sqrt(2)
+    # times one run's spread, which the bootstrap replay measures.
+    noise = math.sqrt(2) * o["bootstrap_accuracy_sd"]
+
+    def z(x: float) -> float:
+        return (o["accuracy"] - x) / noise if noise else math.nan
+
     return (
         f"online {o['rule']} (rounds of {o['round_size']}): accuracy {100 * o['accuracy']:.2f}%, "
         f"{o['samples']:.2f} samples and {o['tokens']:.1f} tokens per problem, "
         f"{o['wall_s']:.1f} s in {o['sampler_calls']} sampler calls. Replay of the same rule and "
-        f"rounds on the pool: accuracy {100 * o['replay_accuracy']:.2f}% (one-run SE "
-        f"{100 * o['replay_single_run_se']:.2f}), {o['replay_samples']:.2f} samples, "
-        f"{o['replay_tokens']:.1f} tokens. Online - replay = {z:+.2f} x sqrt(2) SE\n"
+        f"rounds: {100 * o['replay_accuracy']:.2f}% at {o['replay_samples']:.2f} samples "
+        f"({o['replay_tokens']:.1f} tokens) over permutations, "
+        f"{100 * o['bootstrap_accuracy']:.2f}% at {o['bootstrap_samples']:.2f} samples over "
+        f"bootstrap draws (one run's sd {100 * o['bootstrap_accuracy_sd']:.2f}). Online minus "
+        f"replay: {z(o['replay_accuracy']):+.2f} (permutations), "
+        f"{z(o['bootstrap_accuracy']):+.2f} (bootstrap) x sqrt(2) sd\n"
     )
 
 
