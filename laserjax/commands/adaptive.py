@@ -29,8 +29,9 @@ import time
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
-from laserjax import trainer
+from laserjax import sharding, trainer
 from laserjax.adaptive import parse_rule
 from laserjax.adaptive_eval import (
     Pool,
@@ -42,6 +43,7 @@ from laserjax.adaptive_eval import (
     replay,
     sample_adaptively,
 )
+from laserjax.checkpoint import Checkpointer
 from laserjax.commands.eval import EvalError
 from laserjax.config import ConfigError, load_config
 from laserjax.data import encode_prompts, load_benchmark
@@ -119,14 +121,14 @@ class _RunSetup:
 
 
 def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup:
+    """A run's final policy (its `hf/` export, else its latest checkpoint), task and scoring."""
     run = pathlib.Path(path)
-    for need in ("config.yaml", "hf", "run_info.json"):
-        if not (run / need).exists():
-            raise _fail(
-                "--run",
-                f"{run / need} is missing: pass a finished training run directory "
-                "(train with `train.export_hf: true`)",
-            )
+    hf, ckpt_dir = run / "hf", run / "checkpoints"
+    if not (run / "config.yaml").is_file() or not (hf.is_dir() or ckpt_dir.is_dir()):
+        raise _fail(
+            "--run",
+            f"{run} is not a training run directory (config.yaml and hf/ or checkpoints/)",
+        )
     try:
         cfg = load_config(run / "config.yaml")
         if cfg.model.toy is not None:
@@ -134,12 +136,11 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
                 raise _fail(
                     "--benchmarks", f"{run} is a toy run; its held-out set is the benchmark"
                 )
-            _, task, _ = trainer._toy_setup(cfg, abstract=True)
+            model, task, _ = trainer._toy_setup(cfg, abstract=True)
         else:
-            cfg = dataclasses.replace(
-                cfg, model=dataclasses.replace(cfg.model, path=str(run / "hf"))
-            )
-            _, task, _ = trainer._real_setup(cfg, None, abstract=True)
+            if hf.is_dir():
+                cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(hf)))
+            model, task, _ = trainer._real_setup(cfg, None, abstract=True)
             if benchmarks:
                 sets = {}
                 for name in (b.strip() for b in benchmarks.split(",") if b.strip()):
@@ -153,18 +154,34 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
                     )
                     sets[bench.name] = (enc.problems, enc.token_ids)
                 task.eval_sets = sets
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         raise _fail("--run", f"{run}: {e}") from None
     if not task.eval_sets:
         raise _fail("--run", f"{run} has no held-out benchmarks; pass --benchmarks")
     if limit is not None:
         task.eval_sets = {k: (p[:limit], t[:limit]) for k, (p, t) in task.eval_sets.items()}
-    c_ref = json.loads((run / "run_info.json").read_text())["c_ref"]
-    model = load_pretrained(
-        str(run / "hf"), dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
-    )
+    c_ref = None
+    if (run / "run_info.json").is_file():
+        c_ref = json.loads((run / "run_info.json").read_text()).get("c_ref")
+    if hf.is_dir():
+        policy: Any = load_pretrained(
+            str(hf), dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
+        )
+    else:  # no export (train.export_hf: false): the parameters of the latest checkpoint
+        mesh = sharding.make_mesh(cfg.mesh)
+        graphdef, abstract = nnx.split(model, nnx.Param)
+        ck = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+        step = ck.latest_step()
+        if step is None:
+            raise _fail("--run", f"{ckpt_dir} holds no checkpoint yet")
+        state, meta = ck.restore(step, trainer._abstract_train_state(abstract, cfg, mesh))
+        ck.close()
+        policy, c_ref = (graphdef, state.params), meta["c_ref"]
+        print(f"adaptive: {run}: the policy of checkpoint step {step}", file=sys.stderr)
+    if c_ref is None:
+        raise _fail("--run", f"{run}: no measured c_ref in run_info.json or a checkpoint")
     sampler = Sampler(
-        model,
+        policy,
         eos_ids=task.eos_ids,
         pad_id=task.pad_id,
         self_reward_token_id=cfg.tokens.self_reward_token_id,
