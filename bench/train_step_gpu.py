@@ -43,27 +43,15 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from laserjax import presets  # noqa: E402  (plain data: no jax before main sets its flags)
 
 PRESETS = {
-    # Qwen2.5-0.5B / 1.5B config.json values (tied embeddings, q/k/v biases, rope theta 1e6).
-    "0.5b": dict(
-        num_layers=24,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_heads=14,
-        num_kv_heads=2,
-        head_dim=64,
-        vocab_size=151936,
-    ),
-    "1.5b": dict(
-        num_layers=28,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_heads=12,
-        num_kv_heads=2,
-        head_dim=128,
-        vocab_size=151936,
-    ),
+    # Qwen2.5-0.5B / 1.5B shapes from the one preset table (tied embeddings, q/k/v biases).
+    "0.5b": presets.shape("Qwen2.5-0.5B"),
+    "1.5b": presets.shape("Qwen2.5-1.5B"),
     # CPU smoke shape: proves the script runs end to end in seconds.
     "tiny": dict(
         num_layers=2,

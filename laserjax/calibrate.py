@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from laserjax import sharding
+from laserjax.config import token_id_problem
 from laserjax.model.transformer import Transformer
 from laserjax.sampler import Sampler, token_logprobs
 
@@ -110,12 +111,10 @@ def measure_c_ref(
         )
     if not prompt_ids:
         raise ValueError("measure_c_ref: no pairs given")
-    if not 0 <= z_token_id < vocab or z_token_id in eos_ids:
-        raise ValueError(
-            f"measure_c_ref: z_token_id {z_token_id} must be inside the vocabulary "
-            f"[0, {vocab}) and not an EOS id {list(eos_ids)} (Qwen2.5: 151652, "
-            "Llama-3: 128002)"
-        )
+    problem = token_id_problem(z_token_id, eos_ids, vocab_size=vocab)
+    if problem is not None:
+        arg = {"self_reward_token_id": "z_token_id", "eos_ids": "eos_id"}[problem[0]]
+        raise ValueError(f"measure_c_ref: {arg}: {problem[1]}")
     if batch_size < 1:
         raise ValueError(f"measure_c_ref: batch_size must be >= 1, got {batch_size}")
     seqs = []

@@ -10,7 +10,9 @@ override what they must.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import pathlib
 import types
 import typing
@@ -20,12 +22,99 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config field is invalid; the message names the field and the fix."""
+    """A config field is invalid; the message names the field and the fix.
+
+    `field` is the dotted field (`tokens.eos_ids`, `mesh`) and `reason` the message after it, so
+    a command that set the field from a flag can name the flag instead (`flag_for`) without
+    reading the message.
+    """
+
+    def __init__(self, message: str, field: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.reason = message if reason is None else reason
+
+
+def _fail(field: str, msg: str) -> ConfigError:
+    return ConfigError(f"config field `{field}`: {msg}", field, msg)
 
 
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
-        raise ConfigError(f"config field `{field}`: {msg}")
+        raise _fail(field, msg)
+
+
+def token_id_problem(
+    self_reward_token_id: int,
+    eos_ids: tuple[int, ...],
+    pad_id: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[str, str] | None:
+    """The first thing wrong with a set of special token ids, as (`TokenConfig` field, message),
+    or None. The one check of z_c, EOS and pad ids: the config, the sampler, `calibrate` and the
+    commands all call it and name the field their own way.
+
+    z_c must be a token the model never emits (LASER_SPEC section 1): not an EOS id nor the pad
+    id. Without `vocab_size` only the checks that need no model run; a `pad_id` of None or -1
+    (resolved later from the tokenizer) is not checked against the vocabulary.
+    """
+    z = self_reward_token_id
+    hint = "(Qwen2.5: 151652, Llama-3: 128002)"
+    if z < 0:
+        return "self_reward_token_id", f"must be a token id >= 0 {hint}"
+    if vocab_size is not None and z >= vocab_size:
+        return (
+            "self_reward_token_id",
+            f"z_c = {z} is outside the vocabulary [0, {vocab_size}); pick a reserved/special "
+            f"token id of this model that it never emits {hint}",
+        )
+    if z in eos_ids:
+        return (
+            "self_reward_token_id",
+            f"z_c = {z} is also an EOS id {list(eos_ids)}; choose a token the model never emits",
+        )
+    if pad_id is not None and z == pad_id:
+        return "self_reward_token_id", f"z_c = {z} equals the pad id; choose another token"
+    if vocab_size is not None:
+        for e in eos_ids:
+            if not 0 <= e < vocab_size:
+                return "eos_ids", f"EOS id {e} is outside [0, {vocab_size}), the vocabulary"
+        if pad_id is not None and pad_id != -1 and not 0 <= pad_id < vocab_size:
+            return "pad_id", f"pad id {pad_id} is outside [0, {vocab_size}), the vocabulary"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """`model.toy`: the CPU demo's task, its tiny transformer and the supervised warm start
+    (`laserjax.toy_task`)."""
+
+    max_operand: int = 49
+    """Addition problems `a+b=` with a, b in [0, max_operand]."""
+    mul_max_operand: int = 99
+    """Multiplication problems `a*b=` with a in [0, mul_max_operand], b in [0, 9]; 0: none."""
+    eval_problems: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    sft_steps: int = 1000
+    sft_batch: int = 64
+    sft_learning_rate: float = 1e-3
+    sft_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check(value >= 0, f"model.toy.{f.name}", f"must be >= 0, got {value}")
+        _check(self.max_operand >= 2, "model.toy.max_operand", "must be >= 2")
+        _check(
+            self.hidden_size % self.num_heads == 0
+            and self.num_heads % max(self.num_kv_heads, 1) == 0,
+            "model.toy.hidden_size/num_heads/num_kv_heads",
+            "hidden_size must divide by num_heads, num_heads by num_kv_heads",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +123,9 @@ class ModelConfig:
 
     path: str = ""
     """A Hugging Face hub id or a local checkpoint directory; empty for the demo's toy model."""
-    toy: dict[str, Any] | None = None
-    """For the CPU demo: keyword overrides of `laserjax.toy_task.TOY_MODEL` (no checkpoint)."""
+    toy: ToyConfig | None = None
+    """The CPU demo's toy task and model instead of a checkpoint (`model.toy: {}` for the
+    defaults)."""
     dtype: str = "bfloat16"
     """Activation dtype; loss math is always float32."""
     param_dtype: str = "float32"
@@ -69,22 +159,24 @@ class TokenConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
-        _check(
-            self.self_reward_token_id >= 0,
-            "tokens.self_reward_token_id",
-            "must be a token id >= 0 (Qwen2.5: 151652, Llama-3: 128002)",
+        self.check()
+
+    def check(
+        self,
+        vocab_size: int | None = None,
+        eos_ids: tuple[int, ...] | None = None,
+        pad_id: int | None = None,
+    ) -> None:
+        """`token_id_problem` as a ConfigError; `eos_ids` / `pad_id` replace the configured
+        ones once they are resolved from the tokenizer."""
+        problem = token_id_problem(
+            self.self_reward_token_id,
+            self.eos_ids if eos_ids is None else tuple(eos_ids),
+            self.pad_id if pad_id is None else pad_id,
+            vocab_size,
         )
-        _check(
-            self.self_reward_token_id not in self.eos_ids,
-            "tokens.self_reward_token_id",
-            f"z_c = {self.self_reward_token_id} is also an EOS id; choose a token the model "
-            "never emits",
-        )
-        _check(
-            self.self_reward_token_id != self.pad_id,
-            "tokens.self_reward_token_id",
-            f"z_c = {self.self_reward_token_id} equals the pad id; choose another token",
-        )
+        if problem is not None:
+            raise _fail(f"tokens.{problem[0]}", problem[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +354,58 @@ class MeshConfig:
         _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
         _check(all(s == -1 or s >= 1 for s in sizes), "mesh", "axis sizes must be >= 1 or -1")
 
+    @classmethod
+    def parse(cls, text: str) -> MeshConfig | None:
+        """`data=-1,fsdp=1,tensor=1` (missing axes keep their defaults); `none` -> None (one
+        device, no mesh)."""
+        if text.strip().lower() == "none":
+            return None
+        sizes: dict[str, int] = {}
+        for part in text.split(","):
+            axis, sep, size = part.partition("=")
+            axis = axis.strip()
+            _check(
+                bool(sep) and axis in ("data", "fsdp", "tensor"),
+                "mesh",
+                f"{part!r} is not AXIS=SIZE with AXIS one of data, fsdp, tensor "
+                "(e.g. data=-1,fsdp=1,tensor=1), nor 'none'",
+            )
+            try:
+                sizes[axis] = int(size)
+            except ValueError:
+                raise _fail("mesh", f"size {size!r} of axis {axis} is not an integer") from None
+        return cls(**sizes)
+
+    def resolve(self, devices: int | None) -> dict[str, int]:
+        """Axis sizes with the -1 axis filled from `devices`, checked against it. Without a
+        device count (planning ahead) the mesh must not hold a -1."""
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        known = math.prod(s for s in sizes.values() if s != -1)
+        free = [a for a, s in sizes.items() if s == -1]
+        if devices is None:
+            _check(
+                not free,
+                f"mesh.{free[0]}" if free else "mesh",
+                "is -1 (all remaining devices): give the device count (plan: --devices N or "
+                "--slice NAME)",
+            )
+            return sizes
+        if free:
+            _check(
+                devices % known == 0,
+                "mesh",
+                f"{devices} devices are not divisible by the fixed axes' product {known}",
+            )
+            sizes[free[0]] = devices // known
+        used = math.prod(sizes.values())
+        _check(
+            used == devices,
+            "mesh",
+            f"data x fsdp x tensor = {list(sizes.values())} uses {used} devices, not {devices} "
+            "(the devices present); set one axis to -1 to fill the rest",
+        )
+        return sizes
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -335,36 +479,34 @@ class Config:
         self, vocab_size: int, eos_ids: tuple[int, ...], pad_id: int
     ) -> None:
         """Token-id checks that need the model's vocabulary; run before any compile."""
-        z = self.tokens.self_reward_token_id
-        _check(
-            0 <= z < vocab_size,
-            "tokens.self_reward_token_id",
-            f"z_c = {z} is outside the vocabulary [0, {vocab_size}); pick a reserved/special "
-            "token id of this model that it never emits",
-        )
-        _check(
-            z not in eos_ids,
-            "tokens.self_reward_token_id",
-            f"z_c = {z} is one of the EOS ids {list(eos_ids)}; choose a token never emitted",
-        )
-        _check(
-            z != pad_id,
-            "tokens.self_reward_token_id",
-            f"z_c = {z} equals the pad id; choose another token",
-        )
-        for e in eos_ids:
-            _check(
-                0 <= e < vocab_size, "tokens.eos_ids", f"EOS id {e} is outside [0, {vocab_size})"
-            )
+        self.tokens.check(vocab_size, eos_ids, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML file + `section.key=value` overrides -> Config.
 
 
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section field (`ToyConfig | None` included), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    options = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(options) == 1:
+        return options[0] if dataclasses.is_dataclass(options[0]) else None
+    return None
+
+
 def _coerce(tp: Any, value: Any, field: str) -> Any:
+    """A YAML / override value as the field's type: the one place types are converted."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    section = _section_type(tp)
+    if section is not None:
+        if value is None and type(None) in args:
+            return None
+        if not isinstance(value, dict):
+            raise _fail(field, "expected a section (mapping)")
+        return _build(section, value, f"{field}.")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -373,11 +515,11 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
             try:
                 return _coerce(option, value, field)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1])
+                errors.append(e)
+        raise errors[-1]
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"config field `{field}`: {value!r} is not one of {list(args)}")
+            raise _fail(field, f"{value!r} is not one of {list(args)}")
         return value
     if origin is tuple:
         if isinstance(value, str):
@@ -385,12 +527,6 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return tuple(_coerce(args[0], v, field) for v in value if v != "")
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"config field `{field}`: expected a mapping, got {value!r}")
-        return value
     if tp is bool:
         if isinstance(value, str):
             low = value.lower()
@@ -400,16 +536,16 @@ def _coerce(tp: Any, value: Any, field: str) -> Any:
                 return False
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config field `{field}`: expected true/false, got {value!r}")
+        raise _fail(field, f"expected true/false, got {value!r}")
     if tp in (int, float, str):
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
+            if tp is not str and isinstance(value, bool):
+                raise ValueError
             return tp(value)
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"config field `{field}`: expected {tp.__name__}, got {value!r}"
-            ) from None
+            raise _fail(field, f"expected {tp.__name__}, got {value!r}") from None
     return value
 
 
@@ -420,17 +556,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(
-                f"config field `{name}`: unknown field; known fields of "
-                f"`{prefix.rstrip('.') or 'config'}`: {', '.join(fields)}"
+            raise _fail(
+                name,
+                f"unknown field; known fields of `{prefix.rstrip('.') or 'config'}`: "
+                f"{', '.join(fields)}",
             )
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config field `{name}`: expected a section (mapping)")
-            kwargs[key] = _build(tp, value, f"{name}.")
-        else:
-            kwargs[key] = _coerce(tp, value, name)
+        kwargs[key] = _coerce(hints[key], value, name)
     return cls(**kwargs)
 
 
@@ -440,7 +571,7 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override `{dotted}`: `{p}` is not a section")
+            raise ConfigError(f"override `{dotted}`: `{p}` is not a section", dotted)
     node[leaf] = value
 
 
@@ -477,3 +608,67 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
         key, raw = item.split("=", 1)
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
     return _build(Config, data, "")
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """A Config from a nested mapping (YAML's shape), through the same coercion and checks as
+    `load_config`."""
+    return _build(Config, data, "")
+
+
+def _field(field: str) -> tuple[Any, Any]:
+    """(type, default) of a dotted config field, e.g. `tokens.self_reward_token_id`."""
+    cls: Any = Config
+    *sections, leaf = field.split(".")
+    for name in sections:
+        cls = _section_type(typing.get_type_hints(cls)[name])
+    f = {f.name: f for f in dataclasses.fields(cls)}[leaf]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return typing.get_type_hints(cls)[leaf], default
+
+
+def field_default(field: str) -> Any:
+    """The default of a dotted config field, e.g. `tokens.self_reward_token_id` -> 151652."""
+    return _field(field)[1]
+
+
+def add_config_flag(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    field: str,
+    help: str | None = None,
+    **kwargs: Any,
+) -> None:
+    """A command's flag that sets the config field `field`, with the field's default (written
+    once, in the dataclass above) and type (`float | str` ones, such as `laser.c_ref`, parse as
+    YAML); Literal fields offer their values as choices."""
+    tp, default = _field(field)
+    if tp in (int, float, str):
+        kwargs.setdefault("type", tp)
+    elif typing.get_origin(tp) is Literal:
+        kwargs.setdefault("choices", typing.get_args(tp))
+    else:
+        kwargs.setdefault("type", lambda text: yaml.safe_load(text) if text.strip() else text)
+    parser.add_argument(
+        flag,
+        default=default,
+        help=f"{help + ' ' if help else ''}(config {field}; default {default})",
+        **kwargs,
+    )
+
+
+def set_field(data: dict[str, Any], field: str, value: Any) -> None:
+    """Set a dotted field in a nested mapping (the shape `build_config` takes)."""
+    _set_dotted(data, field, value)
+
+
+def flag_for(error: ConfigError, flags: dict[str, str]) -> str | None:
+    """The command flag (in `flags`: flag -> config field) that set the field a ConfigError
+    names, or None: the error's `field`, then each section above it."""
+    fields = {field: flag for flag, field in flags.items()}
+    name = error.field or ""
+    while name:
+        if name in fields:
+            return fields[name]
+        name = name.rpartition(".")[0]
+    return None

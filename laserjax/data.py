@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import grain
-import numpy as np
+
+from laserjax.reward import answer_text
 
 PLAIN_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 """The instruction appended to every problem, in both templates (the paper's prompt)."""
@@ -90,25 +90,6 @@ class LoadReport:
 
 # ---------------------------------------------------------------------------------------------
 # Loading problems.
-
-
-def _normalise_answer(value: Any) -> tuple[str | None, str | None, bool]:
-    """(answer, reason it is unusable, whether a number was converted)."""
-    if isinstance(value, str):
-        value = value.strip()
-        return (value, None, False) if value else (None, "empty answer", False)
-    if value is None:
-        return None, "missing answer", False
-    if isinstance(value, bool):  # True/False is no math answer, and json's ints include bools
-        return None, f"answer is a boolean ({value})", False
-    if isinstance(value, (int, np.integer)):
-        return str(int(value)), None, True
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if not math.isfinite(value):
-            return None, f"answer is {value}", False
-        return (str(int(value)) if value.is_integer() else repr(value)), None, True
-    return None, f"answer is a {type(value).__name__}, not a scalar", False
 
 
 def _read_jsonl(path: pathlib.Path) -> Iterable[Any]:
@@ -217,7 +198,9 @@ def load_problems(
             )
             report.skipped.append((row_id, f"problem field {problem_field!r} is {why}"))
             continue
-        answer, why, converted = _normalise_answer(row.get(answer_field))
+        value = row.get(answer_field)
+        answer, why = answer_text(value)
+        converted = answer is not None and not isinstance(value, str)
         if answer is None:
             report.skipped.append((row_id, f"answer field {answer_field!r}: {why}"))
             continue

@@ -37,81 +37,20 @@ from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
 from laserjax import sharding, toy_task
-from laserjax.config import Config, ConfigError, MeshConfig, OptimConfig
+from laserjax.config import Config, ConfigError, OptimConfig
 from laserjax.model.transformer import Transformer, TransformerConfig, to_dtype
+from laserjax.presets import PRESETS, preset_for
 from laserjax.train_step import (
     StepSettings,
     TrainBatch,
     TrainState,
+    logit_chunk_len,
     make_optimizer,
     make_train_step,
     train_state_sharding,
 )
 
 GiB = 1 << 30
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Hugging Face config.json fields of the paper's models (only the shape matters here).
-    "Qwen2.5-7B": dict(
-        model_type="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        rope_theta=1e6,
-        max_position_embeddings=131072,
-    ),
-    "Qwen2.5-1.5B": dict(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_theta=1e6,
-        max_position_embeddings=131072,
-    ),
-    "Qwen2.5-0.5B": dict(
-        model_type="qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        rope_theta=1e6,
-        max_position_embeddings=131072,
-    ),
-    # OctoThinker-3B continues Llama-3.2-3B: the same shape (RoPE scaling is irrelevant here).
-    "OctoThinker-3B": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-        rope_theta=500000.0,
-        max_position_embeddings=131072,
-    ),
-}
-
-_PRESET_PATTERNS: tuple[tuple[str, str], ...] = (
-    # (regex searched in the lower-cased model.path, preset); Instruct / Math / ORZ variants of a
-    # size share its shape.
-    (r"qwen2\.5-(math-)?7b|open-reasoner-zero-7b", "Qwen2.5-7B"),
-    (r"qwen2\.5-(math-)?1\.5b", "Qwen2.5-1.5B"),
-    (r"qwen2\.5-0\.5b", "Qwen2.5-0.5B"),
-    (r"octothinker-3b|llama-3\.2-3b", "OctoThinker-3B"),
-)
 
 _TPU_CHIPS: dict[str, tuple[int, float]] = {
     # generation -> (TensorCores counted per chip in the slice name, HBM GiB per chip)
@@ -146,42 +85,6 @@ def slice_chips(name: str) -> tuple[int, float]:
     return cores // per_chip, hbm
 
 
-def resolve_mesh(mesh: MeshConfig, devices: int | None) -> dict[str, int]:
-    """The config's mesh with its -1 axis filled, checked against the device count."""
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
-    known = math.prod(s for s in sizes.values() if s != -1)
-    free = [a for a, s in sizes.items() if s == -1]
-    if devices is None:
-        if free:
-            raise ConfigError(
-                f"config field `mesh.{free[0]}` is -1 (all remaining devices): "
-                "give --devices N or --slice NAME so the planner knows how many"
-            )
-        return sizes
-    if free:
-        if devices % known:
-            raise ConfigError(
-                f"config field `mesh`: {devices} devices are not divisible by the "
-                f"fixed axes' product {known}"
-            )
-        sizes[free[0]] = devices // known
-    if math.prod(sizes.values()) != devices:
-        raise ConfigError(
-            f"config field `mesh`: data x fsdp x tensor = "
-            f"{list(sizes.values())} uses {math.prod(sizes.values())} devices, "
-            f"not {devices}; set one axis to -1 to fill the rest"
-        )
-    return sizes
-
-
-def preset_for(model_path: str) -> str | None:
-    low = model_path.lower()
-    for pattern, preset in _PRESET_PATTERNS:
-        if re.search(pattern, low):
-            return preset
-    return None
-
-
 def model_config_for(
     cfg: Config, *, hf_config: str | None = None, preset: str | None = None
 ) -> tuple[TransformerConfig, str]:
@@ -203,7 +106,7 @@ def model_config_for(
             raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
         return TransformerConfig.from_hf(PRESETS[preset], **kw), f"preset {preset}"
     if cfg.model.toy is not None:
-        toy = toy_task.ToyConfig.from_dict(cfg.model.toy)
+        toy = cfg.model.toy
         return toy_task.model_config(
             toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
         ), "model.toy"
@@ -285,12 +188,6 @@ def _layer_param_count(m: TransformerConfig) -> int:
 def _split(n: int, t: int) -> int:
     """A dimension over the tensor axis: divided when it divides, else replicated (as `_fit`)."""
     return n // t if n % t == 0 else n
-
-
-def logit_chunk_len(response_len: int, chunk: int) -> int:
-    """The LM-head chunk `train_step.chunked_token_logprobs` actually uses."""
-    n = -(-response_len // chunk)
-    return -(-response_len // n)
 
 
 def activation_bytes(
@@ -385,10 +282,10 @@ def rollout_bytes(
 
     `PrefixCache`: keys and values [layers, prompts, P, KV, hd], one copy per prompt shared by its
     K samples; `SuffixCache`: [layers, prompts, K, T, KV, hd]; both in the compute dtype, kv heads
-    over the tensor axis when it divides them (as `sampler._state_spec`). The sampler state adds
-    int32 tokens and float32 log-probs per generated slot. The prefill's working set: the per-layer
-    keys/values before `jnp.stack` (a second prefix cache) and one layer's float32 scores and
-    probabilities (one query block of them with blocked attention).
+    over the tensor axis when it divides them (as `sampler._cache` pins them). The sampler state
+    adds int32 tokens and float32 log-probs per generated slot. The prefill's working set: the
+    per-layer keys/values before `jnp.stack` (a second prefix cache) and one layer's float32
+    scores and probabilities (one query block of them with blocked attention).
     """
     a = to_dtype(m.dtype).itemsize
     kv_heads = _split(m.num_kv_heads, tensor)

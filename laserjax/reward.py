@@ -112,24 +112,40 @@ def _exact_match(pred: str, gold: str) -> bool:
     return normalize_answer(pred) == normalize_answer(gold)
 
 
-def answer_to_str(answer: Any) -> str:
-    """A reference answer as a string: aime25 stores integers, some sets store floats.
+def answer_text(value: Any) -> tuple[str | None, str | None]:
+    """A reference answer as a stripped string, or None and why it is no answer: the one
+    conversion of stored answers (aime25 stores integers, some sets floats, parquet numpy
+    scalars), used by the data loader and the grader.
 
-    Integral floats print as integers (`70.0` -> `"70"`). Raises TypeError for anything that is not
-    a string or a finite real number, naming what it got.
+    Integral floats print as integers (`70.0` -> `"70"`); booleans, non-finite numbers and
+    non-scalars are refused.
     """
+    if isinstance(value, str):
+        value = value.strip()
+        return (value, None) if value else (None, "empty answer")
+    if value is None:
+        return None, "missing answer"
+    if isinstance(value, bool | np.bool_):  # True/False is no math answer; json's ints hold bools
+        return None, f"answer is a boolean ({value})"
+    if isinstance(value, int | np.integer):
+        return str(int(value)), None
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if not math.isfinite(value):
+            return None, f"answer is {value}"
+        return (str(int(value)) if value.is_integer() else repr(value)), None
+    return None, f"answer is a {type(value).__name__}, not a scalar"
+
+
+def answer_to_str(answer: Any) -> str:
+    """`answer_text`, raising TypeError (naming what it got) for what is no answer; an empty or
+    blank string stays "" (a reference the grader marks wrong)."""
     if isinstance(answer, str):
         return answer.strip()
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        raise TypeError(
-            f"reference answer must be a string or a number, got {type(answer).__name__} {answer!r}"
-        )
-    if isinstance(answer, float):
-        if not math.isfinite(answer):
-            raise TypeError(f"reference answer must be finite, got {answer!r}")
-        if answer.is_integer():
-            return str(int(answer))
-    return str(answer)
+    text, why = answer_text(answer)
+    if text is None:
+        raise TypeError(f"reference answer must be a string or a finite number: {why}")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------

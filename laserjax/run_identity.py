@@ -65,11 +65,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def resolved(cfg: Config) -> dict[str, Any]:
     """The config as flat `section.key -> value`, with the toy model's defaults filled in (so
     `model.toy.num_layers=4` and the default 4 are the same run)."""
-    tree = to_dict(cfg)
-    if cfg.model.toy is not None:
-        from laserjax.toy_task import ToyConfig
-
-        tree["model"]["toy"] = dataclasses.asdict(ToyConfig.from_dict(cfg.model.toy))
+    tree = to_dict(cfg)  # `model.toy` is a typed section: its defaults are filled in already
     tree.pop("algorithm", None)  # a shorthand, already folded into laser.algorithm
     return flatten(tree)
 

@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
-from laserjax.config import RolloutConfig
+from laserjax.config import RolloutConfig, token_id_problem
 from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer, to_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -445,27 +445,11 @@ class Sampler:
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         self.self_reward_token_id = int(self_reward_token_id)
-        for e in self.eos_ids:
-            _require(
-                0 <= e < vocab, "eos_ids", f"EOS id {e} is outside the vocabulary [0, {vocab})"
-            )
-        _require(
-            0 <= self.pad_id < vocab,
-            "pad_id",
-            f"{self.pad_id} is outside the vocabulary [0, {vocab})",
-        )
-        z = self.self_reward_token_id
-        _require(
-            0 <= z < vocab,
-            "self_reward_token_id",
-            f"z_c = {z} is outside the vocabulary [0, {vocab}); pick a token the model "
-            "never emits (Qwen2.5: 151652, Llama-3: 128002)",
-        )
-        _require(
-            z not in self.eos_ids,
-            "self_reward_token_id",
-            f"z_c = {z} is also an EOS id; choose a token the model never emits",
-        )
+        problem = token_id_problem(self.self_reward_token_id, self.eos_ids, self.pad_id, vocab)
+        if problem is None and self.pad_id == -1:
+            problem = "pad_id", f"-1 is outside the vocabulary [0, {vocab}); give a pad id"
+        if problem is not None:
+            _require(False, *problem)
         _require(max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {max_new_tokens}")
         buckets = tuple(sorted(int(b) for b in prompt_buckets)) or default_prompt_buckets(
             max_prompt_len

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from laserjax.config import ConfigError, MeshConfig
+from laserjax.config import MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -40,21 +40,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axis types."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
-    known = int(np.prod([s for s in sizes if s != -1]))
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ConfigError(
-                f"config field `mesh`: {len(devices)} devices are not divisible by "
-                f"the fixed axes' product {known}"
-            )
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(
-            f"config field `mesh`: data x fsdp x tensor = {sizes} uses "
-            f"{int(np.prod(sizes))} devices but {len(devices)} are present; set "
-            "one axis to -1 to fill the rest"
-        )
+    sizes = list(cfg.resolve(len(devices)).values())
     return Mesh(np.asarray(devices).reshape(sizes), AXES)
 
 

@@ -11,9 +11,7 @@ GRPO and the self-verification loss need.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,64 +19,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from laserjax.config import ConfigError
+from laserjax.config import ToyConfig
 from laserjax.data import Problem
 from laserjax.model.transformer import Transformer, TransformerConfig
 
 PAD, EOS, ZC = "<pad>", "<eos>", "<zc>"
 CHARS = "0123456789+*="
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyConfig:
-    """`model.toy` in the YAML: the task, the tiny transformer and its supervised warm start."""
-
-    max_operand: int = 49
-    """Addition problems `a+b=` with a, b in [0, max_operand]."""
-    mul_max_operand: int = 99
-    """Multiplication problems `a*b=` with a in [0, mul_max_operand], b in [0, 9]; 0: none."""
-    eval_problems: int = 1024
-    hidden_size: int = 64
-    intermediate_size: int = 192
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    sft_steps: int = 1000
-    sft_batch: int = 64
-    sft_learning_rate: float = 1e-3
-    sft_seed: int = 0
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = type(f.default)
-            if kind is float and type(value) is int:
-                value = float(value)
-                object.__setattr__(self, f.name, value)
-            if type(value) is not kind:
-                raise ConfigError(
-                    f"config field `model.toy.{f.name}`: expected {kind.__name__}, got {value!r}"
-                )
-            if value < 0:
-                raise ConfigError(f"config field `model.toy.{f.name}`: must be >= 0, got {value}")
-        if self.max_operand < 2:
-            raise ConfigError("config field `model.toy.max_operand`: must be >= 2")
-        if self.hidden_size % self.num_heads or self.num_heads % max(self.num_kv_heads, 1):
-            raise ConfigError(
-                "config fields `model.toy.hidden_size/num_heads/num_kv_heads`: "
-                "hidden_size must divide by num_heads, num_heads by num_kv_heads"
-            )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> ToyConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d or {}) - known
-        if unknown:
-            raise ConfigError(
-                f"config field `model.toy`: unknown keys {sorted(unknown)}; known: "
-                f"{', '.join(sorted(known))}"
-            )
-        return cls(**(d or {}))
 
 
 @functools.lru_cache(maxsize=1)

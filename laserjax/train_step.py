@@ -228,6 +228,13 @@ def build_sequences(
     return tokens_bl, positions_bl, mask_bl, n_resp_b
 
 
+def logit_chunk_len(response_len: int, chunk: int) -> int:
+    """The LM-head chunk `chunked_token_logprobs` uses for `response_len` positions: the same
+    number of chunks as `chunk` gives, each as short as it can be (least padding)."""
+    n = -(-response_len // chunk)
+    return -(-response_len // n)
+
+
 def chunked_token_logprobs(
     model: Transformer,
     h_btd: jax.Array,
@@ -246,7 +253,7 @@ def chunked_token_logprobs(
     """
     b, t, d = h_btd.shape
     n = -(-t // chunk)
-    chunk = -(-t // n)  # same chunk count, least padding
+    chunk = logit_chunk_len(t, chunk)  # same chunk count, least padding
     pad = n * chunk - t
     h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     tg_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)

@@ -19,7 +19,6 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from laserjax import eval_metrics, run_identity, sharding, toy_task
+from laserjax import eval_metrics, run_identity, sharding
 from laserjax.checkpoint import Checkpointer
-from laserjax.config import Config, ConfigError, to_dict
-from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems, make_train_loader
+from laserjax.config import Config, ConfigError
+from laserjax.data import make_train_loader
 from laserjax.evaluate import (
     EvalResult,
     Scoring,
@@ -38,15 +37,12 @@ from laserjax.evaluate import (
     decode_responses,
     evaluate_prompts,
 )
-from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.hf_params import (
-    load_pretrained,
-    resolve_checkpoint,
     save_pretrained,
-    special_token_ids,
 )
-from laserjax.reward import Grader, extract_boxed
+from laserjax.run_log import MetricsLog, held_out_row, step_metrics_row, summary_metrics
 from laserjax.sampler import Sampler
+from laserjax.task import build_task
 from laserjax.train_step import (
     StepSettings,
     TrainBatch,
@@ -58,229 +54,9 @@ from laserjax.train_step import (
     train_state_sharding,
 )
 
-# metrics.jsonl names -> the train step's metric names.
-STEP_METRICS = {
-    "policy_loss": "actor/pg_loss",
-    "mse_loss": "self_reward/mse",
-    "grad_norm": "actor/grad_norm",
-    "clipfrac": "actor/pg_clipfrac",
-    "clipfrac_dual": "actor/pg_clipfrac_lower",
-    "ppo_kl": "actor/ppo_kl",
-    "kl_loss": "actor/kl_loss",
-    "std_filter_fallback_frac": "self_reward/std_filter_fallback_frac",
-    "mse_active": "self_reward/mse_active",
-    "integration_active": "self_reward/integration_active",
-    "train_self_verify_f1": "self_reward/f1",
-}
-
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient or parameter: the run stops, earlier checkpoints intact."""
-
-
-@dataclasses.dataclass
-class Task:
-    """What the loop needs from the data side."""
-
-    tokenizer: Any
-    eos_ids: tuple[int, ...]
-    pad_id: int
-    train_problems: list[Problem]
-    train_prompts: list[list[int]]
-    eval_sets: dict[str, tuple[list[Problem], list[list[int]]]]
-    reward_fn: Callable[[list[str], list[str]], np.ndarray]
-    extract_fn: Callable[[str], str | None]
-    close: Callable[[], None] = lambda: None
-
-
-# ---------------------------------------------------------------------------------------------
-# Set-up: model, tokenizer, data, reward.
-
-
-def _toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
-    toy = toy_task.ToyConfig.from_dict(cfg.model.toy)
-    tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
-    cfg.validate_against_vocab(len(tok), (ids["eos"],), ids["pad"])  # before any compile
-    if abstract:
-        mcfg = toy_task.model_config(toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
-        model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
-        info: dict[str, Any] = {}
-    else:
-        model, info = toy_task.build(
-            toy, seed=cfg.train.seed, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
-        )
-    train, held_out = toy_task.problems(toy)
-    task = Task(
-        tokenizer=tok,
-        eos_ids=(ids["eos"],),
-        pad_id=ids["pad"],
-        train_problems=train,
-        train_prompts=[tok.encode(p.problem) for p in train],
-        eval_sets={"toy_arithmetic": (held_out, [tok.encode(p.problem) for p in held_out])},
-        reward_fn=toy_task.exact_match,
-        extract_fn=lambda r: r.strip() or None,
-    )
-    return model, task, info
-
-
-def _real_setup(cfg: Config, mesh, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
-    from transformers import AutoTokenizer
-
-    ckpt = resolve_checkpoint(cfg.model.path)
-    mcfg = TransformerConfig.from_pretrained_dir(
-        ckpt, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat
-    )
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    try:
-        eos, pad = special_token_ids(
-            ckpt, tok, eos_ids=cfg.tokens.eos_ids, pad_id=cfg.tokens.pad_id
-        )
-    except ValueError as e:
-        raise ConfigError(f"config field `tokens.eos_ids`: {e}") from None
-    cfg.validate_against_vocab(mcfg.vocab_size, eos, pad)  # before loading or compiling
-    if abstract:
-        model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
-    else:
-        model = load_pretrained(
-            str(ckpt),
-            dtype=cfg.model.dtype,
-            param_dtype=cfg.model.param_dtype,
-            remat=cfg.model.remat,
-            mesh=mesh,
-        )
-    if not cfg.data.train:
-        raise ConfigError("config field `data.train`: set a jsonl/parquet path or hf:org/name")
-    problems, report = load_problems(
-        cfg.data.train, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field
-    )
-    enc = encode_prompts(
-        problems,
-        tok,
-        template=cfg.data.template,
-        max_prompt_len=cfg.rollout.max_prompt_len,
-        prompt_overflow=cfg.data.prompt_overflow,
-    )
-    info = {
-        "train_rows_skipped": report.num_skipped,
-        "train_prompts_over_length": enc.num_overflow,
-        "train_problems": len(enc.problems),
-    }
-    eval_sets = {}
-    for name in cfg.data.eval:
-        bench = load_benchmark(name)
-        e = encode_prompts(
-            bench.problems,
-            tok,
-            template=cfg.data.template,
-            max_prompt_len=cfg.rollout.max_prompt_len,
-            prompt_overflow="filter",
-        )
-        eval_sets[bench.name] = (e.problems, e.token_ids)
-    if cfg.data.reward == "exact":
-        reward_fn, close = toy_task.exact_match, (lambda: None)
-    else:
-        grader = Grader()
-        reward_fn = lambda rs, ans: grader.grade_batch(  # noqa: E731
-            rs, ans, require_single_boxed=cfg.data.require_single_boxed
-        )
-        close = grader.close
-    task = Task(
-        tokenizer=tok,
-        eos_ids=eos,
-        pad_id=pad,
-        train_problems=enc.problems,
-        train_prompts=enc.token_ids,
-        eval_sets=eval_sets,
-        reward_fn=reward_fn,
-        extract_fn=extract_boxed,
-        close=close,
-    )
-    return model, task, info
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging.
-
-
-class MetricsLog:
-    """metrics.jsonl (flushed per line), plus TensorBoard / W&B when asked for and installed."""
-
-    def __init__(self, out: pathlib.Path, cfg: Config, resume_step: int):
-        self.path = out / "metrics.jsonl"
-        self.eval_path = out / "eval.jsonl"
-        self.primary = jax.process_index() == 0
-        if self.primary:
-            for p in (self.path, self.eval_path):
-                _keep_lines_up_to(p, resume_step)
-        self.tb = self.wandb = None
-        if self.primary and cfg.train.tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    SummaryWriter = None
-                    print(
-                        "train.tensorboard: neither tensorboardX nor torch's tensorboard is "
-                        "installed; pip install tensorboardX",
-                        file=sys.stderr,
-                    )
-            if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-        if self.primary and cfg.train.wandb:
-            try:
-                import wandb
-
-                self.wandb = wandb.init(
-                    project=cfg.train.wandb_project,
-                    config=to_dict(cfg),
-                    dir=str(out),
-                    resume="allow",
-                    id=_run_id(out),
-                )
-            except ImportError:
-                print("train.wandb: wandb is not installed; pip install wandb", file=sys.stderr)
-
-    def write(self, row: dict[str, Any], *, kind: str = "train") -> None:
-        if not self.primary:
-            return
-        path = self.path if kind == "train" else self.eval_path
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        step = row["step"]
-        scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _run_id(out: pathlib.Path) -> str:
-    return "".join(c if c.isalnum() else "-" for c in out.resolve().as_posix())[-64:]
-
-
-def _keep_lines_up_to(path: pathlib.Path, step: int) -> None:
-    """On resume, set aside (never delete) the lines a killed run wrote after its checkpoint."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-    if len(keep) == len(lines):
-        return
-    n = 0
-    while (backup := path.with_name(f"{path.name}.before-resume-{n}")).exists():
-        n += 1
-    path.rename(backup)
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 def zc_emitted_fraction(
@@ -327,10 +103,7 @@ class Trainer:
                 f"of the latest checkpoint in {self.out / 'checkpoints'} ({self.resume_step}); "
                 "a run cannot be shortened below what it has trained: use a new output_dir"
             )
-        setup = (
-            _toy_setup if cfg.model.toy is not None else (lambda c, a: _real_setup(c, self.mesh, a))
-        )
-        model, self.task, self.setup_info = setup(cfg, resuming)
+        model, self.task, self.setup_info = build_task(cfg, self.mesh, resuming)
         t = self.task
         per_host = cfg.train.prompts_per_step // jax.process_count()
         if per_host * jax.process_count() != cfg.train.prompts_per_step:
@@ -429,23 +202,8 @@ class Trainer:
             )
             results[name] = res
             rows |= {f"{name}/{k}": v for k, v in res.summary.items()}
-        k = cfg.train.eval_samples
         avg = average_over_benchmarks({n: r.summary for n, r in results.items()})
-        keys = {
-            "accuracy": "accuracy",
-            "self_verify_f1": "sv_f1",
-            "self_verify_acc_correct": "sv_acc_correct",
-            "self_verify_acc_incorrect": "sv_acc_incorrect",
-            "maj_at_k": f"maj@{k}",
-            "weighted_maj_at_k": f"weighted_maj@{k}",
-            "best_of_k": f"best_of_{k}",
-            "auroc": "auroc",
-            "auroc_within": "auroc_within",
-            "ece": "ece",
-        }
-        for out_key, key in keys.items():
-            value = avg.get(key, math.nan)
-            rows[out_key] = None if math.isnan(value) else float(value)
+        rows |= held_out_row(avg, cfg.train.eval_samples)
         return {"step": step, **rows}
 
     def _measure_c_ref(self, prompts, answers) -> float:
@@ -626,32 +384,19 @@ class Trainer:
                 rollout.response_tokens, rollout.response_mask, self.cfg.tokens.self_reward_token_id
             ),
         }
-        for name, key in STEP_METRICS.items():
-            if key in metrics:
-                row[name] = float(metrics[key])
+        row |= step_metrics_row(metrics)
         row.setdefault("mse_loss", 0.0)
         row["step_seconds"] = seconds
         return row
 
     def _summary(self, start: dict, end: dict, seconds: float) -> dict[str, Any]:
-        k = self.cfg.train.eval_samples
         return {
             "algorithm": self.cfg.laser.algorithm,
             "steps": self.cfg.train.total_steps,
             "seed": self.cfg.train.seed,
             "c_ref": self.c_ref,
-            "accuracy_start": start.get("accuracy"),
-            "accuracy_end": end.get("accuracy"),
-            "self_verify_f1_start": start.get("self_verify_f1"),
-            "self_verify_f1_end": end.get("self_verify_f1"),
-            "self_verify_acc_correct_end": end.get("self_verify_acc_correct"),
-            "self_verify_acc_incorrect_end": end.get("self_verify_acc_incorrect"),
-            "k": k,
-            "maj_at_k": end.get("maj_at_k"),
-            "weighted_maj_at_k": end.get("weighted_maj_at_k"),
-            "best_of_k": end.get("best_of_k"),
-            "auroc_end": end.get("auroc"),
-            "auroc_within_end": end.get("auroc_within"),
+            "k": self.cfg.train.eval_samples,
+            **summary_metrics(start, end),
             "seconds": seconds,
         }
 

@@ -275,12 +275,12 @@ def test_slices_and_mesh_resolution():
     assert plan.slice_chips("v6e-64") == (64, 32.0)
     with pytest.raises(ConfigError, match="accelerator type"):
         plan.slice_chips("tpu-64")
-    assert plan.resolve_mesh(MeshConfig(data=-1, fsdp=4), 32) == _shape(8, 4, 1)
-    assert plan.resolve_mesh(MeshConfig(data=2, fsdp=2, tensor=2), None) == _shape(2, 2, 2)
+    assert MeshConfig(data=-1, fsdp=4).resolve(32) == _shape(8, 4, 1)
+    assert MeshConfig(data=2, fsdp=2, tensor=2).resolve(None) == _shape(2, 2, 2)
     with pytest.raises(ConfigError, match="--devices"):
-        plan.resolve_mesh(MeshConfig(), None)
+        MeshConfig().resolve(None)
     with pytest.raises(ConfigError, match="uses 4 devices, not 8"):
-        plan.resolve_mesh(MeshConfig(data=2, fsdp=2), 8)
+        MeshConfig(data=2, fsdp=2).resolve(8)
     with pytest.raises(ConfigError, match="multiple of data x fsdp"):
         plan.estimate(TransformerConfig(**TOY), _cfg(mb=4), _shape(8, 1, 1))
 

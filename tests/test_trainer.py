@@ -168,7 +168,7 @@ def _restore(run_dir: pathlib.Path, step: int):
     """(graphdef, TrainState, meta) of checkpoint `step`, on one device of this process."""
     cfg = load_config(run_dir / "config.yaml")
     mcfg = toy_task.model_config(
-        toy_task.ToyConfig.from_dict(cfg.model.toy),
+        cfg.model.toy,
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
     )
@@ -524,7 +524,7 @@ def _toy_token_cases() -> list[tuple[int, str]]:
     vocab, ids = len(toy_task.make_tokenizer()), toy_task.token_ids()
     return [
         (vocab + 7, f"is outside the vocabulary [0, {vocab})"),
-        (ids["eos"], f"is one of the EOS ids [{ids['eos']}]"),
+        (ids["eos"], f"is also an EOS id [{ids['eos']}]"),
         (ids["pad"], "equals the pad id"),
     ]
 
@@ -554,17 +554,16 @@ def test_token_ids_against_the_vocabulary_fail_before_any_compile(tmp_path, case
 @pytest.mark.parametrize(
     "override, field, fix",
     [
-        ("model.toy.sft_stepz=3", "model.toy", "unknown keys ['sft_stepz']"),
+        ("model.toy.sft_stepz=3", "model.toy.sft_stepz", "known fields of `model.toy`"),
         ("model.toy.hidden_size=wide", "model.toy.hidden_size", "expected int, got 'wide'"),
         ("model.toy.sft_steps=-1", "model.toy.sft_steps", "must be >= 0"),
     ],
 )
 def test_invalid_toy_settings_fail_before_any_compile(tmp_path, override, field, fix):
-    # model.toy is a free mapping in the config, checked when the trainer builds the toy task:
-    # it must fail the same way as every other config field.
-    cfg = load_config(DEMO, [f"output_dir={tmp_path}", override, "mesh.data=-1"])
+    # model.toy is a typed config section: it fails the same way as every other config field,
+    # when the config is loaded.
     with _CountCompiles() as c, pytest.raises(ConfigError) as e:
-        Trainer(cfg)
+        Trainer(load_config(DEMO, [f"output_dir={tmp_path}", override, "mesh.data=-1"]))
     assert f"`{field}`" in str(e.value) and fix in str(e.value), str(e.value)
     assert c.count == 0
 
@@ -621,13 +620,13 @@ def test_cli_reports_a_config_error_in_one_line_and_compiles_nothing(tmp_path):
 
 
 def test_cli_reports_an_unknown_toy_key_as_a_config_error(tmp_path):
-    # model.toy is a mapping validated when the trainer builds the toy task; its errors must read
-    # like every other config error, not end a traceback.
+    # model.toy is a typed config section: its errors read like every other config error (the
+    # unknown key named in full), not end a traceback, and come before anything runs.
     p = _cli_train(tmp_path, ["model.toy.sft_stepz=3"])
     assert p.returncode == 1
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
     assert p.stderr.strip().startswith(
-        "error: config field `model.toy`: unknown keys ['sft_stepz']"
+        "error: config field `model.toy.sft_stepz`: unknown field; known fields of `model.toy`: "
     ), p.stderr[-2000:]
 
 

@@ -28,10 +28,10 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from laserjax import sharding, trainer
+from laserjax import task as run_task
 from laserjax.adaptive import parse_rule
 from laserjax.adaptive_eval import (
     Pool,
@@ -44,18 +44,14 @@ from laserjax.adaptive_eval import (
     sample_adaptively,
 )
 from laserjax.checkpoint import Checkpointer
-from laserjax.commands.eval import EvalError
 from laserjax.config import ConfigError, load_config
 from laserjax.data import encode_prompts, load_benchmark
 from laserjax.evaluate import (
     Scoring,
     evaluate_prompts,
-    json_safe,
     result_from_records,
-    sample_record,
 )
 from laserjax.model.hf_params import load_pretrained
-from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, extract_boxed
 from laserjax.sampler import Sampler
 
 
@@ -115,7 +111,7 @@ def _fail(flag: str, msg: str) -> AdaptiveError:
 class _RunSetup:
     name: str
     cfg: Any
-    task: Any  # laserjax.trainer.Task: tokenizer, token ids, eval sets, reward and extract fns
+    task: run_task.Task
     sampler: Any
     scoring: Any
 
@@ -136,11 +132,11 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
                 raise _fail(
                     "--benchmarks", f"{run} is a toy run; its held-out set is the benchmark"
                 )
-            model, task, _ = trainer._toy_setup(cfg, abstract=True)
+            model, task, _ = run_task.toy_setup(cfg, abstract=True)
         else:
             if hf.is_dir():
                 cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(hf)))
-            model, task, _ = trainer._real_setup(cfg, None, abstract=True)
+            model, task, _ = run_task.real_setup(cfg, None, abstract=True)
             if benchmarks:
                 sets = {}
                 for name in (b.strip() for b in benchmarks.split(",") if b.strip()):
@@ -446,146 +442,3 @@ def _nan_to_none(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# `eval --stop-rule RULE`: the eval command, sampling adaptively.
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `eval` flags of adaptive sampling."""
-    parser.add_argument(
-        "--stop-rule",
-        default=None,
-        help="sample adaptively: rounds of --round-size per open problem, up to --n, each "
-        "problem stopped by this rule (e.g. ac:0.95, rsbeta:0.95:1, rsaccept:0.9, esc:4; "
-        "see laserjax.adaptive.parse_rule)",
-    )
-    parser.add_argument(
-        "--round-size",
-        type=int,
-        default=4,
-        help="with --stop-rule: samples per open problem per round (must divide n)",
-    )
-
-
-def check_eval_flags(args: argparse.Namespace) -> None:
-    """`eval --stop-rule` flag errors, before any output is touched."""
-    try:
-        parse_rule(args.stop_rule)
-    except ValueError as e:
-        raise EvalError(f"eval --stop-rule: {e}") from None
-    if args.resume:
-        raise EvalError(
-            "eval --resume: not supported with --stop-rule (an adaptive run has no whole "
-            "batches of n samples to continue from); use --overwrite"
-        )
-    if args.round_size < 1 or (args.n is not None and args.n % args.round_size):
-        raise EvalError(
-            f"eval --round-size: must be >= 1 and divide --n ({args.n}), got {args.round_size}"
-        )
-
-
-def eval_adaptive(
-    args: argparse.Namespace,
-    benches: list[tuple[Any, int]],
-    prompts: dict[str, tuple[list[Any], list[list[int]]]],
-    tokenizer: Any,
-    sampler: Any,
-    scoring: Any,
-    settings: dict[str, Any],
-    primary: bool,
-) -> dict[str, Any]:
-    """Each benchmark sampled by `sample_adaptively` (budget: its n); writes every drawn sample
-    to samples.jsonl (with its `round`) and summary.json with, per benchmark, the accuracy of
-    the rule's answers, samples and response tokens per problem and the wall time."""
-    rule = parse_rule(args.stop_rule)
-    out = pathlib.Path(args.output_dir)
-    t0 = time.time()
-    summaries: dict[str, dict[str, Any]] = {}
-    timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
-    with Grader(args.grader_workers, timeout_s=timeout) as grader:
-
-        def reward_fn(responses: list[str], answers: list[str]) -> np.ndarray:
-            return grader.grade_batch(responses, answers, require_single_boxed=False)
-
-        for bench, n in benches:
-            if n % args.round_size:
-                raise EvalError(
-                    f"eval --round-size: {args.round_size} does not divide {bench.name}'s n = {n}"
-                )
-            problems, token_ids = prompts[bench.name]
-
-            def progress(j: int, num_open: int, name: str = bench.name) -> None:
-                print(
-                    f"eval: {name}: round {j}, {num_open} problems open, {time.time() - t0:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-            res = sample_adaptively(
-                sampler,
-                tokenizer,
-                token_ids,
-                [p.answer for p in problems],
-                rule,
-                round_size=args.round_size,
-                max_samples=n,
-                reward_fn=reward_fn,
-                extract_fn=extract_boxed,
-                scoring=scoring,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                seed=args.seed,
-                batch_prompts=args.batch_prompts,
-                on_round=progress,
-            )
-            if primary:
-                with (out / "samples.jsonl").open("a") as f:
-                    for p, prob in enumerate(problems):
-                        for j, text in enumerate(res.responses[p]):
-                            row = sample_record(
-                                prob.id,
-                                j,
-                                text,
-                                res.answers[p][j],
-                                res.correct[p][j],
-                                res.scores[p][j],
-                                res.lengths[p][j],
-                                not res.finished[p][j],
-                                benchmark=bench.name,
-                                round=j // args.round_size,
-                                picked=j == res.picks[p],
-                            )
-                            f.write(json.dumps(row | {"reference": prob.answer}) + "\n")
-            summaries[bench.name] = {
-                "problems": len(problems),
-                "max_samples": n,
-                "accuracy": res.accuracy,
-                "samples_per_problem": res.samples,
-                "tokens_per_problem": res.tokens,
-                "wall_s": round(res.wall_s, 1),
-                "sampler_calls": res.sampler_calls,
-            }
-    summary = json_safe(
-        {
-            "model": args.model,
-            "stop_rule": rule.name,
-            "round_size": args.round_size,
-            "settings": settings,
-            "benchmarks": summaries,
-            "wall_s": round(time.time() - t0, 1),
-        }
-    )
-    if primary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"adaptive sampling with {rule.name}, rounds of {args.round_size}")
-        for name, s in summaries.items():
-            print(
-                f"{name}: accuracy {100 * s['accuracy']:.1f}%, {s['samples_per_problem']:.2f} "
-                f"samples and {s['tokens_per_problem']:.0f} tokens per problem (budget "
-                f"{s['max_samples']}), {s['wall_s']:.0f} s"
-            )
-        print(f"samples: {out / 'samples.jsonl'}; summary: {out / 'summary.json'}")
-    return summary

@@ -15,9 +15,9 @@ import jax
 
 from laserjax import sharding
 from laserjax.calibrate import calibration_warnings, measure_c_ref, read_pairs, sample_responses
-from laserjax.config import MeshConfig, TokenConfig
+from laserjax.config import MeshConfig, add_config_flag, token_id_problem
 from laserjax.data import build_prompt
-from laserjax.model import hf_params
+from laserjax.model import TransformerConfig, hf_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,24 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="field holding a response text (default: response)",
     )
     parser.add_argument("--n", type=int, default=300, help="pairs to measure (the paper: 300)")
-    parser.add_argument(
+    add_config_flag(
+        parser,
         "--z-token-id",
-        type=int,
-        default=TokenConfig.self_reward_token_id,
-        help="z_c (default 151652, Qwen2.5's <|vision_start|>; Llama-3 / OctoThinker: 128002)",
+        "tokens.self_reward_token_id",
+        help="z_c (Qwen2.5's <|vision_start|>; Llama-3 / OctoThinker: 128002)",
     )
     parser.add_argument(
         "--eos-id",
         help="EOS ids, comma separated; the first is appended to "
         "responses without one (default: the checkpoint's generation_config)",
     )
-    parser.add_argument(
-        "--template",
-        choices=("chat", "plain"),
-        default="chat",
-        help="the prompt template of training (data.template)",
-    )
-    parser.add_argument("--beta-v", type=float, default=0.1, help="beta_v, for the log Z check")
+    add_config_flag(parser, "--template", "data.template", help="the prompt template of training")
+    add_config_flag(parser, "--beta-v", "laser.beta_v", help="beta_v, for the log Z check")
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -68,13 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sequences per forward; the dense attention of one layer holds "
         "batch x heads x length^2 float32 scores",
     )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=8192, help="length limit of generated responses"
+    add_config_flag(
+        parser, "--max-new-tokens", "rollout.max_new_tokens", help="length limit of responses"
     )
-    parser.add_argument(
+    add_config_flag(
+        parser,
         "--temperature",
-        type=float,
-        default=1.0,
+        "rollout.temperature",
         help="sampling temperature of generated responses (the rollouts')",
     )
     parser.add_argument(
@@ -124,18 +119,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     except ValueError as e:
         raise SystemExit(f"calibrate: {e}") from None
+    vocab = TransformerConfig.from_pretrained_dir(ckpt).vocab_size
+    problem = token_id_problem(args.z_token_id, eos_ids, pad_id, vocab)
+    if problem is not None:  # before loading any weights
+        flag = {"self_reward_token_id": "--z-token-id", "eos_ids": "--eos-id"}.get(problem[0])
+        raise SystemExit(f"calibrate: {flag or problem[0]}: {problem[1]}")
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=-1), devices)
     model = hf_params.load_pretrained(
         str(ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh
     )
-    vocab = model.cfg.vocab_size
-    if not 0 <= args.z_token_id < vocab or args.z_token_id in eos_ids:
-        raise SystemExit(
-            f"calibrate: --z-token-id {args.z_token_id} must be inside the "
-            f"vocabulary [0, {vocab}) and not an EOS id {list(eos_ids)} "
-            "(Qwen2.5: 151652, Llama-3 / OctoThinker: 128002)"
-        )
 
     try:
         prompts = [build_prompt(problem, tokenizer, args.template) for problem, _ in rows]

@@ -29,14 +29,17 @@ import jax
 import numpy as np
 
 from laserjax import sharding
+from laserjax.adaptive import parse_rule
+from laserjax.adaptive_eval import sample_adaptively
 from laserjax.config import (
     Config,
     ConfigError,
-    LaserConfig,
     MeshConfig,
-    ModelConfig,
-    RolloutConfig,
-    TokenConfig,
+    add_config_flag,
+    build_config,
+    field_default,
+    flag_for,
+    set_field,
 )
 from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV, encode_prompts, load_benchmark
 from laserjax.distributed import maybe_initialize_distributed
@@ -48,6 +51,7 @@ from laserjax.evaluate import (
     format_table,
     json_safe,
     result_from_records,
+    sample_record,
 )
 from laserjax.model import TransformerConfig
 from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
@@ -55,22 +59,28 @@ from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, extract_boxed
 from laserjax.sampler import Sampler
 
 DEFAULT_BATCH_PROMPTS = 16
-DEFAULT_MESH = "data=-1,fsdp=1,tensor=1"
 
-# Config fields the command builds from its flags -> the flag, for error messages.
-_FLAG_OF_FIELD = {
-    "tokens.self_reward_token_id": "--z-token-id",
-    "tokens.eos_ids": "--eos-ids",
-    "tokens.pad_id": "--pad-id",
-    "laser.beta_v": "--beta-v",
-    "laser.c_ref": "--c-ref",
-    "rollout.temperature": "--temperature",
-    "rollout.top_p": "--top-p",
-    "rollout.top_k": "--top-k",
-    "rollout.max_new_tokens": "--max-new-tokens",
-    "rollout.max_prompt_len": "--max-prompt-len",
-    "model.dtype": "--dtype",
-    "mesh": "--mesh",
+# Flags that set a config field: their defaults are the config's, their values go through the
+# config's checks, and a ConfigError's field names the flag to fix (`config.flag_for`).
+CONFIG_FLAGS = {
+    "--max-new-tokens": "rollout.max_new_tokens",
+    "--max-prompt-len": "rollout.max_prompt_len",
+    "--temperature": "rollout.temperature",
+    "--top-p": "rollout.top_p",
+    "--top-k": "rollout.top_k",
+    "--template": "data.template",
+    "--c-ref": "laser.c_ref",
+    "--beta-v": "laser.beta_v",
+    "--z-token-id": "tokens.self_reward_token_id",
+}
+# Flags the command turns into config fields itself (parsed lists, one flag for two fields).
+_OTHER_FLAGS = {
+    "--model": "model.path",
+    "--dtype": "model",
+    "--eos-ids": "tokens.eos_ids",
+    "--pad-id": "tokens.pad_id",
+    "--mesh": "mesh",
+    "--output-dir": "output_dir",
 }
 
 
@@ -99,11 +109,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate only the first M problems of each benchmark",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=8192)
-    parser.add_argument(
+    add_config_flag(parser, "--max-new-tokens", "rollout.max_new_tokens")
+    add_config_flag(
+        parser,
         "--max-prompt-len",
-        type=int,
-        default=2048,
+        "rollout.max_prompt_len",
         help="prompt token limit (see --prompt-overflow)",
     )
     parser.add_argument(
@@ -113,27 +123,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a prompt over --max-prompt-len stops the run (error, default) or "
         "is left out and counted in the summary (filter)",
     )
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
-    parser.add_argument(
+    add_config_flag(parser, "--temperature", "rollout.temperature", help="0 = greedy")
+    add_config_flag(parser, "--top-p", "rollout.top_p")
+    add_config_flag(parser, "--top-k", "rollout.top_k", help="0 = full vocabulary")
+    add_config_flag(
+        parser,
         "--template",
-        choices=("chat", "plain"),
-        default="chat",
+        "data.template",
         help="the tokenizer's chat template, or 'Question: ...\\nAnswer:' for base models",
     )
-    parser.add_argument(
+    add_config_flag(
+        parser,
         "--c-ref",
+        "laser.c_ref",
         type=float,
-        default=-23.0,
         help="r_s = beta_v * (log p(z_c) - c_ref); measure it for your model "
         "with `python -m laserjax calibrate`",
     )
-    parser.add_argument("--beta-v", type=float, default=0.1)
-    parser.add_argument(
+    add_config_flag(parser, "--beta-v", "laser.beta_v")
+    add_config_flag(
+        parser,
         "--z-token-id",
-        type=int,
-        default=151652,
+        "tokens.self_reward_token_id",
         help="the self-reward token z_c (Qwen2.5: 151652, Llama-3: 128002)",
     )
     parser.add_argument(
@@ -156,15 +167,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mesh",
-        default=DEFAULT_MESH,
+        default="data=-1,fsdp=1,tensor=1",
         help="data=D,fsdp=F,tensor=T (-1 on one axis: the remaining devices), "
         "or 'none' for one device without a mesh",
     )
     parser.add_argument(
         "--dtype",
         choices=("bfloat16", "float32", "float16"),
-        default="bfloat16",
-        help="parameter and activation dtype",
+        default=field_default("model.dtype"),
+        help="parameter and activation dtype (config model.dtype and model.param_dtype)",
     )
     parser.add_argument(
         "--output-dir",
@@ -193,10 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds allowed per answer (default: laserjax.reward's)",
     )
-    # imported here, not at the top: laserjax.commands.adaptive imports this module
-    from laserjax.commands.adaptive import add_eval_arguments
-
-    add_eval_arguments(parser)
+    add_stop_rule_arguments(parser)
 
 
 class EvalError(ValueError):
@@ -217,28 +225,6 @@ def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
-def parse_mesh(text: str) -> dict[str, int] | None:
-    """`data=-1,fsdp=1,tensor=1` -> MeshConfig fields (missing axes keep their defaults);
-    `none` -> None (one device, no mesh)."""
-    if text.strip().lower() == "none":
-        return None
-    out: dict[str, int] = {}
-    for part in text.split(","):
-        axis, sep, size = part.partition("=")
-        axis = axis.strip()
-        if not sep or axis not in ("data", "fsdp", "tensor"):
-            raise _fail(
-                "--mesh",
-                f"{part!r} is not AXIS=SIZE with AXIS one of data, fsdp, "
-                f"tensor (e.g. {DEFAULT_MESH}), nor 'none'",
-            )
-        try:
-            out[axis] = int(size)
-        except ValueError:
-            raise _fail("--mesh", f"size {size!r} of axis {axis} is not an integer") from None
-    return out
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     for flag, value, low in (
         ("--n", args.n, 1),
@@ -250,10 +236,8 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise _fail(flag, f"must be >= {low}, got {value}")
     if args.grader_timeout is not None and args.grader_timeout <= 0:
         raise _fail("--grader-timeout", f"must be > 0 seconds, got {args.grader_timeout}")
-    if getattr(args, "stop_rule", None) is not None:
-        from laserjax.commands.adaptive import check_eval_flags
-
-        check_eval_flags(args)
+    if args.stop_rule is not None:
+        _check_stop_rule_flags(args)
 
 
 def _benchmark_names(text: str) -> list[str]:
@@ -293,36 +277,30 @@ def _load_benchmarks(args: argparse.Namespace) -> list[tuple[Any, int]]:
 
 
 def _eval_config(args: argparse.Namespace, eos_ids: tuple[int, ...], pad_id: int) -> Config:
-    """The flags as a validated `Config`: the same checks (and token-id defaults) as `train`."""
-    mesh = parse_mesh(args.mesh)
+    """The flags as a validated `Config`: the same coercion and checks (token ids, mesh, sampling
+    settings) as `train`'s YAML goes through."""
+    data: dict[str, Any] = {}
+    for flag, field in CONFIG_FLAGS.items():
+        set_field(data, field, getattr(args, flag[2:].replace("-", "_")))
+    set_field(data, "model", {"path": args.model, "dtype": args.dtype, "param_dtype": args.dtype})
+    set_field(data, "tokens.eos_ids", list(eos_ids))
+    set_field(data, "tokens.pad_id", pad_id)
+    set_field(data, "output_dir", args.output_dir)
     try:
-        return Config(
-            model=ModelConfig(path=args.model, dtype=args.dtype, param_dtype=args.dtype),
-            tokens=TokenConfig(
-                eos_ids=eos_ids, pad_id=pad_id, self_reward_token_id=args.z_token_id
-            ),
-            laser=LaserConfig(beta_v=args.beta_v, c_ref=args.c_ref),
-            rollout=RolloutConfig(
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens,
-                max_prompt_len=args.max_prompt_len,
-            ),
-            mesh=MeshConfig(**(mesh or {})),
-            output_dir=args.output_dir,
-        )
+        mesh = MeshConfig.parse(args.mesh)
+        if mesh is not None:
+            set_field(data, "mesh", dataclasses.asdict(mesh))
+        return build_config(data)
     except ConfigError as e:
         raise _flag_error(e) from None
 
 
-def _flag_error(e: Exception) -> EvalError:
+def _flag_error(e: ConfigError) -> EvalError:
     """A ConfigError names a config field; say which flag sets it."""
-    text = str(e)
-    for field, flag in sorted(_FLAG_OF_FIELD.items(), key=lambda kv: -len(kv[0])):
-        if f"`{field}`" in text or f"`{field}." in text:
-            return EvalError(f"eval {flag}: {text}")
-    return EvalError(f"eval: {text}")
+    flag = flag_for(e, CONFIG_FLAGS | _OTHER_FLAGS)
+    if flag is None:
+        return EvalError(f"eval: {e}")
+    return EvalError(f"eval {flag}: {e.reason} (config field `{e.field}`)")
 
 
 @dataclasses.dataclass
@@ -362,10 +340,6 @@ def _resolve_model(args: argparse.Namespace) -> _Setup:
     cfg = _eval_config(args, eos, pad)
     try:
         cfg.validate_against_vocab(vocab, eos, pad)
-        if not 0 <= pad < vocab:
-            raise ConfigError(
-                f"config field `tokens.pad_id`: {pad} is outside the vocabulary [0, {vocab})"
-            )
     except ConfigError as e:
         raise _flag_error(e) from None
     if args.template == "chat" and not getattr(tok, "chat_template", None):
@@ -400,8 +374,8 @@ def _settings(
         seed=args.seed,
         batch_prompts=args.batch_prompts,
         dtype=args.dtype,
-        stop_rule=getattr(args, "stop_rule", None),
-        round_size=getattr(args, "round_size", None),
+        stop_rule=args.stop_rule,
+        round_size=args.round_size,
     )
 
 
@@ -485,7 +459,7 @@ def _prepare_output(
 
 def _build_sampler(args: argparse.Namespace, setup: _Setup, max_prompt_len: int) -> Sampler:
     mesh = None
-    if parse_mesh(args.mesh) is not None:
+    if MeshConfig.parse(args.mesh) is not None:
         try:
             mesh = sharding.make_mesh(setup.cfg.mesh)
         except ConfigError as e:
@@ -529,7 +503,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.output_dir is None:
         args = argparse.Namespace(**vars(args) | {"output_dir": default_output_dir(args.model)})
     _check_flags(args)
-    parse_mesh(args.mesh)
+    _eval_config(args, (), -1)  # every flag's config check, before any JAX backend starts
     maybe_initialize_distributed()  # before anything touches a JAX backend
     primary = jax.process_index() == 0
     if args.resume and jax.process_count() > 1:
@@ -581,10 +555,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     longest = max(len(t) for _, toks in prompts.values() for t in toks)
     sampler = _build_sampler(args, setup, max_prompt_len=max(longest, 16))
     scoring = Scoring(beta_v=args.beta_v, c_ref=args.c_ref)
-    if getattr(args, "stop_rule", None) is not None:
-        from laserjax.commands.adaptive import eval_adaptive
-
-        return eval_adaptive(
+    if args.stop_rule is not None:
+        return _eval_adaptive(
             args, benches, prompts, setup.tokenizer, sampler, scoring, settings, primary
         )
 
@@ -668,5 +640,148 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     if primary:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_table(summaries, average))
+        print(f"samples: {out / 'samples.jsonl'}; summary: {out / 'summary.json'}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# `eval --stop-rule RULE`: the eval command, sampling adaptively.
+
+
+def add_stop_rule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `eval` flags of adaptive sampling."""
+    parser.add_argument(
+        "--stop-rule",
+        default=None,
+        help="sample adaptively: rounds of --round-size per open problem, up to --n, each "
+        "problem stopped by this rule (e.g. ac:0.95, rsbeta:0.95:1, rsaccept:0.9, esc:4; "
+        "see laserjax.adaptive.parse_rule)",
+    )
+    parser.add_argument(
+        "--round-size",
+        type=int,
+        default=4,
+        help="with --stop-rule: samples per open problem per round (must divide n)",
+    )
+
+
+def _check_stop_rule_flags(args: argparse.Namespace) -> None:
+    """`eval --stop-rule` flag errors, before any output is touched."""
+    try:
+        parse_rule(args.stop_rule)
+    except ValueError as e:
+        raise EvalError(f"eval --stop-rule: {e}") from None
+    if args.resume:
+        raise EvalError(
+            "eval --resume: not supported with --stop-rule (an adaptive run has no whole "
+            "batches of n samples to continue from); use --overwrite"
+        )
+    if args.round_size < 1 or (args.n is not None and args.n % args.round_size):
+        raise EvalError(
+            f"eval --round-size: must be >= 1 and divide --n ({args.n}), got {args.round_size}"
+        )
+
+
+def _eval_adaptive(
+    args: argparse.Namespace,
+    benches: list[tuple[Any, int]],
+    prompts: dict[str, tuple[list[Any], list[list[int]]]],
+    tokenizer: Any,
+    sampler: Any,
+    scoring: Any,
+    settings: dict[str, Any],
+    primary: bool,
+) -> dict[str, Any]:
+    """Each benchmark sampled by `sample_adaptively` (budget: its n); writes every drawn sample
+    to samples.jsonl (with its `round`) and summary.json with, per benchmark, the accuracy of
+    the rule's answers, samples and response tokens per problem and the wall time."""
+    rule = parse_rule(args.stop_rule)
+    out = pathlib.Path(args.output_dir)
+    t0 = time.time()
+    summaries: dict[str, dict[str, Any]] = {}
+    timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
+    with Grader(args.grader_workers, timeout_s=timeout) as grader:
+
+        def reward_fn(responses: list[str], answers: list[str]) -> np.ndarray:
+            return grader.grade_batch(responses, answers, require_single_boxed=False)
+
+        for bench, n in benches:
+            if n % args.round_size:
+                raise EvalError(
+                    f"eval --round-size: {args.round_size} does not divide {bench.name}'s n = {n}"
+                )
+            problems, token_ids = prompts[bench.name]
+
+            def progress(j: int, num_open: int, name: str = bench.name) -> None:
+                print(
+                    f"eval: {name}: round {j}, {num_open} problems open, {time.time() - t0:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+            res = sample_adaptively(
+                sampler,
+                tokenizer,
+                token_ids,
+                [p.answer for p in problems],
+                rule,
+                round_size=args.round_size,
+                max_samples=n,
+                reward_fn=reward_fn,
+                extract_fn=extract_boxed,
+                scoring=scoring,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                batch_prompts=args.batch_prompts,
+                on_round=progress,
+            )
+            if primary:
+                with (out / "samples.jsonl").open("a") as f:
+                    for p, prob in enumerate(problems):
+                        for j, text in enumerate(res.responses[p]):
+                            row = sample_record(
+                                prob.id,
+                                j,
+                                text,
+                                res.answers[p][j],
+                                res.correct[p][j],
+                                res.scores[p][j],
+                                res.lengths[p][j],
+                                not res.finished[p][j],
+                                benchmark=bench.name,
+                                round=j // args.round_size,
+                                picked=j == res.picks[p],
+                            )
+                            f.write(json.dumps(row | {"reference": prob.answer}) + "\n")
+            summaries[bench.name] = {
+                "problems": len(problems),
+                "max_samples": n,
+                "accuracy": res.accuracy,
+                "samples_per_problem": res.samples,
+                "tokens_per_problem": res.tokens,
+                "wall_s": round(res.wall_s, 1),
+                "sampler_calls": res.sampler_calls,
+            }
+    summary = json_safe(
+        {
+            "model": args.model,
+            "stop_rule": rule.name,
+            "round_size": args.round_size,
+            "settings": settings,
+            "benchmarks": summaries,
+            "wall_s": round(time.time() - t0, 1),
+        }
+    )
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"adaptive sampling with {rule.name}, rounds of {args.round_size}")
+        for name, s in summaries.items():
+            print(
+                f"{name}: accuracy {100 * s['accuracy']:.1f}%, {s['samples_per_problem']:.2f} "
+                f"samples and {s['tokens_per_problem']:.0f} tokens per problem (budget "
+                f"{s['max_samples']}), {s['wall_s']:.0f} s"
+            )
         print(f"samples: {out / 'samples.jsonl'}; summary: {out / 'summary.json'}")
     return summary

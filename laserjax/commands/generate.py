@@ -17,7 +17,7 @@ from typing import Any
 
 from flax import nnx
 
-from laserjax.config import TokenConfig
+from laserjax.config import add_config_flag, field_default
 from laserjax.model import Transformer, TransformerConfig, hf_params
 from laserjax.sampler import Sampler
 
@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--k", type=int, default=2, help="samples of the prompt (one prefill)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = full vocabulary")
+    add_config_flag(parser, "--temperature", "rollout.temperature", help="0 = greedy")
+    add_config_flag(parser, "--top-p", "rollout.top_p")
+    add_config_flag(parser, "--top-k", "rollout.top_k", help="0 = full vocabulary")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--eos-ids",
@@ -62,14 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--self-reward-token-id",
         type=int,
         default=None,
-        help=f"z_c (default {TokenConfig.self_reward_token_id}, Qwen2.5's "
-        "<|vision_start|>; Llama-3: 128002)",
+        help=f"z_c (default {field_default('tokens.self_reward_token_id')}, Qwen2.5's "
+        f"<|vision_start|>, or {TINY_VOCAB - 1} for --tiny; Llama-3: 128002)",
     )
-    parser.add_argument("--beta-v", type=float, default=0.1)
-    parser.add_argument(
+    add_config_flag(parser, "--beta-v", "laser.beta_v")
+    add_config_flag(
+        parser,
         "--c-ref",
+        "laser.c_ref",
         type=float,
-        default=-23.0,
         help="measure it for your model: `python -m laserjax calibrate`",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
             )
         except ValueError as e:
             raise SystemExit(f"--eos-ids: {e}") from None
-        zc_default = TokenConfig.self_reward_token_id
+        zc_default = field_default("tokens.self_reward_token_id")
 
     eos_ids = parse_ids(args.eos_ids, "--eos-ids") if args.eos_ids else list(eos_default)
     pad_id = pad_default if args.pad_id is None else args.pad_id

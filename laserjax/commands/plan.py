@@ -28,7 +28,6 @@ from laserjax.plan import (
     estimate,
     micro_batch_options,
     model_config_for,
-    resolve_mesh,
     slice_chips,
     suggest_micro_batch,
 )
@@ -168,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         devices = args.devices
     if args.hbm_gib is not None:
         hbm_gib = args.hbm_gib
-    mesh_shape = resolve_mesh(cfg.mesh, devices)
+    mesh_shape = cfg.mesh.resolve(devices)
     model_cfg, source = model_config_for(cfg, hf_config=args.hf_config, preset=args.preset)
     est = estimate(model_cfg, cfg, mesh_shape)
     params = abstract_state(model_cfg, cfg.optim)[0]

@@ -1,0 +1,151 @@
+"""The task a run trains on: the policy, the tokenizer, the prompts and the reward.
+
+`build_task` sets up either the CPU demo's synthetic task (`model.toy`, `laserjax.toy_task`) or a
+real one: a Hugging Face checkpoint, its tokenizer, training problems and held-out benchmarks
+(`laserjax.data`), and the math-verify reward (`laserjax.reward`, LASER_SPEC section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from laserjax import toy_task
+from laserjax.config import Config, ConfigError
+from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems
+from laserjax.model import Transformer, TransformerConfig
+from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
+from laserjax.reward import Grader, extract_boxed
+
+
+@dataclasses.dataclass
+class Task:
+    """What the loop needs from the data side."""
+
+    tokenizer: Any
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    train_problems: list[Problem]
+    train_prompts: list[list[int]]
+    eval_sets: dict[str, tuple[list[Problem], list[list[int]]]]
+    reward_fn: Callable[[list[str], list[str]], np.ndarray]
+    extract_fn: Callable[[str], str | None]
+    close: Callable[[], None] = lambda: None
+
+
+def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
+    toy = cfg.model.toy
+    tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
+    cfg.validate_against_vocab(len(tok), (ids["eos"],), ids["pad"])  # before any compile
+    if abstract:
+        mcfg = toy_task.model_config(toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+        info: dict[str, Any] = {}
+    else:
+        model, info = toy_task.build(
+            toy, seed=cfg.train.seed, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
+        )
+    train, held_out = toy_task.problems(toy)
+    task = Task(
+        tokenizer=tok,
+        eos_ids=(ids["eos"],),
+        pad_id=ids["pad"],
+        train_problems=train,
+        train_prompts=[tok.encode(p.problem) for p in train],
+        eval_sets={"toy_arithmetic": (held_out, [tok.encode(p.problem) for p in held_out])},
+        reward_fn=toy_task.exact_match,
+        extract_fn=lambda r: r.strip() or None,
+    )
+    return model, task, info
+
+
+def real_setup(
+    cfg: Config, mesh: Mesh | None, abstract: bool
+) -> tuple[Transformer, Task, dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    ckpt = resolve_checkpoint(cfg.model.path)
+    mcfg = TransformerConfig.from_pretrained_dir(
+        ckpt, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat
+    )
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    try:
+        eos, pad = special_token_ids(
+            ckpt, tok, eos_ids=cfg.tokens.eos_ids, pad_id=cfg.tokens.pad_id
+        )
+    except ValueError as e:
+        raise ConfigError(f"config field `tokens.eos_ids`: {e}") from None
+    cfg.validate_against_vocab(mcfg.vocab_size, eos, pad)  # before loading or compiling
+    if abstract:
+        model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+    else:
+        model = load_pretrained(
+            str(ckpt),
+            dtype=cfg.model.dtype,
+            param_dtype=cfg.model.param_dtype,
+            remat=cfg.model.remat,
+            mesh=mesh,
+        )
+    if not cfg.data.train:
+        raise ConfigError("config field `data.train`: set a jsonl/parquet path or hf:org/name")
+    problems, report = load_problems(
+        cfg.data.train, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field
+    )
+    enc = encode_prompts(
+        problems,
+        tok,
+        template=cfg.data.template,
+        max_prompt_len=cfg.rollout.max_prompt_len,
+        prompt_overflow=cfg.data.prompt_overflow,
+    )
+    info = {
+        "train_rows_skipped": report.num_skipped,
+        "train_prompts_over_length": enc.num_overflow,
+        "train_problems": len(enc.problems),
+    }
+    eval_sets = {}
+    for name in cfg.data.eval:
+        bench = load_benchmark(name)
+        e = encode_prompts(
+            bench.problems,
+            tok,
+            template=cfg.data.template,
+            max_prompt_len=cfg.rollout.max_prompt_len,
+            prompt_overflow="filter",
+        )
+        eval_sets[bench.name] = (e.problems, e.token_ids)
+    if cfg.data.reward == "exact":
+        reward_fn, close = toy_task.exact_match, (lambda: None)
+    else:
+        grader = Grader()
+        reward_fn = lambda rs, ans: grader.grade_batch(  # noqa: E731
+            rs, ans, require_single_boxed=cfg.data.require_single_boxed
+        )
+        close = grader.close
+    task = Task(
+        tokenizer=tok,
+        eos_ids=eos,
+        pad_id=pad,
+        train_problems=enc.problems,
+        train_prompts=enc.token_ids,
+        eval_sets=eval_sets,
+        reward_fn=reward_fn,
+        extract_fn=extract_boxed,
+        close=close,
+    )
+    return model, task, info
+
+
+def build_task(
+    cfg: Config, mesh: Mesh | None, abstract: bool
+) -> tuple[Transformer, Task, dict[str, Any]]:
+    """The policy (abstract shapes only when `abstract`: a resumed run restores the weights),
+    the task and the set-up facts worth recording in run_info.json."""
+    if cfg.model.toy is not None:
+        return toy_setup(cfg, abstract)
+    return real_setup(cfg, mesh, abstract)
