@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, *, keep: int):
+    def __init__(self, directory: str | pathlib.Path, *, keep: int) -> None:
         directory = str(directory)
         if "://" not in directory:  # gs:// and other remote paths pass through to orbax
             directory = str(pathlib.Path(directory).absolute())

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
     reading the message.
     """
 
-    def __init__(self, message: str, field: str | None = None, reason: str | None = None):
+    def __init__(self, message: str, field: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.field = field
         self.reason = message if reason is None else reason
@@ -42,6 +42,17 @@ def _fail(field: str, msg: str) -> ConfigError:
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise _fail(field, msg)
+
+
+def parse_ids(text: str) -> tuple[int, ...]:
+    """Token ids written `1,2,3` or `1 2 3` (a flag's value); ValueError says what is wrong."""
+    try:
+        values = tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise ValueError(f"expected integers separated by commas or spaces, got {text!r}") from None
+    if not values:
+        raise ValueError("is empty; give at least one id")
+    return values
 
 
 def token_id_problem(

@@ -435,7 +435,7 @@ def compiled_train_step_memory(
     rows, k = cfg.rows_per_step, cfg.rollout.samples_per_prompt
     p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
 
-    def arr(shape, dtype):
+    def arr(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     batch = TrainBatch(

@@ -82,7 +82,7 @@ def summary_metrics(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any
 class MetricsLog:
     """metrics.jsonl (flushed per line), plus TensorBoard / W&B when asked for and installed."""
 
-    def __init__(self, out: pathlib.Path, cfg: Config, resume_step: int):
+    def __init__(self, out: pathlib.Path, cfg: Config, resume_step: int) -> None:
         self.path = out / "metrics.jsonl"
         self.eval_path = out / "eval.jsonl"
         self.primary = jax.process_index() == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -79,10 +80,10 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     return P()
 
 
-def state_shardings(state, mesh: Mesh):
+def state_shardings(state: Any, mesh: Mesh) -> Any:
     """NamedShardings for every leaf of a params / optimizer-state pytree, by the rule table."""
 
-    def one(path, leaf):
+    def one(path: tuple, leaf: Any) -> NamedSharding:
         shape = tuple(getattr(leaf, "shape", ()))
         return NamedSharding(mesh, spec_for(path_str(path), shape, mesh))
 

@@ -12,6 +12,7 @@ GRPO and the self-verification loss need.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +24,18 @@ from laserjax.config import ToyConfig
 from laserjax.data import Problem
 from laserjax.model.transformer import Transformer, TransformerConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 PAD, EOS, ZC = "<pad>", "<eos>", "<zc>"
 CHARS = "0123456789+*="
 
 
 @functools.lru_cache(maxsize=1)
-def make_tokenizer():
+def make_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level `PreTrainedTokenizerFast`: ids 0, 1, 2 are pad, EOS and z_c."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: only when the toy task is built
 
     vocab = {PAD: 0, EOS: 1, ZC: 2} | {c: i + 3 for i, c in enumerate(CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))

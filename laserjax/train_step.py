@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 from laserjax import laser, sharding
 from laserjax.config import LaserConfig, OptimConfig, PolicyLossConfig
 from laserjax.model.transformer import Transformer
-from laserjax.sampler import RolloutBatch, token_logprobs
+from laserjax.sampler import token_logprobs
 
 # ---------------------------------------------------------------------------------------------
 # Inputs, settings, state.
@@ -82,30 +82,6 @@ class TrainBatch:
     the source of the integrated advantage (spec 3). Ignored by `algorithm: grpo`."""
     ref_logprobs: jax.Array | None = None
     """[R, T] float: reference-policy log-probs, required when policy_loss.kl_coef > 0."""
-
-    @classmethod
-    def from_rollout(
-        cls, rollout: RolloutBatch, rewards: np.ndarray, ref_logprobs: np.ndarray | None = None
-    ) -> TrainBatch:
-        """From the sampler's output (one prompt row per prompt) and the verifier's rewards.
-
-        The step's `StepSettings.temperature` must equal `rollout.logprob_temperature`.
-        """
-
-        def repeat(x: np.ndarray) -> jax.Array:
-            return jnp.asarray(np.repeat(x, rollout.k, axis=0))
-
-        return cls(
-            prompt_tokens=repeat(rollout.prompt_tokens),
-            prompt_mask=repeat(rollout.prompt_mask),
-            response_tokens=jnp.asarray(rollout.response_tokens),
-            response_mask=jnp.asarray(rollout.response_mask),
-            old_logprobs=jnp.asarray(rollout.logprobs, jnp.float32),
-            finished=jnp.asarray(rollout.finished),
-            rewards=jnp.asarray(rewards, jnp.float32),
-            rollout_logp_zc=jnp.asarray(rollout.logp_zc, jnp.float32),
-            ref_logprobs=None if ref_logprobs is None else jnp.asarray(ref_logprobs, jnp.float32),
-        )
 
 
 @dataclasses.dataclass(frozen=True)

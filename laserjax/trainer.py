@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from laserjax import eval_metrics, run_identity, sharding
 from laserjax.checkpoint import Checkpointer
@@ -41,7 +42,7 @@ from laserjax.model.hf_params import (
     save_pretrained,
 )
 from laserjax.run_log import MetricsLog, held_out_row, step_metrics_row, summary_metrics
-from laserjax.sampler import Sampler
+from laserjax.sampler import RolloutBatch, Sampler
 from laserjax.task import build_task
 from laserjax.train_step import (
     StepSettings,
@@ -69,12 +70,37 @@ def zc_emitted_fraction(
     return float(hit.any(axis=-1).mean())
 
 
+def train_batch(
+    rollout: RolloutBatch, rewards: np.ndarray, ref_logprobs: np.ndarray | None = None
+) -> TrainBatch:
+    """The train step's batch from the sampler's output (one prompt row per prompt) and the
+    verifier's rewards: the trainer joins the two, so the train step need not know the sampler.
+
+    The step's `StepSettings.temperature` must equal `rollout.logprob_temperature`.
+    """
+
+    def repeat(x: np.ndarray) -> jax.Array:
+        return jnp.asarray(np.repeat(x, rollout.k, axis=0))
+
+    return TrainBatch(
+        prompt_tokens=repeat(rollout.prompt_tokens),
+        prompt_mask=repeat(rollout.prompt_mask),
+        response_tokens=jnp.asarray(rollout.response_tokens),
+        response_mask=jnp.asarray(rollout.response_mask),
+        old_logprobs=jnp.asarray(rollout.logprobs, jnp.float32),
+        finished=jnp.asarray(rollout.finished),
+        rewards=jnp.asarray(rewards, jnp.float32),
+        rollout_logp_zc=jnp.asarray(rollout.logp_zc, jnp.float32),
+        ref_logprobs=None if ref_logprobs is None else jnp.asarray(ref_logprobs, jnp.float32),
+    )
+
+
 def _finite(x: Any) -> bool:
     return bool(np.all(np.isfinite(np.asarray(x))))
 
 
 @jax.jit
-def _params_finite(params) -> jax.Array:
+def _params_finite(params: nnx.State) -> jax.Array:
     leaves = [
         jnp.all(jnp.isfinite(x))
         for x in jax.tree.leaves(params)
@@ -88,7 +114,7 @@ def _params_finite(params) -> jax.Array:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, allow_change: tuple[str, ...] = ()):
+    def __init__(self, cfg: Config, allow_change: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
         self.out = pathlib.Path(cfg.output_dir)
         # Before anything is built or written: a run directory holds one run (run_identity).
@@ -206,7 +232,7 @@ class Trainer:
         rows |= held_out_row(avg, cfg.train.eval_samples)
         return {"step": step, **rows}
 
-    def _measure_c_ref(self, prompts, answers) -> float:
+    def _measure_c_ref(self, prompts: list[list[int]], answers: list[str]) -> float:
         """c_ref = mean log pi_ref(z_c | x, y, eos) of the starting policy (spec section 1)."""
         rollout, _ = self._rollout(prompts, answers, seed=-1 % 2**31)
         vals = rollout.logp_zc[rollout.finished]
@@ -313,7 +339,7 @@ class Trainer:
                 rollout, rewards = self._rollout(
                     prompts, answers, seed=(cfg.train.seed * 1_000_003 + step) % 2**31
                 )
-                batch = TrainBatch.from_rollout(rollout, rewards)
+                batch = train_batch(rollout, rewards)
                 check_batch(batch, cfg.rollout.samples_per_prompt)
                 self.state, metrics = self.step_fn(self.state, batch)
                 metrics = jax.device_get(metrics)
@@ -367,7 +393,14 @@ class Trainer:
         self.ckpt.close()
         return summary
 
-    def _step_row(self, step, rollout, rewards, metrics, seconds) -> dict[str, Any]:
+    def _step_row(
+        self,
+        step: int,
+        rollout: RolloutBatch,
+        rewards: np.ndarray,
+        metrics: dict[str, Any],
+        seconds: float,
+    ) -> dict[str, Any]:
         scores = self._scoring().score(rollout.logp_zc, rollout.finished)
         sv = eval_metrics.self_verification(rewards, scores)
         row = {
@@ -407,7 +440,7 @@ class Trainer:
             self.task.tokenizer.save_pretrained(str(out_dir))
 
 
-def _abstract_train_state(abstract_params, cfg: Config, mesh) -> TrainState:
+def _abstract_train_state(abstract_params: nnx.State, cfg: Config, mesh: Mesh) -> TrainState:
     tx = make_optimizer(cfg.optim)
     state = TrainState(
         params=abstract_params,

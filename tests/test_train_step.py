@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from laserjax import sharding
+from laserjax import sharding, trainer
 from laserjax import train_step as ts
 from laserjax.config import LaserConfig, MeshConfig, OptimConfig, PolicyLossConfig
 from laserjax.model.transformer import Transformer, TransformerConfig
@@ -201,7 +201,7 @@ def test_logprobs_equal_plain_teacher_forced_forward(model):
 
 def test_rollout_logprobs_equal_train_step_logprobs(model):
     """On-policy, the sampler's old log-probs and log p(z_c) (KV-cache decode) equal what the
-    train step recomputes from `TrainBatch.from_rollout` in one forward (PPO ratio 1): 1e-5
+    train step recomputes from `trainer.train_batch` in one forward (PPO ratio 1): 1e-5
     absolute, float32, temperature 0.7."""
     from laserjax.sampler import Sampler
 
@@ -217,7 +217,7 @@ def test_rollout_logprobs_equal_train_step_logprobs(model):
     prompts = [[11, 12, 13], [20, 21, 22, 23, 24]]
     rollout = sampler.sample(prompts, k=K, temperature=0.7, seed=3)
     assert 0 < rollout.finished.sum() < R  # both finished and truncated rows
-    batch = ts.TrainBatch.from_rollout(rollout, rewards=np.arange(R) % 2)
+    batch = trainer.train_batch(rollout, rewards=np.arange(R) % 2)
     ts.check_batch(batch, K)
     settings = _settings(temperature=rollout.logprob_temperature)
     out = jax.jit(lambda b: ts.sequence_logprobs(model, b, settings))(batch)

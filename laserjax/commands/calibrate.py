@@ -15,7 +15,7 @@ import jax
 
 from laserjax import sharding
 from laserjax.calibrate import calibration_warnings, measure_c_ref, read_pairs, sample_responses
-from laserjax.config import MeshConfig, add_config_flag, token_id_problem
+from laserjax.config import MeshConfig, add_config_flag, parse_ids, token_id_problem
 from laserjax.data import build_prompt
 from laserjax.model import TransformerConfig, hf_params
 
@@ -91,11 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _parse_ids(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise SystemExit(
-            f"calibrate: --eos-id expects integers separated by commas, got {text!r}"
-        ) from None
+        return parse_ids(text)
+    except ValueError as e:
+        raise SystemExit(f"calibrate: --eos-id: {e}") from None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

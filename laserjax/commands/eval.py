@@ -39,6 +39,7 @@ from laserjax.config import (
     build_config,
     field_default,
     flag_for,
+    parse_ids,
     set_field,
 )
 from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV, encode_prompts, load_benchmark
@@ -217,12 +218,9 @@ def _fail(flag: str, msg: str) -> EvalError:
 
 def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise _fail(flag, f"expected integers separated by commas, got {text!r}") from None
-    if not values:
-        raise _fail(flag, "is empty")
-    return values
+        return parse_ids(text)
+    except ValueError as e:
+        raise _fail(flag, str(e)) from None
 
 
 def _check_flags(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from flax import nnx
 
-from laserjax.config import add_config_flag, field_default
+from laserjax.config import add_config_flag, field_default, parse_ids
 from laserjax.model import Transformer, TransformerConfig, hf_params
 from laserjax.sampler import Sampler
 
@@ -77,13 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per sample")
 
 
-def parse_ids(text: str, what: str) -> list[int]:
+def _ids(text: str, what: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise SystemExit(
-            f"{what}: expected integers separated by commas or spaces, got {text!r}"
-        ) from None
+        return list(parse_ids(text))
+    except ValueError as e:
+        raise SystemExit(f"{what}: {e}") from None
 
 
 def load_tokenizer(ckpt: pathlib.Path) -> Any:
@@ -119,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
         ckpt = hf_params.resolve_checkpoint(args.model)
         model = hf_params.load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype)
         tokenizer = load_tokenizer(ckpt)
-        explicit = tuple(parse_ids(args.eos_ids, "--eos-ids")) if args.eos_ids else ()
+        explicit = tuple(_ids(args.eos_ids, "--eos-ids")) if args.eos_ids else ()
         try:
             eos_default, pad_default = hf_params.special_token_ids(
                 ckpt, tokenizer, eos_ids=explicit, pad_id=-1 if args.pad_id is None else args.pad_id
@@ -128,11 +126,11 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"--eos-ids: {e}") from None
         zc_default = field_default("tokens.self_reward_token_id")
 
-    eos_ids = parse_ids(args.eos_ids, "--eos-ids") if args.eos_ids else list(eos_default)
+    eos_ids = _ids(args.eos_ids, "--eos-ids") if args.eos_ids else list(eos_default)
     pad_id = pad_default if args.pad_id is None else args.pad_id
     zc = zc_default if args.self_reward_token_id is None else args.self_reward_token_id
     if args.ids is not None:
-        prompt = parse_ids(args.ids, "--ids")
+        prompt = _ids(args.ids, "--ids")
     elif args.prompt is not None:
         if tokenizer is None:
             raise SystemExit(f"no tokenizer files in {args.model!r}; pass --ids instead")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def resolve_checkpoint(path_or_id: str) -> pathlib.Path:
 
 
 def special_token_ids(
-    ckpt_dir: pathlib.Path, tokenizer, *, eos_ids: tuple[int, ...] = (), pad_id: int = -1
+    ckpt_dir: pathlib.Path, tokenizer: Any, *, eos_ids: tuple[int, ...] = (), pad_id: int = -1
 ) -> tuple[tuple[int, ...], int]:
     """(EOS ids, pad id) of a checkpoint; explicit values win.
 
