@@ -477,7 +477,7 @@ def _progress(cfg: Config, start: int):
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    def f(x):
+    def f(x: Any) -> str:
         return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
 
     k = s["k"]

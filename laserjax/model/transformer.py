@@ -338,21 +338,37 @@ class Attention(nnx.Module):
         self.o_proj = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def qkv(self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array):
+    def qkv(
+        self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         b, t, _ = x_btd.shape
         q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
         return apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq), v
 
-    def __call__(self, x_btd, positions_bt, key_mask_bt, inv_freq, block):
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        key_mask_bt: jax.Array,
+        inv_freq: jax.Array,
+        block: int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         q, k, v = self.qkv(x_btd, positions_bt, inv_freq)
         out = _causal_attend(q, k, v, key_mask_bt, block)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), (k, v)
 
     def attend_cached(
-        self, q_bkhd, prefix_k, prefix_v, prefix_mask_bp, suffix_k, suffix_v, suffix_mask_t
-    ):
+        self,
+        q_bkhd: jax.Array,
+        prefix_k: jax.Array,
+        prefix_v: jax.Array,
+        prefix_mask_bp: jax.Array,
+        suffix_k: jax.Array,
+        suffix_v: jax.Array,
+        suffix_mask_t: jax.Array,
+    ) -> jax.Array:
         """Decode attention: K samples per prompt over the shared prefix plus their own suffix.
 
         The prefix keys/values are read once per prompt for all K samples; this step's key/value
@@ -400,7 +416,14 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions_bt, key_mask_bt, inv_freq, block):
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        key_mask_bt: jax.Array,
+        inv_freq: jax.Array,
+        block: int,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         h, kv = self.self_attn(
             self.input_layernorm(x_btd), positions_bt, key_mask_bt, inv_freq, block
         )
@@ -463,7 +486,7 @@ class Transformer(nnx.Module):
         *,
         return_kv: bool = False,
         constrain: Callable[[jax.Array], jax.Array] | None = None,
-    ):
+    ) -> jax.Array | tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """Final-normalised hidden states [B, T, D] for a batch of padded sequences.
 
         Attention is causal by index and ignores keys where mask_bt is False, so one batch can
@@ -475,7 +498,7 @@ class Transformer(nnx.Module):
         constrain = constrain or (lambda x: x)
         x = constrain(self.embed_tokens(tokens_bt, self.dtype))
 
-        def block_fn(block, x):
+        def block_fn(block: Block, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
             x, kv = block(x, positions_bt, mask_bt, inv_freq, self.cfg.attention_block)
             return constrain(x), kv
 
