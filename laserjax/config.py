@@ -495,6 +495,14 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML file + `section.key=value` overrides -> Config.
+#
+# Type coercion is hand-written here, in one place (`_coerce` / `_build`), rather than taken from
+# a library: pydantic is not a dependency of anything laserjax installs (it is present on some
+# machines only through unrelated tools) and would wrap the ConfigErrors raised in __post_init__
+# into its own ValidationError, so every one-line `config field `x`: ...` message would need
+# translating back; dacite converts nested dataclasses but not the comma-separated tuples, the
+# "true"/"off" booleans or the Optional sections (`model.toy`) the overrides need. Both would add
+# a dependency to replace ~70 lines while keeping a translation layer of similar size.
 
 
 def _section_type(tp: Any) -> type | None:
