@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -140,9 +141,9 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             f"{SSH_V4} '--command=test -f laserjax/requirements.txt || {{ echo \"no"
             ' ~/laserjax/requirements.txt on this worker: run sync first" >&2; exit 1; }'
             " && python3 -m pip install --user --upgrade uv"
-            " && python3 -m uv venv --allow-existing --python 3.11 ~/laserjax-venv"
+            " && python3 -m uv venv --allow-existing --python 3.13 ~/laserjax-venv"
             " && python3 -m uv pip install --python ~/laserjax-venv/bin/python --upgrade"
-            ' "jax[tpu]" -r laserjax/requirements.txt\'',
+            ' "jax[tpu]" -r laserjax/requirements.txt -e "./laserjax[gcs]"\'',
         ],
     ),
     "setup pinned with find-links": (
@@ -164,7 +165,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             " && python3 -m uv pip install --python ~/laserjax-venv/bin/python --upgrade"
             ' "jax[tpu]==0.6.2" --find-links'
             " https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-            " -r laserjax/requirements.txt'",
+            ' -r laserjax/requirements.txt -e "./laserjax[gcs]"\'',
         ],
     ),
     "check": (
@@ -307,6 +308,30 @@ def test_bad_input_names_the_flag(args, names, bin_without_gcloud):
     assert out.returncode == 2 and out.stdout == ""
     for name in names:
         assert name in out.stderr, out.stderr
+
+
+# jax >= 0.11 needs Python >= 3.12 (jax 0.12.0.1, Oct 2026: Requires-Python >=3.12); with an
+# older venv Python, uv resolves an unpinned `jax[tpu]` to the last jax that supported it (3.11 ->
+# 0.10.2) without a word.
+CURRENT_JAX_MIN_PYTHON = (3, 12)
+
+
+def test_setup_dry_run_installs_current_jax_and_gcs_support(bin_without_gcloud):
+    import tomllib
+
+    (line,) = dry_run(["setup", *V4], bin_without_gcloud)
+    remote = shlex.split(line)[-1].removeprefix("--command=")
+    python = re.search(r"uv venv --allow-existing --python (\d+)\.(\d+) ", remote)
+    assert python, remote
+    assert tuple(map(int, python.groups())) >= CURRENT_JAX_MIN_PYTHON, remote
+    install = remote[remote.index("uv pip install") :]
+    # Unpinned and upgraded: the newest jax[tpu] (and the libtpu it pins) that Python resolves.
+    assert ' --upgrade "jax[tpu]" ' in install, install
+    # laserjax with its gcs extra, so output_dir=gs://... works on every worker.
+    assert install.endswith(' -e "./laserjax[gcs]"'), install
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    gcs = pyproject["project"]["optional-dependencies"]["gcs"]
+    assert any(req.startswith("gcsfs") for req in gcs), gcs
 
 
 def test_running_without_gcloud_says_so(bin_without_gcloud):

@@ -47,6 +47,11 @@ CHIP_COUNTED_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)
 PID_FILE = "logs/train.pid"
 ARCHIVE_ON_WORKER = "laserjax-src.tar.gz"
 ZONES_DOC = "https://cloud.google.com/tpu/docs/regions-zones"
+# The venv's Python. jax >= 0.11 needs Python >= 3.12 (jax 0.12.0.1, Oct 2026: 3.12-3.15), so an
+# older default silently resolves `jax[tpu]` to the last release that still supported it
+# (3.11 -> jax 0.10.2). 3.13 resolves current jax[tpu], jaxlib, libtpu, grain and tensorstore
+# wheels and stays supported longer than 3.12.
+DEFAULT_PYTHON = "3.13"
 
 
 class UsageError(ValueError):
@@ -233,7 +238,8 @@ def sync_commands(args: argparse.Namespace) -> list[Command]:
 
 
 def setup_commands(args: argparse.Namespace) -> list[Command]:
-    """Install jax[tpu] and requirements.txt into a fresh Python on every worker.
+    """Install jax[tpu], requirements.txt and laserjax with its `gcs` extra (gcsfs, for
+    output_dir=gs://...) into a fresh Python on every worker.
 
     TPU images ship Python 3.10, which current JAX no longer supports; uv (installed with the
     image's pip) fetches a standalone CPython --python-version and builds the venv from it.
@@ -250,6 +256,7 @@ def setup_commands(args: argparse.Namespace) -> list[Command]:
         f" ~/{venv}"
         f" && python3 -m uv pip install --python ~/{venv}/bin/python --upgrade"
         f" {_quote(args.jax_spec)}{find_links} -r {remote_dir}/requirements.txt"
+        f' -e "./{remote_dir}[gcs]"'
     )
     return [_ssh(args, "all", remote)]
 
@@ -428,11 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="request it as a queued resource (waits for capacity); see `status`",
     )
     kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--spot", action="store_true", help="Spot VMs: cheaper, may be preempted")
+    kind.add_argument(
+        "--spot",
+        action="store_true",
+        help="Spot VMs: cheaper, may be preempted at any time, no 24 h limit (long runs)",
+    )
     kind.add_argument(
         "--preemptible",
         action="store_true",
-        help="preemptible TPU (not with --queued; prefer --spot)",
+        help="preemptible TPU: stopped after 24 h at the latest (not with --queued); "
+        "use --spot for runs that may last longer",
     )
     for verb in ("status", "delete"):
         parsers[verb].add_argument(
@@ -464,8 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_venv(p)
     p.add_argument(
         "--python-version",
-        default="3.11",
-        help="Python for the venv, fetched by uv (default: 3.11)",
+        default=DEFAULT_PYTHON,
+        help=f"Python for the venv, fetched by uv (default: {DEFAULT_PYTHON}; current jax "
+        "needs >= 3.12)",
     )
     p.add_argument(
         "--jax-spec",
