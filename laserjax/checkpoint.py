@@ -4,25 +4,31 @@ A checkpoint at step s holds the params and optimizer state after step s (sharde
 restored straight into their shardings), and a JSON with the step, the data iterator's state,
 the c_ref in use and the RNG seed: everything the next step needs to be exactly the one an
 uninterrupted run would take. Orbax writes into a temporary directory and renames it when
-complete, so a run killed mid-save leaves the previous checkpoints intact.
+complete (on Cloud Storage, which cannot rename, it writes a commit marker last), so a run killed
+mid-save leaves the previous checkpoints intact.
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from laserjax import paths
 
 
 class Checkpointer:
-    def __init__(self, directory: str | pathlib.Path, *, keep: int) -> None:
-        directory = str(directory)
-        if "://" not in directory:  # gs:// and other remote paths pass through to orbax
-            directory = str(pathlib.Path(directory).absolute())
+    def __init__(self, directory: str | os.PathLike, *, keep: int) -> None:
+        """`directory`: a local path (made absolute) or a URL such as gs://bucket/run/checkpoints,
+        passed to orbax intact; on several hosts it must be one directory they all reach."""
+        self.directory: epath.Path = paths.absolute(
+            paths.run_path(directory, field="checkpoint directory")
+        )
         self.manager = ocp.CheckpointManager(
-            directory,
+            self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=False
             ),

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from laserjax import paths
+
 
 class ConfigError(ValueError):
     """A config field is invalid; the message names the field and the fix.
@@ -612,7 +614,10 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
     """Load a YAML config and apply `section.key=value` overrides (values parsed as YAML)."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = pathlib.Path(path)
+        try:  # a run directory's config.yaml may be at a gs:// URL
+            path = paths.run_path(path, field="config file")
+        except paths.PathError as e:
+            raise ConfigError(str(e)) from None
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         data = yaml.safe_load(path.read_text()) or {}

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import grain
+from etils import epath
 
+from laserjax import paths
 from laserjax.reward import answer_text
 
 PLAIN_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -92,7 +93,7 @@ class LoadReport:
 # Loading problems.
 
 
-def _read_jsonl(path: pathlib.Path) -> Iterable[Any]:
+def _read_jsonl(path: epath.Path) -> Iterable[Any]:
     with path.open() as f:
         for line in f:
             if not line.strip():
@@ -103,7 +104,7 @@ def _read_jsonl(path: pathlib.Path) -> Iterable[Any]:
                 yield ValueError(f"invalid JSON ({e.msg})")
 
 
-def _read_parquet(path: pathlib.Path) -> Iterable[Any]:
+def _read_parquet(path: epath.Path) -> Iterable[Any]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -111,7 +112,8 @@ def _read_parquet(path: pathlib.Path) -> Iterable[Any]:
             f"reading {path} needs pyarrow, which is not installed: "
             "`pip install pyarrow` (or convert the file to jsonl)"
         ) from None
-    yield from pq.read_table(path).to_pylist()
+    with path.open("rb") as f:  # a file object: the path may be a gs:// URL
+        yield from pq.read_table(f).to_pylist()
 
 
 def _read_hf(spec: str) -> Iterable[Any]:
@@ -132,7 +134,7 @@ def _rows(source: str | os.PathLike) -> Iterable[Any]:
         if not text[3:]:
             raise ValueError("data source `hf:` names no dataset; write hf:org/name[:split]")
         return _read_hf(text[3:])
-    path = pathlib.Path(source)
+    path = paths.run_path(source, field="data source")
     if not path.is_file():
         raise FileNotFoundError(
             f"data source {text!r} not found (a .jsonl or .parquet file, or "
@@ -248,7 +250,6 @@ def load_benchmark(
     one of the five benchmark files is loaded as that benchmark (its n and id field).
     """
     key = str(name_or_path).lower()
-    path = pathlib.Path(name_or_path)
     if key in BENCHMARK_FILES:
         folder = eval_dir if eval_dir is not None else os.environ.get(EVAL_DIR_ENV)
         if folder is None:
@@ -256,8 +257,8 @@ def load_benchmark(
                 f"benchmark {name_or_path!r}: pass eval_dir or set {EVAL_DIR_ENV} "
                 "to the folder holding the benchmark files"
             )
-        path = pathlib.Path(folder) / BENCHMARK_FILES[key]
-    elif path.is_file():
+        path = paths.run_path(folder, field=EVAL_DIR_ENV) / BENCHMARK_FILES[key]
+    elif (path := paths.run_path(name_or_path, field="benchmark")).is_file():
         key = next((k for k, f in BENCHMARK_FILES.items() if f == path.name), path.stem)
     else:
         raise ValueError(

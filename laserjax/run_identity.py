@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import yaml
+from etils import epath
 
+from laserjax import paths
 from laserjax.config import Config, ConfigError, load_config, to_dict
 
 CONFIG_FILE = "config.yaml"
@@ -77,14 +78,14 @@ def differences(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
 
 
-def set_aside(path: pathlib.Path, why: str) -> pathlib.Path | None:
+def set_aside(path: epath.Path, why: str) -> epath.Path | None:
     """Rename `path` (if it exists) to the first free `<name>.before-<why>-<n>`; return it."""
     if not path.exists():
         return None
     n = 0
     while (target := path.with_name(f"{path.name}.before-{why}-{n}")).exists():
         n += 1
-    path.rename(target)
+    paths.move(path, target)  # a gs:// run directory has no rename
     return target
 
 
@@ -92,10 +93,9 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def record(out: pathlib.Path, event: str, **fields: Any) -> None:
+def record(out: epath.Path, event: str, **fields: Any) -> None:
     """Append one line to the run's history (`run_history.jsonl`)."""
-    with (out / HISTORY_FILE).open("a") as f:
-        f.write(json.dumps({"time": _now(), "event": event, **fields}) + "\n")
+    paths.append_line(out / HISTORY_FILE, json.dumps({"time": _now(), "event": event, **fields}))
 
 
 def parse_allow_change(values: Iterable[str] | None) -> tuple[str, ...]:
@@ -115,7 +115,7 @@ class Identity:
     changes: dict[str, tuple[Any, Any]]
     """Result-changing keys that differ and were allowed (`--allow-change`): key -> (old, new)."""
 
-    def write(self, out: pathlib.Path, cfg: Config, step: int | None) -> None:
+    def write(self, out: epath.Path, cfg: Config, step: int | None) -> None:
         """Record the identity: config.yaml for a new run; for an allowed change, the old
         config.yaml set aside, the new one written and the change appended to the history.
         Call on the primary process only."""
@@ -135,7 +135,7 @@ class Identity:
             )
 
 
-def check(out: pathlib.Path, cfg: Config, allow_change: Sequence[str] = ()) -> Identity:
+def check(out: epath.Path, cfg: Config, allow_change: Sequence[str] = ()) -> Identity:
     """Compare `cfg` with the run recorded in `out`; raise ConfigError (one line) if they differ
     in a key that changes the result and is not in `allow_change`.
 

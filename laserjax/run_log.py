@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import sys
+import tempfile
 from typing import Any
 
 import jax
+from etils import epath
 
+from laserjax import paths
 from laserjax.config import Config, to_dict
 
 # ---------------------------------------------------------------------------------------------
@@ -82,14 +84,20 @@ def summary_metrics(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any
 class MetricsLog:
     """metrics.jsonl (flushed per line), plus TensorBoard / W&B when asked for and installed."""
 
-    def __init__(self, out: pathlib.Path, cfg: Config, resume_step: int) -> None:
+    def __init__(self, out: epath.Path, cfg: Config, resume_step: int) -> None:
         self.path = out / "metrics.jsonl"
         self.eval_path = out / "eval.jsonl"
         self.primary = jax.process_index() == 0
+        # The lines written so far: a remote object is rewritten whole on each write.
+        self.lines: dict[epath.Path, list[str]] = {}
         if self.primary:
             for p in (self.path, self.eval_path):
-                _keep_lines_up_to(p, resume_step)
+                self.lines[p] = _keep_lines_up_to(p, resume_step)
         self.tb = self.wandb = None
+        # TensorBoard and W&B write local files: under a remote output_dir, TensorBoard's go to
+        # a local directory copied to out/tensorboard after each write.
+        self.tb_remote: epath.Path | None = None
+        self._tb_stage = None
         if self.primary and cfg.train.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -104,7 +112,12 @@ class MetricsLog:
                         file=sys.stderr,
                     )
             if SummaryWriter is not None:
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                if paths.is_remote(out):
+                    self.tb_remote = out / "tensorboard"
+                    self._tb_stage = tempfile.TemporaryDirectory(prefix="laserjax-tb-")
+                    self.tb = SummaryWriter(self._tb_stage.name)
+                else:
+                    self.tb = SummaryWriter(str(out / "tensorboard"))
         if self.primary and cfg.train.wandb:
             try:
                 import wandb
@@ -112,7 +125,7 @@ class MetricsLog:
                 self.wandb = wandb.init(
                     project=cfg.train.wandb_project,
                     config=to_dict(cfg),
-                    dir=str(out),
+                    dir=None if paths.is_remote(out) else str(out),
                     resume="allow",
                     id=_run_id(out),
                 )
@@ -123,38 +136,47 @@ class MetricsLog:
         if not self.primary:
             return
         path = self.path if kind == "train" else self.eval_path
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        paths.append_line(path, json.dumps(row), self.lines[path])
         step = row["step"]
         scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and k != "step"}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{kind}/{k}", v, step)
             self.tb.flush()
+            if self.tb_remote is not None:
+                paths.upload_tree(self._tb_stage.name, self.tb_remote)
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            if self.tb_remote is not None:
+                paths.upload_tree(self._tb_stage.name, self.tb_remote)
+                self._tb_stage.cleanup()
         if self.wandb is not None:
             self.wandb.finish()
 
 
-def _run_id(out: pathlib.Path) -> str:
-    return "".join(c if c.isalnum() else "-" for c in out.resolve().as_posix())[-64:]
+def _run_id(out: epath.Path) -> str:
+    name = str(out) if paths.is_remote(out) else out.resolve().as_posix()
+    return "".join(c if c.isalnum() else "-" for c in name)[-64:]
 
 
-def _keep_lines_up_to(path: pathlib.Path, step: int) -> None:
-    """On resume, set aside (never delete) the lines a killed run wrote after its checkpoint."""
+def _keep_lines_up_to(path: epath.Path, step: int) -> list[str]:
+    """On resume, set aside (never delete) the lines a killed run wrote after its checkpoint.
+    Returns the lines kept."""
     if not path.is_file():
-        return
+        return []
     lines = path.read_text().splitlines()
     keep = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
     if len(keep) == len(lines):
-        return
+        return keep
     n = 0
     while (backup := path.with_name(f"{path.name}.before-resume-{n}")).exists():
         n += 1
-    path.rename(backup)
+    # Copy, then overwrite (not rename): object stores have no rename, and a kill in between
+    # leaves both files whole.
+    backup.write_text("".join(ln + "\n" for ln in lines))
     path.write_text("".join(ln + "\n" for ln in keep))
+    return keep

@@ -5,10 +5,15 @@ rollout-time self-reward from its extra decode step) -> the verifier -> the jitt
 (advantages, integration after the warm-ups, PPO + self-reward MSE from one forward) -> metrics,
 checkpoints, periodic held-out evaluation.
 
-The run directory (`output_dir`) holds `config.yaml`, `metrics.jsonl` (one line per step),
-`eval.jsonl` (one line per evaluation), `checkpoints/`, `summary.json` and the final policy in
-Hugging Face format under `hf/`. A run restarted with the same `output_dir` resumes from its
-latest checkpoint and reproduces the uninterrupted run's metrics.
+The run directory (`output_dir`: a local path, or a `gs://bucket/...` URL that every host reaches;
+process 0 writes its files, every process its checkpoint shards) holds `config.yaml`,
+`metrics.jsonl` (one line per step), `eval.jsonl` (one line per evaluation), `checkpoints/`,
+`summary.json` and the final policy in Hugging Face format under `hf/`. A run restarted with the
+same `output_dir` resumes from its latest checkpoint and reproduces the uninterrupted run's
+metrics. Whether to resume, from which step, c_ref and everything `run_info.json` holds are read
+by process 0 and broadcast, so all hosts resume the same step or all start fresh, whatever their
+local disks hold; rewards are graded in shares and gathered, so every host trains on the rewards
+that are logged.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
+import os
 import sys
 import time
 from typing import Any
@@ -24,10 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from laserjax import eval_metrics, run_identity, sharding
+from laserjax import eval_metrics, multihost, paths, run_identity, sharding
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import Config, ConfigError
 from laserjax.data import make_train_loader
@@ -116,12 +122,30 @@ def _params_finite(params: nnx.State) -> jax.Array:
 class Trainer:
     def __init__(self, cfg: Config, allow_change: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
-        self.out = pathlib.Path(cfg.output_dir)
+        try:
+            self.out = paths.run_path(cfg.output_dir, field="config field `output_dir`")
+        except paths.PathError as e:
+            raise ConfigError(str(e)) from None
+        if jax.process_count() > 1 and not paths.is_remote(self.out):
+            print(
+                f"note: output_dir {str(self.out)!r} is a local path on {jax.process_count()} "
+                "processes; it must be one directory all hosts share (e.g. an NFS mount), "
+                "otherwise use output_dir=gs://BUCKET/run",
+                file=sys.stderr,
+            )
         # Before anything is built or written: a run directory holds one run (run_identity).
-        self.identity = run_identity.check(self.out, cfg, allow_change)
+        # Process 0 reads the stored config and every process gets its verdict (a refusal too).
+        self.identity = run_identity.Identity(
+            **multihost.on_primary(
+                lambda: dataclasses.asdict(run_identity.check(self.out, cfg, allow_change)),
+                error=ConfigError,
+            )
+        )
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.ckpt = Checkpointer(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
-        self.resume_step = self.ckpt.latest_step()
+        # Decided once, by process 0, for every process: hosts that listed the directory
+        # themselves could disagree, and one resuming while another starts fresh deadlocks.
+        self.resume_step: int | None = multihost.on_primary(self.ckpt.latest_step)
         resuming = self.resume_step is not None
         if resuming and self.resume_step > cfg.train.total_steps:
             raise ConfigError(
@@ -185,7 +209,12 @@ class Trainer:
         )
         texts = decode_responses(self.task.tokenizer, rollout)
         refs = [answers[i // r.samples_per_prompt] for i in range(len(texts))]
-        return rollout, np.asarray(self.task.reward_fn(texts, refs), np.float32)
+        return rollout, self._grade(texts, refs)
+
+    def _grade(self, responses: list[str], answers: list[str]) -> np.ndarray:
+        """Rewards (LASER_SPEC section 4: verifier reward r_v) that every process agrees on:
+        each process grades its share and the shares are gathered."""
+        return multihost.grade_in_shares(self.task.reward_fn, responses, answers)
 
     def _build_step(self) -> None:
         cfg = self.cfg
@@ -217,7 +246,7 @@ class Trainer:
                 prompts,
                 [p.answer for p in problems],
                 n=cfg.train.eval_samples,
-                reward_fn=self.task.reward_fn,
+                reward_fn=self._grade,
                 extract_fn=self.task.extract_fn,
                 scoring=self._scoring(),
                 temperature=cfg.rollout.temperature,
@@ -286,9 +315,17 @@ class Trainer:
         start = 0
         run_info_path = self.out / "run_info.json"
         summary_path = self.out / "summary.json"
-        if self.resume_step == cfg.train.total_steps and summary_path.is_file():
-            # Finished already: report it, rewrite nothing (a rerun is not a new result).
-            summary = json.loads(summary_path.read_text())
+        # Finished already (process 0's reading, for every process): report it, rewrite
+        # nothing (a rerun is not a new result).
+        summary = multihost.on_primary(
+            lambda: (
+                json.loads(summary_path.read_text())
+                if self.resume_step == cfg.train.total_steps and summary_path.is_file()
+                else None
+            ),
+            error=ConfigError,
+        )
+        if summary is not None:
             if primary:
                 print(
                     f"{self.out}: this run is complete (step {self.resume_step}); nothing to do, "
@@ -301,11 +338,15 @@ class Trainer:
             return summary
         if self.resume_step is not None:
             self.state, meta = self.ckpt.restore(self.resume_step, self.state)
+            # Process 0's reading of the small state, so no host resumes on a value of its own.
+            meta = multihost.broadcast_json(meta)
             self.loader.set_state(meta["data"])
             self.c_ref = meta["c_ref"]
             start = meta["step"]
             self.sampler = self._make_sampler()
-            run_info = json.loads(run_info_path.read_text())
+            run_info = multihost.on_primary(
+                lambda: json.loads(run_info_path.read_text()), error=ConfigError
+            )
             print(f"resumed from checkpoint step {start} in {self.out / 'checkpoints'}")
             if primary:
                 run_identity.record(self.out, "resume", from_step=start)
@@ -320,6 +361,9 @@ class Trainer:
                 **self.setup_info,
                 "eval_start": self.evaluate(0) if t.eval_sets else {},
             }
+            # Every process trains with process 0's c_ref and logs its evaluation.
+            run_info = multihost.broadcast_json(run_info)
+            self.c_ref = run_info["c_ref"]
             if primary:
                 run_identity.set_aside(run_info_path, "restart")
                 run_info_path.write_text(json.dumps(run_info, indent=2))
@@ -433,11 +477,20 @@ class Trainer:
             "seconds": seconds,
         }
 
-    def export(self, out_dir: pathlib.Path) -> None:
-        model = nnx.merge(self.graphdef, self.state.params)
-        save_pretrained(model, out_dir)
-        if jax.process_index() == 0:
-            self.task.tokenizer.save_pretrained(str(out_dir))
+    def export(self, out_dir: epath.Path) -> None:
+        export_hf(self.graphdef, self.state.params, self.task.tokenizer, out_dir)
+
+
+def export_hf(graphdef, params, tokenizer, out_dir: str | os.PathLike) -> None:
+    """The policy in Hugging Face format under `out_dir` (a local path or a URL). Call it on every
+    process: each gathers the parameters and process 0 writes, to a local staging directory first
+    when `out_dir` is a URL (safetensors and tokenizers write local files only)."""
+    model = nnx.merge(graphdef, params)
+    primary = jax.process_index() == 0
+    with paths.local_staging(paths.run_path(out_dir, field="export dir"), upload=primary) as local:
+        save_pretrained(model, local)
+        if primary:
+            tokenizer.save_pretrained(local)
 
 
 def _abstract_train_state(abstract_params: nnx.State, cfg: Config, mesh: Mesh) -> TrainState:

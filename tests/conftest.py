@@ -7,6 +7,9 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs's experimental zonal-bucket support asks a gRPC control API what kind each bucket is; the
+# local GCS server of tests/gcs_emulator.py speaks only the JSON API (each ask would wait 60 s).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 SHARED_EVAL = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 
