@@ -17,9 +17,18 @@ IEEE arithmetic; so the runs must agree bit for bit, and the test compares exact
 metrics.jsonl field but the wall-clock `step_seconds`, the evaluations, the summary, the final
 orbax checkpoint (params, AdamW moments, step, the data-iterator state) and the Hugging Face
 export. The two-process run must also write each line once (only process 0 logs) and one
-checkpoint both processes wrote their shards into. A third pair of processes stops after step 1
-and a fourth resumes that run directory to the end: the resumed run must equal the uninterrupted
-one the same way (each process restores its own shards and the data stream's position).
+checkpoint both processes wrote their shards into.
+
+A pod preemption (issue 17): a third pair of processes, each in its own empty working directory
+(a TPU worker's private disk), trains into `gs://BUCKET/run` on a local GCS server
+(tests/gcs_emulator.py: the JSON API that gcsfs and TensorStore's GCS driver speak) and is
+SIGKILLed in the middle of step 2, after checkpoint 1 is in the bucket. A fourth pair, in new empty
+directories, resumes from the bucket alone: both processes must resume the same step and the run
+must end equal to the uninterrupted one, bit for bit (same layout, same machine), with nothing
+written to or read from the processes' own directories.
+
+One reward for all hosts: a fifth pair runs with a grader that times out (grades 0) on every
+answer on process 1 only; both processes must train on one reward vector, the one logged.
 
 The runs are shrunk until compiling dominates (~20 s of CPU per process) and run at once.
 """
@@ -39,6 +48,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from tests.gcs_emulator import BUCKET, GcsEmulator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_cpu.yaml"
@@ -83,28 +94,28 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
     env |= {
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
+        # laserjax importable from any working directory.
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])]),
         **extra,
     }
     return env
 
 
 def _start(
-    out: pathlib.Path, env: dict[str, str], log: pathlib.Path, extra: tuple[str, ...] = ()
+    out: pathlib.Path | str,
+    env: dict[str, str],
+    log: pathlib.Path,
+    extra: tuple[str, ...] = (),
+    *,
+    cwd: pathlib.Path = REPO,
+    wrapper: str | None = None,
 ) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "laserjax",
-        "train",
-        "--config",
-        str(DEMO),
-        *ARGS,
-        *extra,
-        f"output_dir={out}",
-    ]
+    """`python -m laserjax train` (or `python -c wrapper`, which runs the same command line)."""
+    argv = ["train", "--config", str(DEMO), *ARGS, *extra, f"output_dir={out}"]
+    cmd = [sys.executable, *(["-c", wrapper] if wrapper else ["-m", "laserjax"]), *argv]
     with log.open("w") as f:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
@@ -135,20 +146,29 @@ def _wait(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
 
 
 def _start_two_processes(
-    out: pathlib.Path, logs: pathlib.Path, tag: str, extra: tuple[str, ...] = ()
+    out: pathlib.Path | str,
+    logs: pathlib.Path,
+    tag: str,
+    extra: tuple[str, ...] = (),
+    *,
+    cwds: tuple[pathlib.Path, pathlib.Path] = (REPO, REPO),
+    env: dict[str, str] | None = None,
+    wrapper: str | None = None,
 ) -> dict:
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = {}
     for i in range(2):
-        env = _env(
+        process_env = _env(
             1,
             LASERJAX_DISTRIBUTED="1",
             LASERJAX_COORDINATOR=coordinator,
             LASERJAX_NUM_PROCESSES="2",
             LASERJAX_PROCESS_ID=str(i),
+            **(env or {}),
         )
         log = logs / f"{tag}{i}.log"
-        procs[f"{tag} process {i}"] = (_start(out, env, log, extra), log)
+        proc = _start(out, process_env, log, extra, cwd=cwds[i], wrapper=wrapper)
+        procs[f"{tag} process {i}"] = (proc, log)
     return procs
 
 
@@ -162,18 +182,86 @@ def runs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     return one, two
 
 
+# The `train` command, but at the PAUSE_AT-th train step, after its rollout and before its update,
+# it writes PAUSE_MARKER + its process id and sleeps, so the test's SIGKILL lands mid-step
+# deterministically (a toy step is far too short to hit by polling).
+PAUSE_MID_STEP = """
+import os, pathlib, sys, time
+from laserjax import cli, trainer
+pause_at = int(os.environ["PAUSE_AT"])
+marker = pathlib.Path(os.environ["PAUSE_MARKER"] + os.environ["LASERJAX_PROCESS_ID"])
+check_batch, calls = trainer.check_batch, []
+def check_batch_then_pause(batch, group_size):
+    check_batch(batch, group_size)
+    calls.append(1)
+    if len(calls) == pause_at:
+        marker.write_text(str(pause_at))
+        time.sleep(TIMEOUT_S)
+trainer.check_batch = check_batch_then_pause
+cli.main(sys.argv[1:])
+""".replace("TIMEOUT_S", str(TIMEOUT_S))
+RUN_URL = f"gs://{BUCKET}/run"
+
+
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory) -> pathlib.Path:
-    """Two processes stop after step 1 (a run of 1 step that saves it), then two new processes
-    resume that run directory to step TOTAL_STEPS, as after a TPU pod preemption."""
+def gcs(tmp_path_factory):
+    with GcsEmulator(tmp_path_factory.mktemp("gcs") / "emulator.log") as server:
+        yield server
+
+
+def _kill_when_paused(procs: dict, markers: list[pathlib.Path]) -> None:
+    """Wait until every process has written its marker (or one has exited), then SIGKILL all."""
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not all(m.exists() for m in markers):
+            exited = [(n, p.returncode) for n, (p, _) in procs.items() if p.poll() is not None]
+            if exited or time.monotonic() > deadline:
+                tails = "\n".join(
+                    f"--- {name}:\n{log.read_text()[-3000:]}" for name, (_, log) in procs.items()
+                )
+                pytest.fail(f"the run to kill did not reach its pause ({exited}); logs:\n{tails}")
+            time.sleep(0.2)
+    finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, gcs) -> tuple[pathlib.Path, pathlib.Path]:
+    """Two processes in private working directories train into gs://BUCKET/run, checkpointing
+    every step, and are SIGKILLed mid-step 2; two new processes in new private directories resume
+    from the bucket to TOTAL_STEPS, as after a TPU pod preemption that took the slice's disks.
+    Returns (a local copy of the bucket's run directory, the directory holding the logs)."""
     root = tmp_path_factory.mktemp("multihost_resume")
-    out = root / "run"
-    _wait(_start_two_processes(out, root, "first", ("train.total_steps=1", "train.save_every=1")))
-    # Lengthening a run is a change of its config: allowed explicitly, and recorded.
-    resumed_args = ("train.save_every=1", "--allow-change", "train.total_steps")
-    _wait(_start_two_processes(out, root, "resumed", resumed_args))
-    assert "resumed from checkpoint step 1" in (root / "resumed0.log").read_text()
-    return out
+    cwds = {leg: (root / f"{leg}_cwd0", root / f"{leg}_cwd1") for leg in ("killed", "resumed")}
+    for d in (*cwds["killed"], *cwds["resumed"]):
+        d.mkdir()
+    markers = [root / "paused0", root / "paused1"]
+    procs = _start_two_processes(
+        RUN_URL,
+        root,
+        "killed",
+        ("train.save_every=1",),
+        cwds=cwds["killed"],
+        env={**gcs.env(), "PAUSE_AT": "2", "PAUSE_MARKER": str(root / "paused")},
+        wrapper=PAUSE_MID_STEP,
+    )
+    _kill_when_paused(procs, markers)
+    _wait(
+        _start_two_processes(
+            RUN_URL,
+            root,
+            "resumed",
+            ("train.save_every=1",),
+            cwds=cwds["resumed"],
+            env=gcs.env(),
+        )
+    )
+    for d in (*cwds["killed"], *cwds["resumed"]):
+        assert list(d.iterdir()) == [], f"a process wrote into its own directory {d}"
+    return gcs.download(RUN_URL, root / "run"), root
 
 
 def _jsonl(path: pathlib.Path) -> list[dict]:
@@ -241,19 +329,95 @@ def test_two_processes_save_the_one_process_checkpoint_and_export(runs):
     assert (one / "hf" / "config.json").read_text() == (two / "hf" / "config.json").read_text()
 
 
-def test_two_processes_resume_to_the_uninterrupted_run(runs, resumed):
+def test_killed_pod_resumes_from_the_bucket_to_the_uninterrupted_run(runs, resumed):
     one, _ = runs
-    rows_one, rows_resumed = _jsonl(one / "metrics.jsonl"), _jsonl(resumed / "metrics.jsonl")
+    run, logs = resumed
+    # Killed mid-step 2: checkpoint 1 was committed to the bucket and step 2 never logged.
+    for i in range(2):
+        assert "resumed from checkpoint step 1 in gs://" in (logs / f"resumed{i}.log").read_text()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "3"]  # keep = 2
+    rows_one, rows_resumed = _jsonl(one / "metrics.jsonl"), _jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows_resumed] == list(range(1, TOTAL_STEPS + 1))
     for a, b in zip(rows_one, rows_resumed, strict=True):
         assert _without(a, "step_seconds") == _without(b, "step_seconds"), f"step {a['step']}"
-    # The first leg's final evaluation (step 1) is extra; the rest is the uninterrupted run's.
-    evals = [r for r in _jsonl(resumed / "eval.jsonl") if r["step"] != 1]
-    assert evals == _jsonl(one / "eval.jsonl")
+    assert _jsonl(run / "eval.jsonl") == _jsonl(one / "eval.jsonl")
     summary_one = json.loads((one / "summary.json").read_text())
-    summary_resumed = json.loads((resumed / "summary.json").read_text())
+    summary_resumed = json.loads((run / "summary.json").read_text())
     assert _without(summary_one, "seconds") == _without(summary_resumed, "seconds")
+    assert json.loads((run / "run_info.json").read_text()) == json.loads(
+        (one / "run_info.json").read_text()
+    )
     state_one = _restore_on_one_device(one / "checkpoints" / str(TOTAL_STEPS))
-    state_resumed = _restore_on_one_device(resumed / "checkpoints" / str(TOTAL_STEPS))
+    state_resumed = _restore_on_one_device(run / "checkpoints" / str(TOTAL_STEPS))
     for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state_resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (run / "hf" / name).read_bytes() == (one / "hf" / name).read_bytes(), name
+
+
+# The `train` command with a grader that, on process 1 only, times out on every answer (the real
+# grader's deadline grades such an answer 0); every call and every reward vector the train step
+# gets is recorded to GRADER_LOG + process id.
+SLOW_GRADER_ON_PROCESS_1 = """
+import json, os, pathlib, sys
+import jax
+import numpy as np
+from laserjax import cli, toy_task, trainer
+calls, trained = [], []
+def grader(responses, answers):
+    exact = np.asarray(toy_task.exact_match(responses, answers), np.float32)
+    graded = np.zeros_like(exact) if jax.process_index() == 1 else exact
+    calls.append({"exact": exact.tolist(), "graded": graded.tolist()})
+    return graded
+toy_setup = trainer._toy_setup
+def toy_setup_with_grader(cfg, abstract):
+    model, task, info = toy_setup(cfg, abstract)
+    task.reward_fn = grader
+    return model, task, info
+trainer._toy_setup = toy_setup_with_grader
+from_rollout = trainer.TrainBatch.from_rollout
+def recording_from_rollout(rollout, rewards):
+    trained.append(np.asarray(rewards, np.float32).tolist())
+    return from_rollout(rollout, rewards)
+trainer.TrainBatch.from_rollout = staticmethod(recording_from_rollout)
+cli.main(sys.argv[1:])
+log = pathlib.Path(os.environ["GRADER_LOG"] + str(jax.process_index()))
+log.write_text(json.dumps({"calls": calls, "trained": trained}))
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_grader_run(tmp_path_factory) -> tuple[pathlib.Path, list[dict]]:
+    root = tmp_path_factory.mktemp("multihost_grader")
+    _wait(
+        _start_two_processes(
+            root / "run",
+            root,
+            "grader",
+            ("train.total_steps=2", "train.save_every=2", "train.export_hf=false"),
+            env={"GRADER_LOG": str(root / "grader")},
+            wrapper=SLOW_GRADER_ON_PROCESS_1,
+        )
+    )
+    return root / "run", [json.loads((root / f"grader{i}").read_text()) for i in range(2)]
+
+
+def test_a_grader_timeout_on_one_host_gives_both_hosts_the_same_reward(slow_grader_run):
+    run, (host0, host1) = slow_grader_run
+    assert len(host0["trained"]) == len(host1["trained"]) == 2  # one reward vector per step
+    # Both processes fed the train step the same rewards, bit for bit: the ones logged.
+    assert host0["trained"] == host1["trained"]
+    for row, rewards in zip(_jsonl(run / "metrics.jsonl"), host0["trained"], strict=True):
+        assert row["reward_mean"] == float(np.mean(np.asarray(rewards, np.float32)))
+    # Each response was graded once, by one process: process 0 the first half of each batch,
+    # process 1 (whose grader timed out) the second.
+    assert all(len(c["graded"]) * 2 == len(host0["trained"][0]) for c in host0["calls"])
+    n = len(host0["trained"][0])
+    train_calls = [(c0, c1) for c0, c1 in zip(host0["calls"], host1["calls"], strict=True)]
+    step_calls = train_calls[1 : 1 + len(host0["trained"])]  # after the step-0 evaluation
+    for (c0, c1), rewards in zip(step_calls, host0["trained"], strict=True):
+        assert rewards[: n // 2] == c0["graded"] and rewards[n // 2 :] == c1["graded"]
+    # The test has teeth: process 1 timed out on answers that process 0's grader finds right, so
+    # hosts each grading every response would have trained on different rewards.
+    assert any(1.0 in c1["exact"] for _, c1 in step_calls)
+    assert any(1.0 in c0["graded"] for c0, _ in step_calls)
