@@ -7,10 +7,10 @@ through `etils.epath.Path`, the path layer orbax itself uses: a local path behav
 reaches Cloud Storage through `gcsfs` (`pip install laserjax[gcs]`, which `tpu_scripts` setup
 installs); orbax's array writes go through TensorStore's own GCS driver.
 
-Object stores have no append and no local file handle, so the two things that need them are
-handled here: `append_line` rewrites a remote object whole (uploads are atomic), and
-`local_staging` gives writers that only take local paths (safetensors, tokenizers, TensorBoard) a
-local directory whose files are then copied up.
+Object stores have no append, no rename and no local file handle, so what needs them is handled
+here: `append_line` rewrites a remote object whole (uploads are atomic), `move` copies and
+deletes, and `local_staging` gives writers that only take local paths (safetensors, tokenizers,
+TensorBoard) a local directory whose files are then copied up.
 """
 
 from __future__ import annotations
@@ -76,16 +76,30 @@ def absolute(path: epath.Path) -> epath.Path:
     return path if is_remote(path) else path.absolute()
 
 
-def append_line(path: epath.Path, line: str, lines_so_far: list[str]) -> None:
+def append_line(path: epath.Path, line: str, lines_so_far: list[str] | None = None) -> None:
     """Append `line` to a text file. Local files are appended to; a remote object is rewritten
-    whole from `lines_so_far` (which the caller keeps, this appends `line` to it), since object
-    stores have no append and replace an object atomically."""
-    lines_so_far.append(line)
-    if is_remote(path):
-        path.write_text("".join(ln + "\n" for ln in lines_so_far))
-    else:
+    whole (object stores have no append, and replace an object atomically) from `lines_so_far`
+    when the caller keeps them (this appends `line` to it), else from the object read back."""
+    if lines_so_far is not None:
+        lines_so_far.append(line)
+    if not is_remote(path):
         with path.open("a") as f:
             f.write(line + "\n")
+        return
+    if lines_so_far is None:
+        lines_so_far = path.read_text().splitlines() if path.exists() else []
+        lines_so_far.append(line)
+    path.write_text("".join(ln + "\n" for ln in lines_so_far))
+
+
+def move(src: epath.Path, dst: epath.Path) -> None:
+    """Rename a file; on an object store (no rename) copy it, then delete the source."""
+    if not is_remote(src):
+        src.rename(dst)
+        return
+    with src.open("rb") as f_in, dst.open("wb") as f_out:
+        shutil.copyfileobj(f_in, f_out)
+    src.unlink()
 
 
 @contextlib.contextmanager
