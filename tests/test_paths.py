@@ -2,9 +2,10 @@
 
 `pathlib.Path("gs://b/run")` is the local relative path `gs:/b/run`; the trainer, the
 checkpointer and the exporter once used it, so every worker of a pod wrote its checkpoints and
-logs to its own disk. Here the trainer's writers (config/run files through epath, metrics.jsonl and
-eval.jsonl with the resume trim), the checkpointer (orbax: gcsfs for its metadata, TensorStore's
-GCS driver for array shards) and the Hugging Face exporter write to `gs://BUCKET/run` on a local
+logs to its own disk. Here the trainer's writers (the run identity's config.yaml, its history and
+set-aside copies, metrics.jsonl and eval.jsonl with the resume trim), the checkpointer (orbax:
+gcsfs for its metadata, TensorStore's GCS driver for array shards) and the Hugging Face exporter
+write to `gs://BUCKET/run` on a local
 GCS server (tests/gcs_emulator.py): every object must land under `run/` in the bucket with the
 names a local run gives its files, and nothing may appear in the working directory.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from laserjax import paths, toy_task
+from laserjax import paths, run_identity, toy_task
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import ConfigError, load_config
 from laserjax.model import Transformer
@@ -106,9 +107,23 @@ def test_trainer_checkpointer_and_exporter_write_under_the_url(gcs, on_gcs, tmp_
     assert meta == {"step": 3, "c_ref": -6.0}
     reopened.close()
 
+    # The run's identity: config.yaml written and read back, history lines appended, an allowed
+    # change setting the old config aside.
+    run_identity.check(out, cfg).write(out, cfg, None)
+    longer = load_config(DEMO, [f"output_dir={URL}", "mesh.data=-1", "train.total_steps=300"])
+    with pytest.raises(ConfigError, match="train.total_steps"):
+        run_identity.check(out, longer)
+    run_identity.check(out, longer, ("train.total_steps",)).write(out, longer, 3)
+    run_identity.record(out, "resume", from_step=3)
+    history = [
+        json.loads(ln)["event"] for ln in (out / "run_history.jsonl").read_text().splitlines()
+    ]
+    assert history == ["start", "change", "resume"]
+    assert load_config(out / "config.yaml").train.total_steps == 300
+    assert load_config(out / "config.yaml.before-change-0").train.total_steps == 200
+
     # The trainer's run files: one line per write, and on resume the lines after the checkpoint
     # set aside next to the file.
-    (out / "config.yaml").write_text("seed: 0\n")
     log = MetricsLog(out, cfg, resume_step=-1)
     for step in (1, 2, 3, 4):
         log.write({"step": step, "reward_mean": step / 10})
@@ -137,6 +152,8 @@ def test_trainer_checkpointer_and_exporter_write_under_the_url(gcs, on_gcs, tmp_
     assert all(n.startswith("run/") for n in names), names
     for expected in (
         "run/config.yaml",
+        "run/config.yaml.before-change-0",
+        "run/run_history.jsonl",
         "run/metrics.jsonl",
         "run/metrics.jsonl.before-resume-0",
         "run/eval.jsonl",
