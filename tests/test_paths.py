@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +55,12 @@ def test_an_unserved_scheme_fails_at_construction_naming_output_dir(tmp_path):
     cfg = load_config(DEMO, ["output_dir=hdfs://cluster/run", "mesh.data=-1"])
     with pytest.raises(ConfigError, match=r"config field `output_dir` 'hdfs://cluster/run'.*gs://"):
         Trainer(cfg)
+
+
+def test_gs_without_gcsfs_fails_naming_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # import gcsfs -> ImportError
+    with pytest.raises(paths.PathError, match=r"output_dir.*gcsfs.*laserjax\[gcs\]"):
+        paths.run_path(URL, field="config field `output_dir`")
 
 
 @pytest.fixture(scope="module")
