@@ -21,6 +21,30 @@ import time
 BUCKET = "laserjax-test"
 START_TIMEOUT_S = 60
 
+# The server, with two fixes for the clients a run uses:
+# - media downloads carry the object's generation in `x-goog-generation`, as GCS sends it:
+#   TensorStore's GCS driver reads it (OCDBT re-reads its manifest while a checkpoint is being
+#   written) and fails with "Malformed StorageGeneration" without it;
+# - a listen backlog of 128 instead of 5, so the bursts of parallel requests of two processes
+#   wait for the single-threaded server instead of being refused.
+LAUNCH = """
+import http.server, sys
+from gcp_storage_emulator.handlers import objects
+download = objects.download
+def download_with_generation(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:
+        return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+objects.download = download_with_generation
+http.server.HTTPServer.request_queue_size = 128
+from gcp_storage_emulator.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -50,8 +74,8 @@ class GcsEmulator:
     def __enter__(self) -> GcsEmulator:
         cmd = [
             sys.executable,
-            "-m",
-            "gcp_storage_emulator",
+            "-c",
+            LAUNCH,
             "start",
             "--host=127.0.0.1",
             f"--port={self.port}",

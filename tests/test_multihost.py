@@ -94,6 +94,9 @@ def _env(devices: int, **extra: str) -> dict[str, str]:
     env |= {
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
         "JAX_PLATFORMS": "cpu",
+        # Every thread's Python stack in the log if a process is aborted (JAX's coordination
+        # service aborts a process whose peer stopped answering): shows where a hang was.
+        "PYTHONFAULTHANDLER": "1",
         # laserjax importable from any working directory.
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])]),
         **extra,
@@ -137,12 +140,21 @@ def _wait(procs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> None:
     if any(p.returncode for p, _ in procs.values()):
         timed_out = time.monotonic() > deadline
         tails = "\n".join(
-            f"--- {name} (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+            f"--- {name} (exit {p.returncode}):\n{_log_tail(log)}"
             for name, (p, log) in procs.items()
         )
         pytest.fail(
             f"a training run failed{f' (over {TIMEOUT_S} s)' if timed_out else ''}; logs:\n{tails}"
         )
+
+
+def _log_tail(log: pathlib.Path) -> str:
+    """The end of a run's log, and its first Python traceback (a process that raised is often
+    what left its peer waiting; the peer's abort message would push the traceback out of view)."""
+    text = log.read_text()
+    at = text.find("Traceback (most recent call last)")
+    first = f"{text[at : at + 3000]}\n[...]\n" if at >= 0 and at < len(text) - 3000 else ""
+    return first + text[-3000:]
 
 
 def _start_two_processes(
