@@ -19,8 +19,7 @@ import typing
 from typing import Any, Literal
 
 import yaml
-
-from laserjax import paths
+from etils import epath
 
 
 class ConfigError(ValueError):
@@ -614,10 +613,7 @@ def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> C
     """Load a YAML config and apply `section.key=value` overrides (values parsed as YAML)."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:  # a run directory's config.yaml may be at a gs:// URL
-            path = paths.run_path(path, field="config file")
-        except paths.PathError as e:
-            raise ConfigError(str(e)) from None
+        path = epath.Path(path)  # keeps a URL intact: a run's config.yaml may be on gs://
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
         data = yaml.safe_load(path.read_text()) or {}

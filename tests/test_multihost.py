@@ -381,17 +381,17 @@ def grader(responses, answers):
     graded = np.zeros_like(exact) if jax.process_index() == 1 else exact
     calls.append({"exact": exact.tolist(), "graded": graded.tolist()})
     return graded
-toy_setup = trainer._toy_setup
-def toy_setup_with_grader(cfg, abstract):
-    model, task, info = toy_setup(cfg, abstract)
+build_task = trainer.build_task
+def build_task_with_grader(cfg, mesh, abstract):
+    model, task, info = build_task(cfg, mesh, abstract)
     task.reward_fn = grader
     return model, task, info
-trainer._toy_setup = toy_setup_with_grader
-from_rollout = trainer.TrainBatch.from_rollout
-def recording_from_rollout(rollout, rewards):
+trainer.build_task = build_task_with_grader
+train_batch = trainer.train_batch
+def recording_train_batch(rollout, rewards, *args, **kwargs):
     trained.append(np.asarray(rewards, np.float32).tolist())
-    return from_rollout(rollout, rewards)
-trainer.TrainBatch.from_rollout = staticmethod(recording_from_rollout)
+    return train_batch(rollout, rewards, *args, **kwargs)
+trainer.train_batch = recording_train_batch
 cli.main(sys.argv[1:])
 log = pathlib.Path(os.environ["GRADER_LOG"] + str(jax.process_index()))
 log.write_text(json.dumps({"calls": calls, "trained": trained}))
