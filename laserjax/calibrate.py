@@ -41,8 +41,9 @@ from jax.sharding import Mesh
 
 from laserjax import sharding
 from laserjax.config import token_id_problem
+from laserjax.laser import positions_from_mask, token_logprobs
 from laserjax.model.transformer import Transformer
-from laserjax.sampler import Sampler, token_logprobs
+from laserjax.sampler import Sampler
 
 STD_WARN = 1.0
 """Warn when the std of log pi_ref(z_c) over pairs exceeds this many nats."""
@@ -72,7 +73,7 @@ def _make_forward(model: Transformer, z_token_id: int):
     @jax.jit
     def forward(params, tokens_bl, mask_bl, eos_pos_b):
         m = nnx.merge(graphdef, params)
-        positions_bl = jnp.maximum(jnp.cumsum(mask_bl, axis=1, dtype=jnp.int32) - 1, 0)
+        positions_bl = positions_from_mask(mask_bl)
         h_bld = m.hidden(tokens_bl, positions_bl, mask_bl)
         h_bd = jnp.take_along_axis(h_bld, eos_pos_b[:, None, None], axis=1)[:, 0]
         z_b = jnp.full(eos_pos_b.shape, z_token_id, jnp.int32)

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from etils import epath
 
+from laserjax import laser
+
 
 class ConfigError(ValueError):
     """A config field is invalid; the message names the field and the fix.
@@ -193,9 +195,12 @@ class TokenConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LaserConfig:
-    """The LaSeR terms (LASER_SPEC sections 1-4). `algorithm: grpo` turns all of them off."""
+    """The LaSeR terms (LASER_SPEC sections 1-4) and the algorithm's name.
 
-    algorithm: Literal["laser", "grpo"] = "laser"
+    `algorithm` is one of `laserjax.laser.ALGORITHMS`: laser, or a GRPO-family baseline without
+    the self-reward terms (grpo, dr_grpo, dapo), each with its own policy-loss defaults."""
+
+    algorithm: str = "laser"
     beta_v: float = 0.1
     c_ref: float | str = -23.0
     """Measure it for your model: `python -m laserjax calibrate` (spec section 1). `auto` measures
@@ -211,9 +216,9 @@ class LaserConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.algorithm in ("laser", "grpo"),
+            self.algorithm in laser.ALGORITHMS,
             "laser.algorithm",
-            f"unknown algorithm {self.algorithm!r}; use laser or grpo",
+            f"unknown algorithm {self.algorithm!r}; use one of {', '.join(laser.ALGORITHMS)}",
         )
         _check(
             isinstance(self.c_ref, float | int) or self.c_ref == "auto",
@@ -233,43 +238,84 @@ class LaserConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.algorithm == "laser"
+        """The self-reward terms are on (the algorithm is LaSeR)."""
+        return laser.ALGORITHMS[self.algorithm].self_reward
+
+
+_ALGORITHM_FIELDS = ("clip_low", "clip_high", "loss_agg", "norm_adv_by_std")
+"""Policy-loss fields whose default depends on `laser.algorithm`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossConfig:
-    """The GRPO/PPO clipped surrogate (LASER_SPEC section 2)."""
+    """The GRPO/PPO clipped surrogate and its optional KL to the reference policy (LASER_SPEC
+    section 2).
 
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    `clip_low`, `clip_high`, `loss_agg` and `norm_adv_by_std` left unset (None) take the value of
+    the run's `laser.algorithm` (`laser.ALGORITHMS`: grpo / laser 0.2 / 0.2, token-mean, std
+    normalisation; dapo clip_high 0.28; dr_grpo seq-mean-token-sum-norm without std
+    normalisation). Until `for_algorithm` resolves them (`Config` does) they read as GRPO's.
+    """
+
+    clip_low: float | None = None
+    clip_high: float | None = None
     dual_clip: float = 3.0
     """c of dual-clip PPO for negative advantages; 0 switches it off (must be > 1 otherwise)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    loss_agg: str | None = None
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
+    loss_scale_factor: float = 0.0
+    """The constant N of seq-mean-token-sum-norm (Dr. GRPO); 0 = the padded response length."""
+    norm_adv_by_std: bool | None = None
+    """Divide group-centred rewards by the group std (GRPO); Dr. GRPO does not."""
     kl_coef: float = 0.0
-    kl_type: Literal["low_var_kl", "k1", "k2"] = "low_var_kl"
+    """Weight of the KL to the reference policy (the initial weights); 0 = no reference."""
+    kl_type: str = "low_var_kl"
+    """k1, k2 or low_var_kl (k3), as verl's `kl_penalty`."""
+    ref_param_dtype: str = ""
+    """dtype of the frozen reference weights (kl_coef > 0): "" = model.param_dtype, or
+    bfloat16 to halve their memory."""
 
     def __post_init__(self) -> None:
-        _check(
-            self.clip_low > 0 and self.clip_high > 0,
-            "policy_loss.clip_low/clip_high",
-            "must be > 0 (the paper uses 0.2/0.2)",
-        )
+        unset = tuple(f for f in _ALGORITHM_FIELDS if getattr(self, f) is None)
+        grpo = laser.ALGORITHMS["grpo"]
+        for f in unset:
+            object.__setattr__(self, f, getattr(grpo, f))
+        object.__setattr__(self, "_unset", unset)
+        for f in ("clip_low", "clip_high"):
+            _check(
+                getattr(self, f) > 0,
+                f"policy_loss.{f}",
+                "must be > 0 (the paper uses 0.2)",
+            )
         _check(
             self.dual_clip == 0 or self.dual_clip > 1,
             "policy_loss.dual_clip",
             "must be 0 (off) or > 1 (the paper uses 3.0)",
         )
         _check(
-            self.loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+            self.loss_agg in laser.LOSS_AGG_MODES,
             "policy_loss.loss_agg",
-            "use token-mean, seq-mean-token-mean or seq-mean-token-sum",
+            f"use one of {', '.join(laser.LOSS_AGG_MODES)}",
         )
+        _check(self.loss_scale_factor >= 0, "policy_loss.loss_scale_factor", "must be >= 0")
         _check(self.kl_coef >= 0, "policy_loss.kl_coef", "must be >= 0")
         _check(
-            self.kl_type in ("low_var_kl", "k1", "k2"),
+            self.kl_type in laser.KL_KINDS,
             "policy_loss.kl_type",
-            "use low_var_kl, k1 or k2",
+            f"use one of {', '.join(laser.KL_KINDS)}",
         )
+        _check(
+            self.ref_param_dtype in ("", "float32", "bfloat16", "float16"),
+            "policy_loss.ref_param_dtype",
+            f"unknown dtype {self.ref_param_dtype!r}; use float32, bfloat16, float16 or leave "
+            "it empty (model.param_dtype)",
+        )
+
+    def for_algorithm(self, algorithm: str) -> PolicyLossConfig:
+        """These settings with every field left unset at construction set to `algorithm`'s
+        registered default (the result has every field set)."""
+        defaults = laser.ALGORITHMS[algorithm]
+        return dataclasses.replace(self, **{f: getattr(defaults, f) for f in self._unset})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,6 +519,10 @@ class Config:
                 self, "laser", dataclasses.replace(self.laser, algorithm=self.algorithm)
             )
             object.__setattr__(self, "algorithm", "")
+        # Written out in full, so config.yaml shows the values the run used.
+        object.__setattr__(
+            self, "policy_loss", self.policy_loss.for_algorithm(self.laser.algorithm)
+        )
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
         mb = self.train.micro_batch_size
         _check(

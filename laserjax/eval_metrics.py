@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from laserjax import laser
 from laserjax.reward import normalize_answer
 
 _TIE_RTOL = 1e-9
@@ -211,17 +212,21 @@ def _scored(
 def self_verification(
     correct: np.ndarray | Sequence, scores: np.ndarray | Sequence, threshold: float = 0.5
 ) -> SelfVerification:
-    """Self-verification at `threshold` (LASER_SPEC section 5: predict correct when r_s > 0.5)."""
+    """Self-verification at `threshold` (LASER_SPEC section 5: predict correct when r_s > 0.5).
+
+    The counting is `laser.self_verification_metrics`, the train step's own, over the scored
+    samples; its (count, count) pairs are exact integers, divided here in float64."""
     c, s, unscored = _scored(correct, scores)
-    predicted = s > threshold
-    n_pos, n_neg = int(c.sum()), int((~c).sum())
-    acc_pos = float(predicted[c].mean()) if n_pos else math.nan
-    acc_neg = float((~predicted[~c]).mean()) if n_neg else math.nan
+    pairs = laser.self_verification_metrics(s, c, np.ones_like(c), threshold)
+    hits_pos, n_pos = (float(x) for x in pairs["acc_correct"])
+    hits_neg, n_neg = (float(x) for x in pairs["acc_incorrect"])
+    acc_pos = hits_pos / n_pos if n_pos else math.nan
+    acc_neg = hits_neg / n_neg if n_neg else math.nan
     if math.isnan(acc_pos) or math.isnan(acc_neg) or acc_pos + acc_neg == 0:
         f1 = 0.0
     else:
-        f1 = 2 * acc_pos * acc_neg / (acc_pos + acc_neg)
-    return SelfVerification(acc_pos, acc_neg, f1, n_pos, n_neg, unscored)
+        f1 = float(laser.self_verification_f1(acc_pos, acc_neg))
+    return SelfVerification(acc_pos, acc_neg, f1, int(n_pos), int(n_neg), unscored)
 
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:

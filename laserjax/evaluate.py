@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from laserjax import eval_metrics
+from laserjax import eval_metrics, laser
 from laserjax.sampler import RolloutBatch, Sampler
 
 RewardFn = Callable[[list[str], list[str]], np.ndarray]
@@ -34,7 +34,9 @@ class Scoring:
 
     def score(self, logp_zc: np.ndarray, finished: np.ndarray) -> np.ndarray:
         """r_s per sample; NaN for truncated samples (they get no z_c step)."""
-        return np.where(finished, self.beta_v * (logp_zc - self.c_ref), np.nan)
+        return np.asarray(
+            laser.self_reward_score_or_nan(logp_zc, finished, self.beta_v, self.c_ref)
+        )
 
 
 def sample_record(

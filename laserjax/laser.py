@@ -1,8 +1,12 @@
 """The LaSeR and GRPO formulas (LASER_SPEC sections 1-5) as small pure `jnp` functions.
 
 Read this module beside /work/shared/LASER_SPEC.md: each function is one term of the spec and cites
-its section. Nothing here knows about models, sharding or the trainer; every function is jit-able
-and does its math in float32 whatever the input dtype.
+its section. Nothing here knows about models, sharding or the trainer (it imports jax only); every
+function is jit-able, accepts numpy or jax arrays and does its math in float32 whatever the input
+dtype. The sampler, the train step, evaluation and generation all take their formulas from here:
+the log-probs (`token_logprobs`, `positions_from_mask`), the score r_s, self-verification, and the
+objective L itself (`batch_terms` + `objective` + `objective_loss`), whose named variants
+(`ALGORITHMS`: grpo, laser, dr_grpo, dapo) are registered defaults, not branches.
 
 Conventions
 -----------
@@ -23,15 +27,24 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+# The one source of these names: config.py validates against them.
+LossAggMode = Literal[
+    "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
 KLKind = Literal["k1", "k2", "low_var_kl"]
 
-LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
 KL_KINDS: tuple[str, ...] = ("k1", "k2", "low_var_kl")
 
 
@@ -97,7 +110,31 @@ def _check_same_shape(**arrays: jax.Array) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Section 1: the score
+# Section 1: log-probs and the score
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log_softmax(logits / temperature)[tokens] over the full vocabulary, in float32.
+
+    The one definition of a token's log-prob, shared by the sampler (rollout log-probs) and the
+    train step (the policy log-probs of the ratio): the tempered distribution before top-k /
+    top-p truncation; temperature 0 (greedy) counts as 1. `temperature` must be a Python number.
+    `logits` is [..., V], `tokens` is [...]. The self-reward log p(z_c) is this function at
+    temperature 1 (LASER_SPEC section 1: raw logits, never temperature-scaled).
+    """
+    x = jnp.asarray(logits).astype(jnp.float32)
+    if temperature not in (0, 1):
+        x = x / temperature
+    tokens = jnp.asarray(tokens)
+    picked = jnp.take_along_axis(x, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(x, axis=-1)
+
+
+def positions_from_mask(mask_bl: jax.Array) -> jax.Array:
+    """Position ids counting real tokens only: 0 at the first unmasked token, contiguous after it
+    (left padding gets 0). The sequence `prompt, y, <eos>, z_c` of LASER_SPEC section 2 has
+    contiguous positions, so the train step, the sampler and calibration all use this."""
+    return jnp.maximum(jnp.cumsum(jnp.asarray(mask_bl).astype(jnp.int32), axis=-1) - 1, 0)
 
 
 def self_reward_score(logp_zc_b: jax.Array, beta_v: float, c_ref: float) -> jax.Array:
@@ -114,15 +151,27 @@ def self_reward_score(logp_zc_b: jax.Array, beta_v: float, c_ref: float) -> jax.
     return beta_v * (_f32(logp_zc_b) - c_ref)
 
 
+def self_reward_score_or_nan(
+    logp_zc_b: jax.Array, finished_b: jax.Array, beta_v: float, c_ref: float
+) -> jax.Array:
+    """`self_reward_score` at finished rows, NaN at truncated ones (they get no z_c step,
+    LASER_SPEC section 5): the per-sample score evaluation and generation report."""
+    return jnp.where(_bool(finished_b), self_reward_score(logp_zc_b, beta_v, c_ref), jnp.nan)
+
+
 # ---------------------------------------------------------------------------------------------
 # Section 2: GRPO advantages, the self-reward MSE
 
 
-def grpo_advantages(rewards_b: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
+def grpo_advantages(
+    rewards_b: jax.Array, group_size: int, eps: float = 1e-6, norm_by_std: bool = True
+) -> jax.Array:
     """A_v = (r_v - mean_group(r_v)) / (std_group(r_v, unbiased) + eps)   (LASER_SPEC section 2).
 
     A group of one has no unbiased std; the spec (as verl) takes mean 0 and std 1 for it, so
     there A_v = r_v / (1 + eps). Groups with all-equal rewards get A_v = 0 exactly.
+    `norm_by_std=False` is Dr. GRPO's A_v = r_v - mean_group(r_v) (verl
+    `norm_adv_by_std_in_grpo=False`; a group of one keeps r_v).
 
     Args:
       rewards_b: [B] verifier rewards, rows grouped as [B // K, K].
@@ -131,6 +180,10 @@ def grpo_advantages(rewards_b: jax.Array, group_size: int, eps: float = 1e-6) ->
       A_v_b: [B] float32.
     """
     r_gk = _groups(_f32(rewards_b), group_size, "rewards_b")
+    if not norm_by_std:
+        if group_size == 1:
+            return r_gk.reshape(-1)
+        return (r_gk - r_gk.mean(axis=1, keepdims=True)).reshape(-1)
     if group_size == 1:
         return (r_gk / (1.0 + eps)).reshape(-1)
     mean_g1 = r_gk.mean(axis=1, keepdims=True)
@@ -299,12 +352,17 @@ def ppo_clipped_surrogate(
     return loss_bt, metrics
 
 
-def aggregate_loss(loss_bt: jax.Array, mask_bt: jax.Array, mode: LossAggMode) -> SumCount:
+def aggregate_loss(
+    loss_bt: jax.Array, mask_bt: jax.Array, mode: LossAggMode, scale_factor: float = 0.0
+) -> SumCount:
     """A per-token loss as (sum, count)   (LASER_SPEC section 2: the paper uses token-mean).
 
-    - "token-mean":          (sum of masked token losses, #masked tokens)
-    - "seq-mean-token-mean": (sum over rows of the row's masked mean, #rows)
-    - "seq-mean-token-sum":  (sum over rows of the row's masked sum, #rows)
+    - "token-mean":              (sum of masked token losses, #masked tokens)
+    - "seq-mean-token-mean":     (sum over rows of the row's masked mean, #rows)
+    - "seq-mean-token-sum":      (sum over rows of the row's masked sum, #rows)
+    - "seq-mean-token-sum-norm": (sum over rows of the row's masked sum / N, #rows): Dr. GRPO's
+      constant normaliser N = `scale_factor`, or the padded response length T when it is 0
+      (verl's `loss_scale_factor` default)
     "#rows" counts rows with at least one masked token: a row with an empty mask (batch padding)
     is not a sequence. Otherwise this is verl's `agg_loss`, split so that the pairs of
     micro-batches add up to the full batch's pair. `mode` is static (a python str).
@@ -323,6 +381,8 @@ def aggregate_loss(loss_bt: jax.Array, mask_bt: jax.Array, mode: LossAggMode) ->
     seq_b = masked_bt.sum(axis=-1)
     if mode == "seq-mean-token-mean":
         seq_b = _safe_div(seq_b, n_tokens_b)
+    elif mode == "seq-mean-token-sum-norm":
+        seq_b = seq_b / jnp.float32(scale_factor or mask.shape[-1])
     return SumCount(seq_b.sum(), (n_tokens_b > 0).sum(dtype=jnp.float32))
 
 
@@ -410,3 +470,235 @@ def self_verification_f1(acc_correct: jax.Array, acc_incorrect: jax.Array) -> ja
     incorrect solutions (LASER_SPEC section 5; not precision/recall F1). 0 when both are 0."""
     a, b = _f32(acc_correct), _f32(acc_incorrect)
     return _safe_div(2.0 * a * b, a + b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective L = L_GRPO + alpha * L_MSE (+ kl_coef * KL), sections 2-4, and its named variants
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Every static setting of the objective (hashable: a jitted step compiles per value).
+
+    Defaults are the paper's (LASER_SPEC section 2). A named algorithm of `ALGORITHMS` is one of
+    these with some defaults changed; the config overrides any field but `self_reward`, which is
+    what the name chooses.
+    """
+
+    self_reward: bool = False
+    """LaSeR's terms: the self-reward MSE (section 2) and advantage integration (section 3)."""
+    norm_adv_by_std: bool = True
+    """Divide A_v by the group std (GRPO); Dr. GRPO does not."""
+    loss_agg: LossAggMode = "token-mean"
+    loss_scale_factor: float = 0.0
+    """N of "seq-mean-token-sum-norm" (0: the padded response length)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    """1 + clip_high bounds the ratio of positive advantages (DAPO's clip-higher: 0.28)."""
+    dual_clip: float = 3.0
+    kl_coef: float = 0.0
+    kl_type: KLKind = "low_var_kl"
+    beta_v: float = 0.1
+    c_ref: float = -23.0
+    alpha: float = 0.1
+    tau: float = 0.1
+    std_threshold: float = 0.1
+    reasoning_warmup_steps: int = 200
+    self_reward_warmup_steps: int = 200
+
+    def __post_init__(self) -> None:
+        if self.loss_agg not in LOSS_AGG_MODES:
+            raise ValueError(
+                f"loss aggregation mode {self.loss_agg!r} is unknown; use one of "
+                f"{LOSS_AGG_MODES} (config field `policy_loss.loss_agg`)"
+            )
+        if self.kl_type not in KL_KINDS:
+            raise ValueError(
+                f"KL kind {self.kl_type!r} is unknown; use one of {KL_KINDS} "
+                "(config field `policy_loss.kl_type`)"
+            )
+
+    @property
+    def use_kl(self) -> bool:
+        return self.kl_coef > 0
+
+
+ALGORITHMS: dict[str, Objective] = {}
+"""Named algorithms: each is its `Objective` defaults (Tunix's algo_core registers variants by
+name the same way). Add one with `register_algorithm`."""
+
+
+def register_algorithm(name: str, defaults: Objective) -> None:
+    """Make `name` a value of `laser.algorithm` whose objective starts from `defaults`."""
+    ALGORITHMS[name] = defaults
+
+
+# GRPO as the paper runs it (section 2) and LaSeR (sections 1-4) on top of it.
+register_algorithm("grpo", Objective())
+register_algorithm("laser", Objective(self_reward=True))
+# Dr. GRPO (Liu et al. 2025): no std normalisation, each sequence's token sum over a constant.
+register_algorithm("dr_grpo", Objective(norm_adv_by_std=False, loss_agg="seq-mean-token-sum-norm"))
+# DAPO (Yu et al. 2025): clip-higher and token-level aggregation (its dynamic sampling and
+# overlong shaping are data-side, not terms of L).
+register_algorithm("dapo", Objective(clip_high=0.28, loss_agg="token-mean"))
+
+
+def objective_for(algorithm: str, **settings: object) -> Objective:
+    """The registered defaults of `algorithm` with `settings` on top (None keeps the default)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(
+            f"unknown algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)} "
+            "(config field `laser.algorithm`)"
+        )
+    given = {k: v for k, v in settings.items() if v is not None}
+    if "self_reward" in given:
+        raise ValueError("`self_reward` is chosen by the algorithm's name, not set")
+    return dataclasses.replace(ALGORITHMS[algorithm], **given)
+
+
+class BatchTerms(NamedTuple):
+    """What the objective needs from the whole step batch (group statistics, class weights)."""
+
+    advantages_b: jax.Array
+    """[B] A_v, or after both warm-ups the integrated A (sections 2-4)."""
+    mse_weights_b: jax.Array
+    """[B] class weights of L_MSE from all rows (zeros without self-reward)."""
+    counts: dict[str, jax.Array]
+    """Full-batch denominators of each term of L: "pg" and "kl" (the aggregation's count),
+    "mse" (N_c + N_i)."""
+    metrics: dict[str, jax.Array]
+    """Scalars: "std_filter_fallback_frac", "mse_active", "integration_active" (self-reward)."""
+
+
+def batch_terms(
+    obj: Objective,
+    step: int | jax.Array,
+    rewards_b: jax.Array,
+    finished_b: jax.Array,
+    rollout_logp_zc_b: jax.Array,
+    mask_bt: jax.Array,
+    group_size: int,
+) -> BatchTerms:
+    """Advantages, MSE class weights and every denominator, over the whole step batch.
+
+    Call it once per step on all rows (groups must be complete), then `objective` on any split
+    of the rows into micro-batches: every count depends on data only, so differentiating
+    `objective_loss(objective(micro), counts)` per micro-batch and summing gives the full-batch
+    gradient (STYLE "Losses as (sum, denominator)").
+    """
+    adv_b, metrics = step_advantages(
+        obj, step, rewards_b, finished_b, rollout_logp_zc_b, group_size
+    )
+    mse_w_b, counts = loss_counts(obj, rewards_b, finished_b, mask_bt)
+    return BatchTerms(adv_b, mse_w_b, counts, metrics)
+
+
+def step_advantages(
+    obj: Objective,
+    step: int | jax.Array,
+    rewards_b: jax.Array,
+    finished_b: jax.Array,
+    rollout_logp_zc_b: jax.Array,
+    group_size: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The advantage of each row at step `step` (sections 2-4): A_v, or with self-reward and
+    after both warm-ups the integrated A. Needs whole groups. Returns (A_b, metrics)."""
+    adv_v = grpo_advantages(rewards_b, group_size, norm_by_std=obj.norm_adv_by_std)
+    if not obj.self_reward:
+        return adv_v, {}
+    step = jnp.asarray(step, jnp.int32)
+    integrate = integration_active(step, obj.reasoning_warmup_steps, obj.self_reward_warmup_steps)
+    r_s_rollout = self_reward_score(rollout_logp_zc_b, obj.beta_v, obj.c_ref)
+    adv_int, fallback = integrated_advantages(
+        adv_v, r_s_rollout, finished_b, group_size, obj.tau, obj.std_threshold
+    )
+    metrics = {
+        "std_filter_fallback_frac": fallback,
+        "mse_active": mse_active(step, obj.reasoning_warmup_steps).astype(jnp.float32),
+        "integration_active": integrate.astype(jnp.float32),
+    }
+    return jnp.where(integrate, adv_int, adv_v), metrics
+
+
+def loss_counts(
+    obj: Objective, rewards_b: jax.Array, finished_b: jax.Array, mask_bt: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The MSE class weights and the denominators of L over these rows (the rows one optimizer
+    update sees). Returns (mse_weights_b, counts) as `BatchTerms` holds them."""
+    # Any (sum, count) of `aggregate_loss` has a count that depends on the mask alone.
+    n_pg = aggregate_loss(
+        jnp.zeros(jnp.shape(mask_bt), jnp.float32), mask_bt, obj.loss_agg, obj.loss_scale_factor
+    ).count
+    counts = {"pg": n_pg, "kl": n_pg}
+    if not obj.self_reward:
+        return jnp.zeros(jnp.shape(rewards_b), jnp.float32), counts
+    mse_w, n_c, n_i = mse_class_weights(rewards_b, finished_b)
+    counts["mse"] = n_c + n_i
+    return mse_w, counts
+
+
+class Term(NamedTuple):
+    """One term of L: its coefficient (0 while gated off) and its (sum, count)."""
+
+    weight: jax.Array
+    value: SumCount
+
+
+def objective(
+    obj: Objective,
+    step: int | jax.Array,
+    logp_bt: jax.Array,
+    old_logp_bt: jax.Array,
+    mask_bt: jax.Array,
+    advantages_b: jax.Array,
+    *,
+    ref_logp_bt: jax.Array | None = None,
+    logp_zc_b: jax.Array | None = None,
+    rewards_b: jax.Array | None = None,
+    finished_b: jax.Array | None = None,
+    mse_weights_b: jax.Array | None = None,
+) -> tuple[dict[str, Term], dict[str, SumCount]]:
+    """The terms of L on these rows (LASER_SPEC sections 2 and 4), and their metrics.
+
+    Terms, in the order they add up:
+    - "pg":  L_GRPO, the clipped surrogate aggregated by `obj.loss_agg`, weight 1;
+    - "kl":  `kl_penalty(logp, ref_logp)` aggregated the same way, weight kl_coef (only when
+             kl_coef > 0; needs `ref_logp_bt`);
+    - "mse": L_MSE, weight alpha once step > reasoning_warmup_steps and 0 before (section 4)
+             (only with self-reward; needs `logp_zc_b`, `rewards_b`, `finished_b`,
+             `mse_weights_b` from `batch_terms`).
+    Metrics: "clipfrac", "clipfrac_lower", "ppo_kl" (`ppo_clipped_surrogate`), and with
+    self-reward "acc_correct", "acc_incorrect", "r_s_correct", "r_s_incorrect" of the current
+    policy's scores (`self_verification_metrics`).
+    """
+    loss_bt, ppo = ppo_clipped_surrogate(
+        logp_bt, old_logp_bt, advantages_b, mask_bt, obj.clip_low, obj.clip_high, obj.dual_clip
+    )
+    one = jnp.float32(1.0)
+    terms = {"pg": Term(one, aggregate_loss(loss_bt, mask_bt, obj.loss_agg, obj.loss_scale_factor))}
+    metrics = {k: ppo[k] for k in ("clipfrac", "clipfrac_lower", "ppo_kl")}
+    if obj.use_kl:
+        if ref_logp_bt is None:
+            raise ValueError(
+                "policy_loss.kl_coef > 0 needs the reference policy's log-probs of the "
+                "response tokens (`ref_logp_bt`)"
+            )
+        kl_bt = kl_penalty(logp_bt, ref_logp_bt, obj.kl_type)
+        kl = aggregate_loss(kl_bt, mask_bt, obj.loss_agg, obj.loss_scale_factor)
+        terms["kl"] = Term(jnp.float32(obj.kl_coef), kl)
+    if obj.self_reward:
+        r_s_b = self_reward_score(logp_zc_b, obj.beta_v, obj.c_ref)
+        mse = self_reward_mse(r_s_b, rewards_b, finished_b, mse_weights_b)
+        on = mse_active(jnp.asarray(step, jnp.int32), obj.reasoning_warmup_steps)
+        terms["mse"] = Term(jnp.where(on, jnp.float32(obj.alpha), 0.0), mse)
+        metrics |= self_verification_metrics(r_s_b, rewards_b, finished_b)
+    return terms, metrics
+
+
+def objective_loss(terms: dict[str, Term], counts: dict[str, jax.Array]) -> jax.Array:
+    """L = sum over terms of weight * total / count, with the full-batch `counts` of
+    `batch_terms` (a micro-batch's share of the full-batch loss; 0 for an empty count)."""
+    loss = jnp.float32(0.0)
+    for name, term in terms.items():
+        loss = loss + term.weight * SumCount(term.value.total, counts[name]).value()
+    return loss

@@ -25,7 +25,7 @@ full-vocabulary* distribution, `log_softmax(logits / temperature)` over all V to
 any top-k / top-p truncation (temperature 0, i.e. greedy, counts as temperature 1). With
 top_p = 1 and top_k = 0 (the paper's setting, LASER_SPEC section 5) this is exactly the
 distribution the tokens were drawn from. The train step must compute the same quantity with
-`token_logprobs` below.
+`laserjax.laser.token_logprobs`, which this module uses too.
 
 Randomness: the token at response index i of output row r (= prompt * K + j) is drawn with
 `fold_in(fold_in(key(seed), i), r)`. A row's draws therefore depend only on the seed, its row
@@ -49,25 +49,12 @@ from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
 from laserjax.config import RolloutConfig, token_id_problem
+from laserjax.laser import positions_from_mask as prompt_positions
+from laserjax.laser import token_logprobs
 from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer, to_dtype
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions shared with the train step.
-
-
-def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
-    """log_softmax(logits / temperature)[tokens] over the full vocabulary, in float32.
-
-    The definition of the rollout log-probs (module docstring): the tempered distribution before
-    top-k / top-p truncation; temperature 0 (greedy) counts as 1. `temperature` must be a Python
-    number. `logits` is [..., V], `tokens` is [...]. The self-reward log p(z_c) is this function
-    at temperature 1 (LASER_SPEC section 1: raw logits, never temperature-scaled).
-    """
-    x = logits.astype(jnp.float32)
-    if temperature not in (0, 1):
-        x = x / temperature
-    picked = jnp.take_along_axis(x, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(x, axis=-1)
+# Pure sampling functions (the log-prob definition itself is `laser.token_logprobs`).
 
 
 TOP_K_CHUNK = 128
@@ -133,11 +120,6 @@ def row_keys(seed_key: jax.Array, index: jax.Array, rows: int) -> jax.Array:
     """Keys for drawing response index `index` of output rows 0..rows-1 (module docstring)."""
     step_key = jax.random.fold_in(seed_key, index)
     return jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(rows, dtype=jnp.uint32))
-
-
-def prompt_positions(mask_bp: jax.Array) -> jax.Array:
-    """Position ids of left-padded prompts: real tokens count 0, 1, ...; padding gets 0."""
-    return jnp.maximum(jnp.cumsum(mask_bp.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 # ---------------------------------------------------------------------------------------------

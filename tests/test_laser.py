@@ -449,3 +449,110 @@ def test_everything_jits_and_matches_eager():
     jitted = jax.jit(everything)(*args)
     for x, y in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
         close(y, x, rtol=1e-5, atol=1e-6)
+
+
+# --- section 1: the log-prob helper, positions -------------------------------------------------
+
+
+def test_token_logprobs_and_positions_by_hand():
+    # logits [0, ln 3]: softmax = [1/4, 3/4]; at temperature 2: [0, ln 3 / 2] -> [1/(1+sqrt 3), ...]
+    logits = np.array([[0.0, math.log(3.0)]], np.float32)
+    close(laser.token_logprobs(logits, np.array([1]), 1.0), [math.log(0.75)])
+    close(laser.token_logprobs(logits, np.array([0]), 0), [math.log(0.25)])  # greedy counts as 1
+    close(laser.token_logprobs(logits, np.array([0]), 2.0), [-math.log(1.0 + math.sqrt(3.0))])
+    mask = np.array([[False, False, True, True, True], [True, True, True, False, False]])
+    assert laser.positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_self_reward_score_or_nan_on_numpy():
+    r_s = np.asarray(
+        laser.self_reward_score_or_nan(
+            np.array([-13.0, -40.0]), np.array([True, False]), 0.1, -23.0
+        )
+    )
+    close(r_s[0], 1.0)
+    assert math.isnan(r_s[1])
+
+
+# --- the objective: named algorithms ----------------------------------------------------------
+
+
+def test_dr_grpo_advantages_are_centred_not_scaled():
+    a = laser.grpo_advantages(
+        jnp.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0]), 4, norm_by_std=False
+    )
+    close(a, [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75])
+    close(laser.grpo_advantages(jnp.array([1.0, 0.0]), 1, norm_by_std=False), [1.0, 0.0])
+
+
+def test_seq_mean_token_sum_norm_divides_each_row_by_a_constant():
+    # Row sums 6, 4, 11 (the padding row is no sequence); N = T = 3 by default, or given.
+    pair = laser.aggregate_loss(jnp.array(LOSS_BT), jnp.array(MASK_BT), "seq-mean-token-sum-norm")
+    close(pair.total, (6.0 + 4.0 + 11.0) / 3)
+    assert float(pair.count) == 3
+    pair = laser.aggregate_loss(
+        jnp.array(LOSS_BT), jnp.array(MASK_BT), "seq-mean-token-sum-norm", scale_factor=10.0
+    )
+    close(pair.total, 2.1)
+
+
+def test_algorithms_are_registered_defaults():
+    assert set(laser.ALGORITHMS) >= {"grpo", "laser", "dr_grpo", "dapo"}
+    grpo, dapo = laser.objective_for("grpo"), laser.objective_for("dapo")
+    assert (grpo.clip_low, grpo.clip_high, grpo.loss_agg) == (0.2, 0.2, "token-mean")
+    assert not grpo.self_reward and laser.objective_for("laser").self_reward
+    assert (dapo.clip_low, dapo.clip_high) == (0.2, 0.28)
+    dr = laser.objective_for("dr_grpo")
+    assert dr.loss_agg == "seq-mean-token-sum-norm" and not dr.norm_adv_by_std
+    # a setting given wins; None keeps the algorithm's default
+    assert laser.objective_for("dapo", clip_high=0.3, loss_agg=None).clip_high == 0.3
+    with pytest.raises(ValueError, match="laser.algorithm"):
+        laser.objective_for("ppo")
+    with pytest.raises(ValueError, match="policy_loss.kl_type"):
+        laser.objective_for("grpo", kl_type="k3")
+
+
+def test_objective_sums_its_terms_with_the_warmup_gate():
+    """L = pg/n + kl_coef * kl/n + alpha * mse/(N_c + N_i), the MSE weight 0 until
+    step > reasoning_warmup_steps; each term is the tested formula above."""
+    obj = laser.objective_for("laser", kl_coef=0.5, alpha=0.25, reasoning_warmup_steps=3)
+    logp, old, adv, mask = _ppo_inputs()
+    ref = old - 0.5
+    logp_zc = jnp.array([-13.0, -20.0])
+    rewards, finished = jnp.array([1.0, 0.0]), jnp.array([True, True])
+    w, n_c, n_i = laser.mse_class_weights(rewards, finished)
+    kw = dict(
+        ref_logp_bt=ref, logp_zc_b=logp_zc, rewards_b=rewards, finished_b=finished, mse_weights_b=w
+    )
+    counts = {"pg": 6.0, "kl": 6.0, "mse": n_c + n_i}
+    pg_bt = laser.ppo_clipped_surrogate(logp, old, adv, mask, 0.2, 0.2, 3.0)[0]
+    pg = float(jnp.sum(pg_bt)) / 6
+    kl = float(jnp.sum(jnp.where(mask, laser.kl_penalty(logp, ref, "low_var_kl"), 0.0))) / 6
+    # r_s = 0.1 * (logp_zc + 23) = [1.0, 0.3]; both errors weigh 1: (0^2 + 0.3^2) / 2
+    mse = 0.09 / 2
+    for step, mse_weight in ((3, 0.0), (4, 0.25)):
+        terms, metrics = laser.objective(obj, step, logp, old, mask, adv, **kw)
+        assert list(terms) == ["pg", "kl", "mse"]
+        close(terms["mse"].weight, mse_weight)
+        close(terms["mse"].value.value(), mse, rtol=1e-5)
+        close(laser.objective_loss(terms, counts), pg + 0.5 * kl + mse_weight * mse, rtol=1e-5)
+        close(laser.finalize(metrics)["acc_incorrect"], 1.0)  # r_s 0.3 <= 0.5
+    terms, _ = laser.objective(laser.objective_for("grpo"), 1, logp, old, mask, adv)
+    assert list(terms) == ["pg"]
+    with pytest.raises(ValueError, match="kl_coef > 0 needs"):
+        laser.objective(obj, 1, logp, old, mask, adv)
+
+
+def test_kl_estimators_by_hand():
+    """verl's k1 / k2 / low_var_kl on probabilities written out: pi = 1/2, pi_ref = 1/4 (the
+    policy gained mass) and pi = 1/4, pi_ref = 1/2 (it lost mass).
+    k1 = log(pi / pi_ref); k2 = k1^2 / 2; k3 = pi_ref/pi - log(pi_ref/pi) - 1."""
+    ln2 = math.log(2.0)
+    logp = jnp.log(jnp.array([[0.5, 0.25]]))
+    ref = jnp.log(jnp.array([[0.25, 0.5]]))
+    close(laser.kl_penalty(logp, ref, "k1"), [[ln2, -ln2]])
+    close(laser.kl_penalty(logp, ref, "k2"), [[0.5 * ln2**2, 0.5 * ln2**2]])
+    close(laser.kl_penalty(logp, ref, "low_var_kl"), [[0.5 + ln2 - 1.0, 2.0 - ln2 - 1.0]])
+    # The gradient of k3 w.r.t. logp is 1 - pi_ref / pi: 0.5 and -1 here.
+    grad = jax.grad(lambda lp: jnp.sum(laser.kl_penalty(lp, ref, "low_var_kl")))(logp)
+    close(grad, [[0.5, -1.0]])

@@ -17,6 +17,7 @@ from typing import Any
 
 from flax import nnx
 
+from laserjax import laser
 from laserjax.config import add_config_flag, field_default, parse_ids
 from laserjax.model import Transformer, TransformerConfig, hf_params
 from laserjax.sampler import Sampler
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace) -> None:
         tokens = out.response_tokens[j, : out.lengths[j]].tolist()
         finished = bool(out.finished[j])
         logp = float(out.logp_zc[j]) if finished else None
-        r_s = args.beta_v * (logp - args.c_ref) if finished else None
+        r_s = float(laser.self_reward_score(out.logp_zc[j], args.beta_v, args.c_ref))
+        r_s = r_s if finished else None
         text = tokenizer.decode(tokens) if tokenizer is not None else None
         if args.json:
             print(
