@@ -47,6 +47,7 @@ from laserjax.train_step import (
     logit_chunk_len,
     make_optimizer,
     make_train_step,
+    reference_params,
     train_state_sharding,
 )
 
@@ -170,6 +171,16 @@ def _state_bytes(
         sharded_bytes(opt_state, mesh_shape),
         sharded_bytes(f32, mesh_shape),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _reference_bytes(
+    model_cfg: TransformerConfig, ref_dtype: str, mesh_items: tuple[tuple[str, int], ...]
+) -> int:
+    """Per-device bytes of the KL reference (`TrainState.ref_params`): the params in
+    `ref_dtype` ("" = their own dtype), sharded like them."""
+    params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), OptimConfig())
+    return sharded_bytes(reference_params(params, ref_dtype), dict(mesh_items))
 
 
 def _layer_param_count(m: TransformerConfig) -> int:
@@ -322,8 +333,11 @@ def estimate(
     default `cfg.train.micro_batch_size`, 0 = the whole step batch) must be a multiple of
     data x fsdp, as the train step requires. Keys (all bytes per device):
 
-    params, opt_state (AdamW moments and counts, plus the 4-byte step), batch (the TrainBatch
-    arrays), gradients (params' dtype, plus a float32 accumulator with micro-batches),
+    params, opt_state (AdamW moments and counts, plus the 4-byte step), ref_params (the frozen KL
+    reference when policy_loss.kl_coef > 0, in policy_loss.ref_param_dtype; resident in both
+    phases; its forward keeps nothing for the backward pass and runs before the policy's, so it
+    adds no activation memory), batch (the TrainBatch arrays), gradients (params' dtype, plus a
+    float32 accumulator with micro-batches),
     weight_gather (two layers of weights all-gathered over fsdp, when fsdp > 1),
     activations_remat / activations_no_remat / activations (the config's choice),
     train_peak, sampler_params (the sampler's compute-dtype weight copy), kv_prefix, kv_suffix,
@@ -347,6 +361,11 @@ def estimate(
     out: dict[str, int] = {}
     out["params"] = params_b
     out["opt_state"] = opt_b + 4
+    out["ref_params"] = (
+        _reference_bytes(model_cfg, cfg.policy_loss.ref_param_dtype, tuple(mesh_shape.items()))
+        if cfg.policy_loss.kl_coef > 0
+        else 0
+    )
     local_rows = rows // shards
     out["batch"] = local_rows * (p_len * 5 + t_len * 9 + 9)
     n_micro = rows // mb
@@ -361,7 +380,7 @@ def estimate(
             model_cfg, rows_dev, p_len, t_len, t, remat=remat, logit_chunk=chunk
         )["total"]
     out["activations"] = out["activations_remat" if model_cfg.remat else "activations_no_remat"]
-    resident = out["params"] + out["opt_state"]
+    resident = out["params"] + out["opt_state"] + out["ref_params"]
     out["train_peak"] = (
         resident + out["batch"] + out["gradients"] + out["weight_gather"] + out["activations"]
     )
@@ -427,7 +446,13 @@ def compiled_train_step_memory(
     """
     params, opt_state = abstract_state(dataclasses.replace(model_cfg, remat=False), cfg.optim)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    state = TrainState(params=params, opt_state=opt_state, step=jax.ShapeDtypeStruct((), jnp.int32))
+    ref = cfg.policy_loss.kl_coef > 0
+    state = TrainState(
+        params=params,
+        opt_state=opt_state,
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        ref_params=reference_params(params, cfg.policy_loss.ref_param_dtype) if ref else None,
+    )
     shard = train_state_sharding(state, mesh)
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shard

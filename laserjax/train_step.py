@@ -2,13 +2,14 @@
 
 One call of the model over `prompt, y_1 .. y_T, <eos>, z_c` gives both losses:
 
-- the policy log-probs of y_1 .. <eos>, tempered as the sampler's (`token_logprobs`), feed the PPO
-  clipped surrogate with group-normalised (and, after the warm-ups, self-reward-integrated)
-  advantages;
+- the policy log-probs of y_1 .. <eos>, tempered as the sampler's (`laser.token_logprobs`), feed
+  the PPO clipped surrogate with group-normalised (and, after the warm-ups,
+  self-reward-integrated) advantages;
 - log pi(z_c | x, y, <eos>) is read from the raw logits at the EOS position and becomes
   r_s = beta_v * (log pi(z_c) - c_ref), the input of the class-balanced MSE.
 
-The formulas come from `laserjax.laser`; this module only arranges the data, the forward, the
+The formulas, and which terms the objective has, come from `laserjax.laser`; this module only
+arranges the data, the forward, the
 gradient accumulation and the optimizer around them.
 
 Data flow of one step (all inside one `jax.jit`):
@@ -47,8 +48,8 @@ from jax.sharding import PartitionSpec as P
 
 from laserjax import laser, sharding
 from laserjax.config import LaserConfig, OptimConfig, PolicyLossConfig
-from laserjax.model.transformer import Transformer
-from laserjax.sampler import token_logprobs
+from laserjax.laser import positions_from_mask, token_logprobs
+from laserjax.model.transformer import Transformer, to_dtype
 
 # ---------------------------------------------------------------------------------------------
 # Inputs, settings, state.
@@ -121,13 +122,18 @@ class StepSettings:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step updates: parameters, optimizer state, optimizer step count."""
+    """Everything a step updates or reads: parameters, optimizer state, step count, and the
+    frozen reference policy of the KL term."""
 
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array
     """int32 scalar: optimizer steps taken. The step being taken is `step + 1` (the spec's
     schedule counts steps from 1, section 4)."""
+    ref_params: nnx.State | None = None
+    """The reference policy (policy_loss.kl_coef > 0): the initial parameters, sharded like
+    `params`, possibly in a narrower dtype; never updated, checkpointed with the rest so a
+    resumed run keeps its reference whatever the initial weights' source does meanwhile."""
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -147,29 +153,59 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 def train_state_sharding(state: TrainState, mesh: Mesh) -> TrainState:
     """NamedShardings of a TrainState (arrays or ShapeDtypeStructs), from the one rule table."""
+    ref = None if state.ref_params is None else sharding.state_shardings(state.ref_params, mesh)
     return TrainState(
         params=sharding.state_shardings(state.params, mesh),
         opt_state=sharding.state_shardings(state.opt_state, mesh),
         step=sharding.replicated(mesh),
+        ref_params=ref,
     )
 
 
+def reference_params(params: nnx.State, dtype: str | None) -> nnx.State:
+    """The frozen reference policy: `params` (arrays or ShapeDtypeStructs) cast to `dtype`
+    (None or "" keeps each parameter's dtype)."""
+
+    def cast(x):
+        if not dtype or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, to_dtype(dtype))
+        return x.astype(to_dtype(dtype))
+
+    return jax.tree.map(cast, params)
+
+
 def init_train_state(
-    model: Transformer, optim_cfg: OptimConfig, mesh: Mesh
+    model: Transformer,
+    optim_cfg: OptimConfig,
+    mesh: Mesh,
+    ref_dtype: str | None = None,
+    with_reference: bool = False,
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """Split the model into (graphdef, params), place params and fresh AdamW moments on `mesh`."""
+    """Split the model into (graphdef, params), place params and fresh AdamW moments on `mesh`;
+    with `with_reference`, also a frozen copy of the params in `ref_dtype` (the KL reference)."""
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(optim_cfg)
     abstract = TrainState(
         params=params,
         opt_state=jax.eval_shape(tx.init, params),
         step=jax.ShapeDtypeStruct((), jnp.int32),
+        ref_params=reference_params(jax.eval_shape(lambda: params), ref_dtype)
+        if with_reference
+        else None,
     )
     shard = train_state_sharding(abstract, mesh)
     params = jax.device_put(params, shard.params)
     opt_state = jax.jit(tx.init, out_shardings=shard.opt_state)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shard.step)
-    return graphdef, TrainState(params=params, opt_state=opt_state, step=step)
+    ref = None
+    if with_reference:  # a new buffer: the policy's own are donated at every step
+        ref = jax.jit(
+            lambda p: reference_params(jax.tree.map(jnp.copy, p), ref_dtype),
+            out_shardings=shard.ref_params,
+        )(params)
+    return graphdef, TrainState(params=params, opt_state=opt_state, step=step, ref_params=ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +236,7 @@ def build_sequences(
         resp_mask = jnp.concatenate([resp_mask, jnp.zeros((r, 1), bool)], axis=1) | is_zc_bt
     tokens_bl = jnp.concatenate([batch.prompt_tokens.astype(jnp.int32), resp_tokens], axis=1)
     mask_bl = jnp.concatenate([batch.prompt_mask.astype(bool), resp_mask], axis=1)
-    positions_bl = jnp.maximum(jnp.cumsum(mask_bl, axis=1, dtype=jnp.int32) - 1, 0)
+    positions_bl = positions_from_mask(mask_bl)
     return tokens_bl, positions_bl, mask_bl, n_resp_b
 
 
@@ -348,6 +384,49 @@ def _check_rows(batch: TrainBatch, settings: StepSettings, mesh: Mesh | None) ->
     return r // mb
 
 
+def objective_from_config(laser_cfg: LaserConfig, loss_cfg: PolicyLossConfig) -> laser.Objective:
+    """The objective's static settings: the named algorithm's defaults under the config's fields
+    (a policy-loss field left unset keeps the algorithm's value)."""
+    c_ref = laser_cfg.c_ref
+    if not isinstance(c_ref, int | float):
+        raise ValueError(
+            f"laser.c_ref is {c_ref!r}; the train step needs a number (the trainer measures "
+            "`auto` before building the step)"
+        )
+    loss_cfg = loss_cfg.for_algorithm(laser_cfg.algorithm)
+    return laser.objective_for(
+        laser_cfg.algorithm,
+        norm_adv_by_std=loss_cfg.norm_adv_by_std,
+        loss_agg=loss_cfg.loss_agg,
+        loss_scale_factor=loss_cfg.loss_scale_factor,
+        clip_low=loss_cfg.clip_low,
+        clip_high=loss_cfg.clip_high,
+        dual_clip=loss_cfg.dual_clip,
+        kl_coef=loss_cfg.kl_coef,
+        kl_type=loss_cfg.kl_type,
+        beta_v=laser_cfg.beta_v,
+        c_ref=float(c_ref),
+        alpha=laser_cfg.alpha,
+        tau=laser_cfg.tau,
+        std_threshold=laser_cfg.std_threshold,
+        reasoning_warmup_steps=laser_cfg.reasoning_warmup_steps,
+        self_reward_warmup_steps=laser_cfg.self_reward_warmup_steps,
+    )
+
+
+# The train step's metric names for the objective's terms and metrics.
+_TERM_NAMES = {"pg": "actor/pg_loss", "kl": "actor/kl_loss", "mse": "self_reward/mse"}
+_METRIC_NAMES = {
+    "clipfrac": "actor/pg_clipfrac",
+    "clipfrac_lower": "actor/pg_clipfrac_lower",
+    "ppo_kl": "actor/ppo_kl",
+    "acc_correct": "self_reward/acc_correct",
+    "acc_incorrect": "self_reward/acc_incorrect",
+    "r_s_correct": "self_reward/r_s_correct",
+    "r_s_incorrect": "self_reward/r_s_incorrect",
+}
+
+
 def make_grad_fn(
     graphdef: nnx.GraphDef,
     laser_cfg: LaserConfig,
@@ -358,103 +437,82 @@ def make_grad_fn(
     """`grad_fn(params, batch, step) -> (grads, metrics)` for the step numbered `step` (from 1).
 
     Not jitted: `make_train_step` jits it with the optimizer; tests jit it alone. `grads` has the
-    params' structure and dtype; `metrics` is a dict of float32 scalars.
+    params' structure and dtype; `metrics` is a dict of float32 scalars. The objective (which
+    terms, their weights and gating) is `laser.objective` for `objective_from_config`.
     """
-    use_laser = laser_cfg.enabled
-    use_kl = loss_cfg.kl_coef > 0
+    obj = objective_from_config(laser_cfg, loss_cfg)
     k = settings.group_size
 
-    def micro_loss(params, rows: _RowInputs, dens: dict[str, jax.Array], mse_scale: jax.Array):
+    def micro_loss(params, rows: _RowInputs, counts: dict[str, jax.Array], step, ref_params):
         model = nnx.merge(graphdef, params)
         b = rows.batch
-        out = sequence_logprobs(model, b, settings, with_zc=use_laser, mesh=mesh)
+        if ref_params is not None and b.ref_logprobs is None:
+            # The reference's forward over the same micro-batch: a constant of the gradient
+            # (`params` is the only differentiated argument), so it keeps no residuals.
+            ref_model = nnx.merge(graphdef, ref_params)
+            # The policy's own sequence (z_c included), so that equal weights give equal
+            # log-probs: the same program on the same values.
+            ref_out = sequence_logprobs(ref_model, b, settings, with_zc=obj.self_reward, mesh=mesh)
+            # The barrier makes the policy's forward wait for the reference's, so the two
+            # never hold activations at once (the reference adds weights, not activations).
+            ref_logp_bt, b = jax.lax.optimization_barrier((ref_out["logp_bt"], b))
+            b = b.replace(ref_logprobs=jax.lax.stop_gradient(ref_logp_bt))
+        out = sequence_logprobs(model, b, settings, with_zc=obj.self_reward, mesh=mesh)
         mask = b.response_mask
-        loss_bt, ppo = laser.ppo_clipped_surrogate(
+        terms, objective_metrics = laser.objective(
+            obj,
+            step,
             out["logp_bt"],
             b.old_logprobs,
-            rows.advantages,
             mask,
-            loss_cfg.clip_low,
-            loss_cfg.clip_high,
-            loss_cfg.dual_clip,
+            rows.advantages,
+            ref_logp_bt=b.ref_logprobs,
+            logp_zc_b=out.get("logp_zc_b"),
+            rewards_b=b.rewards,
+            finished_b=b.finished,
+            mse_weights_b=rows.mse_weights,
         )
-        pg = laser.aggregate_loss(loss_bt, mask, loss_cfg.loss_agg)
-        loss = laser.SumCount(pg.total, dens["policy"]).value()
-        metrics = {
-            "actor/pg_loss": pg,
-            "actor/pg_clipfrac": ppo["clipfrac"],
-            "actor/pg_clipfrac_lower": ppo["clipfrac_lower"],
-            "actor/ppo_kl": ppo["ppo_kl"],
-        }
+        loss = laser.objective_loss(terms, counts)
+        metrics = {_TERM_NAMES[name]: term.value for name, term in terms.items()}
+        metrics |= {_METRIC_NAMES[name]: pair for name, pair in objective_metrics.items()}
         if "entropy_bt" in out:
             metrics["actor/entropy"] = laser.aggregate_loss(out["entropy_bt"], mask, "token-mean")
-        if use_kl:
-            kl_bt = laser.kl_penalty(out["logp_bt"], b.ref_logprobs, loss_cfg.kl_type)
-            kl = laser.aggregate_loss(kl_bt, mask, loss_cfg.loss_agg)
-            loss = loss + loss_cfg.kl_coef * laser.SumCount(kl.total, dens["policy"]).value()
-            metrics["actor/kl_loss"] = kl
-        if use_laser:
-            r_s_b = laser.self_reward_score(out["logp_zc_b"], laser_cfg.beta_v, laser_cfg.c_ref)
-            mse = laser.self_reward_mse(r_s_b, b.rewards, b.finished, rows.mse_weights)
-            loss = loss + mse_scale * laser.SumCount(mse.total, dens["mse"]).value()
-            metrics["self_reward/mse"] = mse
-            sv = laser.self_verification_metrics(r_s_b, b.rewards, b.finished)
-            metrics |= {f"self_reward/{name}": pair for name, pair in sv.items()}
         return loss, metrics
 
     grad_micro = jax.grad(micro_loss, has_aux=True)
 
-    def grad_fn(params: nnx.State, batch: TrainBatch, step: jax.Array | int):
+    def grad_fn(
+        params: nnx.State,
+        batch: TrainBatch,
+        step: jax.Array | int,
+        ref_params: nnx.State | None = None,
+    ):
         n_micro = _check_rows(batch, settings, mesh)
-        if use_kl and batch.ref_logprobs is None:
+        if obj.use_kl and batch.ref_logprobs is None and ref_params is None:
             raise ValueError(
                 "policy_loss.kl_coef > 0 needs TrainBatch.ref_logprobs (the "
-                "reference policy's log-probs of the response tokens)"
+                "reference policy's log-probs of the response tokens) or the reference "
+                "params (TrainState.ref_params, from init_train_state(with_reference=True))"
             )
+        if not obj.use_kl:
+            ref_params = None  # no reference forward for a term that is off
         # -- whole-batch quantities (spec 2-4): group statistics, class weights, denominators.
         step = jnp.asarray(step, jnp.int32)
-        adv_v = laser.grpo_advantages(batch.rewards, k)
-        extra: dict[str, jax.Array] = {}
-        if use_laser:
-            warm1, warm2 = laser_cfg.reasoning_warmup_steps, laser_cfg.self_reward_warmup_steps
-            integrate = laser.integration_active(step, warm1, warm2)
-            r_s_rollout = laser.self_reward_score(
-                batch.rollout_logp_zc, laser_cfg.beta_v, laser_cfg.c_ref
-            )
-            adv_int, fallback = laser.integrated_advantages(
-                adv_v, r_s_rollout, batch.finished, k, laser_cfg.tau, laser_cfg.std_threshold
-            )
-            advantages = jnp.where(integrate, adv_int, adv_v)
-            mse_w, n_c, n_i = laser.mse_class_weights(batch.rewards, batch.finished)
-            mse_on = laser.mse_active(step, warm1)
-            mse_scale = jnp.where(mse_on, jnp.float32(laser_cfg.alpha), 0.0)
-            dens = {"mse": n_c + n_i}
-            extra = {
-                "self_reward/std_filter_fallback_frac": fallback,
-                "self_reward/mse_active": mse_on.astype(jnp.float32),
-                "self_reward/integration_active": integrate.astype(jnp.float32),
-            }
-        else:
-            advantages = adv_v
-            mse_w = jnp.zeros_like(adv_v)
-            mse_scale = jnp.float32(0.0)
-            dens = {}
-        # Any (sum, count) of `aggregate_loss` has a count that depends on the mask alone.
-        dens["policy"] = laser.aggregate_loss(
-            jnp.zeros(batch.response_mask.shape, jnp.float32),
-            batch.response_mask,
-            loss_cfg.loss_agg,
-        ).count
-        rows = _RowInputs(batch=batch, advantages=advantages, mse_weights=mse_w)
+        whole = laser.batch_terms(
+            obj, step, batch.rewards, batch.finished, batch.rollout_logp_zc, batch.response_mask, k
+        )
+        rows = _RowInputs(
+            batch=batch, advantages=whole.advantages_b, mse_weights=whole.mse_weights_b
+        )
 
         # -- micro-batches: sum the gradients of numerator / whole-batch denominator.
         if n_micro == 1:
-            grads, metrics = grad_micro(params, rows, dens, mse_scale)
+            grads, metrics = grad_micro(params, rows, whole.counts, step, ref_params)
         else:
             rows_m = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), rows)
 
             def body(acc, rows_i):
-                g, m = grad_micro(params, rows_i, dens, mse_scale)
+                g, m = grad_micro(params, rows_i, whole.counts, step, ref_params)
                 return jax.tree.map(lambda a, gi: a + gi.astype(jnp.float32), acc, g), m
 
             acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -463,13 +521,14 @@ def make_grad_fn(
             metrics = jax.tree.map(lambda x: x.sum(axis=0), metrics_m)
 
         values = laser.finalize(metrics)
-        if use_laser:
+        if obj.self_reward:
             values["self_reward/f1"] = laser.self_verification_f1(
                 values["self_reward/acc_correct"], values["self_reward/acc_incorrect"]
             )
         values["response_length/mean"] = batch.response_mask.sum(-1).mean(dtype=jnp.float32)
         values["response/finished_frac"] = batch.finished.mean(dtype=jnp.float32)
         values["reward/mean"] = batch.rewards.mean(dtype=jnp.float32)
+        extra = {f"self_reward/{name}": v for name, v in whole.metrics.items()}
         return grads, values | extra
 
     return grad_fn
@@ -515,11 +574,12 @@ def make_train_step(
 
     def step_fn(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         step = state.step + 1
-        grads, metrics = grad_fn(state.params, batch, step)
+        grads, metrics = grad_fn(state.params, batch, step, state.ref_params)
         metrics["actor/grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params=params, opt_state=opt_state, step=step), metrics
+        new = TrainState(params=params, opt_state=opt_state, step=step, ref_params=state.ref_params)
+        return new, metrics
 
     batch_sharding = NamedSharding(mesh, P(sharding.BATCH))  # a prefix for every batch array
     return jax.jit(

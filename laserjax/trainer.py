@@ -58,6 +58,7 @@ from laserjax.train_step import (
     init_train_state,
     make_optimizer,
     make_train_step,
+    reference_params,
     train_state_sharding,
 )
 
@@ -174,7 +175,13 @@ class Trainer:
             self.graphdef = graphdef
             self.state = _abstract_train_state(abstract, cfg, self.mesh)
         else:
-            self.graphdef, self.state = init_train_state(model, cfg.optim, self.mesh)
+            self.graphdef, self.state = init_train_state(
+                model,
+                cfg.optim,
+                self.mesh,
+                ref_dtype=cfg.policy_loss.ref_param_dtype,
+                with_reference=cfg.policy_loss.kl_coef > 0,
+            )
         self.sampler: Sampler | None = None  # built once the parameters are concrete
         self.c_ref: float | None = None if cfg.laser.c_ref == "auto" else float(cfg.laser.c_ref)
         self.step_fn = None
@@ -494,11 +501,17 @@ def export_hf(graphdef, params, tokenizer, out_dir: str | os.PathLike) -> None:
 
 
 def _abstract_train_state(abstract_params: nnx.State, cfg: Config, mesh: Mesh) -> TrainState:
+    """The shapes, dtypes and shardings a checkpoint restores into. The KL reference is part of
+    the checkpoint (not re-derived from model.path or the toy's warm start, which need not give
+    the same weights again), so a resumed run keeps the reference it started with."""
     tx = make_optimizer(cfg.optim)
     state = TrainState(
         params=abstract_params,
         opt_state=jax.eval_shape(tx.init, abstract_params),
         step=jax.ShapeDtypeStruct((), jnp.int32),
+        ref_params=reference_params(abstract_params, cfg.policy_loss.ref_param_dtype)
+        if cfg.policy_loss.kl_coef > 0
+        else None,
     )
     shard = train_state_sharding(state, mesh)
     return jax.tree.map(

@@ -19,8 +19,8 @@ from flax import nnx
 from laserjax import sharding, trainer
 from laserjax import train_step as ts
 from laserjax.config import LaserConfig, MeshConfig, OptimConfig, PolicyLossConfig
+from laserjax.laser import token_logprobs
 from laserjax.model.transformer import Transformer, TransformerConfig
-from laserjax.sampler import token_logprobs
 
 VOCAB, EOS, ZC = 96, 2, 90
 R, P, T, K = 8, 5, 7, 4
@@ -235,10 +235,11 @@ def test_rollout_logprobs_equal_train_step_logprobs(model):
 
 def test_train_step_uses_the_samplers_token_logprobs():
     """One definition of the policy log-probs for rollouts and training (the most common GRPO
-    bug is a mismatch): the step imports the sampler's function rather than re-deriving it."""
-    from laserjax import sampler
+    bug is a mismatch): the step and the sampler import laser.py's function."""
+    from laserjax import laser, sampler
 
-    assert ts.token_logprobs is sampler.token_logprobs
+    assert ts.token_logprobs is laser.token_logprobs
+    assert sampler.token_logprobs is laser.token_logprobs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,3 +530,75 @@ def test_bad_batches_are_named(model):
         ts.make_grad_fn(graphdef, LASER_ON, PolicyLossConfig(), _settings(micro_batch_size=3))(
             params, batch, 1
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# KL to the frozen reference policy (issue 11 section 3).
+
+
+def _plain_logprobs(model, rows) -> np.ndarray:
+    """[R, T] log-probs of the response tokens from a plain full-vocabulary forward."""
+    logits = _plain_forward_logits(model, rows)[:, P - 1 : P - 1 + T]
+    logp = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
+    return np.take_along_axis(logp, rows["response_tokens"][..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "low_var_kl"])
+def test_kl_to_reference_params_equals_hand_computation(model, kl_type):
+    """The step's reference forward (TrainState.ref_params, here another model) gives
+    `actor/kl_loss` = the token mean of verl's estimator computed in float64 from two plain
+    forwards (1e-5 relative: float32 log-probs of size ~1-10), and the same gradients as the
+    step fed those reference log-probs in the batch (<= 1e-5 x the leaf's largest gradient)."""
+    ref_model = _model(seed=1)
+    batch = _batch(model)
+    rows = _rows()
+    logp, ref = _plain_logprobs(model, rows), _plain_logprobs(ref_model, rows)
+    d = ref - logp  # verl: kl = ref_logprob - logprob
+    per_token = {
+        "k1": logp - ref,
+        "k2": 0.5 * (logp - ref) ** 2,
+        "low_var_kl": np.clip(np.exp(np.clip(d, -20, 20)) - d - 1, -10, 10),
+    }[kl_type]
+    mask = rows["response_mask"]
+    want = per_token[mask].sum() / mask.sum()
+    loss_cfg = PolicyLossConfig(kl_coef=0.1, kl_type=kl_type)
+    graphdef, params = nnx.split(model, nnx.Param)
+    ref_params = nnx.state(ref_model, nnx.Param)
+    fn = jax.jit(ts.make_grad_fn(graphdef, LASER_ON, loss_cfg, _settings()))
+    grads, metrics = fn(params, batch, 1, ref_params)
+    np.testing.assert_allclose(float(metrics["actor/kl_loss"]), want, rtol=1e-5)
+    given = batch.replace(ref_logprobs=jnp.asarray(np.where(mask, ref, 0.0), jnp.float32))
+    grads_given, metrics_given = fn(params, given, 1, None)
+    assert _max_rel_err(grads, grads_given) <= 1e-5
+    np.testing.assert_allclose(metrics["actor/kl_loss"], metrics_given["actor/kl_loss"], rtol=1e-5)
+
+
+def test_kl_micro_batches_equal_the_full_batch_and_start_at_zero():
+    """KL on through the reference params: 2 micro-batches of 4 rows equal one batch of 8
+    (gradients <= 1e-5 x the leaf's largest, metrics 1e-5 relative or 1e-6 absolute); and a
+    fresh state's reference is its own params (bf16 when asked): at the first step the KL is
+    round-off, <= 1e-6 (float32 k3 = exp(d) - d - 1 has an ulp of 1.2e-7 near d = 0), and with
+    a bf16 reference the bf16 rounding of the weights."""
+    policy = _model()
+    batch = _batch(policy)
+    loss_cfg = PolicyLossConfig(kl_coef=0.05, kl_type="low_var_kl")
+    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, state = ts.init_train_state(policy, OptimConfig(), mesh, with_reference=True)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.ref_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = nnx.state(_model(seed=1), nnx.Param)
+    full_fn = jax.jit(ts.make_grad_fn(graphdef, LASER_ON, loss_cfg, _settings()))
+    micro_fn = jax.jit(ts.make_grad_fn(graphdef, LASER_ON, loss_cfg, _settings(micro_batch_size=4)))
+    full, m_full = full_fn(state.params, batch, 1, other)
+    micro, m_micro = micro_fn(state.params, batch, 1, other)
+    assert float(m_full["actor/kl_loss"]) > 0.1
+    assert _max_rel_err(micro, full) <= 1e-5
+    for name, value in m_full.items():
+        np.testing.assert_allclose(m_micro[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    _, m_own = full_fn(state.params, batch, 1, state.ref_params)
+    assert abs(float(m_own["actor/kl_loss"])) <= 1e-6
+    _, bf16 = ts.init_train_state(_model(), OptimConfig(), mesh, "bfloat16", with_reference=True)
+    assert {x.dtype for x in jax.tree.leaves(bf16.ref_params)} == {jnp.dtype(jnp.bfloat16)}
+    _, m_bf16 = full_fn(state.params, batch, 1, bf16.ref_params)
+    print("KL to a bf16 reference at step 1:", float(m_bf16["actor/kl_loss"]))
+    assert 1e-6 < float(m_bf16["actor/kl_loss"]) < 1e-2

@@ -82,6 +82,7 @@ def format_table(est: dict[str, int], remat: bool) -> str:
     rows = [
         ("params", "exact: shapes x dtype / mesh axes in PARAM_RULES"),
         ("opt_state", "exact: AdamW moments (params' dtype) + counts"),
+        ("ref_params", "exact: the frozen KL reference (kl_coef > 0)"),
         (
             "gradients",
             "params' dtype" + (" + float32 accumulator" if est["micro_batches"] > 1 else ""),
@@ -90,12 +91,12 @@ def format_table(est: dict[str, int], remat: bool) -> str:
         ("weight_gather", "two layers all-gathered over fsdp"),
         ("activations_no_remat", "one micro-batch" + ("" if remat else "  <- config")),
         ("activations_remat", "one micro-batch" + ("  <- config" if remat else "")),
-        ("train_peak", "params + opt + grads + batch + gather + activations"),
+        ("train_peak", "params + opt + ref + grads + batch + gather + activations"),
         ("sampler_params", "the sampler's compute-dtype weight copy"),
         ("kv_prefix", "one per prompt, shared by its K samples"),
         ("kv_suffix", "per sample, max_new_tokens long"),
         ("rollout_buffers", "tokens/log-probs + prefill or decode working set"),
-        ("rollout_peak", "params + opt + sampler params + caches + buffers"),
+        ("rollout_peak", "params + opt + ref + sampler params + caches + buffers"),
     ]
     lines = [f"{'component':<22}{'GiB/device':>10}  note", "-" * 78]
     lines += [f"{name:<22}{_gib(est[name]):>10}  {note}" for name, note in rows]
