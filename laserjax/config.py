@@ -472,7 +472,17 @@ class TrainConfig:
     total_steps: int = 1000
     prompts_per_step: int = 128
     micro_batch_size: int = 0
-    """Rows (samples) per micro-batch for gradient accumulation; 0 = the whole step batch."""
+    """Rows (samples) per micro-batch for gradient accumulation; 0 = the whole step batch (or
+    mini-batch)."""
+    old_logprob_source: str = "recompute"
+    """The PPO ratio's old log-probs: recompute (the training forward with the pre-update
+    parameters, as the official code; free with one update per batch) or rollout (the
+    sampler's). metrics.jsonl logs their mismatch either way."""
+    ppo_mini_batch_size: int = 0
+    """Rows per optimizer update, whole prompt groups (verl's ppo_mini_batch_size x n); 0 = the
+    whole step batch: one update per epoch."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (verl ppo_epochs, Tunix num_iterations); the paper uses 1."""
     seed: int = 0
     eval_every: int = 0
     """0 = evaluate only at the start and the end."""
@@ -490,6 +500,13 @@ class TrainConfig:
         _check(self.total_steps >= 1, "train.total_steps", "must be >= 1")
         _check(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
+        _check(
+            self.old_logprob_source in ("recompute", "rollout"),
+            "train.old_logprob_source",
+            f"unknown source {self.old_logprob_source!r}; use recompute or rollout",
+        )
+        _check(self.ppo_mini_batch_size >= 0, "train.ppo_mini_batch_size", "must be >= 0")
+        _check(self.ppo_epochs >= 1, "train.ppo_epochs", "must be >= 1 (the paper uses 1)")
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.eval_samples >= 1, "train.eval_samples", "must be >= 1")
         _check(self.save_every >= 1, "train.save_every", "must be >= 1")
@@ -524,12 +541,25 @@ class Config:
             self, "policy_loss", self.policy_loss.for_algorithm(self.laser.algorithm)
         )
         rows = self.train.prompts_per_step * self.rollout.samples_per_prompt
+        k = self.rollout.samples_per_prompt
+        mini = self.train.ppo_mini_batch_size
+        _check(
+            mini == 0 or (rows % mini == 0 and mini % k == 0),
+            "train.ppo_mini_batch_size",
+            f"{mini} rows must divide the step batch's {rows} rows and be whole prompt groups "
+            f"(a multiple of samples_per_prompt = {k}); or 0 for the whole batch",
+        )
         mb = self.train.micro_batch_size
         _check(
             mb == 0 or rows % mb == 0,
             "train.micro_batch_size",
             f"the step batch has prompts_per_step * samples_per_prompt = {rows} rows, which "
             f"{mb} does not divide; pick a divisor of {rows} (or 0 for no accumulation)",
+        )
+        _check(
+            mb == 0 or (mini or rows) % mb == 0,
+            "train.micro_batch_size",
+            f"{mb} does not divide train.ppo_mini_batch_size = {mini}; pick a divisor of it",
         )
         _check(bool(self.output_dir), "output_dir", "must be a directory path")
 

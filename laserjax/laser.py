@@ -386,6 +386,20 @@ def aggregate_loss(
     return SumCount(seq_b.sum(), (n_tokens_b > 0).sum(dtype=jnp.float32))
 
 
+def logprob_mismatch(
+    logp_bt: jax.Array, rollout_logp_bt: jax.Array, mask_bt: jax.Array
+) -> tuple[SumCount, jax.Array]:
+    """|log p_train - log p_rollout| over the response tokens (no gradient): the (sum, count) of
+    its mean and its max (0 without tokens). The sampler's and the train step's log-probs of the
+    same tokens under the same weights are one quantity (LASER_SPEC section 5); this measures
+    how far numerics (e.g. a bf16 sampler against float32 training) pull them apart."""
+    _check_same_shape(logp_bt=logp_bt, rollout_logp_bt=rollout_logp_bt, mask_bt=mask_bt)
+    mask = _bool(mask_bt)
+    diff = jnp.abs(_f32(logp_bt) - _f32(rollout_logp_bt))
+    diff = jax.lax.stop_gradient(jnp.where(mask, diff, 0.0))
+    return SumCount(diff.sum(), mask.sum(dtype=jnp.float32)), diff.max(initial=0.0)
+
+
 def kl_penalty(logp_bt: jax.Array, ref_logp_bt: jax.Array, kind: KLKind) -> jax.Array:
     """Per-token KL(pi_theta || pi_ref) estimate, as verl's `kl_penalty` (LASER_SPEC section 2:
     weight 0 in the paper's runs, so optional).

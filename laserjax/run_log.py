@@ -31,6 +31,8 @@ STEP_METRICS: dict[str, str] = {
     "clipfrac_dual": "actor/pg_clipfrac_lower",
     "ppo_kl": "actor/ppo_kl",
     "kl_loss": "actor/kl_loss",
+    "logprob_mismatch_mean": "actor/logprob_mismatch_mean",
+    "logprob_mismatch_max": "actor/logprob_mismatch_max",
     "std_filter_fallback_frac": "self_reward/std_filter_fallback_frac",
     "mse_active": "self_reward/mse_active",
     "integration_active": "self_reward/integration_active",

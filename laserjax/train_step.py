@@ -85,6 +85,9 @@ class TrainBatch:
     """[R, T] float: reference-policy log-probs, required when policy_loss.kl_coef > 0."""
 
 
+OLD_LOGPROB_SOURCES = ("recompute", "rollout")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """Static settings of the step (each value compiles its own program)."""
@@ -105,8 +108,28 @@ class StepSettings:
     step reads, so False gives the same numbers one position shorter; kept for the benchmark."""
     compute_entropy: bool = False
     """Log the mean policy entropy over response tokens (costs one more pass over each chunk)."""
+    old_logprob_source: str = "rollout"
+    """The PPO ratio's old log-probs: "rollout" uses TrainBatch.old_logprobs (the sampler's; this
+    API's default), "recompute" the training forward with the pre-update parameters (the
+    official code's; the trainer's default, train.old_logprob_source). With one update per
+    batch, recompute is the stop-gradient of the forward the loss already runs (free, ratio 1);
+    with several, one no-grad pass before the first update."""
+    mini_batch_size: int = 0
+    """Rows per optimizer update (train.ppo_mini_batch_size); 0 = the whole step batch."""
+    epochs: int = 1
+    """Passes over the step batch, each one update per mini-batch (train.ppo_epochs)."""
 
     def __post_init__(self) -> None:
+        if self.old_logprob_source not in OLD_LOGPROB_SOURCES:
+            raise ValueError(
+                f"StepSettings.old_logprob_source must be one of {OLD_LOGPROB_SOURCES}, got "
+                f"{self.old_logprob_source!r}"
+            )
+        if self.mini_batch_size < 0 or self.epochs < 1:
+            raise ValueError(
+                "StepSettings.mini_batch_size must be >= 0 and epochs >= 1, got "
+                f"{self.mini_batch_size} and {self.epochs}"
+            )
         if self.group_size < 1:
             raise ValueError(f"StepSettings.group_size must be >= 1 (K), got {self.group_size}")
         if self.micro_batch_size < 0:
@@ -360,7 +383,8 @@ class _RowInputs:
 
 
 def _check_rows(batch: TrainBatch, settings: StepSettings, mesh: Mesh | None) -> int:
-    """Static shape checks (trace time); returns the number of micro-batches."""
+    """Static shape checks (trace time) of the rows one update sees; returns the number of
+    micro-batches."""
     r = batch.rewards.shape[0]
     if r % settings.group_size:
         raise ValueError(
@@ -370,8 +394,8 @@ def _check_rows(batch: TrainBatch, settings: StepSettings, mesh: Mesh | None) ->
     mb = settings.micro_batch_size or r
     if r % mb:
         raise ValueError(
-            f"micro_batch_size {mb} does not divide the {r} rows of the step batch; "
-            "pick a divisor (config field train.micro_batch_size)"
+            f"micro_batch_size {mb} does not divide the {r} rows of the step batch (or of each "
+            "mini-batch); pick a divisor (config field train.micro_batch_size)"
         )
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
@@ -434,16 +458,60 @@ def make_grad_fn(
     settings: StepSettings,
     mesh: Mesh | None = None,
 ):
-    """`grad_fn(params, batch, step) -> (grads, metrics)` for the step numbered `step` (from 1).
+    """`grad_fn(params, batch, step, ref_params=None) -> (grads, metrics)`: the gradient of the
+    step numbered `step` (from 1) as one update on the whole batch.
 
     Not jitted: `make_train_step` jits it with the optimizer; tests jit it alone. `grads` has the
     params' structure and dtype; `metrics` is a dict of float32 scalars. The objective (which
-    terms, their weights and gating) is `laser.objective` for `objective_from_config`.
+    terms, their weights and gating) is `laser.objective` for `objective_from_config`. With
+    KL on, the reference log-probs come from TrainBatch.ref_logprobs or, when that is None, from
+    a forward of `ref_params` over each micro-batch.
+    """
+    grads_for_rows = _make_rows_grad(graphdef, laser_cfg, loss_cfg, settings, mesh)
+    obj = grads_for_rows.objective
+
+    def grad_fn(
+        params: nnx.State,
+        batch: TrainBatch,
+        step: jax.Array | int,
+        ref_params: nnx.State | None = None,
+    ):
+        step = jnp.asarray(step, jnp.int32)
+        adv, adv_metrics = laser.step_advantages(
+            obj, step, batch.rewards, batch.finished, batch.rollout_logp_zc, settings.group_size
+        )
+        recompute = settings.old_logprob_source == "recompute"
+        grads, pairs, maxes = grads_for_rows(params, batch, adv, step, ref_params, recompute)
+        return grads, _step_metrics(obj, batch, pairs, maxes, adv_metrics)
+
+    return grad_fn
+
+
+def _step_metrics(obj: laser.Objective, batch: TrainBatch, pairs, maxes, adv_metrics) -> dict:
+    """The metrics of one update: (sum, count) pairs divided once, maxima, batch statistics."""
+    values = laser.finalize(pairs) | maxes
+    if obj.self_reward:
+        values["self_reward/f1"] = laser.self_verification_f1(
+            values["self_reward/acc_correct"], values["self_reward/acc_incorrect"]
+        )
+    values["response_length/mean"] = batch.response_mask.sum(-1).mean(dtype=jnp.float32)
+    values["response/finished_frac"] = batch.finished.mean(dtype=jnp.float32)
+    values["reward/mean"] = batch.rewards.mean(dtype=jnp.float32)
+    return values | {f"self_reward/{name}": v for name, v in adv_metrics.items()}
+
+
+def _make_rows_grad(graphdef, laser_cfg, loss_cfg, settings: StepSettings, mesh: Mesh | None):
+    """`f(params, batch, advantages_b, step, ref_params, recompute) -> (grads, pairs, maxes)`:
+    the gradient of L over the rows of `batch` (the step batch, or one mini-batch) with the
+    given advantages, accumulated over micro-batches; `f.objective` is its `laser.Objective`.
+
+    `recompute`: the ratio's old log-probs are the stop-gradient of this forward (one update
+    per rollout batch: the pre-update parameters are these). The forward's log-probs are also
+    compared with TrainBatch.old_logprobs (the rollout's): `actor/logprob_mismatch_*`.
     """
     obj = objective_from_config(laser_cfg, loss_cfg)
-    k = settings.group_size
 
-    def micro_loss(params, rows: _RowInputs, counts: dict[str, jax.Array], step, ref_params):
+    def micro_loss(params, rows: _RowInputs, counts, step, ref_params, recompute: bool):
         model = nnx.merge(graphdef, params)
         b = rows.batch
         if ref_params is not None and b.ref_logprobs is None:
@@ -459,11 +527,12 @@ def make_grad_fn(
             b = b.replace(ref_logprobs=jax.lax.stop_gradient(ref_logp_bt))
         out = sequence_logprobs(model, b, settings, with_zc=obj.self_reward, mesh=mesh)
         mask = b.response_mask
+        old_bt = jax.lax.stop_gradient(out["logp_bt"]) if recompute else b.old_logprobs
         terms, objective_metrics = laser.objective(
             obj,
             step,
             out["logp_bt"],
-            b.old_logprobs,
+            old_bt,
             mask,
             rows.advantages,
             ref_logp_bt=b.ref_logprobs,
@@ -477,16 +546,13 @@ def make_grad_fn(
         metrics |= {_METRIC_NAMES[name]: pair for name, pair in objective_metrics.items()}
         if "entropy_bt" in out:
             metrics["actor/entropy"] = laser.aggregate_loss(out["entropy_bt"], mask, "token-mean")
-        return loss, metrics
+        mismatch, mismatch_max = laser.logprob_mismatch(out["logp_bt"], b.old_logprobs, mask)
+        metrics["actor/logprob_mismatch_mean"] = mismatch
+        return loss, (metrics, {"actor/logprob_mismatch_max": mismatch_max})
 
     grad_micro = jax.grad(micro_loss, has_aux=True)
 
-    def grad_fn(
-        params: nnx.State,
-        batch: TrainBatch,
-        step: jax.Array | int,
-        ref_params: nnx.State | None = None,
-    ):
+    def grads_for_rows(params, batch: TrainBatch, advantages_b, step, ref_params, recompute):
         n_micro = _check_rows(batch, settings, mesh)
         if obj.use_kl and batch.ref_logprobs is None and ref_params is None:
             raise ValueError(
@@ -496,42 +562,32 @@ def make_grad_fn(
             )
         if not obj.use_kl:
             ref_params = None  # no reference forward for a term that is off
-        # -- whole-batch quantities (spec 2-4): group statistics, class weights, denominators.
-        step = jnp.asarray(step, jnp.int32)
-        whole = laser.batch_terms(
-            obj, step, batch.rewards, batch.finished, batch.rollout_logp_zc, batch.response_mask, k
-        )
-        rows = _RowInputs(
-            batch=batch, advantages=whole.advantages_b, mse_weights=whole.mse_weights_b
-        )
-
-        # -- micro-batches: sum the gradients of numerator / whole-batch denominator.
+        # Class weights and every denominator over these rows (spec 2), before any split.
+        mse_w, counts = laser.loss_counts(obj, batch.rewards, batch.finished, batch.response_mask)
+        rows = _RowInputs(batch=batch, advantages=advantages_b, mse_weights=mse_w)
+        # Micro-batches: sum the gradients of numerator / whole-rows denominator.
         if n_micro == 1:
-            grads, metrics = grad_micro(params, rows, whole.counts, step, ref_params)
-        else:
-            rows_m = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), rows)
+            return _pair(grad_micro(params, rows, counts, step, ref_params, recompute))
+        rows_m = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), rows)
 
-            def body(acc, rows_i):
-                g, m = grad_micro(params, rows_i, whole.counts, step, ref_params)
-                return jax.tree.map(lambda a, gi: a + gi.astype(jnp.float32), acc, g), m
+        def body(acc, rows_i):
+            g, aux = grad_micro(params, rows_i, counts, step, ref_params, recompute)
+            return jax.tree.map(lambda a, gi: a + gi.astype(jnp.float32), acc, g), aux
 
-            acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            grads, metrics_m = jax.lax.scan(body, acc0, rows_m)
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-            metrics = jax.tree.map(lambda x: x.sum(axis=0), metrics_m)
+        acc0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, (pairs_m, maxes_m) = jax.lax.scan(body, acc0, rows_m)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        pairs = jax.tree.map(lambda x: x.sum(axis=0), pairs_m)
+        maxes = jax.tree.map(lambda x: x.max(axis=0), maxes_m)
+        return grads, pairs, maxes
 
-        values = laser.finalize(metrics)
-        if obj.self_reward:
-            values["self_reward/f1"] = laser.self_verification_f1(
-                values["self_reward/acc_correct"], values["self_reward/acc_incorrect"]
-            )
-        values["response_length/mean"] = batch.response_mask.sum(-1).mean(dtype=jnp.float32)
-        values["response/finished_frac"] = batch.finished.mean(dtype=jnp.float32)
-        values["reward/mean"] = batch.rewards.mean(dtype=jnp.float32)
-        extra = {f"self_reward/{name}": v for name, v in whole.metrics.items()}
-        return grads, values | extra
+    grads_for_rows.objective = obj
+    return grads_for_rows
 
-    return grad_fn
+
+def _pair(out):
+    grads, (pairs, maxes) = out
+    return grads, pairs, maxes
 
 
 def _split_micro(x: jax.Array, n_micro: int, mesh: Mesh | None) -> jax.Array:
@@ -563,21 +619,85 @@ def make_train_step(
     settings: StepSettings,
     mesh: Mesh,
 ):
-    """`step_fn(state, batch) -> (state, metrics)`: one optimizer step, jitted on `mesh`.
+    """`step_fn(state, batch) -> (state, metrics)`: the optimizer updates of one rollout batch,
+    jitted on `mesh`.
 
     Params and optimizer state keep the shardings of `state_sharding` (from
     `train_state_sharding`) and are donated; the batch is split over (data, fsdp); metrics come
-    back replicated. The LaSeR schedule (spec 4) reads the step number from `state.step + 1`.
+    back replicated. The LaSeR schedule (spec 4) reads the step number from `state.step + 1`:
+    one step per rollout batch, however many updates it makes.
+
+    Updates: one on the whole batch by default (the paper's recipe). With
+    `settings.epochs` > 1 or a `settings.mini_batch_size` below the batch (verl's ppo_epochs and
+    ppo_mini_batch_size, Tunix's num_iterations), `epochs` passes over contiguous mini-batches
+    of whole prompt groups, one optimizer update each, in a `lax.scan`. Advantages come from the
+    whole batch once, before the first update; class weights and denominators from each
+    mini-batch (each update is the spec's loss on its rows). One no-grad pass with the
+    pre-update parameters first gives the old log-probs (`recompute`), the reference's (KL) and
+    the rollout mismatch; metrics are the mean over updates (maxima: the max).
     """
     tx = make_optimizer(optim_cfg)
     grad_fn = make_grad_fn(graphdef, laser_cfg, loss_cfg, settings, mesh)
+    grads_for_rows = _make_rows_grad(graphdef, laser_cfg, loss_cfg, settings, mesh)
+    obj = grads_for_rows.objective
+
+    def apply(grads, params, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def one_update(state: TrainState, batch: TrainBatch, step):
+        grads, metrics = grad_fn(state.params, batch, step, state.ref_params)
+        metrics["actor/grad_norm"] = optax.tree.norm(grads)
+        params, opt_state = apply(grads, state.params, state.opt_state)
+        return params, opt_state, metrics
+
+    def several_updates(state: TrainState, batch: TrainBatch, step, n_mini: int):
+        pre = _no_grad_logprobs(
+            graphdef, obj, settings, mesh, state.params, state.ref_params, batch
+        )
+        mismatch, mismatch_max = laser.logprob_mismatch(
+            pre["logp_bt"], batch.old_logprobs, batch.response_mask
+        )
+        if settings.old_logprob_source == "recompute":
+            batch = batch.replace(old_logprobs=pre["logp_bt"])
+        if "ref_logp_bt" in pre:
+            batch = batch.replace(ref_logprobs=pre["ref_logp_bt"])
+        adv, adv_metrics = laser.step_advantages(
+            obj, step, batch.rewards, batch.finished, batch.rollout_logp_zc, settings.group_size
+        )
+        minis = jax.tree.map(lambda x: _split_mini(x, n_mini, mesh), (batch, adv))
+
+        def update(carry, i):
+            params, opt_state = carry
+            mb, adv_mb = jax.tree.map(lambda x: x[i], minis)
+            grads, pairs, maxes = grads_for_rows(params, mb, adv_mb, step, None, False)
+            metrics = _step_metrics(obj, mb, pairs, maxes, {})
+            metrics["actor/grad_norm"] = optax.tree.norm(grads)
+            return apply(grads, params, opt_state), metrics
+
+        order = jnp.tile(jnp.arange(n_mini), settings.epochs)
+        (params, opt_state), metrics_u = jax.lax.scan(
+            update, (state.params, state.opt_state), order
+        )
+        metrics = {
+            k: v.max(axis=0) if k.endswith("_max") else v.mean(axis=0) for k, v in metrics_u.items()
+        }
+        metrics |= {
+            "actor/logprob_mismatch_mean": mismatch.value(),
+            "actor/logprob_mismatch_max": mismatch_max,
+            "response_length/mean": batch.response_mask.sum(-1).mean(dtype=jnp.float32),
+            "response/finished_frac": batch.finished.mean(dtype=jnp.float32),
+            "reward/mean": batch.rewards.mean(dtype=jnp.float32),
+        }
+        return params, opt_state, metrics | {f"self_reward/{k}": v for k, v in adv_metrics.items()}
 
     def step_fn(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         step = state.step + 1
-        grads, metrics = grad_fn(state.params, batch, step, state.ref_params)
-        metrics["actor/grad_norm"] = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        n_mini = _check_mini_batches(batch, settings)
+        if n_mini * settings.epochs == 1:
+            params, opt_state, metrics = one_update(state, batch, step)
+        else:
+            params, opt_state, metrics = several_updates(state, batch, step, n_mini)
         new = TrainState(params=params, opt_state=opt_state, step=step, ref_params=state.ref_params)
         return new, metrics
 
@@ -588,6 +708,59 @@ def make_train_step(
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def _check_mini_batches(batch: TrainBatch, settings: StepSettings) -> int:
+    """The number of mini-batches (trace time): whole prompt groups dividing the batch."""
+    r = batch.rewards.shape[0]
+    mini = settings.mini_batch_size or r
+    if r % mini or mini % settings.group_size:
+        raise ValueError(
+            f"mini-batches of {mini} rows must divide the {r} rows of the step batch and be "
+            f"whole prompt groups (a multiple of K = {settings.group_size}); fix config field "
+            "train.ppo_mini_batch_size"
+        )
+    return r // mini
+
+
+def _split_mini(x: jax.Array, n_mini: int, mesh: Mesh | None) -> jax.Array:
+    """[R, ...] -> [n_mini, R / n_mini, ...] contiguous (mini-batch i = whole prompt groups),
+    each mini-batch spread over the batch shards."""
+    x = x.reshape(n_mini, x.shape[0] // n_mini, *x.shape[1:])
+    if mesh is not None:
+        x = jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, P(None, sharding.BATCH, *(None,) * (x.ndim - 2)))
+        )
+    return x
+
+
+def _no_grad_logprobs(graphdef, obj, settings, mesh, params, ref_params, batch) -> dict:
+    """One pass without gradient over the batch, in micro-batches: the policy's log-probs of the
+    response tokens ("logp_bt") and, with KL on and no TrainBatch.ref_logprobs, the
+    reference's ("ref_logp_bt")."""
+    use_ref = obj.use_kl and batch.ref_logprobs is None
+    if use_ref and ref_params is None:
+        raise ValueError(
+            "policy_loss.kl_coef > 0 needs TrainBatch.ref_logprobs or TrainState.ref_params "
+            "(init_train_state(with_reference=True))"
+        )
+
+    def one(b: TrainBatch) -> dict:
+        def logp(p):
+            model = nnx.merge(graphdef, p)
+            return sequence_logprobs(model, b, settings, with_zc=obj.self_reward, mesh=mesh)
+
+        out = {"logp_bt": logp(params)["logp_bt"]}
+        if use_ref:
+            out["ref_logp_bt"] = logp(ref_params)["logp_bt"]
+        return jax.lax.stop_gradient(out)
+
+    n_micro = _check_rows(batch, settings, mesh)
+    if n_micro == 1:
+        return one(batch)
+    out_m = jax.lax.map(one, jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch))
+    # Undo `_split_micro`: micro-batch i held rows i, i + n_micro, ...
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), out_m)
 
 
 # ---------------------------------------------------------------------------------------------

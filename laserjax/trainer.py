@@ -231,6 +231,9 @@ class Trainer:
             self_reward_token_id=cfg.tokens.self_reward_token_id,
             temperature=cfg.rollout.temperature or 1.0,
             micro_batch_size=cfg.train.micro_batch_size,
+            old_logprob_source=cfg.train.old_logprob_source,
+            mini_batch_size=cfg.train.ppo_mini_batch_size,
+            epochs=cfg.train.ppo_epochs,
         )
         self.step_fn = make_train_step(
             self.graphdef,

@@ -602,3 +602,84 @@ def test_kl_micro_batches_equal_the_full_batch_and_start_at_zero():
     _, m_bf16 = full_fn(state.params, batch, 1, bf16.ref_params)
     print("KL to a bf16 reference at step 1:", float(m_bf16["actor/kl_loss"]))
     assert 1e-6 < float(m_bf16["actor/kl_loss"]) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# The old log-probs' source, the rollout mismatch, several updates per batch (issue 11 sec. 4).
+
+
+def test_recomputed_old_logprobs_and_the_rollout_mismatch(model):
+    """`recompute` (one update): the ratio is 1 (no token clipped, ppo_kl 0) and the gradient is
+    the `rollout` step's given the model's own log-probs as old ones (<= 1e-5 x the leaf's
+    largest gradient: the two differ by float32 round-off of the ratio). Either way the step
+    logs mean and max |log p_train - log p_rollout| over response tokens, here against the
+    batch's noisy old log-probs by hand (float64 from a plain forward; 1e-5 absolute)."""
+    batch = _batch(model)
+    rows = _rows()
+    own = _plain_logprobs(model, rows)
+    mask = rows["response_mask"]
+    gap = np.abs(own - np.asarray(batch.old_logprobs, np.float64))[mask]
+    grads_re, m_re = _grads(model, batch, LASER_ON, _settings(old_logprob_source="recompute"))
+    exact = batch.replace(old_logprobs=jnp.asarray(np.where(mask, own, 0.0), jnp.float32))
+    grads_ro, m_ro = _grads(model, exact, LASER_ON, _settings())
+    assert float(m_re["actor/pg_clipfrac"]) == 0.0 and float(m_re["actor/ppo_kl"]) == 0.0
+    assert _max_rel_err(grads_re, grads_ro) <= 1e-5
+    np.testing.assert_allclose(m_re["actor/logprob_mismatch_mean"], gap.mean(), atol=1e-5)
+    np.testing.assert_allclose(m_re["actor/logprob_mismatch_max"], gap.max(), atol=1e-5)
+    assert float(m_ro["actor/logprob_mismatch_max"]) <= 1e-5  # exact old log-probs: no gap
+
+
+def _state_and_step(settings):
+    """A fresh single-device TrainState of `_model()` and its jitted step for `settings`.
+    AdamW with eps = 1: with |g| << 1 its first updates are nearly linear in g (lr g / (|g| +
+    1)), so float32 round-off in a gradient moves a parameter by at most lr x that round-off."""
+    optim = OptimConfig(learning_rate=1e-2, eps=1.0)
+    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, state = ts.init_train_state(_model(), optim, mesh)
+    step = ts.make_train_step(
+        graphdef,
+        ts.train_state_sharding(state, mesh),
+        LASER_ON,
+        PolicyLossConfig(),
+        optim,
+        settings,
+        mesh,
+    )
+    return graphdef, state, step
+
+
+def _assert_params_close(a: ts.TrainState, b: ts.TrainState) -> None:
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_several_updates_equal_single_updates_in_sequence():
+    """ppo_epochs = 2 over the whole batch with `recompute` = two single-update steps fed the
+    pre-update log-probs as old ones (`rollout`); mini-batches of 4 rows (one prompt group
+    each), one epoch = a single-update step on each group in turn. Params to 1e-6 absolute
+    (updates of ~1e-2 nearly linear in g, `_state_and_step`)."""
+    batch = _batch(_model())
+    _, state, multi = _state_and_step(_settings(epochs=2, old_logprob_source="recompute"))
+    state_m, metrics = multi(state, batch)
+    assert int(state_m.step) == 1  # one rollout batch (the schedule's step), two updates:
+    assert int(optax.tree_utils.tree_get(state_m.opt_state, "count")) == 2
+    assert float(metrics["actor/logprob_mismatch_max"]) > 0.1  # the batch's noisy old log-probs
+
+    graphdef, state, single = _state_and_step(_settings())
+    model0 = nnx.merge(graphdef, state.params)
+    old0 = jax.jit(lambda b: ts.sequence_logprobs(model0, b, _settings())["logp_bt"])(batch)
+    fed = batch.replace(old_logprobs=old0)
+    state_s, _ = single(state, fed)
+    state_s, m2 = single(state_s, fed)
+    assert float(m2["actor/pg_clipfrac"]) > 0  # the second update's ratio is not 1
+    _assert_params_close(state_m, state_s)
+
+    _, state, mini = _state_and_step(_settings(mini_batch_size=4))
+    state_mini, _ = mini(state, batch)
+    _, state, single = _state_and_step(_settings())
+    for rows in (slice(0, 4), slice(4, 8)):
+        state, _ = single(state, jax.tree.map(lambda x, r=rows: x[r], batch))
+    _assert_params_close(state_mini, state)
