@@ -218,7 +218,8 @@ class LaserConfig:
         _check(
             self.algorithm in laser.ALGORITHMS,
             "laser.algorithm",
-            f"unknown algorithm {self.algorithm!r}; use one of {', '.join(laser.ALGORITHMS)}",
+            f"unknown algorithm {self.algorithm!r}; use laser or grpo (the paper's), or one "
+            f"of {', '.join(a for a in laser.ALGORITHMS if a not in ('laser', 'grpo'))}",
         )
         _check(
             isinstance(self.c_ref, float | int) or self.c_ref == "auto",

@@ -517,6 +517,9 @@ def _make_rows_grad(graphdef, laser_cfg, loss_cfg, settings: StepSettings, mesh:
         if ref_params is not None and b.ref_logprobs is None:
             # The reference's forward over the same micro-batch: a constant of the gradient
             # (`params` is the only differentiated argument), so it keeps no residuals.
+            # Tied to this micro-batch, so XLA cannot hoist a cast of a narrower reference out
+            # of the micro-batch loop (that would hold a full compute-dtype copy of it).
+            ref_params, b = jax.lax.optimization_barrier((ref_params, b))
             ref_model = nnx.merge(graphdef, ref_params)
             # The policy's own sequence (z_c included), so that equal weights give equal
             # log-probs: the same program on the same values.
@@ -747,6 +750,7 @@ def _no_grad_logprobs(graphdef, obj, settings, mesh, params, ref_params, batch) 
 
     def one(b: TrainBatch) -> dict:
         def logp(p):
+            p, _ = jax.lax.optimization_barrier((p, b))  # no hoisted casts (`micro_loss`)
             model = nnx.merge(graphdef, p)
             return sequence_logprobs(model, b, settings, with_zc=obj.self_reward, mesh=mesh)
 

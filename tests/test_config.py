@@ -3,8 +3,9 @@
 import pathlib
 
 import pytest
+import yaml
 
-from laserjax.config import ConfigError, load_config
+from laserjax.config import ConfigError, load_config, to_dict
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -62,3 +63,36 @@ def test_vocab_checks_name_the_token_field():
         cfg.validate_against_vocab(10, (5,), 0)
     with pytest.raises(ConfigError, match="pad"):
         cfg.validate_against_vocab(10, (1,), 5)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["train.old_logprob_source=sampler"], "train.old_logprob_source"),
+        (["train.ppo_epochs=0"], "train.ppo_epochs"),
+        (["train.ppo_mini_batch_size=7"], "train.ppo_mini_batch_size"),
+        (["train.ppo_mini_batch_size=64", "train.micro_batch_size=128"], "train.micro_batch_size"),
+        (["policy_loss.kl_type=k3"], "policy_loss.kl_type"),
+        (["policy_loss.kl_coef=-1"], "policy_loss.kl_coef"),
+        (["policy_loss.ref_param_dtype=int8"], "policy_loss.ref_param_dtype"),
+        (["policy_loss.loss_agg=sum"], "policy_loss.loss_agg"),
+        (["algorithm=ppo"], "laser.algorithm"),
+    ],
+)
+def test_grpo_term_fields_fail_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"`{field}`"):
+        load_config(CONFIGS[0], overrides)
+
+
+def test_algorithm_defaults_fill_the_policy_loss_fields_left_unset(tmp_path):
+    dapo = load_config(CONFIGS[0], ["algorithm=dapo"]).policy_loss
+    assert (dapo.clip_low, dapo.clip_high, dapo.loss_agg) == (0.2, 0.28, "token-mean")
+    given = load_config(CONFIGS[0], ["algorithm=dapo", "policy_loss.clip_high=0.3"])
+    assert given.policy_loss.clip_high == 0.3
+    dr = load_config(CONFIGS[0], ["algorithm=dr_grpo"])
+    assert dr.policy_loss.loss_agg == "seq-mean-token-sum-norm"
+    assert dr.policy_loss.norm_adv_by_std is False and not dr.laser.enabled
+    # config.yaml (as the trainer writes it) holds the resolved values and loads back equal
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(dr), sort_keys=False))
+    assert load_config(path) == dr
