@@ -5,7 +5,8 @@ its section. Nothing here knows about models, sharding or the trainer (it import
 function is jit-able, accepts numpy or jax arrays and does its math in float32 whatever the input
 dtype. The sampler, the train step, evaluation and generation all take their formulas from here:
 the log-probs (`token_logprobs`, `positions_from_mask`), the score r_s, self-verification, and the
-objective L itself (`batch_terms` + `objective` + `objective_loss`), whose named variants
+objective L itself (`step_advantages`, `loss_counts`, `objective`, `objective_loss`), whose
+named variants
 (`ALGORITHMS`: grpo, laser, dr_grpo, dapo) are registered defaults, not branches.
 
 Conventions
@@ -570,43 +571,6 @@ def objective_for(algorithm: str, **settings: object) -> Objective:
     return dataclasses.replace(ALGORITHMS[algorithm], **given)
 
 
-class BatchTerms(NamedTuple):
-    """What the objective needs from the whole step batch (group statistics, class weights)."""
-
-    advantages_b: jax.Array
-    """[B] A_v, or after both warm-ups the integrated A (sections 2-4)."""
-    mse_weights_b: jax.Array
-    """[B] class weights of L_MSE from all rows (zeros without self-reward)."""
-    counts: dict[str, jax.Array]
-    """Full-batch denominators of each term of L: "pg" and "kl" (the aggregation's count),
-    "mse" (N_c + N_i)."""
-    metrics: dict[str, jax.Array]
-    """Scalars: "std_filter_fallback_frac", "mse_active", "integration_active" (self-reward)."""
-
-
-def batch_terms(
-    obj: Objective,
-    step: int | jax.Array,
-    rewards_b: jax.Array,
-    finished_b: jax.Array,
-    rollout_logp_zc_b: jax.Array,
-    mask_bt: jax.Array,
-    group_size: int,
-) -> BatchTerms:
-    """Advantages, MSE class weights and every denominator, over the whole step batch.
-
-    Call it once per step on all rows (groups must be complete), then `objective` on any split
-    of the rows into micro-batches: every count depends on data only, so differentiating
-    `objective_loss(objective(micro), counts)` per micro-batch and summing gives the full-batch
-    gradient (STYLE "Losses as (sum, denominator)").
-    """
-    adv_b, metrics = step_advantages(
-        obj, step, rewards_b, finished_b, rollout_logp_zc_b, group_size
-    )
-    mse_w_b, counts = loss_counts(obj, rewards_b, finished_b, mask_bt)
-    return BatchTerms(adv_b, mse_w_b, counts, metrics)
-
-
 def step_advantages(
     obj: Objective,
     step: int | jax.Array,
@@ -638,7 +602,13 @@ def loss_counts(
     obj: Objective, rewards_b: jax.Array, finished_b: jax.Array, mask_bt: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The MSE class weights and the denominators of L over these rows (the rows one optimizer
-    update sees). Returns (mse_weights_b, counts) as `BatchTerms` holds them."""
+    update sees): (mse_weights_b, counts) with counts "pg" and "kl" (the aggregation's count)
+    and, with self-reward, "mse" (N_c + N_i).
+
+    Call it on all the update's rows, then `objective` on any split of them into micro-batches:
+    every count depends on data only, so differentiating `objective_loss(objective(micro),
+    counts)` per micro-batch and summing gives the whole-rows gradient (STYLE "Losses as (sum,
+    denominator)")."""
     # Any (sum, count) of `aggregate_loss` has a count that depends on the mask alone.
     n_pg = aggregate_loss(
         jnp.zeros(jnp.shape(mask_bt), jnp.float32), mask_bt, obj.loss_agg, obj.loss_scale_factor
@@ -680,7 +650,7 @@ def objective(
              kl_coef > 0; needs `ref_logp_bt`);
     - "mse": L_MSE, weight alpha once step > reasoning_warmup_steps and 0 before (section 4)
              (only with self-reward; needs `logp_zc_b`, `rewards_b`, `finished_b`,
-             `mse_weights_b` from `batch_terms`).
+             `mse_weights_b` from `loss_counts`).
     Metrics: "clipfrac", "clipfrac_lower", "ppo_kl" (`ppo_clipped_surrogate`), and with
     self-reward "acc_correct", "acc_incorrect", "r_s_correct", "r_s_incorrect" of the current
     policy's scores (`self_verification_metrics`).
@@ -711,7 +681,7 @@ def objective(
 
 def objective_loss(terms: dict[str, Term], counts: dict[str, jax.Array]) -> jax.Array:
     """L = sum over terms of weight * total / count, with the full-batch `counts` of
-    `batch_terms` (a micro-batch's share of the full-batch loss; 0 for an empty count)."""
+    `loss_counts` (a micro-batch's share of the full-batch loss; 0 for an empty count)."""
     loss = jnp.float32(0.0)
     for name, term in terms.items():
         loss = loss + term.weight * SumCount(term.value.total, counts[name]).value()
