@@ -367,6 +367,13 @@ def _online(
     """Sample adaptively, and the replay of the same rule and round size on the pool."""
     problems, prompts = setup.task.eval_sets[bench]
     r = setup.cfg.rollout
+    # Compile every call width `sample_adaptively` can use (powers of two up to --batch-prompts)
+    # first, so the wall time is sampling, not compilation, and rules compare on it.
+    width = 1
+    while width < 2 * min(args.batch_prompts, len(prompts)):
+        w = min(width, args.batch_prompts)
+        setup.sampler.sample([prompts[0]] * w, k=args.round_size, temperature=r.temperature)
+        width *= 2
     res = sample_adaptively(
         setup.sampler,
         setup.task.tokenizer,
