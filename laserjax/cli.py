@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "laserjax.commands.adaptive",
         "compare stopping rules for test-time voting on sample pools (offline and online)",
     ),
+    "fetch-model": (
+        "laserjax.commands.fetch_model",
+        "download a known GGUF model into the cache and print its path",
+    ),
 }
 
 
