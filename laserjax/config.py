@@ -23,6 +23,8 @@ from etils import epath
 
 from laserjax import laser
 
+from laserjax.data import PLAIN_SUFFIX
+
 
 class ConfigError(ValueError):
     """A config field is invalid; the message names the field and the fix.
@@ -378,9 +380,17 @@ class DataConfig:
     eval: tuple[str, ...] = ()
     problem_field: str = "problem"
     answer_field: str = "answer"
-    reward: Literal["math_verify", "exact"] = "math_verify"
+    reward: Literal["math_verify", "exact", "last_number"] = "math_verify"
     """math_verify: the paper's grader (LASER_SPEC section 6); exact: string equality of the
-    stripped response and answer (the CPU demo's synthetic task)."""
+    stripped response and answer (the CPU demo's synthetic task); last_number: the last number
+    of a free-text response equals the answer (`reward.extract_last_number`, which voting reads
+    too)."""
+    instruction: str = PLAIN_SUFFIX
+    """The line after each problem in the user turn (default: the paper's `\\boxed{}` request)."""
+    system_prompt: str = ""
+    """A system turn for the chat template (empty: the template's own default)."""
+    fewshot: tuple[tuple[str, str], ...] = ()
+    """Worked examples, [question, answer] pairs, put before each problem as earlier chat turns."""
     require_single_boxed: bool = True
     """Training reward gate of the reference code: exactly one `\\boxed{` (spec section 6)."""
     template: Literal["chat", "plain"] = "chat"
@@ -389,7 +399,19 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval", tuple(self.eval))
+        shots = tuple(tuple(s) if isinstance(s, list | tuple) else (s,) for s in self.fewshot)
+        _check(
+            all(len(s) == 2 and all(isinstance(x, str) for x in s) for s in shots),
+            "data.fewshot",
+            "give a list of [question, answer] string pairs",
+        )
+        object.__setattr__(self, "fewshot", shots)
         _check(self.template in ("chat", "plain"), "data.template", "use chat or plain")
+        _check(
+            self.reward in ("math_verify", "exact", "last_number"),
+            "data.reward",
+            "use math_verify, exact or last_number",
+        )
         _check(
             self.prompt_overflow in ("filter", "error"),
             "data.prompt_overflow",

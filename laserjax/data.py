@@ -128,8 +128,52 @@ def _read_hf(spec: str) -> Iterable[Any]:
     yield from datasets.load_dataset(name, split=split or "train")
 
 
+ARITHMETIC_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _arithmetic_rows(spec: str) -> list[dict[str, Any]]:
+    """`arithmetic:<op>:<a_lo>-<a_hi>:<b_lo>-<b_hi>:<train|eval>`: every problem
+    "What is a <op> b?" over the two operand ranges, in a fixed shuffled order; one in eight (the
+    same ones on every machine) is held out as `eval`, the rest is `train`; `count` keeps the first
+    ones of the split."""
+    parts = spec.split(":")
+    usage = (
+        "write arithmetic:<op>:<a_lo>-<a_hi>:<b_lo>-<b_hi>:<train|eval>[:<count>], "
+        "e.g. arithmetic:+:1-9:10-99:train"
+    )
+    if (
+        len(parts) not in (4, 5)
+        or parts[0] not in ARITHMETIC_OPS
+        or parts[3] not in ("train", "eval")
+        or (len(parts) == 5 and not parts[4].isdigit())
+    ):
+        raise ValueError(f"data source `arithmetic:{spec}`: {usage}")
+    count = int(parts[4]) if len(parts) == 5 else None
+    try:
+        (a_lo, a_hi), (b_lo, b_hi) = (tuple(int(x) for x in r.split("-")) for r in parts[1:3])
+    except ValueError:
+        raise ValueError(
+            f"data source `arithmetic:{spec}`: ranges must be lo-hi; {usage}"
+        ) from None
+    if a_lo > a_hi or b_lo > b_hi or min(a_lo, b_lo) < 0:
+        raise ValueError(f"data source `arithmetic:{spec}`: ranges must be 0 <= lo <= hi")
+    op, fn = parts[0], ARITHMETIC_OPS[parts[0]]
+    pairs = [(a, b) for a in range(a_lo, a_hi + 1) for b in range(b_lo, b_hi + 1)]
+    order = np.random.default_rng(0).permutation(len(pairs))
+    keep = (order % 8 == 0) if parts[3] == "eval" else (order % 8 != 0)
+    rows = [
+        {"id": f"{a}{op}{b}", "problem": f"What is {a} {op} {b}?", "answer": str(fn(a, b))}
+        for i in np.argsort(order)
+        if keep[i]
+        for a, b in [pairs[i]]
+    ]
+    return rows[:count]
+
+
 def _rows(source: str | os.PathLike) -> Iterable[Any]:
     text = str(source)
+    if text.startswith("arithmetic:"):
+        return _arithmetic_rows(text.removeprefix("arithmetic:"))
     if text.startswith("hf:"):
         if not text[3:]:
             raise ValueError("data source `hf:` names no dataset; write hf:org/name[:split]")
@@ -244,7 +288,8 @@ class Benchmark:
 def load_benchmark(
     name_or_path: str | os.PathLike, eval_dir: str | os.PathLike | None = None
 ) -> Benchmark:
-    """One of `BENCHMARKS` by name (case-insensitive) from `eval_dir`, or a jsonl path.
+    """One of `BENCHMARKS` by name (case-insensitive) from `eval_dir`, a jsonl path, or a
+    generated `arithmetic:...:eval` set.
 
     `eval_dir` defaults to the environment variable LASERJAX_EVAL_DIR. A path whose file name is
     one of the five benchmark files is loaded as that benchmark (its n and id field).
@@ -258,6 +303,9 @@ def load_benchmark(
                 "to the folder holding the benchmark files"
             )
         path = paths.run_path(folder, field=EVAL_DIR_ENV) / BENCHMARK_FILES[key]
+    elif key.startswith("arithmetic:"):
+        problems, report = load_problems(str(name_or_path), id_field="id")
+        return Benchmark(name=str(name_or_path), problems=problems, n=None, report=report)
     elif (path := paths.run_path(name_or_path, field="benchmark")).is_file():
         key = next((k for k, f in BENCHMARK_FILES.items() if f == path.name), path.stem)
     else:
@@ -276,16 +324,29 @@ def load_benchmark(
 Template = Literal["chat", "plain"]
 
 
-def user_message(problem_text: str) -> str:
-    """The user turn of the prompt: the problem, a newline, `PLAIN_SUFFIX`."""
-    return problem_text + "\n" + PLAIN_SUFFIX
+def user_message(problem_text: str, instruction: str = PLAIN_SUFFIX) -> str:
+    """The user turn of the prompt: the problem, a newline, the instruction (`PLAIN_SUFFIX`, the
+    paper's, unless a config sets `data.instruction`); no newline when the instruction is empty."""
+    return problem_text + ("\n" + instruction if instruction else "")
 
 
-def prompt_text(problem_text: str, tokenizer: Any, template: Template) -> str:
-    """The prompt as text: the tokenizer's chat template (with the generation prompt), or
-    `PLAIN_TEMPLATE`."""
+def prompt_text(
+    problem_text: str,
+    tokenizer: Any,
+    template: Template,
+    *,
+    instruction: str = PLAIN_SUFFIX,
+    system: str = "",
+    fewshot: Sequence[Sequence[str]] = (),
+) -> str:
+    """The prompt as text: the tokenizer's chat template (with the generation prompt; `system`,
+    when given, as the system turn; each `fewshot` (question, answer) pair as an earlier user /
+    assistant exchange, asked the same way), or `PLAIN_TEMPLATE` (system and examples above)."""
+    content = user_message(problem_text, instruction)
+    shots = [(user_message(q, instruction), a) for q, a in fewshot]
     if template == "plain":
-        return PLAIN_TEMPLATE.format(content=user_message(problem_text))
+        head = "".join(PLAIN_TEMPLATE.format(content=q) + f" {a}\n" for q, a in shots)
+        return (system + "\n" if system else "") + head + PLAIN_TEMPLATE.format(content=content)
     if template != "chat":
         raise ValueError(f"prompt template {template!r}: use chat or plain (data.template)")
     if not getattr(tokenizer, "chat_template", None):
@@ -293,17 +354,30 @@ def prompt_text(problem_text: str, tokenizer: Any, template: Template) -> str:
             "this tokenizer has no chat_template; use data.template=plain for a "
             "base model without one"
         )
+    messages = [{"role": "system", "content": system}] if system else []
+    for q, a in shots:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_message(problem_text)}],
+        messages + [{"role": "user", "content": content}],
         add_generation_prompt=True,
         tokenize=False,
     )
 
 
-def build_prompt(problem_text: str, tokenizer: Any, template: Template) -> list[int]:
+def build_prompt(
+    problem_text: str,
+    tokenizer: Any,
+    template: Template,
+    *,
+    instruction: str = PLAIN_SUFFIX,
+    system: str = "",
+    fewshot: Sequence[Sequence[str]] = (),
+) -> list[int]:
     """Prompt token ids. A chat template writes its own BOS, so only `plain` adds special
     tokens (the tokenizer's BOS, where it has one)."""
-    text = prompt_text(problem_text, tokenizer, template)
+    text = prompt_text(
+        problem_text, tokenizer, template, instruction=instruction, system=system, fewshot=fewshot
+    )
     return list(tokenizer(text, add_special_tokens=template == "plain")["input_ids"])
 
 
@@ -328,6 +402,9 @@ def encode_prompts(
     template: Template,
     max_prompt_len: int,
     prompt_overflow: Literal["filter", "error"] = "filter",
+    instruction: str = PLAIN_SUFFIX,
+    system: str = "",
+    fewshot: Sequence[Sequence[str]] = (),
 ) -> EncodedPrompts:
     """Tokenise every prompt; one longer than `max_prompt_len` is dropped and counted
     (`filter`) or raises ValueError naming the problem (`error`)."""
@@ -337,7 +414,9 @@ def encode_prompts(
         )
     kept, ids, overflow = [], [], []
     for p in problems:
-        tokens = build_prompt(p.problem, tokenizer, template)
+        tokens = build_prompt(
+            p.problem, tokenizer, template, instruction=instruction, system=system
+        )
         if len(tokens) > max_prompt_len:
             if prompt_overflow == "error":
                 raise ValueError(

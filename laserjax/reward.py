@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import decimal
 import logging
 import math
 import multiprocessing
@@ -85,6 +86,35 @@ def extract_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[start : token.start()]
     return None
+
+
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number written in `text` (thousands separators dropped, `-` kept), in a
+    canonical form (`"07"` -> `"7"`, `"3.50"` -> `"3.5"`, `"-0"` -> `"0"`); None when there is none.
+
+    The verifier of free-text answers (the real-model CPU config): the model answers in its own
+    words and the last number it writes is its answer. Grading and voting both read this one
+    function, so a vote counts exactly what the reward graded.
+    """
+    matches = _NUMBER_RE.findall(text.replace(",", ""))
+    if not matches:
+        return None
+    value = decimal.Decimal(matches[-1])
+    out = format(value.normalize(), "f") if value != value.to_integral() else str(int(value))
+    return "0" if out in ("-0", "0") else out
+
+
+def last_number_match(responses: list[str], answers: list[str]) -> np.ndarray:
+    """r_v for free-text answers: 1 when `extract_last_number` of the response equals that of the
+    reference answer, else 0 (no number: 0)."""
+    out = []
+    for response, answer in zip(responses, answers, strict=True):
+        pred, gold = extract_last_number(response), extract_last_number(answer)
+        out.append(float(pred is not None and pred == gold))
+    return np.array(out, np.float32)
 
 
 def count_boxed(text: str) -> int:

@@ -20,7 +20,7 @@ from laserjax.config import Config, ConfigError
 from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
-from laserjax.reward import Grader, extract_boxed
+from laserjax.reward import Grader, extract_boxed, extract_last_number, last_number_match
 
 
 @dataclasses.dataclass
@@ -100,6 +100,9 @@ def real_setup(
         problems,
         tok,
         template=cfg.data.template,
+        instruction=cfg.data.instruction,
+        system=cfg.data.system_prompt,
+        fewshot=cfg.data.fewshot,
         max_prompt_len=cfg.rollout.max_prompt_len,
         prompt_overflow=cfg.data.prompt_overflow,
     )
@@ -115,12 +118,19 @@ def real_setup(
             bench.problems,
             tok,
             template=cfg.data.template,
+            instruction=cfg.data.instruction,
+            system=cfg.data.system_prompt,
+            fewshot=cfg.data.fewshot,
             max_prompt_len=cfg.rollout.max_prompt_len,
             prompt_overflow="filter",
         )
         eval_sets[bench.name] = (e.problems, e.token_ids)
+    extract_fn = extract_boxed
     if cfg.data.reward == "exact":
         reward_fn, close = toy_task.exact_match, (lambda: None)
+    elif cfg.data.reward == "last_number":
+        # One answer extractor for the reward and for voting (spec section 5).
+        reward_fn, close, extract_fn = last_number_match, (lambda: None), extract_last_number
     else:
         grader = Grader()
         reward_fn = lambda rs, ans: grader.grade_batch(  # noqa: E731
@@ -135,7 +145,7 @@ def real_setup(
         train_prompts=enc.token_ids,
         eval_sets=eval_sets,
         reward_fn=reward_fn,
-        extract_fn=extract_boxed,
+        extract_fn=extract_fn,
         close=close,
     )
     return model, task, info

@@ -263,7 +263,7 @@ class Trainer:
                 top_p=cfg.rollout.top_p,
                 top_k=cfg.rollout.top_k,
                 seed=10_000_019 * (cfg.train.seed + 1) + step,
-                ks=[cfg.train.eval_samples],
+                ks=eval_metrics.default_ks(cfg.train.eval_samples),  # maj@k at 1, 2, 4 .. n
             )
             results[name] = res
             rows |= {f"{name}/{k}": v for k, v in res.summary.items()}
@@ -465,6 +465,13 @@ class Trainer:
             "self_verify_acc_incorrect": _nan_to_none(sv.acc_incorrect),
             "r_s_correct_mean": _mean_or_none(scores[(rewards == 1) & rollout.finished]),
             "r_s_incorrect_mean": _mean_or_none(scores[(rewards == 0) & rollout.finished]),
+            # log pi(z_c) itself (spec claim 4: correct drift to c_ref + 1/beta_v, incorrect stay).
+            "logp_zc_correct_mean": _mean_or_none(
+                rollout.logp_zc[(rewards == 1) & rollout.finished]
+            ),
+            "logp_zc_incorrect_mean": _mean_or_none(
+                rollout.logp_zc[(rewards == 0) & rollout.finished]
+            ),
             "response_len_mean": float(rollout.lengths.mean()),
             "truncated_frac": float(rollout.truncated.mean()),
             "zc_emitted_frac": zc_emitted_fraction(

@@ -294,3 +294,31 @@ def test_loader_argument_errors():
         make_train_loader(range(3), batch_size=2, seed=0, shard_count=2, num_epochs=1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         make_train_loader(range(3), batch_size=0, seed=0)
+
+
+def test_arithmetic_source_splits_disjointly_and_counts():
+    train, _ = load_problems("arithmetic:+:1-9:10-99:train")
+    held_out = load_benchmark("arithmetic:+:1-9:10-99:eval").problems
+    assert len(train) + len(held_out) == 9 * 90
+    assert not {p.problem for p in train} & {p.problem for p in held_out}
+    first = held_out[0]
+    a, b = (int(x) for x in first.problem.removeprefix("What is ").rstrip("?").split(" + "))
+    assert first.answer == str(a + b) and 1 <= a <= 9 and 10 <= b <= 99
+    assert load_benchmark("arithmetic:+:1-9:10-99:eval:5").problems == held_out[:5]
+    (only,) = (
+        load_problems("arithmetic:*:2-2:3-3:eval")[0]
+        or load_problems("arithmetic:*:2-2:3-3:train")[0]
+    )
+    assert (only.problem, only.answer) == ("What is 2 * 3?", "6")
+    for spec in ("arithmetic:/:1-9:1-9:train", "arithmetic:+:9-1:1-9:train", "arithmetic:+:1-9"):
+        with pytest.raises(ValueError, match="arithmetic:"):
+            load_problems(spec)
+
+
+def test_instruction_and_system_turn(tokenizer):
+    text = prompt_text("what is one plus one ?", tokenizer, "chat", instruction="")
+    assert text == "<|user|> what is one plus one ? <|assistant|>"
+    text = prompt_text("q", tokenizer, "chat", instruction="", system="s")
+    assert text == "<|system|> s <|user|> q <|assistant|>"
+    text = prompt_text("q", tokenizer, "plain", instruction="a b", system="c")
+    assert text == "c\nQuestion: q\na b\nAnswer:"

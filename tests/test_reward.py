@@ -16,7 +16,9 @@ from laserjax.reward import (
     answer_to_str,
     count_boxed,
     extract_boxed,
+    extract_last_number,
     grade_one,
+    last_number_match,
     normalize_answer,
 )
 
@@ -302,3 +304,28 @@ def test_workers_die_with_their_parent_even_mid_task():
         time.sleep(0.1)
     os.kill(pid, 9)
     raise AssertionError(f"worker {pid} outlived its parent by 5 s")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("7 + 35 = 42", "42"),
+        ("The answer is 1,234.", "1234"),
+        ("-0", "0"),
+        ("3.50 or 07", "7"),
+        ("about 2.50", "2.5"),
+        ("2.0", "2"),
+        ("-12", "-12"),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
+def test_extract_last_number(text, expected):
+    assert extract_last_number(text) == expected
+
+
+def test_last_number_match_grades_what_voting_reads():
+    responses = ["7 + 35 = 42", "42.", "The sum is 43", "forty-two", "42 or 41"]
+    got = last_number_match(responses, ["42"] * 5)
+    np.testing.assert_array_equal(got, [1, 1, 0, 0, 0])
+    assert [extract_last_number(r) == "42" for r in responses] == [bool(x) for x in got]

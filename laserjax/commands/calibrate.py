@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import random
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import jax
 from laserjax import sharding
 from laserjax.calibrate import calibration_warnings, measure_c_ref, read_pairs, sample_responses
 from laserjax.config import MeshConfig, add_config_flag, parse_ids, token_id_problem
-from laserjax.data import build_prompt
+from laserjax.data import PLAIN_SUFFIX, build_prompt, load_problems
 from laserjax.model import TransformerConfig, hf_params
 
 
@@ -30,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         help="jsonl with a prompt field per row and, "
-        "optionally, a response field (rows without one are sampled)",
+        "optionally, a response field (rows without one are sampled); or a generated "
+        "arithmetic:... source (responses sampled)",
     )
     parser.add_argument(
         "--prompt-field",
@@ -55,6 +57,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "responses without one (default: the checkpoint's generation_config)",
     )
     add_config_flag(parser, "--template", "data.template", help="the prompt template of training")
+    parser.add_argument(
+        "--instruction",
+        default=PLAIN_SUFFIX,
+        help="the line after each problem (data.instruction; default the paper's)",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default="",
+        help="a system turn for the chat template (data.system_prompt)",
+    )
+    parser.add_argument(
+        "--fewshot",
+        nargs="*",
+        default=[],
+        metavar="Q=>A",
+        help="worked examples before each problem, as 'question=>answer' (data.fewshot)",
+    )
+    parser.add_argument(
+        "--compare-z-token-ids",
+        type=lambda t: [int(x) for x in t.replace(",", " ").split()],
+        default=[],
+        metavar="IDS",
+        help="other z_c candidates (comma-separated) measured on the same pairs",
+    )
     add_config_flag(parser, "--beta-v", "laser.beta_v", help="beta_v, for the log Z check")
     parser.add_argument(
         "--batch-size",
@@ -100,15 +126,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure c_ref; print a sentence, any warnings and a one-line JSON summary."""
     from transformers import AutoTokenizer
 
-    path = pathlib.Path(args.data)
-    if not path.is_file():
-        raise SystemExit(f"calibrate: --data {str(path)!r} not found")
     if args.n < 1:
         raise SystemExit(f"calibrate: --n must be >= 1, got {args.n}")
-    try:
-        rows, info = read_pairs(path, args.prompt_field, args.response_field, args.n, args.seed)
-    except ValueError as e:
-        raise SystemExit(f"calibrate: {e}") from None
+    if args.data.startswith("arithmetic:"):
+        try:
+            problems, _ = load_problems(args.data)
+        except ValueError as e:
+            raise SystemExit(f"calibrate: {e}") from None
+        rows = [(p.problem, None) for p in problems]
+        rows = random.Random(args.seed).sample(rows, min(args.n, len(rows)))
+        info: dict[str, Any] = {"rows_skipped": 0}
+    else:
+        path = pathlib.Path(args.data)
+        if not path.is_file():
+            raise SystemExit(f"calibrate: --data {str(path)!r} not found")
+        try:
+            rows, info = read_pairs(path, args.prompt_field, args.response_field, args.n, args.seed)
+        except ValueError as e:
+            raise SystemExit(f"calibrate: {e}") from None
     ckpt = hf_params.resolve_checkpoint(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     try:
@@ -128,8 +163,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         str(ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh
     )
 
+    fewshot = []
+    for pair in args.fewshot:
+        question, sep, answer = pair.partition("=>")
+        if not sep:
+            raise SystemExit(f"calibrate: --fewshot {pair!r}: write 'question=>answer'")
+        fewshot.append((question.strip(), answer.strip()))
     try:
-        prompts = [build_prompt(problem, tokenizer, args.template) for problem, _ in rows]
+        prompts = [
+            build_prompt(
+                problem,
+                tokenizer,
+                args.template,
+                instruction=args.instruction,
+                system=args.system_prompt,
+                fewshot=fewshot,
+            )
+            for problem, _ in rows
+        ]
     except ValueError as e:
         raise SystemExit(f"calibrate: {e}") from None
     responses: list[list[int] | None] = [
@@ -169,6 +220,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         mesh=mesh,
     )
+    candidates = {}
+    for z in args.compare_z_token_ids:
+        # The same pairs, another z_c: which special token is the most constant (spec claim 1).
+        z_mean, z_std, z_values = measure_c_ref(
+            model,
+            [prompts[i] for i in keep],
+            [responses[i] for i in keep],
+            eos_id=eos_ids,
+            z_token_id=z,
+            batch_size=args.batch_size,
+            mesh=mesh,
+        )
+        candidates[str(z)] = {
+            "token": tokenizer.convert_ids_to_tokens(z),
+            "c_ref": round(z_mean, 4),
+            "std": round(z_std, 4),
+            "min": round(float(z_values.min()), 4),
+            "max": round(float(z_values.max()), 4),
+        }
     warnings = calibration_warnings(values, args.beta_v)
     summary: dict[str, Any] = {
         "c_ref": round(mean, 4),
@@ -188,6 +258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **info,
         "warnings": warnings,
     }
+    if candidates:
+        summary["candidates"] = candidates
     if sampler_logp:
         # The sampler's decode-step read and the teacher-forced forward are two computations of
         # the same number (spec sections 1 and 5); their gap is worth seeing.
