@@ -22,7 +22,6 @@ import yaml
 from etils import epath
 
 from laserjax import laser
-
 from laserjax.data import PLAIN_SUFFIX
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import grain
+import numpy as np
 from etils import epath
 
 from laserjax import paths
