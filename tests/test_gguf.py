@@ -180,7 +180,6 @@ def test_refuses_unsupported_architecture_and_type(tmp_path):
     w.add_tensor(
         "token_embd.weight",
         np.zeros((4, 84), np.uint8),
-        raw_shape=(4, 256),
         raw_dtype=gguf.GGMLQuantizationType.Q2_K,
     )
     w.write_header_to_file()
