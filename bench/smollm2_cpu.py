@@ -121,9 +121,9 @@ def main() -> None:
     # --- training -------------------------------------------------------------------------------
     rng = np.random.default_rng(args.seed)
     p_len, r_len, rows = width, args.response_len, args.rows
-    prompt_np = np.array([prompts[i % len(prompts)] for i in range(rows)], dtype=object)
-    prompt_tokens = np.array([[EOS] * (width - len(p)) + p for p in prompt_np], np.int32)
-    prompt_mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompt_np], bool)
+    row_prompts = [prompts[i % len(prompts)] for i in range(rows)]
+    prompt_tokens = np.array([[EOS] * (width - len(p)) + p for p in row_prompts], np.int32)
+    prompt_mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in row_prompts], bool)
     response = rng.integers(17, 49152, (rows, r_len)).astype(np.int32)
     response[:, -1] = EOS
     old_lp = -rng.uniform(1, 5, (rows, r_len)).astype(np.float32)
