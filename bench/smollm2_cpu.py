@@ -63,7 +63,8 @@ def main() -> None:
     from laserjax import train_step as ts
     from laserjax.config import LaserConfig, MeshConfig, OptimConfig, PolicyLossConfig
     from laserjax.data import build_prompt, load_problems
-    from laserjax.model.hf_params import load_pretrained, resolve_checkpoint
+    from laserjax.model.fetch import resolve_model
+    from laserjax.model.hf_params import load_pretrained
     from laserjax.sampler import Sampler
 
     emit(
@@ -72,7 +73,7 @@ def main() -> None:
         torch_threads=torch.get_num_threads(),
         jax=jax.__version__,
     )
-    ckpt = resolve_checkpoint("gguf:smollm2-135m-instruct")
+    ckpt = resolve_model("gguf:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     jx = load_pretrained(str(ckpt), dtype="float32", param_dtype="float32")

@@ -22,7 +22,6 @@ import yaml
 from etils import epath
 
 from laserjax import laser
-from laserjax.data import PLAIN_SUFFIX
 
 
 class ConfigError(ValueError):
@@ -384,8 +383,9 @@ class DataConfig:
     stripped response and answer (the CPU demo's synthetic task); last_number: the last number
     of a free-text response equals the answer (`reward.extract_last_number`, which voting reads
     too)."""
-    instruction: str = PLAIN_SUFFIX
-    """The line after each problem in the user turn (default: the paper's `\\boxed{}` request)."""
+    instruction: str | None = None
+    """The line after each problem in the user turn; None: the paper's `\\boxed{}` request
+    (`data.PLAIN_SUFFIX`), "" for none."""
     system_prompt: str = ""
     """A system turn for the chat template (empty: the template's own default)."""
     fewshot: tuple[tuple[str, str], ...] = ()

@@ -325,9 +325,10 @@ def load_benchmark(
 Template = Literal["chat", "plain"]
 
 
-def user_message(problem_text: str, instruction: str = PLAIN_SUFFIX) -> str:
-    """The user turn of the prompt: the problem, a newline, the instruction (`PLAIN_SUFFIX`, the
-    paper's, unless a config sets `data.instruction`); no newline when the instruction is empty."""
+def user_message(problem_text: str, instruction: str | None = PLAIN_SUFFIX) -> str:
+    """The user turn of the prompt: the problem, a newline, the instruction (None: `PLAIN_SUFFIX`,
+    the paper's); no newline when the instruction is empty."""
+    instruction = PLAIN_SUFFIX if instruction is None else instruction
     return problem_text + ("\n" + instruction if instruction else "")
 
 
@@ -336,7 +337,7 @@ def prompt_text(
     tokenizer: Any,
     template: Template,
     *,
-    instruction: str = PLAIN_SUFFIX,
+    instruction: str | None = PLAIN_SUFFIX,
     system: str = "",
     fewshot: Sequence[Sequence[str]] = (),
 ) -> str:
@@ -370,7 +371,7 @@ def build_prompt(
     tokenizer: Any,
     template: Template,
     *,
-    instruction: str = PLAIN_SUFFIX,
+    instruction: str | None = PLAIN_SUFFIX,
     system: str = "",
     fewshot: Sequence[Sequence[str]] = (),
 ) -> list[int]:
@@ -403,7 +404,7 @@ def encode_prompts(
     template: Template,
     max_prompt_len: int,
     prompt_overflow: Literal["filter", "error"] = "filter",
-    instruction: str = PLAIN_SUFFIX,
+    instruction: str | None = PLAIN_SUFFIX,
     system: str = "",
     fewshot: Sequence[Sequence[str]] = (),
 ) -> EncodedPrompts:

@@ -19,7 +19,8 @@ from laserjax import toy_task
 from laserjax.config import Config, ConfigError
 from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems
 from laserjax.model import Transformer, TransformerConfig
-from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
+from laserjax.model.fetch import resolve_model
+from laserjax.model.hf_params import load_pretrained, special_token_ids
 from laserjax.reward import Grader, extract_boxed, extract_last_number, last_number_match
 
 
@@ -69,7 +70,7 @@ def real_setup(
 ) -> tuple[Transformer, Task, dict[str, Any]]:
     from transformers import AutoTokenizer
 
-    ckpt = resolve_checkpoint(cfg.model.path)
+    ckpt = resolve_model(cfg.model.path)
     mcfg = TransformerConfig.from_pretrained_dir(
         ckpt, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat
     )

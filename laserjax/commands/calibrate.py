@@ -19,6 +19,7 @@ from laserjax.calibrate import calibration_warnings, measure_c_ref, read_pairs, 
 from laserjax.config import MeshConfig, add_config_flag, parse_ids, token_id_problem
 from laserjax.data import PLAIN_SUFFIX, build_prompt, load_problems
 from laserjax.model import TransformerConfig, hf_params
+from laserjax.model.fetch import resolve_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows, info = read_pairs(path, args.prompt_field, args.response_field, args.n, args.seed)
         except ValueError as e:
             raise SystemExit(f"calibrate: {e}") from None
-    ckpt = hf_params.resolve_checkpoint(args.model)
+    ckpt = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
     try:
         eos_ids, pad_id = hf_params.special_token_ids(

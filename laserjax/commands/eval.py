@@ -55,7 +55,8 @@ from laserjax.evaluate import (
     sample_record,
 )
 from laserjax.model import TransformerConfig
-from laserjax.model.hf_params import load_pretrained, resolve_checkpoint, special_token_ids
+from laserjax.model.fetch import resolve_model
+from laserjax.model.hf_params import load_pretrained, special_token_ids
 from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, extract_boxed
 from laserjax.sampler import Sampler
 
@@ -318,7 +319,7 @@ def _resolve_model(args: argparse.Namespace) -> _Setup:
     from transformers import AutoTokenizer
 
     try:
-        ckpt = resolve_checkpoint(args.model)
+        ckpt = resolve_model(args.model)
         mcfg = TransformerConfig.from_pretrained_dir(ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise _fail("--model", str(e)) from None

@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 from laserjax.model.fetch import KNOWN_MODELS, FetchError, fetch_gguf
+from laserjax.model.gguf import export_hf
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +36,6 @@ def run(args: argparse.Namespace) -> pathlib.Path:
     except FetchError as e:
         sys.exit(f"fetch-model: {e}")
     if args.export_hf:
-        from laserjax.model.gguf import export_hf
-
         export_hf(path, args.export_hf)
         print(f"exported {args.export_hf}", file=sys.stderr)
     print(path)

@@ -20,6 +20,7 @@ from flax import nnx
 from laserjax import laser
 from laserjax.config import add_config_flag, field_default, parse_ids
 from laserjax.model import Transformer, TransformerConfig, hf_params
+from laserjax.model.fetch import resolve_model
 from laserjax.sampler import Sampler
 
 TINY_VOCAB = 256
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
         if args.prompt is not None:
             raise SystemExit("--prompt needs a tokenizer; the --tiny model takes --ids")
     else:
-        ckpt = hf_params.resolve_checkpoint(args.model)
+        ckpt = resolve_model(args.model)
         model = hf_params.load_pretrained(str(ckpt), dtype=args.dtype, param_dtype=args.dtype)
         tokenizer = load_tokenizer(ckpt)
         explicit = tuple(_ids(args.eos_ids, "--eos-ids")) if args.eos_ids else ()

@@ -23,6 +23,9 @@ import sys
 import tempfile
 import zipfile
 
+from laserjax.model.gguf import export_hf
+from laserjax.model.hf_params import resolve_checkpoint
+
 
 @dataclasses.dataclass(frozen=True)
 class KnownModel:
@@ -131,8 +134,6 @@ def fetch_gguf(name: str = "smollm2-135m-instruct", *, timeout_s: float = 600) -
 
 def hf_dir(name: str, *, dtype: str = "float32") -> pathlib.Path:
     """A Hugging Face directory of a known model (fetched and exported once, then cached)."""
-    from laserjax.model.gguf import export_hf
-
     out = cache_dir() / "hf" / f"{name}-{dtype}"
     if (out / "config.json").is_file():
         return out
@@ -149,3 +150,11 @@ def hf_dir(name: str, *, dtype: str = "float32") -> pathlib.Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def resolve_model(path_or_id: str) -> pathlib.Path:
+    """A checkpoint directory for a model path: `gguf:<name>` (a known GGUF model, fetched and
+    exported once), a local Hugging Face directory or a hub id (`hf_params.resolve_checkpoint`)."""
+    if path_or_id.startswith("gguf:"):
+        return hf_dir(path_or_id.removeprefix("gguf:"))
+    return resolve_checkpoint(path_or_id)

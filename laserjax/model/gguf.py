@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from laserjax.model.hf_params import save_pretrained
 from laserjax.model.transformer import Transformer, TransformerConfig, to_dtype
 from laserjax.sharding import path_str
 
@@ -237,8 +238,6 @@ def export_hf(
     """Write a Hugging Face checkpoint directory of a GGUF file: config.json and
     model.safetensors (dequantised, in `dtype`), the tokenizer with its chat template, and
     generation_config.json with the file's EOS (what `special_token_ids` reads)."""
-    from laserjax.model.hf_params import save_pretrained
-
     out = pathlib.Path(out_dir)
     model = load_gguf(path, dtype=dtype, param_dtype=dtype)
     ids = special_ids(path)

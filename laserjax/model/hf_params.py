@@ -69,12 +69,8 @@ def _state_paths(state: nnx.State) -> dict[str, jax.Array | jax.ShapeDtypeStruct
 
 
 def resolve_checkpoint(path_or_id: str) -> pathlib.Path:
-    """A local checkpoint directory, a hub id downloaded (config, weights, tokenizer), or
-    `gguf:<name>`: a known GGUF model fetched and exported once (`laserjax.model.fetch`)."""
-    if path_or_id.startswith("gguf:"):
-        from laserjax.model.fetch import hf_dir
-
-        return hf_dir(path_or_id.removeprefix("gguf:"))
+    """A local checkpoint directory, or a hub id downloaded (config, weights, tokenizer).
+    `laserjax.model.fetch.resolve_model` adds `gguf:<name>` in front of this."""
     p = pathlib.Path(path_or_id).expanduser()
     if p.is_dir():
         return p
