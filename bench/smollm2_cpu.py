@@ -141,7 +141,9 @@ def main() -> None:
     )
     mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     optim = OptimConfig(learning_rate=1e-6)
-    graphdef, state = ts.init_train_state(jx, optim, mesh)
+    # Its own copy: the train step donates its state, which must not be the sampler's weights.
+    jx_train = load_pretrained(str(ckpt), dtype="float32", param_dtype="float32")
+    graphdef, state = ts.init_train_state(jx_train, optim, mesh)
     step = ts.make_train_step(
         graphdef,
         ts.train_state_sharding(state, mesh),
