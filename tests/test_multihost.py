@@ -13,11 +13,12 @@
 Mesh data = 1 on a single device could not stand in for the reference: it would compile a
 different program. With data = 2 in both runs the program is the same SPMD program over two
 devices, and its only cross-device reductions are two-way sums, where a + b == b + a exactly in
-IEEE arithmetic; so the runs must agree bit for bit, and the test compares exactly: every
-metrics.jsonl field but the wall-clock `step_seconds`, the evaluations, the summary, the final
-orbax checkpoint (params, AdamW moments, step, the data-iterator state) and the Hugging Face
-export. The two-process run must also write each line once (only process 0 logs) and one
-checkpoint both processes wrote their shards into.
+IEEE arithmetic; so the runs must agree bit for bit. Both runs compile that program on the same
+machine, so this holds on any CPU (what another CPU changes, it changes in both runs alike), and
+the test compares exactly: every metrics.jsonl field but the wall-clock `step_seconds`, the
+evaluations, the summary, the final orbax checkpoint (params, AdamW moments, step, the
+data-iterator state) and the Hugging Face export. The two-process run must also write each line
+once (only process 0 logs) and one checkpoint both processes wrote their shards into.
 
 A pod preemption (issue 17): a third pair of processes, each in its own empty working directory
 (a TPU worker's private disk), trains into `gs://BUCKET/run` on a local GCS server
