@@ -37,7 +37,26 @@ KINDS = {
     ),
     # head_dim (12) != hidden / heads (32 / 4 = 8).
     "qwen2_head_dim": ("qwen2", dict(tie_word_embeddings=True, head_dim=12)),
-    "llama_bias": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    # pretraining_tp: transformers 5 ignores it, and so does laserjax.
+    "llama_bias": (
+        "llama",
+        dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, pretraining_tp=2),
+    ),
+    # The exact (erf) GELU, linear RoPE scaling and Llama-3's rms_norm_eps.
+    "llama_gelu_linear": (
+        "llama",
+        dict(
+            tie_word_embeddings=False,
+            hidden_act="gelu",
+            rms_norm_eps=1e-5,
+            rope_scaling=dict(rope_type="linear", factor=4.0),
+        ),
+    ),
+    # transformers' Qwen2 reads neither field (q/k/v biases always, no o_proj or MLP bias).
+    "qwen2_bias_fields": (
+        "qwen2",
+        dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    ),
 }
 
 

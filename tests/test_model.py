@@ -1,6 +1,7 @@
 """The transformer against Hugging Face transformers' PyTorch models (tiny random configs)."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,84 @@ def test_config_reads_rope_theta_from_old_and_new_layouts():
     assert old.rope_theta == new.rope_theta == 1e6
 
 
-@pytest.mark.parametrize("kind", ["qwen2_tied", "llama3"])
+@pytest.mark.parametrize("act", ["gelu_new", "gelu_pytorch_tanh", "relu", "swish"])
+def test_activations_match_transformers(tmp_path, act):
+    """Each `hidden_act` laserjax accepts besides silu and gelu (KINDS) against transformers'
+    ACT2FN, on the Llama MLP."""
+    path = make_tiny_hf(tmp_path, "llama_gelu_linear", hidden_act=act)
+    tokens, mask, positions = padded_batch(seed=3)
+    ref = hf_logits(load_hf_torch(path), tokens, mask, positions)
+    model = load_pretrained(str(path))
+    assert model.cfg.hidden_act == act
+    out = jax_logits(model, tokens, mask, positions)
+    assert np.abs(out - ref)[mask].max() <= ATOL_FP32
+
+
+_BASE = dict(
+    model_type="llama",
+    vocab_size=8,
+    hidden_size=8,
+    intermediate_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(model_type="qwen3"), "`model_type`: 'qwen3'"),
+        (dict(model_type="mistral"), "`model_type`: 'mistral'"),
+        (dict(hidden_act="quick_gelu"), "`hidden_act`: 'quick_gelu'"),
+        (dict(model_type="qwen2", use_sliding_window=True), "`use_sliding_window`: True"),
+        (dict(layer_types=["full_attention", "sliding_attention"]), "`layer_types`: "),
+        (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), "`rope_scaling.rope_type`: 'yarn'"),
+        (
+            dict(rope_scaling=dict(type="dynamic", factor=2.0)),
+            "`rope_scaling.rope_type`: 'dynamic'",
+        ),
+        (
+            dict(rope_parameters=dict(rope_type="longrope")),
+            "`rope_parameters.rope_type`: 'longrope'",
+        ),
+        (dict(partial_rotary_factor=0.5), "`partial_rotary_factor`: 0.5"),
+        (
+            dict(rope_parameters=dict(rope_type="default", partial_rotary_factor=0.25)),
+            "`rope_parameters.partial_rotary_factor`: 0.25",
+        ),
+        (dict(rope_scaling=dict(rope_type="linear")), "`rope_parameters.factor` is missing"),
+        (dict(attention_dropout=0.1), "`attention_dropout`: 0.1"),
+        (dict(quantization_config=dict(quant_method="gptq")), "`quantization_config`: 'gptq'"),
+    ],
+)
+def test_unsupported_config_fields_are_refused_by_name(fields, message):
+    with pytest.raises(ValueError, match="config field " + re.escape(message)):
+        TransformerConfig.from_hf(_BASE | fields)
+
+
+def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
+    cfg = TransformerConfig.from_hf(
+        _BASE
+        | dict(
+            rope_theta=5e5,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4),
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        )
+    )
+    assert cfg.rope == {"rope_type": "linear", "factor": 2.0} and cfg.rope_theta == 5e5
+
+
+def test_unsupported_checkpoint_fails_to_load(tmp_path):
+    """The issue's case end to end: a checkpoint whose config.json names an activation laserjax
+    does not compute fails at load, naming the field and value, instead of loading silently."""
+    path = make_tiny_hf(tmp_path, "llama_bias")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"hidden_act": "gelu_10"}))
+    with pytest.raises(ValueError, match="config field `hidden_act`: 'gelu_10' is not supported"):
+        load_pretrained(str(path))
+
+
+@pytest.mark.parametrize("kind", ["qwen2_tied", "llama3", "llama_gelu_linear"])
 def test_export_round_trip_through_transformers(tmp_path, kind):
     """laserjax (random init) -> save_pretrained -> transformers gives the same logits."""
     cfg = TransformerConfig.from_hf(

@@ -4,6 +4,38 @@ Loading reads safetensors (single file or sharded with `model.safetensors.index.
 without torch. With a mesh, every parameter is built by `jax.make_array_from_callback` from slices
 of the file, so each device reads only its shard: a 7B model is never gathered on one device.
 Nothing loads partially: a missing, mis-shaped or unexpected tensor is an error that names it.
+
+Supported config.json fields. Every field of transformers' (5.x) Qwen2 / Qwen2.5 and Llama /
+Llama-3 configs that changes the forward is either computed as transformers computes it (parity
+against the PyTorch model in tests/test_model.py) or refused by `TransformerConfig.from_hf` with an
+error naming the field and its value. `save_pretrained` writes back what the model computes.
+
+- `model_type`: `qwen2` (Qwen2, Qwen2.5) and `llama` (Llama 2 / 3, OctoThinker). Others refused,
+  including those that reuse these classes with changes (qwen3's q/k norm, mistral, ...).
+- `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, `num_attention_heads`,
+  `num_key_value_heads`, `head_dim` (may differ from hidden_size / heads): implemented.
+- `hidden_act`: `silu` = `swish`, `gelu` (erf), `gelu_new` = `gelu_pytorch_tanh` (tanh
+  approximation), `relu`. Others refused.
+- `rms_norm_eps`, `tie_word_embeddings`: implemented.
+- `attention_bias`: llama: q/k/v/o biases. qwen2: ignored, as transformers does (q/k/v biases
+  always, never an o_proj bias).
+- `mlp_bias`: llama: implemented. qwen2: ignored, as transformers does (never an MLP bias).
+- `rope_theta`, `rope_parameters` / `rope_scaling` (a non-empty `rope_scaling` wins, as in
+  transformers): `rope_type` `default`; `linear` (`factor`); `llama3` (`factor`,
+  `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`, which defaults to
+  `max_position_embeddings`). `dynamic`, `yarn`, `longrope` and every other type refused.
+- `partial_rotary_factor` (top level or in the rope dict): 1.0 only; other values refused.
+- `use_sliding_window`, `layer_types`: full attention only. `use_sliding_window: true` or a
+  `layer_types` entry other than `full_attention` is refused; `sliding_window` and
+  `max_window_layers` have no effect without them (as in transformers).
+- `attention_dropout`: 0 only (laserjax has no dropout); other values refused.
+- `quantization_config`: refused (load the unquantized weights).
+- `pretraining_tp`: accepted and ignored; transformers 5 ignores it too (it only split matmuls).
+- `max_position_embeddings`: no effect on the forward for the supported rope types.
+
+Fields with no effect on the forward (token ids, `initializer_range`, `use_cache`, `dtype`,
+`architectures`, ...) are ignored. These configs have no attention or logit scaling field:
+scores are scaled by head_dim^-0.5 and logits are not scaled, as in transformers.
 """
 
 from __future__ import annotations

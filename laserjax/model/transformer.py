@@ -17,6 +17,7 @@ weight table in `hf_params.py` reads one to one. Kernels are stored `[in, out]`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -29,6 +30,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# Hugging Face `hidden_act` values laserjax computes, each as transformers' ACT2FN defines it
+# (gelu: exact, erf; gelu_new / gelu_pytorch_tanh: the tanh approximation).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+# The keys each supported rope_type reads (the field list in hf_params.py's docstring).
+_ROPE_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -58,6 +75,8 @@ class TransformerConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"
+    """The MLP's gate activation, a key of ACTIVATIONS (HF `hidden_act`)."""
     max_position_embeddings: int = 32768
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -79,6 +98,23 @@ class TransformerConfig:
                 f"config fields `num_attention_heads` ({self.num_heads}) must be a "
                 f"multiple of `num_key_value_heads` ({self.num_kv_heads})"
             )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"config field `hidden_act`: {self.hidden_act!r} is not supported; "
+                f"laserjax implements {', '.join(ACTIVATIONS)}"
+            )
+        rope_type = self.rope.get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"config field `rope_parameters.rope_type`: {rope_type!r} is not supported; "
+                f"laserjax implements {', '.join(ROPE_TYPES)}"
+            )
+        for key in _ROPE_KEYS.get(rope_type, ()):
+            if key not in self.rope:
+                raise ValueError(
+                    f"config field `rope_parameters.{key}` is missing (rope_type {rope_type!r} "
+                    "needs it)"
+                )
         to_dtype(self.dtype), to_dtype(self.param_dtype)
 
     @property
@@ -87,17 +123,16 @@ class TransformerConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> TransformerConfig:
-        """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout)."""
+        """Build from a Hugging Face `config.json` dict (transformers 4 or 5 layout).
+
+        Every field that changes transformers' forward is either implemented or refused here
+        with an error naming the field and its value (the table in hf_params.py's docstring).
+        """
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"config field `model_type`: {model_type!r} is not supported; "
                 f"laserjax implements {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if hf.get("use_sliding_window"):
-            raise ValueError(
-                "config field `use_sliding_window` is true; laserjax implements full "
-                "attention only (every released Qwen2.5 checkpoint sets it false)"
             )
         for f in (
             "vocab_size",
@@ -108,19 +143,20 @@ class TransformerConfig:
         ):
             if f not in hf:
                 raise ValueError(f"config field `{f}` is missing from the Hugging Face config")
-        # transformers 5 writes `rope_parameters` (theta included); older files `rope_theta` and
-        # `rope_scaling`.
-        rope = dict(hf.get("rope_parameters") or {})
-        if hf.get("rope_scaling"):
-            rope = {**dict(hf["rope_scaling"]), **rope}
+        _refuse_unsupported_hf_fields(hf)
+        # As transformers 5 (PreTrainedConfig.convert_rope_params_to_dict): a non-empty
+        # `rope_scaling` (the older name) replaces `rope_parameters`; theta comes from the dict,
+        # else the top-level `rope_theta`, else 10000.
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
         theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(
-                f"config field `rope_scaling.rope_type`: {rope_type!r} is not "
-                "supported; use default, linear or llama3"
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope.pop("partial_rotary_factor", None)  # 1.0 here (checked above)
+        # transformers' defaults when config.json omits the field: Llama 2048, Qwen2 32768.
+        max_pos = hf.get("max_position_embeddings", 2048 if model_type == "llama" else 32768)
+        if rope_type == "llama3" and "original_max_position_embeddings" not in rope:
+            rope["original_max_position_embeddings"] = hf.get(
+                "original_max_position_embeddings", max_pos
             )
-        rope = {k: v for k, v in rope.items() if k != "type"} | {"rope_type": rope_type}
         num_heads = hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
         kwargs = dict(
@@ -133,13 +169,20 @@ class TransformerConfig:
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
             rope_theta=theta,
-            rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
+            rope_scaling=(
+                None
+                if rope_type == "default"
+                else tuple(sorted((rope | {"rope_type": rope_type}).items()))
+            ),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # transformers' Qwen2 hard-codes q/k/v biases and no o_proj / MLP bias (it reads
+            # neither `attention_bias` nor `mlp_bias`); Llama reads both.
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type == "llama" and attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            max_position_embeddings=max_pos,
         )
         return cls(**(kwargs | overrides))
 
@@ -165,7 +208,7 @@ class TransformerConfig:
             num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            hidden_act="silu",
+            hidden_act=self.hidden_act,
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_word_embeddings,
             max_position_embeddings=self.max_position_embeddings,
@@ -179,6 +222,45 @@ class TransformerConfig:
         else:
             hf |= dict(use_sliding_window=False)
         return hf
+
+
+def _refuse_unsupported_hf_fields(hf: dict[str, Any]) -> None:
+    """Raise on a Hugging Face config field whose value changes the forward in a way laserjax
+    does not compute (hf_params.py's docstring lists every field and its verdict)."""
+
+    def refuse(field: str, value: Any, why: str) -> None:
+        raise ValueError(f"config field `{field}`: {value!r} is not supported; {why}")
+
+    if hf.get("use_sliding_window"):
+        refuse(
+            "use_sliding_window",
+            hf["use_sliding_window"],
+            "laserjax implements full attention only (every released Qwen2.5 checkpoint sets "
+            "it false)",
+        )
+    layer_types = hf.get("layer_types") or ()
+    if any(t != "full_attention" for t in layer_types):
+        refuse("layer_types", sorted(set(layer_types)), "laserjax implements full_attention only")
+    rope_field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf.get(rope_field) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        refuse(f"{rope_field}.rope_type", rope_type, f"laserjax implements {', '.join(ROPE_TYPES)}")
+    for where, value in (
+        ("partial_rotary_factor", hf.get("partial_rotary_factor")),
+        (f"{rope_field}.partial_rotary_factor", rope.get("partial_rotary_factor")),
+    ):
+        if value is not None and float(value) != 1.0:
+            refuse(where, value, "laserjax rotates the whole head (factor 1.0)")
+    if hf.get("attention_dropout"):
+        refuse("attention_dropout", hf["attention_dropout"], "laserjax has no dropout; set 0.0")
+    if hf.get("quantization_config"):
+        method = dict(hf["quantization_config"]).get("quant_method", "?")
+        refuse(
+            "quantization_config",
+            method,
+            "laserjax loads float32 / bfloat16 / float16 weights; use the unquantized checkpoint",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,9 +485,11 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.hidden_act = cfg.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = ACTIVATIONS[self.hidden_act]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nnx.Module):
