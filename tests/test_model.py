@@ -138,6 +138,31 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     assert cfg.rope == {"rope_type": "linear", "factor": 2.0} and cfg.rope_theta == 5e5
 
 
+@pytest.mark.parametrize(
+    "model_type, biases",
+    [
+        ("qwen2", dict(qkv_bias=False)),
+        ("qwen2", dict(qkv_bias=True, o_bias=True)),
+        ("qwen2", dict(qkv_bias=True, mlp_bias=True)),
+        ("llama", dict(qkv_bias=True, o_bias=False)),
+    ],
+)
+def test_export_refuses_what_transformers_cannot_compute(model_type, biases):
+    cfg = TransformerConfig(
+        model_type=model_type,
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=4,
+        **biases,
+    )
+    with pytest.raises(ValueError, match=f"cannot export as {model_type}"):
+        cfg.to_hf()
+
+
 def test_unsupported_checkpoint_fails_to_load(tmp_path):
     """The issue's case end to end: a checkpoint whose config.json names an activation laserjax
     does not compute fails at load, naming the field and value, instead of loading silently."""

@@ -194,7 +194,23 @@ class TransformerConfig:
         return cls.from_hf(json.loads(cfg_file.read_text()), **overrides)
 
     def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face `config.json` fields for this architecture (used by the exporter)."""
+        """The Hugging Face `config.json` fields for this architecture (used by the exporter).
+
+        Raises when transformers could not compute what this model computes: its Qwen2 always
+        has q/k/v biases and never an o_proj or MLP bias, its Llama one `attention_bias` for all
+        four projections.
+        """
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias or self.mlp_bias):
+            raise ValueError(
+                f"cannot export as qwen2: transformers' Qwen2 has q/k/v biases and no o_proj or "
+                f"MLP bias, this model has qkv_bias={self.qkv_bias}, o_bias={self.o_bias}, "
+                f"mlp_bias={self.mlp_bias}"
+            )
+        if self.model_type == "llama" and self.qkv_bias != self.o_bias:
+            raise ValueError(
+                f"cannot export as llama: transformers' `attention_bias` covers q/k/v and o_proj "
+                f"alike, this model has qkv_bias={self.qkv_bias}, o_bias={self.o_bias}"
+            )
         rope = {"rope_type": "default", "rope_theta": self.rope_theta} | self.rope
         hf: dict[str, Any] = dict(
             model_type=self.model_type,
