@@ -26,7 +26,6 @@ Two warnings guard the assumptions of the closed form:
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import random
@@ -41,6 +40,7 @@ from jax.sharding import Mesh
 
 from laserjax import sharding
 from laserjax.config import token_id_problem
+from laserjax.data import BadRow, read_jsonl
 from laserjax.laser import positions_from_mask, token_logprobs
 from laserjax.model.transformer import Transformer
 from laserjax.sampler import Sampler
@@ -227,30 +227,27 @@ def read_pairs(
 ) -> tuple[list[tuple[str, str | None]], dict[str, Any]]:
     """Up to `n` (problem, response or None) rows, sampled with `seed` when there are more.
 
-    Rows without a usable prompt are skipped and counted; a row whose response field is
-    missing or null gets None (the response is generated).
+    Rows without a usable prompt, and lines that are not JSON or not UTF-8, are skipped and
+    counted with their line numbers; a row whose response field is missing or null gets None
+    (the response is generated).
     """
     rows, skipped = [], []
-    with path.open() as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {line_no} is not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                skipped.append((line_no, "not a JSON object"))
-                continue
-            prompt = record.get(prompt_field)
-            if not isinstance(prompt, str) or not prompt.strip():
-                skipped.append((line_no, f"no `{prompt_field}` text"))
-                continue
-            response = record.get(response_field)
-            if response is not None and not isinstance(response, str):
-                skipped.append((line_no, f"`{response_field}` is not a string"))
-                continue
-            rows.append((prompt, response))
+    for line_no, record in read_jsonl(path):  # a non-JSON or non-UTF-8 line is one bad row
+        if isinstance(record, BadRow):
+            skipped.append((line_no, record.reason))
+            continue
+        if not isinstance(record, dict):
+            skipped.append((line_no, "not a JSON object"))
+            continue
+        prompt = record.get(prompt_field)
+        if not isinstance(prompt, str) or not prompt.strip():
+            skipped.append((line_no, f"no `{prompt_field}` text"))
+            continue
+        response = record.get(response_field)
+        if response is not None and not isinstance(response, str):
+            skipped.append((line_no, f"`{response_field}` is not a string"))
+            continue
+        rows.append((prompt, response))
     if not rows:
         raise ValueError(
             f"{path}: no row has a `{prompt_field}` string (skipped "

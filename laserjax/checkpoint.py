@@ -6,11 +6,18 @@ the c_ref in use and the RNG seed: everything the next step needs to be exactly 
 uninterrupted run would take. Orbax writes into a temporary directory and renames it when
 complete (on Cloud Storage, which cannot rename, it writes a commit marker last), so a run killed
 mid-save leaves the previous checkpoints intact.
+
+A checkpoint damaged afterwards (a truncated or missing file, a lost `_METADATA`) is reported in
+one line by `restore_latest`, which then resumes from the newest intact one and says which steps
+are redone. Nothing is deleted: a damaged step directory is moved to `<dir>.damaged/<step>` (so
+the step can be saved afresh). A checkpoint that is intact but does not fit the model (another
+depth or width) is not damage: `StructureMismatch` names the parameter and both shapes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,6 +25,58 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from laserjax import paths
+from laserjax.config import ConfigError
+from laserjax.sharding import path_str
+
+
+class StructureMismatch(ConfigError):
+    """An intact checkpoint whose parameters do not fit the configured model."""
+
+
+class NoIntactCheckpoint(RuntimeError):
+    """Every checkpoint of the run is damaged."""
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    """The first difference between a checkpoint's and the model's (path -> shape), in words;
+    parameters are named before optimizer moments."""
+
+    def params_first(path: str) -> tuple[bool, str]:
+        return (not path.startswith("params/"), path)
+
+    for path in sorted(wanted, key=params_first):
+        if path in saved and saved[path] != wanted[path]:
+            return (
+                f"parameter {path} has shape {saved[path]} in the checkpoint but "
+                f"{wanted[path]} in the configured model"
+            )
+
+    missing = sorted(set(wanted) - set(saved), key=params_first)
+    extra = sorted(set(saved) - set(wanted), key=params_first)
+    if missing or extra:
+        parts = []
+        if extra:
+            parts.append(
+                f"{len(extra)} arrays only in the checkpoint (e.g. parameter {extra[0]}, shape "
+                f"{saved[extra[0]]})"
+            )
+        if missing:
+            parts.append(
+                f"{len(missing)} only in the configured model (e.g. parameter {missing[0]}, "
+                f"shape {wanted[missing[0]]})"
+            )
+        return "its structure differs: " + " and ".join(parts)
+    return None
 
 
 class Checkpointer:
@@ -27,15 +86,22 @@ class Checkpointer:
         self.directory: epath.Path = paths.absolute(
             paths.run_path(directory, field="checkpoint directory")
         )
-        self.manager = ocp.CheckpointManager(
+        self.keep = keep
+        self.manager = self._manager()
+
+    def _manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
+                max_to_keep=self.keep, create=True, enable_async_checkpointing=False
             ),
         )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         self.manager.save(
@@ -45,6 +111,22 @@ class Checkpointer:
             ),
         )
         self.manager.wait_until_finished()
+
+    def check_fits(self, step: int, abstract_state: Any) -> None:
+        """Raise `StructureMismatch` if checkpoint `step` holds other arrays than
+        `abstract_state`; any other failure to read its metadata propagates (damage)."""
+        md = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        saved = _shapes(getattr(md, "item_metadata", md))
+        wanted = _shapes(abstract_state)
+        if not saved:
+            raise FileNotFoundError("the state's metadata lists no arrays")
+        why = _mismatch(saved, wanted)
+        if why is not None:
+            raise StructureMismatch(
+                f"checkpoint step {step} in {self.directory} does not fit the configured model: "
+                f"{why}; resume with the model config the run was trained with, or use a new "
+                "output_dir"
+            )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore into the shardings of `abstract_state` (arrays or ShapeDtypeStructs)."""
@@ -58,6 +140,63 @@ class Checkpointer:
             ),
         )
         return out["state"], out["meta"]
+
+    def restore_latest(
+        self, abstract_state: Any, log: Callable[[str], None] = print
+    ) -> tuple[int, Any, dict[str, Any]]:
+        """(step, state, meta) of the newest intact checkpoint.
+
+        A damaged one is reported in one line (`log`) and moved aside (never deleted), and the
+        next older one is tried; the line after says which step the run resumes from and which
+        steps it redoes. Raises `StructureMismatch` for an intact checkpoint of another model,
+        `NoIntactCheckpoint` when none is left."""
+        steps = self.all_steps()
+        damaged: list[int] = []
+        for step in reversed(steps):
+            try:
+                self.check_fits(step, abstract_state)
+                state, meta = self.restore(step, abstract_state)
+                if not isinstance(meta, dict) or "step" not in meta:
+                    raise ValueError(f"its meta JSON holds no step: {meta!r}"[:200])
+            except StructureMismatch:
+                raise
+            except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
+                log(f"checkpoint step {step} in {self.directory} is damaged ({_first_line(e)})")
+                damaged.append(step)
+                continue
+            if damaged:
+                moved = self._set_aside(damaged)
+                log(
+                    f"resuming from checkpoint step {step}, the newest intact one: steps "
+                    f"{step + 1}-{max(damaged)} are redone; the damaged checkpoint"
+                    f"{'s' if len(damaged) > 1 else ''} moved to {moved}"
+                )
+            return step, state, meta
+        raise NoIntactCheckpoint(
+            f"no intact checkpoint in {self.directory} (damaged: steps "
+            f"{', '.join(map(str, sorted(damaged)))}); nothing was deleted: move the directory "
+            "aside (or use a new output_dir) to start over"
+        )
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Move damaged step directories to `<dir>.damaged/<step>[-n]`; the manager is rebuilt
+        so it forgets them and can save those steps again."""
+        self.manager.close()
+        aside = self.directory.parent / (self.directory.name + ".damaged")
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                n, target = 0, aside / str(step)
+                while target.exists():
+                    n += 1
+                    target = aside / f"{step}-{n}"
+                (self.directory / str(step)).rename(target)  # a sibling: same file system
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("laserjax checkpoint set-aside")
+        self.manager = self._manager()
+        return str(aside)
 
     def close(self) -> None:
         self.manager.close()

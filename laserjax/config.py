@@ -42,6 +42,10 @@ def _fail(field: str, msg: str) -> ConfigError:
     return ConfigError(f"config field `{field}`: {msg}", field, msg)
 
 
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
 def _check(cond: bool, field: str, msg: str) -> None:
     if not cond:
         raise _fail(field, msg)
@@ -392,9 +396,15 @@ class DataConfig:
     """Worked examples, [question, answer] pairs, put before each problem as earlier chat turns."""
     require_single_boxed: bool = True
     """Training reward gate of the reference code: exactly one `\\boxed{` (spec section 6)."""
-    template: Literal["chat", "plain"] = "chat"
+    template: Literal["chat", "plain", "raw"] = "chat"
+    """chat: the tokenizer's chat template; plain: 'Question: ...\\nAnswer:'; raw: the problem
+    text alone (how the CPU demo's toy policy is prompted; its exports record it)."""
     prompt_overflow: Literal["filter", "error"] = "filter"
     seed: int = 0
+    max_bad_share: float = 0.1
+    """Refuse a training or evaluation file when more than this share of its rows is bad
+    (unreadable, not UTF-8, missing or empty problem or answer); fewer are skipped and reported
+    by file, reason and line number on the console and in summary.json."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eval", tuple(self.eval))
@@ -405,7 +415,12 @@ class DataConfig:
             "give a list of [question, answer] string pairs",
         )
         object.__setattr__(self, "fewshot", shots)
-        _check(self.template in ("chat", "plain"), "data.template", "use chat or plain")
+        _check(
+            0 <= self.max_bad_share <= 1,
+            "data.max_bad_share",
+            f"must be in [0, 1] (a share of the rows), got {self.max_bad_share}",
+        )
+        _check(self.template in ("chat", "plain", "raw"), "data.template", "use chat, plain or raw")
         _check(
             self.reward in ("math_verify", "exact", "last_number"),
             "data.reward",
@@ -517,9 +532,14 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "laserjax"
     progress_bar: bool = True
+    """Show progress: a tqdm bar when stderr is a terminal; elsewhere (a pipe, a log file, a
+    notebook) a plain line every `log_every` steps instead of carriage-return updates."""
+    log_every: int = 10
+    """Steps between progress lines when stderr is not a terminal; 0: none."""
 
     def __post_init__(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", "must be >= 1")
+        _check(self.log_every >= 0, "train.log_every", "must be >= 0 (0: no progress lines)")
         _check(self.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
         _check(
@@ -584,10 +604,57 @@ class Config:
             f"{mb} does not divide train.ppo_mini_batch_size = {mini}; pick a divisor of it",
         )
         _check(bool(self.output_dir), "output_dir", "must be a directory path")
+        if self.model.toy is not None:
+            # The toy task makes its own problems: data settings that
+            # would be ignored are errors, not silence.
+            for name in ("train", "eval"):
+                _check(
+                    not getattr(self.data, name),
+                    f"data.{name}",
+                    "the toy task (model.toy) generates its own problems, so this would be "
+                    "ignored; remove it, or set model.path (and not model.toy) to train a "
+                    "real model on this data",
+                )
 
     @property
     def rows_per_step(self) -> int:
         return self.train.prompts_per_step * self.rollout.samples_per_prompt
+
+    def validate_against_mesh(self, mesh_shape: dict[str, int], process_count: int = 1) -> None:
+        """Every divisibility the mesh implies; run as soon as the mesh is known, before any
+        compile or data loading. The batch axis of the train step is split over the mesh's
+        (data, fsdp) shards, so each micro-batch (the whole step batch without accumulation)
+        must divide by their product; each process reads an equal share of the step's prompts.
+        (The sampler pads its prompt batch to the shards, so rollouts need no check.)"""
+        shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+        prompts, k = self.train.prompts_per_step, self.rollout.samples_per_prompt
+        _check(
+            prompts % process_count == 0,
+            "train.prompts_per_step",
+            f"{prompts} prompts do not divide over the {process_count} processes; use a "
+            f"multiple of {process_count}",
+        )
+        rows, mb = self.rows_per_step, self.train.micro_batch_size
+        where = (
+            f"the {shards} batch shards of the mesh (data {mesh_shape.get('data', 1)} x fsdp "
+            f"{mesh_shape.get('fsdp', 1)})"
+        )
+        if mb:
+            _check(
+                mb % shards == 0,
+                "train.micro_batch_size",
+                f"micro-batches of {mb} rows do not split over {where}; use a multiple of "
+                f"{shards} that divides the {rows} rows of the step",
+            )
+        else:
+            _check(
+                rows % shards == 0,
+                "train.prompts_per_step",
+                f"the step batch of prompts_per_step x samples_per_prompt = {prompts} x {k} = "
+                f"{rows} rows does not split over {where}; make it a multiple of {shards} "
+                f"(e.g. prompts_per_step = {_round_up(prompts, shards // math.gcd(shards, k))}),"
+                " or set mesh.data to fewer devices",
+            )
 
     def validate_against_vocab(
         self, vocab_size: int, eos_ids: tuple[int, ...], pad_id: int
@@ -764,7 +831,13 @@ def add_config_flag(
     """A command's flag that sets the config field `field`, with the field's default (written
     once, in the dataclass above) and type (`float | str` ones, such as `laser.c_ref`, parse as
     YAML); Literal fields offer their values as choices."""
-    tp, default = _field(field)
+    tp, field_default = _field(field)
+    # default=None: the command fills the flag later (e.g. from a laserjax export's
+    # laserjax.json), falling back to the field's default.
+    default = kwargs.pop("default", field_default)
+    shown = (
+        field_default if default is not None else f"the model's laserjax.json, else {field_default}"
+    )
     if tp in (int, float, str):
         kwargs.setdefault("type", tp)
     elif typing.get_origin(tp) is Literal:
@@ -774,7 +847,7 @@ def add_config_flag(
     parser.add_argument(
         flag,
         default=default,
-        help=f"{help + ' ' if help else ''}(config {field}; default {default})",
+        help=f"{help + ' ' if help else ''}(config {field}; default {shown})",
         **kwargs,
     )
 

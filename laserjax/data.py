@@ -6,7 +6,11 @@ indices: deterministic shuffling, per-host sharding, a checkpointable iterator).
 come from `load_benchmark`, with the paper's samples per problem in `BENCHMARK_N`
 (LASER_SPEC section 5).
 
-Row indices in reports are 0-based positions in the source.
+Bad rows never stop a read: `read_jsonl`, the one jsonl reader of laserjax, yields each
+non-blank line's value or a `BadRow` (line number, reason): invalid JSON or bytes that are not
+UTF-8 are one bad row each. Reports name rows by their 1-based line number in the file (`line 7`;
+`row 7` for parquet and Hugging Face sources), and `LoadReport.check` refuses a source whose
+share of bad rows is over a limit (`data.max_bad_share` in the config).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import grain
@@ -59,6 +63,52 @@ class Problem:
     answer: str
 
 
+DEFAULT_MAX_BAD_SHARE = 0.1
+"""The share of bad rows a source may have before laserjax refuses it (`data.max_bad_share`)."""
+
+FIRST_ROWS_SHOWN = 5
+"""How many row numbers per reason reports list."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+    """A row that could not be read or used: its 1-based line (row) number and why."""
+
+    line: int
+    reason: str
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, parsed value or `BadRow`) for every non-blank line of a jsonl file.
+
+    The one jsonl reader of laserjax: a line that is not UTF-8 or not JSON is a `BadRow`, never an
+    exception, so one bad row costs one row. The file is read as bytes and decoded line by line.
+    """
+    with epath.Path(path).open("rb") as f:  # the path may be a gs:// URL
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield (
+                    number,
+                    BadRow(
+                        number,
+                        f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                    ),
+                )
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield number, BadRow(number, f"invalid JSON ({e.msg})")
+
+
+class TooManyBadRows(ValueError):
+    """More of a source's rows are bad than the allowed share."""
+
+
 @dataclasses.dataclass
 class LoadReport:
     """What `load_problems` read, kept, normalised and skipped."""
@@ -69,7 +119,10 @@ class LoadReport:
     normalised: int = 0
     """Rows kept after converting a numeric answer to a string (aime25 stores integers)."""
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    """(row id, reason) per skipped row; the row id is the id field's value, else `row i`."""
+    """(row id, reason) per skipped row; the row id is the id field's value, else `line n`
+    (`row n` for parquet / Hugging Face sources), counting from 1."""
+    skipped_lines: list[int] = dataclasses.field(default_factory=list)
+    """The line (row) number of each skipped row, from 1, aligned with `skipped`."""
 
     @property
     def num_skipped(self) -> int:
@@ -78,6 +131,49 @@ class LoadReport:
     @property
     def skipped_ids(self) -> list[str]:
         return [row_id for row_id, _ in self.skipped]
+
+    @property
+    def bad_share(self) -> float:
+        return self.num_skipped / self.rows if self.rows else 0.0
+
+    def skip(self, line: int, row_id: str, reason: str) -> None:
+        self.skipped.append((row_id, reason))
+        self.skipped_lines.append(line)
+
+    def by_reason(self) -> dict[str, dict[str, Any]]:
+        """reason -> {count, first (line numbers, at most FIRST_ROWS_SHOWN)}, most common first."""
+        groups: dict[str, list[int]] = {}
+        for (_, why), line in zip(self.skipped, self.skipped_lines, strict=True):
+            groups.setdefault(why, []).append(line)
+        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))
+        return {why: {"count": len(ls), "first": ls[:FIRST_ROWS_SHOWN]} for why, ls in ordered}
+
+    def to_json(self) -> dict[str, Any]:
+        """For summaries: rows read, kept and skipped, with the reasons and first line numbers."""
+        return {
+            "rows": self.rows,
+            "loaded": self.loaded,
+            "skipped": self.num_skipped,
+            "reasons": self.by_reason(),
+        }
+
+    def skipped_line(self) -> str:
+        """One line for the console: how many rows were skipped and why, with row numbers."""
+        unit = "line" if self.source.endswith(".jsonl") else "row"
+        parts = [
+            f"{why} x{g['count']} ({unit}{'s' if g['count'] > 1 else ''} "
+            f"{', '.join(map(str, g['first']))}{' ...' if g['count'] > len(g['first']) else ''})"
+            for why, g in self.by_reason().items()
+        ]
+        return f"{self.source}: skipped {self.num_skipped} of {self.rows} rows: " + "; ".join(parts)
+
+    def check(self, max_share: float, field: str) -> None:
+        """Raise `TooManyBadRows` (naming `field`, the setting) if over `max_share` are bad."""
+        if self.num_skipped and self.bad_share > max_share:
+            raise TooManyBadRows(
+                f"{self.skipped_line()}; that is {self.bad_share:.0%} of the rows, over "
+                f"{field} = {max_share:g}: fix the file or raise {field}"
+            )
 
     def summary(self) -> str:
         text = (
@@ -94,18 +190,7 @@ class LoadReport:
 # Loading problems.
 
 
-def _read_jsonl(path: epath.Path) -> Iterable[Any]:
-    with path.open() as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield ValueError(f"invalid JSON ({e.msg})")
-
-
-def _read_parquet(path: epath.Path) -> Iterable[Any]:
+def _read_parquet(path: epath.Path) -> Iterable[tuple[int, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -114,7 +199,7 @@ def _read_parquet(path: epath.Path) -> Iterable[Any]:
             "`pip install pyarrow` (or convert the file to jsonl)"
         ) from None
     with path.open("rb") as f:  # a file object: the path may be a gs:// URL
-        yield from pq.read_table(f).to_pylist()
+        yield from enumerate(pq.read_table(f).to_pylist(), start=1)
 
 
 def _read_hf(spec: str) -> Iterable[Any]:
@@ -126,7 +211,7 @@ def _read_hf(spec: str) -> Iterable[Any]:
             f"loading `hf:{spec}` needs the `datasets` package, which is not "
             "installed: `pip install datasets` (or export the data to jsonl)"
         ) from None
-    yield from datasets.load_dataset(name, split=split or "train")
+    yield from enumerate(datasets.load_dataset(name, split=split or "train"), start=1)
 
 
 ARITHMETIC_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -171,10 +256,11 @@ def _arithmetic_rows(spec: str) -> list[dict[str, Any]]:
     return rows[:count]
 
 
-def _rows(source: str | os.PathLike) -> Iterable[Any]:
+def _rows(source: str | os.PathLike) -> Iterable[tuple[int, Any]]:
+    """(line or row number from 1, value or BadRow) of each row of a source."""
     text = str(source)
     if text.startswith("arithmetic:"):
-        return _arithmetic_rows(text.removeprefix("arithmetic:"))
+        return enumerate(_arithmetic_rows(text.removeprefix("arithmetic:")), start=1)
     if text.startswith("hf:"):
         if not text[3:]:
             raise ValueError("data source `hf:` names no dataset; write hf:org/name[:split]")
@@ -186,7 +272,7 @@ def _rows(source: str | os.PathLike) -> Iterable[Any]:
             "hf:org/name[:split] for a Hugging Face dataset)"
         )
     if path.suffix == ".jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
     raise ValueError(
@@ -214,25 +300,26 @@ def load_problems(
     problems: list[Problem] = []
     seen: set[str] = set()
     first_keys: list[str] | None = None
-    for index, row in enumerate(_rows(source)):
+    unit = "line" if str(source).endswith(".jsonl") else "row"
+    for index, (number, row) in enumerate(_rows(source)):
         report.rows += 1
-        row_id = f"row {index}"
-        if isinstance(row, Exception):
-            report.skipped.append((row_id, str(row)))
+        row_id = f"{unit} {number}"
+        if isinstance(row, BadRow):
+            report.skip(number, row_id, row.reason)
             continue
         if not isinstance(row, dict):
-            report.skipped.append((row_id, f"a {type(row).__name__}, not an object"))
+            report.skip(number, row_id, f"a {type(row).__name__}, not an object")
             continue
         if first_keys is None:
             first_keys = sorted(row)
         if id_field is not None:
             raw_id = row.get(id_field)
             if raw_id is None or str(raw_id).strip() == "":
-                report.skipped.append((row_id, f"missing id field {id_field!r}"))
+                report.skip(number, row_id, f"missing id field {id_field!r}")
                 continue
             row_id = str(raw_id).strip()
             if row_id in seen:
-                report.skipped.append((row_id, f"duplicate id (row {index})"))
+                report.skip(number, row_id, f"duplicate id ({unit} {number})")
                 continue
         text = row.get(problem_field)
         if not isinstance(text, str) or not text.strip():
@@ -243,13 +330,13 @@ def load_problems(
                 if isinstance(text, str)
                 else f"a {type(text).__name__}, not a string"
             )
-            report.skipped.append((row_id, f"problem field {problem_field!r} is {why}"))
+            report.skip(number, row_id, f"problem field {problem_field!r} is {why}")
             continue
         value = row.get(answer_field)
         answer, why = answer_text(value)
         converted = answer is not None and not isinstance(value, str)
         if answer is None:
-            report.skipped.append((row_id, f"answer field {answer_field!r}: {why}"))
+            report.skip(number, row_id, f"answer field {answer_field!r}: {why}")
             continue
         seen.add(row_id)
         report.normalised += converted
@@ -322,7 +409,9 @@ def load_benchmark(
 # ---------------------------------------------------------------------------------------------
 # Prompts.
 
-Template = Literal["chat", "plain"]
+Template = Literal["chat", "plain", "raw"]
+"""chat: the tokenizer's chat template; plain: `PLAIN_TEMPLATE`; raw: the problem text alone, no
+suffix and no special tokens (how the CPU demo's toy policy is prompted)."""
 
 
 def user_message(problem_text: str, instruction: str | None = PLAIN_SUFFIX) -> str:
@@ -349,8 +438,10 @@ def prompt_text(
     if template == "plain":
         head = "".join(PLAIN_TEMPLATE.format(content=q) + f" {a}\n" for q, a in shots)
         return (system + "\n" if system else "") + head + PLAIN_TEMPLATE.format(content=content)
+    if template == "raw":
+        return problem_text
     if template != "chat":
-        raise ValueError(f"prompt template {template!r}: use chat or plain (data.template)")
+        raise ValueError(f"prompt template {template!r}: use chat, plain or raw (data.template)")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "this tokenizer has no chat_template; use data.template=plain for a "

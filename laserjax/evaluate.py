@@ -347,8 +347,8 @@ _TABLE_ROWS = (
 
 
 def format_table(summaries: dict[str, dict[str, float]], average: dict[str, float]) -> str:
-    """Benchmarks (and their average) as columns, the paper's metrics as rows; accuracies in
-    percent, `-` where a metric is undefined."""
+    """Benchmarks (and their average) as columns, the paper's metrics as rows; every rate as a
+    fraction in [0, 1] (one unit for the whole table), `-` where a metric is undefined."""
     columns = list(summaries) + (["average"] if len(summaries) > 1 else [])
 
     def cell(name: str, key: str, kind: str) -> str:
@@ -359,7 +359,7 @@ def format_table(summaries: dict[str, dict[str, float]], average: dict[str, floa
         v = table.get(key)
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
-        return {"pct": f"{100 * v:.1f}", "num": f"{v:.3f}", "int": f"{v:.0f}"}[kind]
+        return {"pct": f"{v:.3f}", "num": f"{v:.3f}", "int": f"{v:.0f}"}[kind]
 
     header = ["", *columns]
     sizes = [

@@ -51,8 +51,9 @@ _SPACE_RE = re.compile(r"\s+")
 DEFAULT_TIMEOUT_S = 5.0
 """Per-answer deadline of `Grader`, in seconds."""
 DEFAULT_MAX_ANSWER_CHARS = 1000
-"""Extracted answers longer than this grade 0 without being parsed: the longest reference answer
-of the five benchmarks is under 200 characters, and parsing a huge answer is where sympy hangs."""
+"""Extracted answers longer than this are not parsed (they grade 0 unless the exact / numeric fast
+path matches them): the longest reference answer of the five benchmarks is under 200 characters,
+and parsing a huge answer is where sympy hangs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +118,33 @@ def last_number_match(responses: list[str], answers: list[str]) -> np.ndarray:
     return np.array(out, np.float32)
 
 
+def extract_exact(text: str) -> str | None:
+    """The answer of the `exact` reward: the whole response, stripped (None when empty)."""
+    return text.strip() or None
+
+
+REWARDS = ("math_verify", "exact", "last_number")
+
+
+def answer_extractor(reward: str):
+    """The extractor that goes with a reward kind (`data.reward`, `eval --reward`): the answer
+    the reward grades is the answer voting groups by (LASER_SPEC section 5). math_verify grades
+    the last `\\boxed{}`; exact grades the whole response; last_number the last number written."""
+    if reward == "math_verify":
+        return extract_boxed
+    if reward == "exact":
+        return extract_exact
+    if reward == "last_number":
+        return extract_last_number
+    raise ValueError(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
+
+
+def exact_reward(responses: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    """The `exact` reward: 1 when `extract_exact(response)` equals the stripped answer."""
+    pairs = zip(responses, answers, strict=True)
+    return np.array([float(extract_exact(r) == a.strip()) for r, a in pairs], np.float32)
+
+
 def count_boxed(text: str) -> int:
     """How many boxed answers (every form `extract_boxed` reads) `text` holds.
 
@@ -136,10 +164,6 @@ def normalize_answer(answer: str) -> str:
     out = _PRESENTATION_RE.sub("", answer)
     out = out.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return _SPACE_RE.sub("", out)
-
-
-def _exact_match(pred: str, gold: str) -> bool:
-    return normalize_answer(pred) == normalize_answer(gold)
 
 
 def answer_text(value: Any) -> tuple[str | None, str | None]:
@@ -224,15 +248,36 @@ class GradeResult:
     status: str
 
 
+_PLAIN_NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+
+
+def _fast_match(pred: str, gold: str) -> bool:
+    """Equal after `normalize_answer`, or equal as plain decimal numbers (`44.0` = `44`).
+
+    Linear in the length of the answers, so it runs before the length guard: a long answer that
+    equals the reference is correct however long it is; only parsing is bounded."""
+    a, b = normalize_answer(pred), normalize_answer(gold)
+    if a == b:
+        return True
+    if _PLAIN_NUMBER_RE.fullmatch(a) and _PLAIN_NUMBER_RE.fullmatch(b):
+        import decimal
+
+        return decimal.Decimal(a) == decimal.Decimal(b)
+    return False
+
+
 def _precheck(
-    response: str, require_single_boxed: bool, max_answer_chars: int | None
+    response: str, gold: str, require_single_boxed: bool, max_answer_chars: int | None, fast: bool
 ) -> tuple[str | None, GradeResult | None]:
-    """The cheap part of grading, done in the caller: extraction and the format gate."""
+    """The cheap part of grading, done in the caller: extraction, the format gate, the exact /
+    numeric fast path (when `fast`), then the length guard on what would go to math-verify."""
     pred = extract_boxed(response)
     if pred is None:
         return None, GradeResult(None, 0.0, "no_boxed")
     if require_single_boxed and count_boxed(response) != 1:
         return pred, GradeResult(pred, 0.0, "not_single_boxed")
+    if fast and _fast_match(pred, gold):
+        return pred, GradeResult(pred, 1.0, "ok")
     if max_answer_chars is not None and len(pred) > max_answer_chars:
         return pred, GradeResult(pred, 0.0, "too_long")
     return pred, None
@@ -248,11 +293,9 @@ def grade_one(
     bounds the time each answer may take.
     """
     gold = answer_to_str(answer)
-    pred, early = _precheck(response, require_single_boxed, None)
+    pred, early = _precheck(response, gold, require_single_boxed, None, fast=True)
     if early is not None:
         return early.correct
-    if _exact_match(pred, gold):
-        return 1.0
     try:
         return float(is_equivalent(pred, gold))
     except Exception:  # math-verify raises on some malformed input: that answer is wrong.
@@ -516,9 +559,9 @@ class Grader:
             if not isinstance(response, str):
                 raise TypeError(f"grade: response {i} is {type(response).__name__}, not a string")
             gold = answer_to_str(answer)
-            pred, early = _precheck(response, require_single_boxed, self.max_answer_chars)
-            if early is None and self.fast_path and _exact_match(pred, gold):
-                early = GradeResult(pred, 1.0, "ok")
+            pred, early = _precheck(
+                response, gold, require_single_boxed, self.max_answer_chars, self.fast_path
+            )
             if early is not None:
                 results[i] = early
             else:

@@ -8,9 +8,12 @@ real one: a Hugging Face checkpoint, its tokenizer, training problems and held-o
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -21,7 +24,7 @@ from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.fetch import resolve_model
 from laserjax.model.hf_params import load_pretrained, special_token_ids
-from laserjax.reward import Grader, extract_boxed, extract_last_number, last_number_match
+from laserjax.reward import Grader, answer_extractor, exact_reward, last_number_match
 
 
 @dataclasses.dataclass
@@ -48,9 +51,24 @@ def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str,
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
         info: dict[str, Any] = {}
     else:
+        primary = jax.process_index() == 0
+        if primary and toy.sft_steps:
+            print(
+                f"warm start: {toy.sft_steps} supervised steps of the toy policy (batch "
+                f"{toy.sft_batch}) so that it starts with some answers right; about 20 s on 2 "
+                "CPU cores, most of it compiling",
+                flush=True,
+            )
+        tic = time.time()
         model, info = toy_task.build(
             toy, seed=cfg.train.seed, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
         )
+        if primary and toy.sft_steps:
+            print(
+                f"warm start done in {time.time() - tic:.0f} s (final loss "
+                f"{info['sft_final_loss']:.3f})",
+                flush=True,
+            )
     train, held_out = toy_task.problems(toy)
     task = Task(
         tokenizer=tok,
@@ -59,8 +77,8 @@ def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str,
         train_problems=train,
         train_prompts=[tok.encode(p.problem) for p in train],
         eval_sets={"toy_arithmetic": (held_out, [tok.encode(p.problem) for p in held_out])},
-        reward_fn=toy_task.exact_match,
-        extract_fn=lambda r: r.strip() or None,
+        reward_fn=exact_reward,
+        extract_fn=answer_extractor("exact"),  # one reward, one extractor
     )
     return model, task, info
 
@@ -82,6 +100,19 @@ def real_setup(
     except ValueError as e:
         raise ConfigError(f"config field `tokens.eos_ids`: {e}") from None
     cfg.validate_against_vocab(mcfg.vocab_size, eos, pad)  # before loading or compiling
+    # The data before the weights: a bad file is refused before a large model loads.
+    if not cfg.data.train:
+        raise ConfigError("config field `data.train`: set a jsonl/parquet path or hf:org/name")
+    try:
+        problems, report = load_problems(
+            cfg.data.train,
+            problem_field=cfg.data.problem_field,
+            answer_field=cfg.data.answer_field,
+        )
+        report.check(cfg.data.max_bad_share, "data.max_bad_share")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"config field `data.train`: {e}") from None
+    reports = [report]
     if abstract:
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
     else:
@@ -92,11 +123,6 @@ def real_setup(
             remat=cfg.model.remat,
             mesh=mesh,
         )
-    if not cfg.data.train:
-        raise ConfigError("config field `data.train`: set a jsonl/parquet path or hf:org/name")
-    problems, report = load_problems(
-        cfg.data.train, problem_field=cfg.data.problem_field, answer_field=cfg.data.answer_field
-    )
     enc = encode_prompts(
         problems,
         tok,
@@ -114,7 +140,12 @@ def real_setup(
     }
     eval_sets = {}
     for name in cfg.data.eval:
-        bench = load_benchmark(name)
+        try:
+            bench = load_benchmark(name)
+            bench.report.check(cfg.data.max_bad_share, "data.max_bad_share")
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"config field `data.eval`: {e}") from None
+        reports.append(bench.report)
         e = encode_prompts(
             bench.problems,
             tok,
@@ -126,12 +157,10 @@ def real_setup(
             prompt_overflow="filter",
         )
         eval_sets[bench.name] = (e.problems, e.token_ids)
-    extract_fn = extract_boxed
     if cfg.data.reward == "exact":
-        reward_fn, close = toy_task.exact_match, (lambda: None)
+        reward_fn, close = exact_reward, (lambda: None)
     elif cfg.data.reward == "last_number":
-        # One answer extractor for the reward and for voting (spec section 5).
-        reward_fn, close, extract_fn = last_number_match, (lambda: None), extract_last_number
+        reward_fn, close = last_number_match, (lambda: None)
     else:
         grader = Grader()
         reward_fn = lambda rs, ans: grader.grade_batch(  # noqa: E731
@@ -146,9 +175,16 @@ def real_setup(
         train_prompts=enc.token_ids,
         eval_sets=eval_sets,
         reward_fn=reward_fn,
-        extract_fn=extract_fn,
+        extract_fn=answer_extractor(cfg.data.reward),  # voting groups what the reward grades
         close=close,
     )
+    # Skipped rows, by file and reason with their first line numbers: on the console and in
+    # summary.json (`data_rows_skipped`).
+    info["data_rows_skipped"] = {r.source: r.to_json() for r in reports if r.num_skipped}
+    if jax.process_index() == 0:
+        for r in reports:
+            if r.num_skipped:
+                print(f"data: {r.skipped_line()}", file=sys.stderr)
     return model, task, info
 
 

@@ -91,12 +91,6 @@ def problems(toy: ToyConfig) -> tuple[list[Problem], list[Problem]]:
     return every[toy.eval_problems :], every[: toy.eval_problems]
 
 
-def exact_match(responses: list[str], answers: list[str]) -> np.ndarray:
-    """The demo's verifier: 1 when the response (EOS stripped) equals the answer."""
-    pairs = zip(responses, answers, strict=True)
-    return np.array([float(r.strip() == a.strip()) for r, a in pairs], np.float32)
-
-
 def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict[str, float]:
     """Supervised next-token training on `problem -> answer <eos>` (answer tokens only).
 

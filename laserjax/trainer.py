@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 from typing import Any
@@ -36,7 +37,7 @@ from jax.sharding import Mesh
 from laserjax import eval_metrics, multihost, paths, run_identity, sharding
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import Config, ConfigError
-from laserjax.data import make_train_loader
+from laserjax.data import make_train_loader, read_jsonl
 from laserjax.evaluate import (
     EvalResult,
     Scoring,
@@ -46,6 +47,7 @@ from laserjax.evaluate import (
 )
 from laserjax.model.hf_params import (
     save_pretrained,
+    write_export_info,
 )
 from laserjax.run_log import MetricsLog, held_out_row, step_metrics_row, summary_metrics
 from laserjax.sampler import RolloutBatch, Sampler
@@ -121,7 +123,13 @@ def _params_finite(params: nnx.State) -> jax.Array:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, allow_change: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, cfg: Config, allow_change: tuple[str, ...] = (), started: float | None = None
+    ) -> None:
+        """`started`: when the command started (time.time()); summary.json's and the printed
+        `seconds` count from it, so they are the whole wall time (warm start included). Default:
+        now."""
+        self.started = time.time() if started is None else started
         self.cfg = cfg
         try:
             self.out = paths.run_path(cfg.output_dir, field="config field `output_dir`")
@@ -143,6 +151,7 @@ class Trainer:
             )
         )
         self.mesh = sharding.make_mesh(cfg.mesh)
+        cfg.validate_against_mesh(dict(self.mesh.shape), jax.process_count())  # before any compile
         self.ckpt = Checkpointer(self.out / "checkpoints", keep=cfg.train.keep_checkpoints)
         # Decided once, by process 0, for every process: hosts that listed the directory
         # themselves could disagree, and one resuming while another starts fresh deadlocks.
@@ -317,11 +326,11 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.task
-        t0 = time.time()
         primary = jax.process_index() == 0
         if primary:
             self.out.mkdir(parents=True, exist_ok=True)
-            self.identity.write(self.out, cfg, self.resume_step)
+            if self.resume_step is None:
+                self.identity.write(self.out, cfg, None)
         start = 0
         run_info_path = self.out / "run_info.json"
         summary_path = self.out / "summary.json"
@@ -347,15 +356,21 @@ class Trainer:
             self.ckpt.close()
             return summary
         if self.resume_step is not None:
-            self.state, meta = self.ckpt.restore(self.resume_step, self.state)
+            # The newest intact checkpoint: a damaged one is reported and set aside, never
+            # deleted; one of another model stops here, before anything is recorded.
+            start, self.state, meta = self.ckpt.restore_latest(
+                self.state, log=print if primary else (lambda _: None)
+            )
             # Process 0's reading of the small state, so no host resumes on a value of its own.
             meta = multihost.broadcast_json(meta)
+            start = meta["step"]
+            if primary:
+                self.identity.write(self.out, cfg, start)
             self.loader.set_state(meta["data"])
             self.c_ref = meta["c_ref"]
-            start = meta["step"]
             self.sampler = self._make_sampler()
             run_info = multihost.on_primary(
-                lambda: json.loads(run_info_path.read_text()), error=ConfigError
+                lambda: self._read_run_info(run_info_path, start), error=ConfigError
             )
             print(f"resumed from checkpoint step {start} in {self.out / 'checkpoints'}")
             if primary:
@@ -382,7 +397,7 @@ class Trainer:
         if self.resume_step is None and run_info["eval_start"]:
             log.write(run_info["eval_start"], kind="eval")
         self._build_step()
-        progress = _progress(cfg, start)
+        progress = Progress(cfg, start) if primary else None
         last_eval = run_info.get("eval_start", {})
         try:
             for step in range(start + 1, cfg.train.total_steps + 1):
@@ -409,10 +424,7 @@ class Trainer:
                 self.sampler.update_params(self.state.params)
                 log.write(row)
                 if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(
-                        reward=f"{row['reward_mean']:.3f}", f1=f"{row['self_verify_f1']:.3f}"
-                    )
+                    progress.update(step, row)
                 if step % cfg.train.save_every == 0 or step == cfg.train.total_steps:
                     self._save(step)
                 if (
@@ -430,7 +442,12 @@ class Trainer:
                 progress.close()
             log.close()
             t.close()
-        summary = self._summary(run_info.get("eval_start", {}), last_eval, time.time() - t0)
+        if cfg.train.export_hf:
+            self.export(self.out / "hf")
+        # The whole wall time: from the command's start, warm start and export included.
+        summary = self._summary(
+            run_info.get("eval_start", {}), last_eval, time.time() - self.started
+        )
         if primary:
             run_identity.set_aside(summary_path, "resume")  # e.g. a finished run trained on
             summary_path.write_text(json.dumps(summary, indent=2))
@@ -442,10 +459,30 @@ class Trainer:
                 seconds=round(summary["seconds"], 1),
             )
             print(format_summary(summary))
-        if cfg.train.export_hf:
-            self.export(self.out / "hf")
         self.ckpt.close()
         return summary
+
+    def _read_run_info(self, path: epath.Path, step: int) -> dict[str, Any]:
+        """run_info.json (on process 0); when it is missing or unreadable, rebuilt from what the
+        run kept (the checkpoint's c_ref, the step-0 line of eval.jsonl) and written back, with
+        one line."""
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            why = "missing" if isinstance(e, FileNotFoundError) else f"unreadable ({e})"
+        eval_start: dict[str, Any] = {}
+        eval_path = self.out / "eval.jsonl"
+        if eval_path.is_file():
+            rows = [r for _, r in read_jsonl(eval_path) if isinstance(r, dict)]
+            eval_start = next((r for r in rows if r.get("step") == 0), {})
+        run_info = {"c_ref": self.c_ref, **self.setup_info, "eval_start": eval_start}
+        print(
+            f"{path.name} is {why}: rebuilt from checkpoint step {step} (c_ref) and "
+            f"eval.jsonl ({'the' if eval_start else 'no'} start evaluation)"
+        )
+        run_identity.set_aside(path, "rebuild")
+        path.write_text(json.dumps(run_info, indent=2))
+        return run_info
 
     def _step_row(
         self,
@@ -491,23 +528,52 @@ class Trainer:
             "c_ref": self.c_ref,
             "k": self.cfg.train.eval_samples,
             **summary_metrics(start, end),
+            "data_rows_skipped": self.setup_info.get("data_rows_skipped", {}),
             "seconds": seconds,
         }
 
     def export(self, out_dir: epath.Path) -> None:
-        export_hf(self.graphdef, self.state.params, self.task.tokenizer, out_dir)
+        """The policy in Hugging Face format, its tokenizer, and `laserjax.json`: z_c, c_ref and
+        the rest `generate`, `eval` and `calibrate` take as their defaults for this model. The
+        toy task's held-out problems go beside it (`toy_arithmetic.jsonl`), for `eval`."""
+        cfg = self.cfg
+        toy = cfg.model.toy is not None
+        info = {
+            "self_reward_token_id": cfg.tokens.self_reward_token_id,
+            "c_ref": self.c_ref,
+            "beta_v": cfg.laser.beta_v,
+            "eos_ids": list(self.task.eos_ids),
+            "pad_id": self.task.pad_id,
+            "template": "raw" if toy else cfg.data.template,
+            "reward": cfg.data.reward,
+            "max_new_tokens": cfg.rollout.max_new_tokens,
+            "dtype": cfg.model.param_dtype,
+            "algorithm": cfg.laser.algorithm,
+            "step": cfg.train.total_steps,
+        }
+        export_hf(self.graphdef, self.state.params, self.task.tokenizer, out_dir, info)
+        if toy and jax.process_index() == 0:
+            problems, _ = self.task.eval_sets["toy_arithmetic"]
+            (self.out / "toy_arithmetic.jsonl").write_text(
+                "".join(json.dumps(dataclasses.asdict(p)) + "\n" for p in problems)
+            )
 
 
-def export_hf(graphdef, params, tokenizer, out_dir: str | os.PathLike) -> None:
-    """The policy in Hugging Face format under `out_dir` (a local path or a URL). Call it on every
-    process: each gathers the parameters and process 0 writes, to a local staging directory first
-    when `out_dir` is a URL (safetensors and tokenizers write local files only)."""
+def export_hf(
+    graphdef, params, tokenizer, out_dir: str | os.PathLike, info: dict[str, Any] | None = None
+) -> None:
+    """The policy in Hugging Face format under `out_dir` (a local path or a URL), with `info` as
+    its `laserjax.json`. Call it on every process: each gathers the parameters and process 0
+    writes, to a local staging directory first when `out_dir` is a URL (safetensors and
+    tokenizers write local files only)."""
     model = nnx.merge(graphdef, params)
     primary = jax.process_index() == 0
     with paths.local_staging(paths.run_path(out_dir, field="export dir"), upload=primary) as local:
         save_pretrained(model, local)
         if primary:
             tokenizer.save_pretrained(local)
+            if info is not None:
+                write_export_info(local, info)
 
 
 def _abstract_train_state(abstract_params: nnx.State, cfg: Config, mesh: Mesh) -> TrainState:
@@ -537,19 +603,63 @@ def _mean_or_none(x: np.ndarray) -> float | None:
     return float(np.mean(x)) if x.size else None
 
 
-def _progress(cfg: Config, start: int):
-    if not cfg.train.progress_bar or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
+class Progress:
+    """`train.progress_bar`: a tqdm bar when `terminal` (default: stderr is a terminal);
+    elsewhere (a pipe, a log file, a notebook) one plain line every `train.log_every` steps on
+    `out` (default stdout), never carriage-return updates."""
 
-    return tqdm(
-        total=cfg.train.total_steps,
-        initial=start,
-        desc="laserjax",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    def __init__(self, cfg: Config, start: int, terminal: bool | None = None, out=None):
+        self.total, self.every, self.start = cfg.train.total_steps, cfg.train.log_every, start
+        self.on = cfg.train.progress_bar
+        self.out = sys.stdout if out is None else out
+        self.t0 = time.time()
+        self.bar = None
+        if terminal is None:
+            terminal = sys.stderr.isatty()
+        if self.on and terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total,
+                initial=start,
+                desc="laserjax",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                reward=f"{row['reward_mean']:.3f}", f1=f"{row['self_verify_f1']:.3f}"
+            )
+        elif self.every and (step % self.every == 0 or step == self.total):
+            per_step = (time.time() - self.t0) / max(step - self.start, 1)
+            print(
+                f"step {step}/{self.total}: reward {row['reward_mean']:.3f}, self-verification "
+                f"F1 {row['self_verify_f1']:.3f}, {per_step:.2f} s/step",
+                file=self.out,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def process_start_time() -> float:
+    """When this process started (time.time() scale; Linux /proc, to the second), else now."""
+    try:
+        fields = pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime: clock ticks after boot
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -54,7 +54,7 @@ def test_malformed_rows_are_skipped_with_their_ids_and_numbers_normalised(tmp_pa
         Problem("d", "Ten?", "10"),
     ]
     assert report.rows == 13 and report.loaded == 4 and report.normalised == 3
-    assert report.skipped_ids == ["e", "f", "g", "h", "i", "j", "row 10", "row 11", "a"]
+    assert report.skipped_ids == ["e", "f", "g", "h", "i", "j", "line 11", "line 12", "a"]
     reasons = dict(report.skipped[:6])
     assert reasons["e"] == "answer field 'answer': missing answer"
     assert reasons["f"] == "answer field 'answer': empty answer"
@@ -72,7 +72,7 @@ def test_ids_default_to_row_index_and_fields_are_configurable(tmp_path):
         [{"question": "Q0", "final": "1"}, {"question": "Q1"}, {"question": "Q2", "final": "3"}],
     )
     problems, report = load_problems(src, problem_field="question", answer_field="final")
-    assert [p.id for p in problems] == ["0", "2"] and report.skipped_ids == ["row 1"]
+    assert [p.id for p in problems] == ["0", "2"] and report.skipped_ids == ["line 2"]
 
 
 def test_zero_usable_rows_names_the_fields(tmp_path):
@@ -108,7 +108,7 @@ def test_parquet_and_hf_need_their_packages(tmp_path):
             pa.table({"problem": ["Q0", "Q1"], "answer": ["1", None]}), tmp_path / "x.parquet"
         )
         problems, report = load_problems(tmp_path / "x.parquet")
-        assert problems == [Problem("0", "Q0", "1")] and report.skipped_ids == ["row 1"]
+        assert problems == [Problem("0", "Q0", "1")] and report.skipped_ids == ["row 2"]
     try:
         import datasets  # noqa: F401
     except ImportError:

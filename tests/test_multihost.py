@@ -375,10 +375,11 @@ SLOW_GRADER_ON_PROCESS_1 = """
 import json, os, pathlib, sys
 import jax
 import numpy as np
-from laserjax import cli, toy_task, trainer
+from laserjax import cli, trainer
+from laserjax.reward import exact_reward
 calls, trained = [], []
 def grader(responses, answers):
-    exact = np.asarray(toy_task.exact_match(responses, answers), np.float32)
+    exact = np.asarray(exact_reward(responses, answers), np.float32)
     graded = np.zeros_like(exact) if jax.process_index() == 1 else exact
     calls.append({"exact": exact.tolist(), "graded": graded.tolist()})
     return graded

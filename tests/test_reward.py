@@ -255,7 +255,7 @@ def test_grade_command_reports_bad_rows(tmp_path, capsys):
     assert summary["graded"] == 3 and summary["correct"] == 2 and summary["errors"] == 3
     assert summary["accuracy"] == pytest.approx(2 / 3)
     assert "row 2: missing field 'answer' (--answer-field)" in captured.err
-    assert "row 3: not valid JSON" in captured.err
+    assert "row 3: invalid JSON" in captured.err
     assert "row 4: missing field 'response' (--response-field)" in captured.err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r.get("correct") for r in rows] == [True, False, False, False, True, False]

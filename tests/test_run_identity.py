@@ -13,6 +13,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,8 +65,11 @@ def _train(out: pathlib.Path, args: list[str], cache: pathlib.Path) -> subproces
 def finished(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("identity")
     out = root / "run"
+    tic = time.time()
     p = _train(out, TINY, root / "jax_cache")
     assert p.returncode == 0, p.stderr[-3000:]
+    (root / "finished.stdout").write_text(p.stdout)
+    (root / "finished.wall").write_text(str(time.time() - tic))
     return out
 
 
@@ -159,3 +163,146 @@ def test_toy_defaults_written_out_are_the_same_run(tmp_path):
     assert run_identity.differences(a, c) == {}  # output_dir and logging are not the result
     d = load_config(DEMO, [f"output_dir={tmp_path}", "model.toy.num_layers=2"])
     assert run_identity.differences(a, d) == {"model.toy.num_layers": (4, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints: report in one line, resume from the newest intact one, delete nothing.
+
+
+def _cache(finished: pathlib.Path) -> pathlib.Path:
+    return finished.parent / "jax_cache"  # the finished run's compiles, shared
+
+
+def _lines(path: pathlib.Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _no_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("step_seconds", "seconds")} for r in rows]
+
+
+def _killed_before_summary(finished: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
+    """A copy of the finished run as if killed after its last checkpoint, before its summary."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "summary.json").unlink()
+    return out
+
+
+def _abstract_state(out: pathlib.Path):
+    from flax import nnx
+
+    from laserjax import sharding, toy_task
+    from laserjax.config import MeshConfig
+    from laserjax.model import Transformer
+    from laserjax.trainer import _abstract_train_state
+
+    cfg = load_config(out / "config.yaml")
+    mcfg = toy_task.model_config(cfg.model.toy)
+    abstract = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+    import jax
+
+    mesh = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    return _abstract_train_state(abstract[1], cfg, mesh)
+
+
+def test_a_truncated_latest_checkpoint_resumes_from_the_newest_intact_one(finished, tmp_path):
+    out = _killed_before_summary(finished, tmp_path)
+    data = max((out / "checkpoints" / "2" / "state").rglob("*"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    p = _train(out, TINY, _cache(finished))
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    damaged = [ln for ln in p.stdout.splitlines() if "is damaged" in ln]
+    assert len(damaged) == 1 and damaged[0].startswith("checkpoint step 2 in "), p.stdout
+    assert (
+        "resuming from checkpoint step 1, the newest intact one: steps 2-2 are redone" in p.stdout
+    )
+    # Nothing deleted: the damaged step is kept aside, the redone step saved afresh.
+    assert (out / "checkpoints.damaged" / "2" / "state").is_dir()
+    assert sorted(int(d.name) for d in (out / "checkpoints").iterdir() if d.name.isdigit()) == [
+        1,
+        2,
+    ]
+    # Redoing step 2 from checkpoint 1 gives the uninterrupted run's step 2 (same program, CPU).
+    assert _no_timing(_lines(out / "metrics.jsonl")) == _no_timing(
+        _lines(finished / "metrics.jsonl")
+    )
+    assert _lines(out / "eval.jsonl") == _lines(finished / "eval.jsonl")
+
+
+def test_a_missing_state_metadata_is_damage_and_the_run_falls_back(finished, tmp_path):
+    from laserjax.checkpoint import Checkpointer
+
+    out = _killed_before_summary(finished, tmp_path)
+    (out / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    kept = sorted(p.relative_to(out / "checkpoints") for p in (out / "checkpoints").rglob("*"))
+    said: list[str] = []
+    ckpt = Checkpointer(out / "checkpoints", keep=2)
+    try:
+        step, _, meta = ckpt.restore_latest(_abstract_state(out), log=said.append)
+    finally:
+        ckpt.close()
+    assert step == 1 and meta["step"] == 1
+    assert len(said) == 2 and said[0].startswith("checkpoint step 2 in ") and "damaged" in said[0]
+    assert said[1].startswith("resuming from checkpoint step 1, the newest intact one")
+    # Every file is still there: the damaged step moved to checkpoints.damaged/2.
+    moved = sorted(
+        pathlib.Path(str(p.relative_to(out / "checkpoints.damaged")))
+        for p in (out / "checkpoints.damaged").rglob("*")
+    )
+    now = sorted(p.relative_to(out / "checkpoints") for p in (out / "checkpoints").rglob("*"))
+    assert sorted(now + moved) == kept
+
+
+def test_a_missing_run_info_is_rebuilt_from_the_checkpoint_and_eval_log(finished, tmp_path):
+    out = _killed_before_summary(finished, tmp_path)
+    want = json.loads((out / "run_info.json").read_text())
+    (out / "run_info.json").unlink()
+    trainer = Trainer(_cfg(out))  # resuming: nothing is built but the abstract state
+    trainer.c_ref = want["c_ref"]  # what restore_latest reads from the checkpoint's meta
+    info = trainer._read_run_info(trainer.out / "run_info.json", 2)
+    assert info["c_ref"] == want["c_ref"] and info["eval_start"] == want["eval_start"]
+    assert json.loads((out / "run_info.json").read_text()) == info
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            "model.toy.hidden_size=32",
+            "parameter params/embed_tokens/embedding has shape (16, 64) in the checkpoint but "
+            "(16, 32) in the configured model",
+        ),
+        (
+            "model.toy.num_layers=2",
+            "arrays only in the checkpoint (e.g. parameter params/layers/2/",
+        ),
+    ],
+)
+def test_a_checkpoint_of_another_model_names_the_parameter_and_shapes(
+    finished, tmp_path, change, words
+):
+    out = _killed_before_summary(finished, tmp_path)
+    before = _files(out)
+    key = change.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        Trainer(_cfg(out, change), allow_change=(key,)).run()
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and "partial_restore" not in msg, msg
+    assert _files(out) == before  # the refused change is not recorded as the run's config
+
+
+def test_the_warm_start_is_announced_and_the_time_is_the_whole_wall_time(finished):
+    stdout = (finished.parent / "finished.stdout").read_text()
+    wall = float((finished.parent / "finished.wall").read_text())
+    assert "warm start: 10 supervised steps of the toy policy" in stdout
+    warm = float(stdout.split("warm start done in ")[1].split(" s")[0])
+    summary = json.loads((finished / "summary.json").read_text())
+    steps = sum(r["step_seconds"] for r in _lines(finished / "metrics.jsonl"))
+    # From the command's start: the warm start and every step are inside it, and it is no more
+    # than the wall time the test measured around the command (+1 s: /proc/stat's boot time
+    # has a resolution of a second).
+    assert summary["seconds"] >= warm + steps
+    assert summary["seconds"] <= wall + 1.0
+    header = next(ln for ln in stdout.splitlines() if ln.startswith("laserjax laser: "))
+    assert header.endswith(f", {summary['seconds']:.0f} s")  # the printed time is the same

@@ -646,3 +646,92 @@ def test_zc_emitted_fraction_counts_responses_that_sampled_zc():
     assert zc_emitted_fraction(tokens, mask, zc) == 0.25
     assert zc_emitted_fraction(tokens, np.ones_like(mask), zc) == 0.5
     assert zc_emitted_fraction(tokens, mask, 9) == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides, field, fix",
+    [
+        # 3 prompts x 3 samples = 9 rows on the 8 devices of this process
+        (
+            ["train.prompts_per_step=3", "rollout.samples_per_prompt=3"],
+            "train.prompts_per_step",
+            "3 x 3 = 9 rows does not split over the 8 batch shards of the mesh (data 8 x fsdp 1);"
+            " make it a multiple of 8 (e.g. prompts_per_step = 8)",
+        ),
+        (
+            ["train.micro_batch_size=4"],
+            "train.micro_batch_size",
+            "micro-batches of 4 rows do not split over the 8 batch shards",
+        ),
+    ],
+)
+def test_mesh_divisibility_fails_before_any_compile_or_data(tmp_path, overrides, field, fix):
+    cfg = load_config(DEMO, [f"output_dir={tmp_path}", "mesh.data=-1", *overrides])
+    with _CountCompiles() as c, pytest.raises(ConfigError) as e:
+        Trainer(cfg)
+    assert f"`{field}`" in str(e.value) and fix in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+    assert c.count == 0, f"{c.count} XLA compiles ran before the mesh check"
+
+
+# ---------------------------------------------------------------------------------------------
+# The export carries z_c and c_ref; generate and eval take them by default (issue 13).
+
+
+def test_export_carries_zc_c_ref_and_how_to_prompt_and_grade(grpo_run):
+    info = json.loads((grpo_run / "hf" / "laserjax.json").read_text())
+    summary = json.loads((grpo_run / "summary.json").read_text())
+    assert info["self_reward_token_id"] == toy_task.token_ids()["zc"] == 2
+    assert info["c_ref"] == summary["c_ref"]
+    assert (info["template"], info["reward"], info["eos_ids"]) == ("raw", "exact", [1])
+    problems = _rows(grpo_run / "toy_arithmetic.jsonl")
+    assert len(problems) == 4 and set(problems[0]) == {"id", "problem", "answer"}
+
+
+def test_generate_and_eval_work_on_the_demo_export_by_default(grpo_run, tmp_path, capsys):
+    from laserjax import cli
+
+    hf = str(grpo_run / "hf")
+    cli.main(["generate", "--model", hf, "--ids", "7,5,15", "--k", "2", "--json"])
+    samples = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    info = json.loads((grpo_run / "hf" / "laserjax.json").read_text())
+    for s in samples:  # r_s from the run's own c_ref (default: -23 and z_c 151652, which failed)
+        if s["finished"]:
+            assert s["r_s"] == pytest.approx(0.1 * (s["logp_zc"] - info["c_ref"]))
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", hf, "--benchmarks", str(grpo_run / "toy_arithmetic.jsonl")]
+    cli.main([*argv, "--n", "2", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert "warning" not in err, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["z_token_id"] == 2 and s["settings"]["c_ref"] == info["c_ref"]
+    assert s["settings"]["reward"] == "exact" and s["settings"]["template"] == "raw"
+    rows = _rows(out / "samples.jsonl")
+    for r in rows:  # graded and voted on the same answer: the whole response
+        assert r["extracted_answer"] == (r["response"].strip() or None)
+        assert r["correct"] == (r["response"].strip() == r["reference"])
+    assert any(r["correct"] for r in rows), "the warmed-up demo policy answers some right"
+
+    # Grading the same model with the \boxed{} reward finds nothing to grade, and says so.
+    cli.main(
+        [*argv, "--n", "2", "--output-dir", str(tmp_path / "boxed"), "--reward", "math_verify"]
+    )
+    err = capsys.readouterr().err
+    assert "eval: warning: none of the 8 responses has a final \\boxed{...} answer" in err
+    assert "--reward exact" in err
+
+
+def test_calibrate_takes_zc_and_the_prompt_template_from_the_export(grpo_run, tmp_path, capsys):
+    from laserjax import cli
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = _rows(grpo_run / "toy_arithmetic.jsonl")
+    pairs.write_text(
+        "".join(json.dumps({"problem": r["problem"], "response": r["answer"]}) + "\n" for r in rows)
+    )
+    cli.main(["calibrate", "--model", str(grpo_run / "hf"), "--data", str(pairs), "--n", "4"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Defaults without laserjax.json: z_c 151652 (outside this 16-token vocabulary) and chat.
+    assert (summary["z_token_id"], summary["template"], summary["dtype"]) == (2, "raw", "float32")
+    assert summary["n"] == 4 and summary["c_ref"] < 0

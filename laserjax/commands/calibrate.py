@@ -16,7 +16,7 @@ import jax
 
 from laserjax import sharding
 from laserjax.calibrate import calibration_warnings, measure_c_ref, read_pairs, sample_responses
-from laserjax.config import MeshConfig, add_config_flag, parse_ids, token_id_problem
+from laserjax.config import MeshConfig, add_config_flag, field_default, parse_ids, token_id_problem
 from laserjax.data import PLAIN_SUFFIX, build_prompt, load_problems
 from laserjax.model import TransformerConfig, hf_params
 from laserjax.model.fetch import resolve_model
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--z-token-id",
         "tokens.self_reward_token_id",
+        default=None,
         help="z_c (Qwen2.5's <|vision_start|>; Llama-3 / OctoThinker: 128002)",
     )
     parser.add_argument(
@@ -57,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="EOS ids, comma separated; the first is appended to "
         "responses without one (default: the checkpoint's generation_config)",
     )
-    add_config_flag(parser, "--template", "data.template", help="the prompt template of training")
+    add_config_flag(
+        parser, "--template", "data.template", help="the prompt template of training", default=None
+    )
     parser.add_argument(
         "--instruction",
         default=PLAIN_SUFFIX,
@@ -91,7 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "batch x heads x length^2 float32 scores",
     )
     add_config_flag(
-        parser, "--max-new-tokens", "rollout.max_new_tokens", help="length limit of responses"
+        parser,
+        "--max-new-tokens",
+        "rollout.max_new_tokens",
+        help="length limit of responses",
+        default=None,
     )
     add_config_flag(
         parser,
@@ -102,8 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=("bfloat16", "float32"),
-        default="bfloat16",
-        help="compute dtype; match the training run's model.dtype",
+        default=None,
+        help="compute dtype; match the training run's model.dtype (default: the model's "
+        "laserjax.json, else bfloat16)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the row sample and of generation"
@@ -126,6 +134,17 @@ def _parse_ids(text: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure c_ref; print a sentence, any warnings and a one-line JSON summary."""
     from transformers import AutoTokenizer
+
+    # A laserjax export says how its policy was prompted and which token is z_c (laserjax.json).
+    args = hf_params.with_export_defaults(
+        args,
+        {
+            "z_token_id": ("self_reward_token_id", field_default("tokens.self_reward_token_id")),
+            "template": ("template", field_default("data.template")),
+            "dtype": ("dtype", field_default("model.dtype")),
+            "max_new_tokens": ("max_new_tokens", 8192),
+        },
+    )
 
     if args.n < 1:
         raise SystemExit(f"calibrate: --n must be >= 1, got {args.n}")

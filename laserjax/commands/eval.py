@@ -23,6 +23,7 @@ import json
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,7 +43,15 @@ from laserjax.config import (
     parse_ids,
     set_field,
 )
-from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV, encode_prompts, load_benchmark
+from laserjax.data import (
+    BENCHMARK_N,
+    BENCHMARKS,
+    EVAL_DIR_ENV,
+    BadRow,
+    encode_prompts,
+    load_benchmark,
+    read_jsonl,
+)
 from laserjax.distributed import maybe_initialize_distributed
 from laserjax.evaluate import (
     SampleBatch,
@@ -56,8 +65,15 @@ from laserjax.evaluate import (
 )
 from laserjax.model import TransformerConfig
 from laserjax.model.fetch import resolve_model
-from laserjax.model.hf_params import load_pretrained, special_token_ids
-from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, extract_boxed
+from laserjax.model.hf_params import load_pretrained, special_token_ids, with_export_defaults
+from laserjax.reward import (
+    DEFAULT_TIMEOUT_S,
+    REWARDS,
+    Grader,
+    answer_extractor,
+    exact_reward,
+    last_number_match,
+)
 from laserjax.sampler import Sampler
 
 DEFAULT_BATCH_PROMPTS = 16
@@ -111,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="evaluate only the first M problems of each benchmark",
     )
-    add_config_flag(parser, "--max-new-tokens", "rollout.max_new_tokens")
+    add_config_flag(parser, "--max-new-tokens", "rollout.max_new_tokens", default=None)
     add_config_flag(
         parser,
         "--max-prompt-len",
@@ -132,21 +148,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "--template",
         "data.template",
-        help="the tokenizer's chat template, or 'Question: ...\\nAnswer:' for base models",
+        default=None,
+        help="the tokenizer's chat template, 'Question: ...\\nAnswer:' for base models (plain), "
+        "or the problem text alone (raw, the CPU demo's)",
     )
     add_config_flag(
         parser,
         "--c-ref",
         "laser.c_ref",
         type=float,
-        help="r_s = beta_v * (log p(z_c) - c_ref); measure it for your model "
-        "with `python -m laserjax calibrate`",
+        default=None,
+        help="r_s = beta_v * (log p(z_c) - c_ref), c_ref from the run that exported the model; "
+        "measure it for another model with `python -m laserjax calibrate`",
     )
-    add_config_flag(parser, "--beta-v", "laser.beta_v")
+    add_config_flag(parser, "--beta-v", "laser.beta_v", default=None)
     add_config_flag(
         parser,
         "--z-token-id",
         "tokens.self_reward_token_id",
+        default=None,
         help="the self-reward token z_c (Qwen2.5: 151652, Llama-3: 128002)",
     )
     parser.add_argument(
@@ -176,8 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=("bfloat16", "float32", "float16"),
-        default=field_default("model.dtype"),
-        help="parameter and activation dtype (config model.dtype and model.param_dtype)",
+        default=None,
+        help="parameter and activation dtype (config model.dtype and model.param_dtype; "
+        f"default: the model's laserjax.json, else {field_default('model.dtype')})",
     )
     parser.add_argument(
         "--output-dir",
@@ -193,6 +214,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     resume.add_argument(
         "--overwrite", action="store_true", help="replace the outputs already in --output-dir"
+    )
+    parser.add_argument(
+        "--reward",
+        choices=REWARDS,
+        default=None,
+        help="math_verify: the last \\boxed{} against the reference (the paper's); exact: the "
+        "whole response equals the reference (the CPU demo's); last_number: the last number "
+        "written equals the reference's (the real-model CPU config's). Voting groups the "
+        "answers the same reward reads. Default: the model's laserjax.json (a laserjax "
+        "export), else math_verify",
+    )
+    parser.add_argument(
+        "--max-bad-share",
+        type=float,
+        default=0.1,
+        help="refuse a benchmark file when more than this share of its rows is bad "
+        "(default 0.1); bad rows below it are skipped and reported",
     )
     parser.add_argument(
         "--grader-workers",
@@ -233,6 +271,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < low:
             raise _fail(flag, f"must be >= {low}, got {value}")
+    if not 0 <= args.max_bad_share <= 1:
+        raise _fail("--max-bad-share", f"must be in [0, 1], got {args.max_bad_share}")
     if args.grader_timeout is not None and args.grader_timeout <= 0:
         raise _fail("--grader-timeout", f"must be > 0 seconds, got {args.grader_timeout}")
     if args.stop_rule is not None:
@@ -257,6 +297,12 @@ def _load_benchmarks(args: argparse.Namespace) -> list[tuple[Any, int]]:
             bench = load_benchmark(name, args.eval_dir)
         except (ValueError, FileNotFoundError) as e:
             raise _fail("--benchmarks", f"{e} (--eval-dir sets the benchmark folder)") from None
+        try:
+            bench.report.check(args.max_bad_share, "--max-bad-share")
+        except ValueError as e:
+            raise _fail("--benchmarks", str(e)) from None
+        if bench.report.num_skipped:
+            print(f"eval: {bench.report.skipped_line()}", file=sys.stderr)
         n = args.n if args.n is not None else bench.n
         if n is None:
             raise _fail(
@@ -375,25 +421,24 @@ def _settings(
         dtype=args.dtype,
         stop_rule=args.stop_rule,
         round_size=args.round_size,
+        reward=args.reward,
     )
 
 
 def _read_jsonl_rows(path: pathlib.Path) -> list[dict[str, Any]]:
     """The rows of a samples file; a torn last line (a crash mid-write) is dropped."""
+    read = list(read_jsonl(path))
     rows = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
+    for i, (line, row) in enumerate(read):
+        if isinstance(row, BadRow) or not isinstance(row, dict):
+            if i == len(read) - 1:
                 break
             raise EvalError(
-                f"eval --resume: {path} line {i + 1} is not valid JSON; the file "
-                "is damaged beyond its last line, start over with --overwrite"
-            ) from None
+                f"eval --resume: {path} line {line} is damaged "
+                f"({row.reason if isinstance(row, BadRow) else 'not a JSON object'}) before its "
+                "last line; start over with --overwrite"
+            )
+        rows.append(row)
     return rows
 
 
@@ -497,10 +542,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"error: {e}") from None
 
 
+EXPORT_DEFAULTS = {
+    "z_token_id": ("self_reward_token_id", field_default("tokens.self_reward_token_id")),
+    "c_ref": ("c_ref", field_default("laser.c_ref")),
+    "beta_v": ("beta_v", field_default("laser.beta_v")),
+    "template": ("template", field_default("data.template")),
+    "reward": ("reward", "math_verify"),
+    "max_new_tokens": ("max_new_tokens", field_default("rollout.max_new_tokens")),
+    "dtype": ("dtype", field_default("model.dtype")),
+}
+"""Flags left unset -> (key in the model's laserjax.json, the fallback without one)."""
+
+
+def _reward_fn(reward: str, grader: Grader) -> Callable[[list[str], list[str]], np.ndarray]:
+    """r_v of `--reward` (`data.reward`'s choices), one function for fixed and adaptive eval."""
+    if reward == "exact":
+        return exact_reward
+    if reward == "last_number":
+        return last_number_match
+    return lambda responses, answers: grader.grade_batch(
+        responses, answers, require_single_boxed=False
+    )
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     if args.output_dir is None:
         args = argparse.Namespace(**vars(args) | {"output_dir": default_output_dir(args.model)})
+    # Defaults of a laserjax export: score it as the run that trained it (z_c, c_ref, template,
+    # reward), not with another model's constants.
+    args = with_export_defaults(args, EXPORT_DEFAULTS)
     _check_flags(args)
     _eval_config(args, (), -1)  # every flag's config check, before any JAX backend starts
     maybe_initialize_distributed()  # before anything touches a JAX backend
@@ -562,9 +633,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, list[dict[str, Any]]] = {name: list(r) for name, r in kept.items()}
     timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
     with Grader(args.grader_workers, timeout_s=timeout) as grader:
-
-        def reward_fn(responses: list[str], answers: list[str]) -> np.ndarray:
-            return grader.grade_batch(responses, answers, require_single_boxed=False)
+        reward_fn = _reward_fn(args.reward, grader)
 
         for bench, n in benches:
             problems, token_ids = prompts[bench.name]
@@ -609,7 +678,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 refs[done:],
                 n=n,
                 reward_fn=reward_fn,
-                extract_fn=extract_boxed,
+                extract_fn=answer_extractor(args.reward),  # what the reward grades is voted on
                 scoring=scoring,
                 temperature=args.temperature,
                 top_p=args.top_p,
@@ -626,6 +695,21 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         )
         summaries[bench.name] = res.summary | {"prompts_over_length": overflow[bench.name]}
     average = average_over_benchmarks(summaries)
+    no_answer = sum(r["extracted_answer"] is None for rs in rows.values() for r in rs)
+    total = sum(len(rs) for rs in rows.values())
+    if primary and total and no_answer == total:
+        what = "a final \\boxed{...} answer" if args.reward == "math_verify" else "any text"
+        hint = (
+            "; for a model that answers with the bare answer (e.g. the CPU demo's) pass "
+            "--reward exact"
+            if args.reward == "math_verify"
+            else ""
+        )
+        print(
+            f"eval: warning: none of the {total} responses has {what}, the answer the "
+            f"{args.reward} reward grades, so every one grades 0{hint}",
+            file=sys.stderr,
+        )
     summary = json_safe(
         {
             "model": args.model,
@@ -633,6 +717,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             "settings": settings,
             "benchmarks": summaries,
             "average": average,
+            "data_rows_skipped": {
+                b.report.source: b.report.to_json() for b, _ in benches if b.report.num_skipped
+            },
+            "responses_without_answer": no_answer,
             "wall_s": round(time.time() - t0, 1),
         }
     )
@@ -700,9 +788,7 @@ def _eval_adaptive(
     summaries: dict[str, dict[str, Any]] = {}
     timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
     with Grader(args.grader_workers, timeout_s=timeout) as grader:
-
-        def reward_fn(responses: list[str], answers: list[str]) -> np.ndarray:
-            return grader.grade_batch(responses, answers, require_single_boxed=False)
+        reward_fn = _reward_fn(args.reward, grader)
 
         for bench, n in benches:
             if n % args.round_size:
@@ -727,7 +813,7 @@ def _eval_adaptive(
                 round_size=args.round_size,
                 max_samples=n,
                 reward_fn=reward_fn,
-                extract_fn=extract_boxed,
+                extract_fn=answer_extractor(args.reward),
                 scoring=scoring,
                 temperature=args.temperature,
                 top_p=args.top_p,

@@ -67,13 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"z_c (default {field_default('tokens.self_reward_token_id')}, Qwen2.5's "
         f"<|vision_start|>, or {TINY_VOCAB - 1} for --tiny; Llama-3: 128002)",
     )
-    add_config_flag(parser, "--beta-v", "laser.beta_v")
+    add_config_flag(parser, "--beta-v", "laser.beta_v", default=None)
     add_config_flag(
         parser,
         "--c-ref",
         "laser.c_ref",
         type=float,
-        help="measure it for your model: `python -m laserjax calibrate`",
+        default=None,
+        help="from the run that exported the model; measure it for another model: "
+        "`python -m laserjax calibrate`",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", action="store_true", help="one JSON object per sample")
@@ -95,6 +97,15 @@ def load_tokenizer(ckpt: pathlib.Path) -> Any:
 
 
 def run(args: argparse.Namespace) -> None:
+    # A laserjax export carries the z_c and c_ref of the run that trained it (laserjax.json).
+    args = hf_params.with_export_defaults(
+        args,
+        {
+            "self_reward_token_id": ("self_reward_token_id", None),
+            "c_ref": ("c_ref", -23.0),
+            "beta_v": ("beta_v", 0.1),
+        },
+    )
     tokenizer = None
     if args.tiny:
         cfg = TransformerConfig(

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from laserjax.data import BadRow, read_jsonl
 from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, answer_to_str, default_num_workers
 
 
@@ -58,48 +59,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_rows(
     path: pathlib.Path, response_field: str, answer_field: str, id_field: str | None
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Output stubs for every row, and (response, answer) for the rows that can be graded."""
+    """Output stubs for every row, and (response, answer) for the rows that can be graded.
+
+    One reader for every jsonl (`laserjax.data.read_jsonl`): a line that is not JSON or not
+    UTF-8 is one bad row with its error, the rest are graded."""
     rows, tasks = [], []
-    with path.open() as f:
-        for row_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            out: dict[str, Any] = {"row": row_number}
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                out["error"] = f"row {row_number}: not valid JSON ({e.msg})"
-                rows.append(out)
-                continue
-            if not isinstance(record, dict):
-                out["error"] = f"row {row_number}: expected a JSON object"
-                rows.append(out)
-                continue
-            out["id"] = record.get(id_field) if id_field else row_number
-            problems = []
-            if id_field and id_field not in record:
-                problems.append(f"missing field {id_field!r} (--id-field)")
-            response = record.get(response_field)
-            if response_field not in record:
-                problems.append(f"missing field {response_field!r} (--response-field)")
-            elif not isinstance(response, str):
-                problems.append(
-                    f"field {response_field!r} is {type(response).__name__}, not a string"
-                )
-            answer = record.get(answer_field)
-            if answer_field not in record:
-                problems.append(f"missing field {answer_field!r} (--answer-field)")
-            else:
-                try:
-                    answer = answer_to_str(answer)
-                except TypeError as e:
-                    problems.append(f"field {answer_field!r}: {e}")
-            if problems:
-                out["error"] = f"row {row_number}: " + "; ".join(problems)
-            else:
-                out["_task"] = len(tasks)
-                tasks.append((response, answer))
+    for row_number, record in read_jsonl(path):
+        out: dict[str, Any] = {"row": row_number}
+        if isinstance(record, BadRow):
+            out["error"] = f"row {row_number}: {record.reason}"
             rows.append(out)
+            continue
+        if not isinstance(record, dict):
+            out["error"] = f"row {row_number}: expected a JSON object"
+            rows.append(out)
+            continue
+        out["id"] = record.get(id_field) if id_field else row_number
+        problems = []
+        if id_field and id_field not in record:
+            problems.append(f"missing field {id_field!r} (--id-field)")
+        response = record.get(response_field)
+        if response_field not in record:
+            problems.append(f"missing field {response_field!r} (--response-field)")
+        elif not isinstance(response, str):
+            problems.append(f"field {response_field!r} is {type(response).__name__}, not a string")
+        answer = record.get(answer_field)
+        if answer_field not in record:
+            problems.append(f"missing field {answer_field!r} (--answer-field)")
+        else:
+            try:
+                answer = answer_to_str(answer)
+            except TypeError as e:
+                problems.append(f"field {answer_field!r}: {e}")
+        if problems:
+            out["error"] = f"row {row_number}: " + "; ".join(problems)
+        else:
+            out["_task"] = len(tasks)
+            tasks.append((response, answer))
+        rows.append(out)
     return rows, tasks
 
 
@@ -108,6 +105,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = pathlib.Path(args.input)
     if not path.is_file():
         raise SystemExit(f"grade: --input {str(path)!r} not found")
+    out_path = pathlib.Path(args.output)
+    if out_path.resolve() == path.resolve():
+        raise SystemExit(
+            f"grade: --output {str(out_path)!r} is the --input file; grading would replace the "
+            "responses with the grades: write the grades to another file"
+        )
     t0 = time.monotonic()
     rows, tasks = _read_rows(path, args.response_field, args.answer_field, args.id_field)
     with Grader(args.workers, timeout_s=args.timeout) as grader:
@@ -117,7 +120,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             require_single_boxed=args.require_single_boxed,
         )
         stats = dict(grader.stats)
-    out_path = pathlib.Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     errors = 0
     with out_path.open("w") as f:

@@ -10,9 +10,10 @@ import argparse
 from typing import Any
 
 from laserjax import run_identity
+from laserjax.checkpoint import NoIntactCheckpoint
 from laserjax.config import ConfigError, load_config
 from laserjax.distributed import maybe_initialize_distributed
-from laserjax.trainer import Trainer, TrainingDiverged
+from laserjax.trainer import Trainer, TrainingDiverged, process_start_time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     maybe_initialize_distributed()
     try:
         allow = run_identity.parse_allow_change(getattr(args, "allow_change", None))
-        return Trainer(cfg, allow_change=allow).run()
-    except (ConfigError, TrainingDiverged) as e:
+        return Trainer(cfg, allow_change=allow, started=process_start_time()).run()
+    except (ConfigError, TrainingDiverged, NoIntactCheckpoint) as e:
         raise SystemExit(f"error: {e}") from None

@@ -277,6 +277,41 @@ def _slice_loader(reader: _SafetensorsReader, hf: str, transform: str | None, pd
     return load
 
 
+EXPORT_INFO_FILE = "laserjax.json"
+"""Written by the trainer beside an exported policy: what `generate`, `eval` and `calibrate` need
+to score it as it was trained (z_c, c_ref, beta_v, prompt template, reward, EOS/pad, dtype)."""
+
+
+def write_export_info(out_dir: str | pathlib.Path, info: dict) -> None:
+    """Write `laserjax.json` into an exported model directory (process 0 only)."""
+    if jax.process_index() == 0:
+        path = pathlib.Path(out_dir) / EXPORT_INFO_FILE
+        path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_export_info(model: str | pathlib.Path | None) -> dict:
+    """The `laserjax.json` of a local model directory written by the trainer, else {} (a hub id,
+    or a checkpoint laserjax did not export)."""
+    if not model:
+        return {}
+    path = pathlib.Path(model) / EXPORT_INFO_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def with_export_defaults(args, table: dict[str, tuple[str, object]]):
+    """`args` (an argparse Namespace) with each flag left at None filled from the model's
+    `laserjax.json` (`table`: flag attribute -> (key in laserjax.json, fallback))."""
+    info = read_export_info(getattr(args, "model", None))
+    values = dict(vars(args))
+    for attr, (key, fallback) in table.items():
+        if values.get(attr) is None:
+            values[attr] = info[key] if info.get(key) is not None else fallback
+    return type(args)(**values)
+
+
 def save_pretrained(
     model: Transformer,
     out_dir: str | pathlib.Path,
