@@ -63,9 +63,6 @@ class Problem:
     answer: str
 
 
-DEFAULT_MAX_BAD_SHARE = 0.1
-"""The share of bad rows a source may have before laserjax refuses it (`data.max_bad_share`)."""
-
 FIRST_ROWS_SHOWN = 5
 """How many row numbers per reason reports list."""
 

@@ -48,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
-from laserjax.config import RolloutConfig, token_id_problem
+from laserjax.config import token_id_problem
 from laserjax.laser import positions_from_mask as prompt_positions
 from laserjax.laser import token_logprobs
 from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer, to_dtype
@@ -471,28 +471,6 @@ class Sampler:
         self._loop = jax.jit(loop, static_argnums=(3,), donate_argnums=(2,))
         self.params = None
         self.update_params(params)
-
-    @classmethod
-    def from_config(
-        cls,
-        model,
-        rollout: RolloutConfig,
-        *,
-        eos_ids: Sequence[int],
-        pad_id: int,
-        self_reward_token_id: int,
-        mesh: Mesh | None = None,
-    ) -> Sampler:
-        return cls(
-            model,
-            eos_ids=eos_ids,
-            pad_id=pad_id,
-            self_reward_token_id=self_reward_token_id,
-            max_new_tokens=rollout.max_new_tokens,
-            max_prompt_len=rollout.max_prompt_len,
-            prompt_buckets=rollout.prompt_buckets,
-            mesh=mesh,
-        )
 
     def update_params(self, model_or_params: Transformer | nnx.State) -> None:
         """Use new policy weights (same structure and shapes: no recompile)."""

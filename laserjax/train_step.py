@@ -106,8 +106,6 @@ class StepSettings:
     append_zc: bool = True
     """Put z_c in the sequence at eos_pos + 1 (spec 2). Causally invisible to every log-prob the
     step reads, so False gives the same numbers one position shorter; kept for the benchmark."""
-    compute_entropy: bool = False
-    """Log the mean policy entropy over response tokens (costs one more pass over each chunk)."""
     old_logprob_source: str = "rollout"
     """The PPO ratio's old log-probs: "rollout" uses TrainBatch.old_logprobs (the sampler's; this
     API's default), "recompute" the training forward with the pre-update parameters (the
@@ -276,15 +274,14 @@ def chunked_token_logprobs(
     targets_bt: jax.Array,
     temperature: float,
     chunk: int,
-    with_entropy: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> jax.Array:
     """`token_logprobs(model.logits(h), targets, temperature)` without materialising [B, T, V].
 
     The LM head runs over `chunk` positions at a time inside `lax.map`; `jax.checkpoint` keeps
     only each chunk's hidden states for the backward pass and recomputes its logits there. With
     chunk >= T there is one chunk, run as a plain head whose logits the backward pass keeps:
     faster (no recompute) when [B, T, V] float32 fits in memory.
-    Returns (logp_bt, entropy_bt or None), float32.
+    Returns logp_bt, float32.
     """
     b, t, d = h_btd.shape
     n = -(-t // chunk)
@@ -295,25 +292,14 @@ def chunked_token_logprobs(
 
     def one_chunk(args):
         h_bcd, tg_bc = args
-        logits_bcv = model.logits(h_bcd)
-        logp_bc = token_logprobs(logits_bcv, tg_bc, temperature)
-        if not with_entropy:
-            return logp_bc, None
-        t_eff = temperature if temperature > 0 else 1.0
-        all_logp = jax.nn.log_softmax(logits_bcv / t_eff, axis=-1)
-        ent_bc = -jnp.sum(jnp.exp(all_logp) * all_logp, axis=-1)
-        return logp_bc, jax.lax.stop_gradient(ent_bc)
+        return token_logprobs(model.logits(h_bcd), tg_bc, temperature)
 
     if n == 1:
         # One chunk: the plain head, logits kept for the backward pass (no recompute).
-        logp_nbc, ent_nbc = jax.tree.map(lambda x: x[None], one_chunk((h_nbcd[0], tg_nbc[0])))
+        logp_nbc = one_chunk((h_nbcd[0], tg_nbc[0]))[None]
     else:
-        logp_nbc, ent_nbc = jax.lax.map(jax.checkpoint(one_chunk), (h_nbcd, tg_nbc))
-
-    def unchunk(x_nbc: jax.Array) -> jax.Array:
-        return x_nbc.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-
-    return unchunk(logp_nbc), None if ent_nbc is None else unchunk(ent_nbc)
+        logp_nbc = jax.lax.map(jax.checkpoint(one_chunk), (h_nbcd, tg_nbc))
+    return logp_nbc.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
 def sequence_logprobs(
@@ -329,8 +315,7 @@ def sequence_logprobs(
       "logp_bt": [R, T] tempered log-probs of the response tokens (meaningless at padding:
         mask with `response_mask`);
       "logp_zc_b": [R] log_softmax(raw logits at the EOS position)[z_c] (spec section 1; read it
-        only at finished rows), present when `with_zc`;
-      "entropy_bt": [R, T] when settings.compute_entropy.
+        only at finished rows), present when `with_zc`.
     """
     p = batch.prompt_tokens.shape[1]
     t = batch.response_tokens.shape[1]
@@ -349,17 +334,10 @@ def sequence_logprobs(
     h_bld = model.hidden(tokens, positions, mask, constrain=constrain)
     # Position i predicts token i + 1: response token j comes from position P - 1 + j.
     h_resp = h_bld[:, p - 1 : p - 1 + t]
-    logp_bt, ent_bt = chunked_token_logprobs(
-        model,
-        h_resp,
-        batch.response_tokens,
-        settings.temperature,
-        settings.logit_chunk,
-        settings.compute_entropy,
+    logp_bt = chunked_token_logprobs(
+        model, h_resp, batch.response_tokens, settings.temperature, settings.logit_chunk
     )
     out = {"logp_bt": logp_bt}
-    if ent_bt is not None:
-        out["entropy_bt"] = ent_bt
     if with_zc:
         # z_c is predicted from the EOS position P + n - 1, with the raw (untempered) logits.
         eos_idx_b = p + jnp.maximum(n_resp_b, 1) - 1
@@ -547,8 +525,6 @@ def _make_rows_grad(graphdef, laser_cfg, loss_cfg, settings: StepSettings, mesh:
         loss = laser.objective_loss(terms, counts)
         metrics = {_TERM_NAMES[name]: term.value for name, term in terms.items()}
         metrics |= {_METRIC_NAMES[name]: pair for name, pair in objective_metrics.items()}
-        if "entropy_bt" in out:
-            metrics["actor/entropy"] = laser.aggregate_loss(out["entropy_bt"], mask, "token-mean")
         mismatch, mismatch_max = laser.logprob_mismatch(out["logp_bt"], b.old_logprobs, mask)
         metrics["actor/logprob_mismatch_mean"] = mismatch
         return loss, (metrics, {"actor/logprob_mismatch_max": mismatch_max})

@@ -228,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-bad-share",
         type=float,
-        default=0.1,
+        default=field_default("data.max_bad_share"),
         help="refuse a benchmark file when more than this share of its rows is bad "
         "(default 0.1); bad rows below it are skipped and reported",
     )
