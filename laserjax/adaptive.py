@@ -49,8 +49,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import special
 
+from laserjax.answers import normalize_answer
 from laserjax.eval_metrics import self_reward_weights, vote
-from laserjax.reward import normalize_answer
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of every prefix of a batch of sample sequences.

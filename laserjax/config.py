@@ -385,7 +385,7 @@ class DataConfig:
     reward: Literal["math_verify", "exact", "last_number"] = "math_verify"
     """math_verify: the paper's grader (LASER_SPEC section 6); exact: string equality of the
     stripped response and answer (the CPU demo's synthetic task); last_number: the last number
-    of a free-text response equals the answer (`reward.extract_last_number`, which voting reads
+    of a free-text response equals the answer (`answers.extract_last_number`, which voting reads
     too)."""
     instruction: str | None = None
     """The line after each problem in the user turn; None: the paper's `\\boxed{}` request

@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 
 from laserjax import paths
-from laserjax.reward import answer_text
+from laserjax.answers import answer_text
 
 PLAIN_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 """The instruction appended to every problem, in both templates (the paper's prompt)."""

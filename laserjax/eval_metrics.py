@@ -6,7 +6,7 @@ each sample, NaN when it has none: a truncated response gets no z_c step). Metri
 first k samples of each problem take `k` (None = all n).
 
 Conventions, each tested:
-- Votes group answers by `laserjax.reward.normalize_answer` (presentation-free strings), not by
+- Votes group answers by `laserjax.answers.normalize_answer` (presentation-free strings), not by
   math-verify equivalence; a sample without an answer does not vote.
 - Voting ties are broken deterministically: the largest vote weight wins (sums within 1e-9
   relative count as equal), then the most votes, then the answer whose first occurrence comes
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from laserjax import laser
-from laserjax.reward import normalize_answer
+from laserjax.answers import normalize_answer
 
 _TIE_RTOL = 1e-9
 

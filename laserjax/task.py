@@ -19,12 +19,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from laserjax import toy_task
+from laserjax.answers import answer_extractor, exact_reward, last_number_match
 from laserjax.config import Config, ConfigError
 from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.fetch import resolve_model
 from laserjax.model.hf_params import load_pretrained, special_token_ids
-from laserjax.reward import Grader, answer_extractor, exact_reward, last_number_match
+from laserjax.reward import Grader
 
 
 @dataclasses.dataclass

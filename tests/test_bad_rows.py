@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from laserjax import eval_metrics
+from laserjax.answers import answer_extractor, exact_reward
 from laserjax.config import ConfigError, load_config
 from laserjax.data import BadRow, load_benchmark, load_problems, read_jsonl
-from laserjax.reward import Grader, answer_extractor, exact_reward, grade_one
+from laserjax.reward import Grader, grade_one
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo_cpu.yaml"

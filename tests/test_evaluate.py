@@ -22,6 +22,7 @@ import pytest
 from flax import nnx
 
 from laserjax import cli, eval_metrics
+from laserjax.answers import extract_boxed
 from laserjax.evaluate import (
     Scoring,
     average_over_benchmarks,
@@ -30,7 +31,7 @@ from laserjax.evaluate import (
     result_from_records,
 )
 from laserjax.model import Transformer, TransformerConfig
-from laserjax.reward import extract_boxed, grade_one
+from laserjax.reward import grade_one
 from laserjax.sampler import Sampler
 
 # ---------------------------------------------------------------------------------------------

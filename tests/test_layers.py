@@ -90,6 +90,10 @@ ALLOWED = {
     "laserjax.config": ("laserjax.laser",),
     "laserjax.model": ("laserjax.model", "laserjax.sharding", "laserjax.config"),
     "laserjax.laser": (),
+    # Reading answers is plain text work; the math-verify pool sits on top of it, and neither
+    # knows of the model, the sampler or the objective.
+    "laserjax.answers": (),
+    "laserjax.reward": ("laserjax.answers",),
     "laserjax.sampler": (
         "laserjax.model",
         "laserjax.laser",

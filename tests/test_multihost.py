@@ -376,7 +376,7 @@ import json, os, pathlib, sys
 import jax
 import numpy as np
 from laserjax import cli, trainer
-from laserjax.reward import exact_reward
+from laserjax.answers import exact_reward
 calls, trained = [], []
 def grader(responses, answers):
     exact = np.asarray(exact_reward(responses, answers), np.float32)

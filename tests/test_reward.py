@@ -11,16 +11,15 @@ import numpy as np
 import pytest
 
 from laserjax import cli
-from laserjax.reward import (
-    Grader,
+from laserjax.answers import (
     answer_to_str,
     count_boxed,
     extract_boxed,
     extract_last_number,
-    grade_one,
     last_number_match,
     normalize_answer,
 )
+from laserjax.reward import Grader, grade_one
 
 # Seconds a result may arrive after its deadline: the kill, the reply and a loaded 2-core machine.
 DEADLINE_SLACK_S = 2.0

@@ -32,6 +32,7 @@ import numpy as np
 from laserjax import sharding
 from laserjax.adaptive import parse_rule
 from laserjax.adaptive_eval import sample_adaptively
+from laserjax.answers import REWARDS, answer_extractor, exact_reward, last_number_match
 from laserjax.config import (
     Config,
     ConfigError,
@@ -66,14 +67,7 @@ from laserjax.evaluate import (
 from laserjax.model import TransformerConfig
 from laserjax.model.fetch import resolve_model
 from laserjax.model.hf_params import load_pretrained, special_token_ids, with_export_defaults
-from laserjax.reward import (
-    DEFAULT_TIMEOUT_S,
-    REWARDS,
-    Grader,
-    answer_extractor,
-    exact_reward,
-    last_number_match,
-)
+from laserjax.reward import DEFAULT_TIMEOUT_S, Grader
 from laserjax.sampler import Sampler
 
 DEFAULT_BATCH_PROMPTS = 16

@@ -14,8 +14,9 @@ import sys
 import time
 from typing import Any
 
+from laserjax.answers import answer_to_str
 from laserjax.data import BadRow, read_jsonl
-from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, answer_to_str, default_num_workers
+from laserjax.reward import DEFAULT_TIMEOUT_S, Grader, default_num_workers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
