@@ -1,8 +1,11 @@
 """`python -m laserjax eval`: sample, grade and score benchmarks with the self-reward
 (LASER_SPEC section 5).
 
-It runs `laserjax.evaluate.evaluate_prompts` over the paper's benchmarks and writes, under
-`--output-dir`:
+The command's job is its flags: it parses them, checks them (and the config fields they set, with
+the flag named in every error), loads the benchmarks and encodes their prompts, and hands the run
+to `laserjax.eval_run`, which resolves the model, prepares `--output-dir` (and `--resume`) and
+samples, n per problem (`laserjax.evaluate.evaluate_prompts`) or adaptively under `--stop-rule`
+(`laserjax.adaptive_eval.sample_adaptively`). It writes, under `--output-dir`:
 
 - `samples.jsonl`: one row per sample (benchmark, problem id, sample index, response, extracted
   answer, reference, correct, r_s, length, truncated), appended and flushed after every batch, so
@@ -19,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from laserjax import sharding
 from laserjax.adaptive import parse_rule
-from laserjax.adaptive_eval import sample_adaptively
-from laserjax.answers import REWARDS, answer_extractor, exact_reward, last_number_match
+from laserjax.answers import REWARDS
 from laserjax.config import (
     Config,
     ConfigError,
@@ -41,34 +40,24 @@ from laserjax.config import (
     build_config,
     field_default,
     flag_for,
-    parse_ids,
     set_field,
 )
-from laserjax.data import (
-    BENCHMARK_N,
-    BENCHMARKS,
-    EVAL_DIR_ENV,
-    BadRow,
-    encode_prompts,
-    load_benchmark,
-    read_jsonl,
-)
+from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV, encode_prompts, load_benchmark
 from laserjax.distributed import maybe_initialize_distributed
-from laserjax.evaluate import (
-    SampleBatch,
-    Scoring,
-    average_over_benchmarks,
-    evaluate_prompts,
-    format_table,
-    json_safe,
-    result_from_records,
-    sample_record,
+from laserjax.eval_run import (
+    EvalError,
+    EvalJob,
+    ModelSetup,
+    build_sampler,
+    default_output_dir,
+    fail,
+    prepare_output,
+    resolve_eval_model,
+    run_adaptive,
+    run_fixed,
 )
-from laserjax.model import TransformerConfig
-from laserjax.model.fetch import resolve_model
-from laserjax.model.hf_params import load_pretrained, special_token_ids, with_export_defaults
-from laserjax.reward import DEFAULT_TIMEOUT_S, Grader
-from laserjax.sampler import Sampler
+from laserjax.evaluate import Scoring
+from laserjax.model.hf_params import with_export_defaults
 
 DEFAULT_BATCH_PROMPTS = 16
 
@@ -241,21 +230,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_stop_rule_arguments(parser)
 
 
-class EvalError(ValueError):
-    """Bad input to the `eval` command; the message names the flag and the fix."""
-
-
-def _fail(flag: str, msg: str) -> EvalError:
-    return EvalError(f"eval {flag}: {msg}")
-
-
-def _parse_int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return parse_ids(text)
-    except ValueError as e:
-        raise _fail(flag, str(e)) from None
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     for flag, value, low in (
         ("--n", args.n, 1),
@@ -264,11 +238,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("--grader-workers", args.grader_workers, 1),
     ):
         if value is not None and value < low:
-            raise _fail(flag, f"must be >= {low}, got {value}")
+            raise fail(flag, f"must be >= {low}, got {value}")
     if not 0 <= args.max_bad_share <= 1:
-        raise _fail("--max-bad-share", f"must be in [0, 1], got {args.max_bad_share}")
+        raise fail("--max-bad-share", f"must be in [0, 1], got {args.max_bad_share}")
     if args.grader_timeout is not None and args.grader_timeout <= 0:
-        raise _fail("--grader-timeout", f"must be > 0 seconds, got {args.grader_timeout}")
+        raise fail("--grader-timeout", f"must be > 0 seconds, got {args.grader_timeout}")
     if args.stop_rule is not None:
         _check_stop_rule_flags(args)
 
@@ -276,10 +250,10 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _benchmark_names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise _fail("--benchmarks", "names no benchmark")
+        raise fail("--benchmarks", "names no benchmark")
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise _fail("--benchmarks", f"lists {sorted(dup)} more than once")
+        raise fail("--benchmarks", f"lists {sorted(dup)} more than once")
     return names
 
 
@@ -290,16 +264,16 @@ def _load_benchmarks(args: argparse.Namespace) -> list[tuple[Any, int]]:
         try:
             bench = load_benchmark(name, args.eval_dir)
         except (ValueError, FileNotFoundError) as e:
-            raise _fail("--benchmarks", f"{e} (--eval-dir sets the benchmark folder)") from None
+            raise fail("--benchmarks", f"{e} (--eval-dir sets the benchmark folder)") from None
         try:
             bench.report.check(args.max_bad_share, "--max-bad-share")
         except ValueError as e:
-            raise _fail("--benchmarks", str(e)) from None
+            raise fail("--benchmarks", str(e)) from None
         if bench.report.num_skipped:
             print(f"eval: {bench.report.skipped_line()}", file=sys.stderr)
         n = args.n if args.n is not None else bench.n
         if n is None:
-            raise _fail(
+            raise fail(
                 "--n",
                 f"{name!r} is not one of the paper's benchmarks "
                 f"({', '.join(BENCHMARK_N)}), so it has no default n; pass --n",
@@ -308,7 +282,7 @@ def _load_benchmarks(args: argparse.Namespace) -> list[tuple[Any, int]]:
             bench = dataclasses.replace(bench, problems=bench.problems[: args.limit])
         out.append((bench, n))
     if len({b.name for b, _ in out}) < len(out):
-        raise _fail(
+        raise fail(
             "--benchmarks",
             f"two entries load the same benchmark ({', '.join(b.name for b, _ in out)})",
         )
@@ -342,56 +316,8 @@ def _flag_error(e: ConfigError) -> EvalError:
     return EvalError(f"eval {flag}: {e.reason} (config field `{e.field}`)")
 
 
-@dataclasses.dataclass
-class _Setup:
-    """What the command resolved from its flags and the checkpoint, before any sampling."""
-
-    ckpt: pathlib.Path
-    tokenizer: Any
-    cfg: Config
-    max_positions: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
-
-
-def _resolve_model(args: argparse.Namespace) -> _Setup:
-    """Checkpoint, tokenizer and token ids, validated against the vocabulary (no weights yet)."""
-    from transformers import AutoTokenizer
-
-    try:
-        ckpt = resolve_model(args.model)
-        mcfg = TransformerConfig.from_pretrained_dir(ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        raise _fail("--model", str(e)) from None
-    try:
-        tok = AutoTokenizer.from_pretrained(str(ckpt))
-    except Exception as e:  # transformers raises many kinds; say what was being loaded
-        raise _fail("--model", f"cannot load a tokenizer from {str(ckpt)!r}: {e}") from None
-    vocab = mcfg.vocab_size
-    explicit = _parse_int_list(args.eos_ids, "--eos-ids") if args.eos_ids else ()
-    cfg = _eval_config(args, explicit, -1 if args.pad_id is None else args.pad_id)
-    try:
-        eos, pad = special_token_ids(
-            ckpt, tok, eos_ids=explicit, pad_id=-1 if args.pad_id is None else args.pad_id
-        )
-    except ValueError as e:
-        raise _fail("--eos-ids", str(e)) from None
-    cfg = _eval_config(args, eos, pad)
-    try:
-        cfg.validate_against_vocab(vocab, eos, pad)
-    except ConfigError as e:
-        raise _flag_error(e) from None
-    if args.template == "chat" and not getattr(tok, "chat_template", None):
-        raise _fail(
-            "--template",
-            f"the tokenizer in {str(ckpt)!r} has no chat template; pass "
-            "--template plain for a base model",
-        )
-    return _Setup(ckpt, tok, cfg, mcfg.max_position_embeddings, eos, pad)
-
-
 def _settings(
-    args: argparse.Namespace, setup: _Setup, benches: list[tuple[Any, int]]
+    args: argparse.Namespace, setup: ModelSetup, benches: list[tuple[Any, int]]
 ) -> dict[str, Any]:
     """Everything that decides the samples: `--resume` requires it unchanged."""
     return dict(
@@ -419,115 +345,6 @@ def _settings(
     )
 
 
-def _read_jsonl_rows(path: pathlib.Path) -> list[dict[str, Any]]:
-    """The rows of a samples file; a torn last line (a crash mid-write) is dropped."""
-    read = list(read_jsonl(path))
-    rows = []
-    for i, (line, row) in enumerate(read):
-        if isinstance(row, BadRow) or not isinstance(row, dict):
-            if i == len(read) - 1:
-                break
-            raise EvalError(
-                f"eval --resume: {path} line {line} is damaged "
-                f"({row.reason if isinstance(row, BadRow) else 'not a JSON object'}) before its "
-                "last line; start over with --overwrite"
-            )
-        rows.append(row)
-    return rows
-
-
-def _prepare_output(
-    args: argparse.Namespace,
-    settings: dict[str, Any],
-    batch_prompts: int,
-    problem_ids: dict[str, list[str]],
-) -> dict[str, list[dict[str, Any]]]:
-    """Create the output folder; with --resume, the kept rows per benchmark (whole batches of
-    whole problems, in order), which are rewritten to samples.jsonl. Else start it empty."""
-    out = pathlib.Path(args.output_dir)
-    samples_path, config_path = out / "samples.jsonl", out / "eval_config.json"
-    kept: dict[str, list[dict[str, Any]]] = {b: [] for b in problem_ids}
-    exists = samples_path.is_file() and samples_path.stat().st_size > 0
-    if exists and not (args.resume or args.overwrite):
-        raise _fail(
-            "--output-dir",
-            f"{samples_path} already holds samples; pass --resume to "
-            "continue that run or --overwrite to replace it",
-        )
-    if args.resume and exists:
-        if not config_path.is_file():
-            raise _fail(
-                "--resume",
-                f"{config_path} is missing, so the samples' settings are "
-                "unknown; pass --overwrite to start over",
-            )
-        old = json.loads(config_path.read_text())
-        changed = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
-        if changed:
-            diff = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise _fail(
-                "--resume",
-                f"the settings differ from the run in {out} ({diff}); "
-                "use the same flags, or --overwrite / another --output-dir",
-            )
-        by_bench: dict[str, list[dict[str, Any]]] = {}
-        for row in _read_jsonl_rows(samples_path):
-            by_bench.setdefault(row.get("benchmark"), []).append(row)
-        for name, ids in problem_ids.items():
-            n = settings["benchmarks"][name]
-            counts: dict[str, int] = {}
-            for row in by_bench.get(name, []):
-                counts[row["problem_id"]] = counts.get(row["problem_id"], 0) + 1
-            done = 0
-            while done < len(ids) and counts.get(ids[done]) == n:
-                done += 1
-            if done < len(ids):
-                done -= done % batch_prompts  # resume at a batch boundary: same seeds
-            keep = set(ids[:done])
-            kept[name] = [r for r in by_bench.get(name, []) if r["problem_id"] in keep]
-    out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(settings, indent=2) + "\n")
-    with samples_path.open("w") as f:
-        for name in problem_ids:
-            for row in kept[name]:
-                f.write(json.dumps(row) + "\n")
-    (out / "summary.json").unlink(missing_ok=True)
-    return kept
-
-
-def _build_sampler(args: argparse.Namespace, setup: _Setup, max_prompt_len: int) -> Sampler:
-    mesh = None
-    if MeshConfig.parse(args.mesh) is not None:
-        try:
-            mesh = sharding.make_mesh(setup.cfg.mesh)
-        except ConfigError as e:
-            raise _flag_error(e) from None
-    if max_prompt_len + args.max_new_tokens > setup.max_positions:
-        print(
-            f"eval: warning: the longest prompt ({max_prompt_len} tokens) plus "
-            f"--max-new-tokens {args.max_new_tokens} exceeds the model's "
-            f"max_position_embeddings {setup.max_positions}",
-            file=sys.stderr,
-        )
-    model = load_pretrained(str(setup.ckpt), dtype=args.dtype, param_dtype=args.dtype, mesh=mesh)
-    return Sampler(
-        model,
-        eos_ids=setup.eos_ids,
-        pad_id=setup.pad_id,
-        self_reward_token_id=args.z_token_id,
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_len=max_prompt_len,
-        mesh=mesh,
-    )
-
-
-def default_output_dir(model: str) -> str:
-    """runs/eval/<last path component of the model directory or hub id>."""
-    return str(
-        pathlib.Path("runs") / "eval" / (pathlib.PurePath(model.rstrip("/")).name or "model")
-    )
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Sample, grade and score every benchmark; write the outputs; print and return the summary."""
     try:
@@ -548,17 +365,6 @@ EXPORT_DEFAULTS = {
 """Flags left unset -> (key in the model's laserjax.json, the fallback without one)."""
 
 
-def _reward_fn(reward: str, grader: Grader) -> Callable[[list[str], list[str]], np.ndarray]:
-    """r_v of `--reward` (`data.reward`'s choices), one function for fixed and adaptive eval."""
-    if reward == "exact":
-        return exact_reward
-    if reward == "last_number":
-        return last_number_match
-    return lambda responses, answers: grader.grade_batch(
-        responses, answers, require_single_boxed=False
-    )
-
-
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     if args.output_dir is None:
@@ -571,13 +377,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     maybe_initialize_distributed()  # before anything touches a JAX backend
     primary = jax.process_index() == 0
     if args.resume and jax.process_count() > 1:
-        raise _fail(
+        raise fail(
             "--resume",
             "is single-host only: every host must sample the same batches, "
             "and only the first host holds samples.jsonl",
         )
     benches = _load_benchmarks(args)
-    setup = _resolve_model(args)
+    try:
+        setup = resolve_eval_model(
+            args.model,
+            args.eos_ids,
+            args.pad_id,
+            args.template,
+            lambda eos, pad: _eval_config(args, eos, pad),
+        )
+    except ConfigError as e:  # a token id outside the vocabulary
+        raise _flag_error(e) from None
 
     prompts: dict[str, tuple[list[Any], list[list[int]]]] = {}
     overflow: dict[str, int] = {}
@@ -591,11 +406,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 prompt_overflow=args.prompt_overflow,
             )
         except ValueError as e:
-            raise _fail(
+            raise fail(
                 "--max-prompt-len", f"{bench.name}: {e} (eval: --prompt-overflow filter)"
             ) from None
         if not enc.problems:
-            raise _fail(
+            raise fail(
                 "--max-prompt-len",
                 f"{bench.name}: every prompt is over {args.max_prompt_len} tokens",
             )
@@ -610,119 +425,56 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     settings = _settings(args, setup, benches)
     ids = {name: [p.id for p in probs] for name, (probs, _) in prompts.items()}
+    out = pathlib.Path(args.output_dir)
     kept = (
-        _prepare_output(args, settings, args.batch_prompts, ids)
+        prepare_output(
+            out,
+            settings,
+            args.batch_prompts,
+            ids,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
         if primary
         else {name: [] for name in ids}
     )
-    out = pathlib.Path(args.output_dir)
     longest = max(len(t) for _, toks in prompts.values() for t in toks)
-    sampler = _build_sampler(args, setup, max_prompt_len=max(longest, 16))
-    scoring = Scoring(beta_v=args.beta_v, c_ref=args.c_ref)
-    if args.stop_rule is not None:
-        return _eval_adaptive(
-            args, benches, prompts, setup.tokenizer, sampler, scoring, settings, primary
-        )
-
-    rows: dict[str, list[dict[str, Any]]] = {name: list(r) for name, r in kept.items()}
-    timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
-    with Grader(args.grader_workers, timeout_s=timeout) as grader:
-        reward_fn = _reward_fn(args.reward, grader)
-
-        for bench, n in benches:
-            problems, token_ids = prompts[bench.name]
-            done = len(rows[bench.name]) // n
-            if done:
-                print(
-                    f"eval: {bench.name}: resuming after {done} of {len(problems)} problems",
-                    file=sys.stderr,
-                )
-            if done == len(problems):
-                continue
-            refs = [p.answer for p in problems]
-
-            def write(
-                batch: SampleBatch,
-                name: str = bench.name,
-                offset: int = done,
-                problems: list[Any] = problems,
-            ) -> None:
-                shifted = dataclasses.replace(batch, start=batch.start + offset)
-                new = shifted.records([p.id for p in problems], benchmark=name)
-                for i, r in enumerate(new):
-                    r["reference"] = problems[shifted.start + i // shifted.n].answer
-                rows[name].extend(new)
-                if primary:
-                    with (out / "samples.jsonl").open("a") as f:
-                        f.write("".join(json.dumps(r) + "\n" for r in new))
-                        f.flush()
-                acc = np.mean([r["correct"] for r in rows[name]])
-                print(
-                    f"eval: {name}: {shifted.start + shifted.num_prompts}/{len(problems)} "
-                    f"problems x {batch.n}, accuracy so far {acc:.3f}, "
-                    f"{time.time() - t0:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-            evaluate_prompts(
-                sampler,
-                setup.tokenizer,
-                token_ids[done:],
-                refs[done:],
-                n=n,
-                reward_fn=reward_fn,
-                extract_fn=answer_extractor(args.reward),  # what the reward grades is voted on
-                scoring=scoring,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                seed=args.seed + done,
-                batch_prompts=args.batch_prompts,
-                on_batch=write,
-            )
-
-    summaries = {}
-    for bench, n in benches:
-        res = result_from_records(
-            rows[bench.name], ids[bench.name], n, where=f"{out / 'samples.jsonl'} ({bench.name})"
-        )
-        summaries[bench.name] = res.summary | {"prompts_over_length": overflow[bench.name]}
-    average = average_over_benchmarks(summaries)
-    no_answer = sum(r["extracted_answer"] is None for rs in rows.values() for r in rs)
-    total = sum(len(rs) for rs in rows.values())
-    if primary and total and no_answer == total:
-        what = "a final \\boxed{...} answer" if args.reward == "math_verify" else "any text"
-        hint = (
-            "; for a model that answers with the bare answer (e.g. the CPU demo's) pass "
-            "--reward exact"
-            if args.reward == "math_verify"
-            else ""
-        )
-        print(
-            f"eval: warning: none of the {total} responses has {what}, the answer the "
-            f"{args.reward} reward grades, so every one grades 0{hint}",
-            file=sys.stderr,
-        )
-    summary = json_safe(
-        {
-            "model": args.model,
-            "checkpoint": str(setup.ckpt),
-            "settings": settings,
-            "benchmarks": summaries,
-            "average": average,
-            "data_rows_skipped": {
-                b.report.source: b.report.to_json() for b, _ in benches if b.report.num_skipped
-            },
-            "responses_without_answer": no_answer,
-            "wall_s": round(time.time() - t0, 1),
-        }
+    mesh = None
+    if MeshConfig.parse(args.mesh) is not None:
+        try:
+            mesh = sharding.make_mesh(setup.cfg.mesh)
+        except ConfigError as e:
+            raise _flag_error(e) from None
+    sampler = build_sampler(
+        setup,
+        mesh,
+        dtype=args.dtype,
+        self_reward_token_id=args.z_token_id,
+        max_new_tokens=args.max_new_tokens,
+        max_prompt_len=max(longest, 16),
     )
-    if primary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(format_table(summaries, average))
-        print(f"samples: {out / 'samples.jsonl'}; summary: {out / 'summary.json'}")
-    return summary
+    job = EvalJob(
+        model=args.model,
+        benches=benches,
+        prompts=prompts,
+        tokenizer=setup.tokenizer,
+        sampler=sampler,
+        scoring=Scoring(beta_v=args.beta_v, c_ref=args.c_ref),
+        settings=settings,
+        out=out,
+        primary=primary,
+        reward=args.reward,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        batch_prompts=args.batch_prompts,
+        grader_workers=args.grader_workers,
+        grader_timeout=args.grader_timeout,
+    )
+    if args.stop_rule is not None:
+        return run_adaptive(job, parse_rule(args.stop_rule), args.round_size)
+    return run_fixed(job, kept, overflow, setup.ckpt, t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,106 +513,3 @@ def _check_stop_rule_flags(args: argparse.Namespace) -> None:
         raise EvalError(
             f"eval --round-size: must be >= 1 and divide --n ({args.n}), got {args.round_size}"
         )
-
-
-def _eval_adaptive(
-    args: argparse.Namespace,
-    benches: list[tuple[Any, int]],
-    prompts: dict[str, tuple[list[Any], list[list[int]]]],
-    tokenizer: Any,
-    sampler: Any,
-    scoring: Any,
-    settings: dict[str, Any],
-    primary: bool,
-) -> dict[str, Any]:
-    """Each benchmark sampled by `sample_adaptively` (budget: its n); writes every drawn sample
-    to samples.jsonl (with its `round`) and summary.json with, per benchmark, the accuracy of
-    the rule's answers, samples and response tokens per problem and the wall time."""
-    rule = parse_rule(args.stop_rule)
-    out = pathlib.Path(args.output_dir)
-    t0 = time.time()
-    summaries: dict[str, dict[str, Any]] = {}
-    timeout = args.grader_timeout or DEFAULT_TIMEOUT_S
-    with Grader(args.grader_workers, timeout_s=timeout) as grader:
-        reward_fn = _reward_fn(args.reward, grader)
-
-        for bench, n in benches:
-            if n % args.round_size:
-                raise EvalError(
-                    f"eval --round-size: {args.round_size} does not divide {bench.name}'s n = {n}"
-                )
-            problems, token_ids = prompts[bench.name]
-
-            def progress(j: int, num_open: int, name: str = bench.name) -> None:
-                print(
-                    f"eval: {name}: round {j}, {num_open} problems open, {time.time() - t0:.0f} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-            res = sample_adaptively(
-                sampler,
-                tokenizer,
-                token_ids,
-                [p.answer for p in problems],
-                rule,
-                round_size=args.round_size,
-                max_samples=n,
-                reward_fn=reward_fn,
-                extract_fn=answer_extractor(args.reward),
-                scoring=scoring,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                seed=args.seed,
-                batch_prompts=args.batch_prompts,
-                on_round=progress,
-            )
-            if primary:
-                with (out / "samples.jsonl").open("a") as f:
-                    for p, prob in enumerate(problems):
-                        for j, text in enumerate(res.responses[p]):
-                            row = sample_record(
-                                prob.id,
-                                j,
-                                text,
-                                res.answers[p][j],
-                                res.correct[p][j],
-                                res.scores[p][j],
-                                res.lengths[p][j],
-                                not res.finished[p][j],
-                                benchmark=bench.name,
-                                round=j // args.round_size,
-                                picked=j == res.picks[p],
-                            )
-                            f.write(json.dumps(row | {"reference": prob.answer}) + "\n")
-            summaries[bench.name] = {
-                "problems": len(problems),
-                "max_samples": n,
-                "accuracy": res.accuracy,
-                "samples_per_problem": res.samples,
-                "tokens_per_problem": res.tokens,
-                "wall_s": round(res.wall_s, 1),
-                "sampler_calls": res.sampler_calls,
-            }
-    summary = json_safe(
-        {
-            "model": args.model,
-            "stop_rule": rule.name,
-            "round_size": args.round_size,
-            "settings": settings,
-            "benchmarks": summaries,
-            "wall_s": round(time.time() - t0, 1),
-        }
-    )
-    if primary:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"adaptive sampling with {rule.name}, rounds of {args.round_size}")
-        for name, s in summaries.items():
-            print(
-                f"{name}: accuracy {100 * s['accuracy']:.1f}%, {s['samples_per_problem']:.2f} "
-                f"samples and {s['tokens_per_problem']:.0f} tokens per problem (budget "
-                f"{s['max_samples']}), {s['wall_s']:.0f} s"
-            )
-        print(f"samples: {out / 'samples.jsonl'}; summary: {out / 'summary.json'}")
-    return summary
