@@ -224,7 +224,12 @@ class FixedK(Rule):
         t = np.arange(1, stats.num_samples + 1)
         return np.broadcast_to(t >= self.k, stats.ids_bt.shape)
 
-    def pick(self, answers, scores, finished) -> int | None:
+    def pick(
+        self,
+        answers: Sequence[str | None],
+        scores: Sequence[float] | np.ndarray,
+        finished: Sequence[bool] | np.ndarray,
+    ) -> int | None:
         return vote(answers, _clip_weights(scores) if self.weighted else None)
 
     @property
@@ -311,7 +316,12 @@ class ScoreBetaStop(Rule):
         v1, v2 = _top_two(pseudo)
         return (stats.count_bta.max(axis=-1) > 0) & (beta_confidence(v1, v2) >= self.threshold)
 
-    def pick(self, answers, scores, finished) -> int | None:
+    def pick(
+        self,
+        answers: Sequence[str | None],
+        scores: Sequence[float] | np.ndarray,
+        finished: Sequence[bool] | np.ndarray,
+    ) -> int | None:
         return vote(answers, pseudo_count_weights(scores, self.lam))
 
     @property
@@ -340,7 +350,12 @@ class ScoreAccept(Rule):
     def stops(self, stats: PrefixStats) -> np.ndarray:
         return self._confident(stats) | self.fallback.stops(stats)
 
-    def pick(self, answers, scores, finished) -> int | None:
+    def pick(
+        self,
+        answers: Sequence[str | None],
+        scores: Sequence[float] | np.ndarray,
+        finished: Sequence[bool] | np.ndarray,
+    ) -> int | None:
         s = np.asarray(scores, np.float64)
         ok = [
             i

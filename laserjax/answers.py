@@ -16,7 +16,7 @@ from __future__ import annotations
 import decimal
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,7 +99,7 @@ def extract_exact(text: str) -> str | None:
 REWARDS = ("math_verify", "exact", "last_number")
 
 
-def answer_extractor(reward: str):
+def answer_extractor(reward: str) -> Callable[[str], str | None]:
     """The extractor that goes with a reward kind (`data.reward`, `eval --reward`): the answer
     the reward grades is the answer voting groups by (LASER_SPEC section 5). math_verify grades
     the last `\\boxed{}`; exact grades the whole response; last_number the last number written."""

@@ -35,6 +35,7 @@ position. Dropping it gives the same numbers one position shorter.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -429,13 +430,17 @@ _METRIC_NAMES = {
 }
 
 
+GradFn = Callable[..., tuple[nnx.State, dict[str, jax.Array]]]
+"""`grad_fn(params, batch, step, ref_params=None) -> (grads, metrics)`, as `make_grad_fn` builds."""
+
+
 def make_grad_fn(
     graphdef: nnx.GraphDef,
     laser_cfg: LaserConfig,
     loss_cfg: PolicyLossConfig,
     settings: StepSettings,
     mesh: Mesh | None = None,
-):
+) -> GradFn:
     """`grad_fn(params, batch, step, ref_params=None) -> (grads, metrics)`: the gradient of the
     step numbered `step` (from 1) as one update on the whole batch.
 
@@ -453,7 +458,7 @@ def make_grad_fn(
         batch: TrainBatch,
         step: jax.Array | int,
         ref_params: nnx.State | None = None,
-    ):
+    ) -> tuple[nnx.State, dict[str, jax.Array]]:
         step = jnp.asarray(step, jnp.int32)
         adv, adv_metrics = laser.step_advantages(
             obj, step, batch.rewards, batch.finished, batch.rollout_logp_zc, settings.group_size
@@ -597,7 +602,7 @@ def make_train_step(
     optim_cfg: OptimConfig,
     settings: StepSettings,
     mesh: Mesh,
-):
+) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict[str, jax.Array]]]:
     """`step_fn(state, batch) -> (state, metrics)`: the optimizer updates of one rollout batch,
     jitted on `mesh`.
 

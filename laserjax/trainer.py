@@ -560,7 +560,11 @@ class Trainer:
 
 
 def export_hf(
-    graphdef, params, tokenizer, out_dir: str | os.PathLike, info: dict[str, Any] | None = None
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    info: dict[str, Any] | None = None,
 ) -> None:
     """The policy in Hugging Face format under `out_dir` (a local path or a URL), with `info` as
     its `laserjax.json`. Call it on every process: each gathers the parameters and process 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ from flax import nnx
 from laserjax.model.hf_params import save_pretrained
 from laserjax.model.transformer import Transformer, TransformerConfig, to_dtype
 from laserjax.sharding import path_str
+
+if TYPE_CHECKING:  # transformers loads on first use only
+    from transformers import PreTrainedTokenizerFast
 
 # laserjax path (nnx state, "/"-joined)         GGUF tensor name          transform
 # GGUF (numpy view) stores Linear weights [out, in] like HF, so "T" as in hf_params.HF_TABLE;
@@ -208,7 +211,7 @@ def load_gguf(
     return nnx.merge(graphdef, state)
 
 
-def load_tokenizer(path: str | pathlib.Path):
+def load_tokenizer(path: str | pathlib.Path) -> PreTrainedTokenizerFast:
     """The file's tokenizer (vocabulary, merges, specials, chat template) as a transformers fast
     tokenizer, converted by transformers' own GGUF tokenizer converter."""
     from transformers import AutoTokenizer

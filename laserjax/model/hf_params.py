@@ -40,6 +40,7 @@ scores are scaled by head_dim^-0.5 and logits are not scaled, as in transformers
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 from collections.abc import Callable
@@ -301,7 +302,9 @@ def read_export_info(model: str | pathlib.Path | None) -> dict:
         return {}
 
 
-def with_export_defaults(args, table: dict[str, tuple[str, object]]):
+def with_export_defaults(
+    args: argparse.Namespace, table: dict[str, tuple[str, object]]
+) -> argparse.Namespace:
     """`args` (an argparse Namespace) with each flag left at None filled from the model's
     `laserjax.json` (`table`: flag attribute -> (key in laserjax.json, fallback))."""
     info = read_export_info(getattr(args, "model", None))
