@@ -25,7 +25,8 @@ import yaml
 from etils import epath
 
 from laserjax import paths
-from laserjax.config import Config, ConfigError, load_config, to_dict
+from laserjax.config import Config, ConfigError
+from laserjax.config_load import load_config, to_dict
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "run_history.jsonl"

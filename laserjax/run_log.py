@@ -14,7 +14,8 @@ import jax
 from etils import epath
 
 from laserjax import paths
-from laserjax.config import Config, to_dict
+from laserjax.config import Config
+from laserjax.config_load import to_dict
 
 # ---------------------------------------------------------------------------------------------
 # Metric names. Each logged metric once: its name in metrics.jsonl / eval.jsonl (the key), where

@@ -19,7 +19,8 @@ import pytest
 
 from laserjax import eval_metrics
 from laserjax.answers import answer_extractor, exact_reward
-from laserjax.config import ConfigError, load_config
+from laserjax.config import ConfigError
+from laserjax.config_load import load_config
 from laserjax.data import BadRow, load_benchmark, load_problems, read_jsonl
 from laserjax.reward import Grader, grade_one
 

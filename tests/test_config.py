@@ -5,7 +5,8 @@ import pathlib
 import pytest
 import yaml
 
-from laserjax.config import ConfigError, load_config, to_dict
+from laserjax.config import ConfigError
+from laserjax.config_load import load_config, to_dict
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 

@@ -21,7 +21,8 @@ from flax import nnx
 
 from laserjax import sharding, toy_task
 from laserjax.checkpoint import Checkpointer
-from laserjax.config import MeshConfig, load_config
+from laserjax.config import MeshConfig
+from laserjax.config_load import load_config
 from laserjax.model import Transformer
 from laserjax.train_step import init_train_state
 

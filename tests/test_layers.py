@@ -90,6 +90,8 @@ ALLOWED = {
     # config validates names against laser.py's (one source for the algorithm registry and the
     # enum literals); laser.py imports jax only, so this brings no model or RL machinery along.
     "laserjax.config": ("laserjax.laser",),
+    # Reading YAML, overrides and flags into the schema: on top of it, below everything else.
+    "laserjax.config_load": ("laserjax.config", "laserjax.laser"),
     "laserjax.model": ("laserjax.model", "laserjax.sharding", "laserjax.config"),
     "laserjax.laser": (),
     # Reading answers is plain text work; the math-verify pool sits on top of it, and neither

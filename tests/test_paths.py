@@ -24,7 +24,8 @@ from flax import nnx
 
 from laserjax import paths, run_identity, toy_task
 from laserjax.checkpoint import Checkpointer
-from laserjax.config import ConfigError, load_config
+from laserjax.config import ConfigError
+from laserjax.config_load import load_config
 from laserjax.model import Transformer
 from laserjax.run_log import MetricsLog
 from laserjax.trainer import Trainer, export_hf

@@ -33,7 +33,8 @@ from flax import nnx
 
 from laserjax import cli, plan, sharding
 from laserjax import train_step as ts
-from laserjax.config import ConfigError, MeshConfig, OptimConfig, load_config
+from laserjax.config import ConfigError, MeshConfig, OptimConfig
+from laserjax.config_load import load_config
 from laserjax.model.transformer import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
 

@@ -18,7 +18,8 @@ import time
 import pytest
 
 from laserjax import run_identity
-from laserjax.config import ConfigError, load_config
+from laserjax.config import ConfigError
+from laserjax.config_load import load_config
 from laserjax.trainer import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

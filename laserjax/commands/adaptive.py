@@ -44,7 +44,8 @@ from laserjax.adaptive_eval import (
     sample_adaptively,
 )
 from laserjax.checkpoint import Checkpointer
-from laserjax.config import ConfigError, load_config
+from laserjax.config import ConfigError
+from laserjax.config_load import load_config
 from laserjax.data import encode_prompts, load_benchmark
 from laserjax.evaluate import (
     Scoring,

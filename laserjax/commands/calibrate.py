@@ -16,7 +16,8 @@ import jax
 
 from laserjax import sharding
 from laserjax.calibrate import calibration_warnings, measure_c_ref, read_pairs, sample_responses
-from laserjax.config import MeshConfig, add_config_flag, field_default, parse_ids, token_id_problem
+from laserjax.config import MeshConfig, parse_ids, token_id_problem
+from laserjax.config_load import add_config_flag, field_default
 from laserjax.data import PLAIN_SUFFIX, build_prompt, load_problems
 from laserjax.model import TransformerConfig, hf_params
 from laserjax.model.fetch import resolve_model

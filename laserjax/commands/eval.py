@@ -32,16 +32,8 @@ import jax
 from laserjax import sharding
 from laserjax.adaptive import parse_rule
 from laserjax.answers import REWARDS
-from laserjax.config import (
-    Config,
-    ConfigError,
-    MeshConfig,
-    add_config_flag,
-    build_config,
-    field_default,
-    flag_for,
-    set_field,
-)
+from laserjax.config import Config, ConfigError, MeshConfig
+from laserjax.config_load import add_config_flag, build_config, field_default, flag_for, set_field
 from laserjax.data import BENCHMARK_N, BENCHMARKS, EVAL_DIR_ENV, encode_prompts, load_benchmark
 from laserjax.distributed import maybe_initialize_distributed
 from laserjax.eval_run import (
@@ -62,7 +54,7 @@ from laserjax.model.hf_params import with_export_defaults
 DEFAULT_BATCH_PROMPTS = 16
 
 # Flags that set a config field: their defaults are the config's, their values go through the
-# config's checks, and a ConfigError's field names the flag to fix (`config.flag_for`).
+# config's checks, and a ConfigError's field names the flag to fix (`config_load.flag_for`).
 CONFIG_FLAGS = {
     "--max-new-tokens": "rollout.max_new_tokens",
     "--max-prompt-len": "rollout.max_prompt_len",

@@ -18,7 +18,8 @@ from typing import Any
 from flax import nnx
 
 from laserjax import laser
-from laserjax.config import add_config_flag, field_default, parse_ids
+from laserjax.config import parse_ids
+from laserjax.config_load import add_config_flag, field_default
 from laserjax.model import Transformer, TransformerConfig, hf_params
 from laserjax.model.fetch import resolve_model
 from laserjax.sampler import Sampler

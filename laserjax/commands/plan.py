@@ -17,7 +17,8 @@ from typing import Any
 import jax
 
 from laserjax import sharding
-from laserjax.config import Config, ConfigError, MeshConfig, load_config
+from laserjax.config import Config, ConfigError, MeshConfig
+from laserjax.config_load import load_config
 from laserjax.model.transformer import TransformerConfig
 from laserjax.plan import (
     HEADROOM,

@@ -11,7 +11,8 @@ from typing import Any
 
 from laserjax import run_identity
 from laserjax.checkpoint import NoIntactCheckpoint
-from laserjax.config import ConfigError, load_config
+from laserjax.config import ConfigError
+from laserjax.config_load import load_config
 from laserjax.distributed import maybe_initialize_distributed
 from laserjax.trainer import Trainer, TrainingDiverged, process_start_time
 
