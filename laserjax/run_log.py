@@ -1,6 +1,7 @@
 """The run's logs: metrics.jsonl and eval.jsonl (one line per step / evaluation, flushed per
 line), plus TensorBoard or W&B when asked for and installed, and the one vocabulary of metric
-names from the train step and the held-out evaluation to those files and summary.json."""
+names from the train step and the held-out evaluation to those files and summary.json; and what
+a run prints on the console (`Progress` while it trains, `format_summary` at the end)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import math
 import sys
 import tempfile
-from typing import Any
+import time
+from typing import Any, TextIO
 
 import jax
 from etils import epath
@@ -183,3 +185,82 @@ def _keep_lines_up_to(path: epath.Path, step: int) -> list[str]:
     backup.write_text("".join(ln + "\n" for ln in lines))
     path.write_text("".join(ln + "\n" for ln in keep))
     return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# The console: progress while training, the summary table at the end.
+
+
+class Progress:
+    """`train.progress_bar`: a tqdm bar when `terminal` (default: stderr is a terminal);
+    elsewhere (a pipe, a log file, a notebook) one plain line every `train.log_every` steps on
+    `out` (default stdout), never carriage-return updates."""
+
+    def __init__(
+        self, cfg: Config, start: int, terminal: bool | None = None, out: TextIO | None = None
+    ) -> None:
+        self.total, self.every, self.start = cfg.train.total_steps, cfg.train.log_every, start
+        self.on = cfg.train.progress_bar
+        self.out = sys.stdout if out is None else out
+        self.t0 = time.time()
+        self.bar = None
+        if terminal is None:
+            terminal = sys.stderr.isatty()
+        if self.on and terminal:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.total,
+                initial=start,
+                desc="laserjax",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+
+    def update(self, step: int, row: dict[str, Any]) -> None:
+        if not self.on:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                reward=f"{row['reward_mean']:.3f}", f1=f"{row['self_verify_f1']:.3f}"
+            )
+        elif self.every and (step % self.every == 0 or step == self.total):
+            per_step = (time.time() - self.t0) / max(step - self.start, 1)
+            print(
+                f"step {step}/{self.total}: reward {row['reward_mean']:.3f}, self-verification "
+                f"F1 {row['self_verify_f1']:.3f}, {per_step:.2f} s/step",
+                file=self.out,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-run table of a training run's summary.json: start and end, side by side."""
+
+    def f(x: Any) -> str:
+        return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+    k = s["k"]
+    rows = [
+        ("", "start", "end"),
+        ("held-out accuracy", f(s["accuracy_start"]), f(s["accuracy_end"])),
+        ("self-verification F1", f(s["self_verify_f1_start"]), f(s["self_verify_f1_end"])),
+        (f"maj@{k}", "", f(s["maj_at_k"])),
+        (f"self-reward weighted maj@{k}", "", f(s["weighted_maj_at_k"])),
+        (f"best-of-{k} by r_s", "", f(s["best_of_k"])),
+        ("AUROC of r_s (all samples)", "", f(s["auroc_end"])),
+        ("AUROC of r_s (within problems)", "", f(s["auroc_within_end"])),
+    ]
+    w = max(len(r[0]) for r in rows)
+    lines = [
+        f"laserjax {s['algorithm']}: {s['steps']} steps, seed {s['seed']}, "
+        f"c_ref {f(s['c_ref'])}, {s['seconds']:.0f} s"
+    ]
+    lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
+    return "\n".join(lines)

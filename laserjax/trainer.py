@@ -49,7 +49,14 @@ from laserjax.model.hf_params import (
     save_pretrained,
     write_export_info,
 )
-from laserjax.run_log import MetricsLog, held_out_row, step_metrics_row, summary_metrics
+from laserjax.run_log import (
+    MetricsLog,
+    Progress,
+    format_summary,
+    held_out_row,
+    step_metrics_row,
+    summary_metrics,
+)
 from laserjax.sampler import RolloutBatch, Sampler
 from laserjax.task import build_task
 from laserjax.train_step import (
@@ -607,53 +614,6 @@ def _mean_or_none(x: np.ndarray) -> float | None:
     return float(np.mean(x)) if x.size else None
 
 
-class Progress:
-    """`train.progress_bar`: a tqdm bar when `terminal` (default: stderr is a terminal);
-    elsewhere (a pipe, a log file, a notebook) one plain line every `train.log_every` steps on
-    `out` (default stdout), never carriage-return updates."""
-
-    def __init__(self, cfg: Config, start: int, terminal: bool | None = None, out=None):
-        self.total, self.every, self.start = cfg.train.total_steps, cfg.train.log_every, start
-        self.on = cfg.train.progress_bar
-        self.out = sys.stdout if out is None else out
-        self.t0 = time.time()
-        self.bar = None
-        if terminal is None:
-            terminal = sys.stderr.isatty()
-        if self.on and terminal:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=self.total,
-                initial=start,
-                desc="laserjax",
-                unit="step",
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-
-    def update(self, step: int, row: dict[str, Any]) -> None:
-        if not self.on:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(
-                reward=f"{row['reward_mean']:.3f}", f1=f"{row['self_verify_f1']:.3f}"
-            )
-        elif self.every and (step % self.every == 0 or step == self.total):
-            per_step = (time.time() - self.t0) / max(step - self.start, 1)
-            print(
-                f"step {step}/{self.total}: reward {row['reward_mean']:.3f}, self-verification "
-                f"F1 {row['self_verify_f1']:.3f}, {per_step:.2f} s/step",
-                file=self.out,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def process_start_time() -> float:
     """When this process started (time.time() scale; Linux /proc, to the second), else now."""
     try:
@@ -664,27 +624,3 @@ def process_start_time() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    def f(x: Any) -> str:
-        return "-" if x is None else (f"{x:.3f}" if isinstance(x, float) else str(x))
-
-    k = s["k"]
-    rows = [
-        ("", "start", "end"),
-        ("held-out accuracy", f(s["accuracy_start"]), f(s["accuracy_end"])),
-        ("self-verification F1", f(s["self_verify_f1_start"]), f(s["self_verify_f1_end"])),
-        (f"maj@{k}", "", f(s["maj_at_k"])),
-        (f"self-reward weighted maj@{k}", "", f(s["weighted_maj_at_k"])),
-        (f"best-of-{k} by r_s", "", f(s["best_of_k"])),
-        ("AUROC of r_s (all samples)", "", f(s["auroc_end"])),
-        ("AUROC of r_s (within problems)", "", f(s["auroc_within_end"])),
-    ]
-    w = max(len(r[0]) for r in rows)
-    lines = [
-        f"laserjax {s['algorithm']}: {s['steps']} steps, seed {s['seed']}, "
-        f"c_ref {f(s['c_ref'])}, {s['seconds']:.0f} s"
-    ]
-    lines += [f"  {a:<{w}}  {b:>8}  {c:>8}" for a, b, c in rows]
-    return "\n".join(lines)

@@ -184,8 +184,8 @@ def test_laserjax_imports_sit_at_module_top():
 def _unannotated(name: str) -> list[str]:
     """`module:line function(argument)` for every argument (self / cls of a method excepted) and
     `module:line function -> ` for every return without an annotation, in the module's public
-    functions: module-level ones and the methods of its classes, whose names have no leading
-    underscore."""
+    functions: module-level ones and the methods of its public classes whose names have no
+    leading underscore, and the arguments of those classes' `__init__`."""
     tree = ast.parse(MODULES[name].read_text())
     functions = (ast.FunctionDef, ast.AsyncFunctionDef)
     found = [(node, "", False) for node in tree.body if isinstance(node, functions)]
@@ -194,7 +194,8 @@ def _unannotated(name: str) -> list[str]:
             found += [(m, f"{cls.name}.", True) for m in cls.body if isinstance(m, functions)]
     out = []
     for fn, owner, is_method in found:
-        if fn.name.startswith("_"):
+        # A constructor's arguments are a public signature too (its return is always None).
+        if fn.name.startswith("_") and not (is_method and fn.name == "__init__"):
             continue
         where = f"{name}:{fn.lineno} {owner}{fn.name}"
         a = fn.args
@@ -206,7 +207,7 @@ def _unannotated(name: str) -> list[str]:
             positional = positional[1:]
         args = positional + a.kwonlyargs + [x for x in (a.vararg, a.kwarg) if x is not None]
         out += [f"{where}({x.arg})" for x in args if x.annotation is None]
-        if fn.returns is None:
+        if fn.returns is None and fn.name != "__init__":
             out.append(f"{where} -> ")
     return out
 
@@ -225,9 +226,9 @@ def test_the_annotation_check_sees_a_missing_annotation(monkeypatch, tmp_path):
         "def g(a: int): ...\n"
         "def _private(a): ...\n"
         "class C:\n"
-        "    def m(self, x: int) -> None: ...\n"
+        "    def __init__(self, y) -> None: ...\n"
         "    @classmethod\n"
         "    def k(cls, *args) -> None: ...\n"
     )
     monkeypatch.setitem(MODULES, "m", src)
-    assert _unannotated("m") == ["m:1 f(b)", "m:2 g -> ", "m:7 C.k(args)"]
+    assert _unannotated("m") == ["m:1 f(b)", "m:2 g -> ", "m:5 C.__init__(y)", "m:7 C.k(args)"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import io
 import pathlib
 
-from laserjax.config import load_config
+from laserjax.config_load import load_config
 from laserjax.evaluate import format_table
-from laserjax.trainer import Progress
+from laserjax.run_log import Progress
 
 DEMO = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
 ROW = {"reward_mean": 0.5, "self_verify_f1": 0.25}
