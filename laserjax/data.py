@@ -1,5 +1,8 @@
 """Problems in, prompt token ids and training batches out: loading, prompts, the grain pipeline.
 
+One job, the data stage of the flow (rows -> problems -> prompt token ids -> batches of them);
+answers are read out of responses by `laserjax.answers`.
+
 The data flow: `load_problems` (jsonl, parquet or a Hugging Face dataset) -> `encode_prompts`
 (chat or plain template, length filter) -> `make_train_loader` (a grain pipeline of problem
 indices: deterministic shuffling, per-host sharding, a checkpointable iterator). Held-out sets

@@ -1,13 +1,16 @@
 """The LaSeR and GRPO formulas (LASER_SPEC sections 1-5) as small pure `jnp` functions.
 
+One job, the spec's formulas, in one file on purpose: someone checking the implementation against
+the paper reads this module alone (STYLE "The algorithm as a readable module"). Its length is the
+number of terms the spec has, not several concerns.
+
 Read this module beside /work/shared/LASER_SPEC.md: each function is one term of the spec and cites
 its section. Nothing here knows about models, sharding or the trainer (it imports jax only); every
 function is jit-able, accepts numpy or jax arrays and does its math in float32 whatever the input
 dtype. The sampler, the train step, evaluation and generation all take their formulas from here:
 the log-probs (`token_logprobs`, `positions_from_mask`), the score r_s, self-verification, and the
 objective L itself (`step_advantages`, `loss_counts`, `objective`, `objective_loss`), whose
-named variants
-(`ALGORITHMS`: grpo, laser, dr_grpo, dapo) are registered defaults, not branches.
+named variants (`ALGORITHMS`: grpo, laser, dr_grpo, dapo) are registered defaults, not branches.
 
 Conventions
 -----------

@@ -1,5 +1,8 @@
 """Jitted rollouts with a shared-prompt KV cache and the extra self-reward decode step.
 
+One job, the sampler: the token-drawing functions, its one state pytree, the two jitted stages
+(prefill, the decode loop), the sharding of its buffers and the host-side driver (`Sampler`).
+
 LASER_SPEC section 5: after a sample emits EOS, the sampler feeds that EOS once more through the
 decode step it already runs and reads log pi(z_c | x, y, <eos>) from the raw logits. The
 self-reward of every finished sample therefore costs at most one decode step for the whole

@@ -1,5 +1,10 @@
 """The one-forward, sharded, jitted GRPO / LaSeR train step (LASER_SPEC sections 1-4).
 
+One job, the step, in the order it runs: its inputs and state, the forward (sequences, chunked
+log-probs, log p(z_c)), the loss and gradients over micro-batches, the jitted update over
+mini-batches, and the host-side check of a batch. Each part serves only the next; the formulas
+themselves are `laserjax.laser`'s.
+
 One call of the model over `prompt, y_1 .. y_T, <eos>, z_c` gives both losses:
 
 - the policy log-probs of y_1 .. <eos>, tempered as the sampler's (`laser.token_logprobs`), feed

@@ -1,5 +1,9 @@
 """The LaSeR trainer loop (LASER_SPEC section 4); `laserjax.commands.train` runs it.
 
+One job, the loop (`Trainer`) and its helpers. Set-up is `laserjax.task`, logs and
+console output `laserjax.run_log`, checkpoints `laserjax.checkpoint`, the step
+`laserjax.train_step`.
+
 One step: a batch of prompts from the data iterator -> the sampler (K samples each, with the
 rollout-time self-reward from its extra decode step) -> the verifier -> the jitted train step
 (advantages, integration after the warm-ups, PPO + self-reward MSE from one forward) -> metrics,

@@ -1,5 +1,7 @@
 """The decoder-only transformer of the Qwen2 / Qwen2.5 and Llama-3 families, in flax.nnx.
 
+One job, the model (STYLE "A model file per family"); checkpoint names are `hf_params.py`'s table.
+
 One model, three ways to run it:
 
 - `model(tokens_bt, positions_bt, mask_bt)`: the training forward over whole sequences (left-padded
