@@ -16,7 +16,10 @@ depth or width) is not damage: `StructureMismatch` names the parameter and both 
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +30,27 @@ from etils import epath
 from laserjax import paths
 from laserjax.config import ConfigError
 from laserjax.sharding import path_str
+
+
+def _quiet_abandoned_orbax_reads() -> None:
+    """A restore that fails on a damaged file leaves orbax's other read coroutines never awaited;
+    when Python collects them it prints each as "Exception ignored in: <coroutine ...>" with a
+    traceback, at a moment that depends on the garbage collector. The damage is already reported
+    in one line, so from then on those (and only those: coroutines of orbax or tensorstore) are
+    dropped; every other unraisable exception still reaches the hook that was installed."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        obj = unraisable.object
+        if isinstance(obj, types.CoroutineType) and any(
+            name in obj.cr_code.co_filename for name in ("orbax", "tensorstore")
+        ):
+            return
+        previous(unraisable)
+
+    if getattr(previous, "__qualname__", "") != hook.__qualname__:  # install once
+        sys.unraisablehook = hook
+    gc.collect()
 
 
 class StructureMismatch(ConfigError):
@@ -161,6 +185,7 @@ class Checkpointer:
             except StructureMismatch:
                 raise
             except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
+                _quiet_abandoned_orbax_reads()
                 log(f"checkpoint step {step} in {self.directory} is damaged ({_first_line(e)})")
                 damaged.append(step)
                 continue

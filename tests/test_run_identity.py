@@ -307,3 +307,44 @@ def test_the_warm_start_is_announced_and_the_time_is_the_whole_wall_time(finishe
     assert summary["seconds"] <= wall + 1.0
     header = next(ln for ln in stdout.splitlines() if ln.startswith("laserjax laser: "))
     assert header.endswith(f", {summary['seconds']:.0f} s")  # the printed time is the same
+
+
+def _abandoned_coroutine(filename: str):
+    """A coroutine compiled as if from `filename`, suspended at an await inside a `finally` that
+    raises: collecting it un-awaited is an unraisable exception ("Exception ignored in: ...")."""
+    source = (
+        "class _Pending:\n"
+        "    def __await__(self):\n"
+        "        yield\n"
+        "async def read():\n"
+        "    try:\n"
+        "        await _Pending()\n"
+        "    finally:\n"
+        "        raise ValueError('abandoned read')\n"
+    )
+    scope: dict = {}
+    exec(compile(source, filename, "exec"), scope)
+    coro = scope["read"]()
+    coro.send(None)  # now suspended at the await
+    return coro
+
+
+def test_abandoned_orbax_reads_are_not_printed_and_other_unraisables_are(monkeypatch):
+    import gc
+    import sys
+
+    from laserjax import checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.object))
+    checkpoint._quiet_abandoned_orbax_reads()
+    checkpoint._quiet_abandoned_orbax_reads()  # a second damaged step installs nothing more
+    orbax_read = _abandoned_coroutine("/site-packages/orbax/checkpoint/serialization.py")
+    del orbax_read
+    gc.collect()
+    assert seen == []
+    ours = _abandoned_coroutine("/work/laserjax/somewhere.py")
+    name = repr(ours)
+    del ours
+    gc.collect()
+    assert [repr(o) for o in seen] == [name]
