@@ -16,10 +16,12 @@ depth or width) is not damage: `StructureMismatch` names the parameter and both 
 
 from __future__ import annotations
 
-import gc
+import logging
 import os
 import sys
+import traceback
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,26 +33,56 @@ from laserjax import paths
 from laserjax.config import ConfigError
 from laserjax.sharding import path_str
 
+_ORBAX_FILES = ("orbax", "tensorstore")
+
+
+def _is_abandoned_read(exc: BaseException | None, obj: object = None) -> bool:
+    """An error of orbax / tensorstore's restore machinery left over from a failed restore: a
+    coroutine of theirs collected un-awaited, a read finishing after the restore's event loop
+    closed (tensorstore then calls `loop.call_soon_threadsafe` on the closed loop), or a read task
+    of theirs whose error nobody retrieved."""
+    if isinstance(obj, types.CoroutineType):
+        return any(name in obj.cr_code.co_filename for name in _ORBAX_FILES)
+    if exc is None:
+        return False
+    frames = [f.f_code for f, _ in traceback.walk_tb(exc.__traceback__)]
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return any(code.co_name == "call_soon_threadsafe" for code in frames)
+    return any(name in code.co_filename for code in frames for name in _ORBAX_FILES)
+
+
+class _AbandonedReadLogFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records of orbax's read tasks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in record.getMessage() and _is_abandoned_read(exc))
+
 
 def _quiet_abandoned_orbax_reads() -> None:
-    """A restore that fails on a damaged file leaves orbax's other read coroutines never awaited;
-    when Python collects them it prints each as "Exception ignored in: <coroutine ...>" with a
-    traceback, at a moment that depends on the garbage collector. The damage is already reported
-    in one line, so from then on those (and only those: coroutines of orbax or tensorstore) are
-    dropped; every other unraisable exception still reaches the hook that was installed."""
-    previous = sys.unraisablehook
+    """A restore that fails on a damaged file leaves orbax's other reads in flight, and they end
+    noisily at moments the scheduler and the garbage collector choose: coroutines collected
+    un-awaited ("Exception ignored in: <coroutine ...>"), reads finishing after orbax closed its
+    event loop ("Event loop is closed" from tensorstore's threads), read tasks whose error nobody
+    retrieved (asyncio's log). `restore_latest` reports the damage in one line, so it installs
+    this before its first restore (a read can end before the failure reaches laserjax): those
+    errors, and only those, are dropped from then on; every other one reaches the hooks that were
+    installed. A restore that succeeds produces none of them."""
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if getattr(previous_unraisable, "__qualname__", "").startswith("_quiet_abandoned"):
+        return  # installed once per process
 
-    def hook(unraisable: sys.UnraisableHookArgs) -> None:
-        obj = unraisable.object
-        if isinstance(obj, types.CoroutineType) and any(
-            name in obj.cr_code.co_filename for name in ("orbax", "tensorstore")
-        ):
-            return
-        previous(unraisable)
+    def unraisable_hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+            previous_unraisable(unraisable)
 
-    if getattr(previous, "__qualname__", "") != hook.__qualname__:  # install once
-        sys.unraisablehook = hook
-    gc.collect()
+    def except_hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not _is_abandoned_read(value):
+            previous_except(kind, value, tb)
+
+    sys.unraisablehook = unraisable_hook
+    sys.excepthook = except_hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadLogFilter())
 
 
 class StructureMismatch(ConfigError):
@@ -176,6 +208,7 @@ class Checkpointer:
         `NoIntactCheckpoint` when none is left."""
         steps = self.all_steps()
         damaged: list[int] = []
+        _quiet_abandoned_orbax_reads()
         for step in reversed(steps):
             try:
                 self.check_fits(step, abstract_state)
@@ -185,7 +218,10 @@ class Checkpointer:
             except StructureMismatch:
                 raise
             except Exception as e:  # orbax/tensorstore raise many kinds for a damaged file
-                _quiet_abandoned_orbax_reads()
+                # Its abandoned read coroutines are collected later, each a RuntimeWarning.
+                warnings.filterwarnings(
+                    "ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning
+                )
                 log(f"checkpoint step {step} in {self.directory} is damaged ({_first_line(e)})")
                 damaged.append(step)
                 continue

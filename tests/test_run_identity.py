@@ -330,15 +330,18 @@ def _abandoned_coroutine(filename: str):
 
 
 def test_abandoned_orbax_reads_are_not_printed_and_other_unraisables_are(monkeypatch):
+    import asyncio
     import gc
+    import logging
     import sys
 
     from laserjax import checkpoint
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.object))
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(value))
     checkpoint._quiet_abandoned_orbax_reads()
-    checkpoint._quiet_abandoned_orbax_reads()  # a second damaged step installs nothing more
+    checkpoint._quiet_abandoned_orbax_reads()  # a second call installs nothing more
     orbax_read = _abandoned_coroutine("/site-packages/orbax/checkpoint/serialization.py")
     del orbax_read
     gc.collect()
@@ -348,3 +351,41 @@ def test_abandoned_orbax_reads_are_not_printed_and_other_unraisables_are(monkeyp
     del ours
     gc.collect()
     assert [repr(o) for o in seen] == [name]
+
+    # A read finishing after orbax closed its loop: tensorstore's call_soon_threadsafe raises.
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        late_read = e
+    other = RuntimeError("Event loop is closed")  # raised anywhere else: still printed
+    for e in (late_read, other):
+        sys.excepthook(type(e), e, e.__traceback__)
+    assert seen[1:] == [other]
+
+    # asyncio's "exception was never retrieved" for an orbax read task, and for one of ours.
+    def raised_in(filename: str) -> BaseException:
+        scope: dict = {}
+        exec(
+            compile("def read():\n    raise ValueError('OUT_OF_RANGE')\n", filename, "exec"), scope
+        )
+        try:
+            scope["read"]()
+        except ValueError as e:
+            return e
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    log = logging.getLogger("asyncio")
+    log.addHandler(handler)
+    try:
+        for filename in ("/site-packages/orbax/checkpoint/serialization.py", "/work/ours.py"):
+            e = raised_in(filename)
+            log.error("Task exception was never retrieved", exc_info=(type(e), e, e.__traceback__))
+    finally:
+        log.removeHandler(handler)
+    assert [r.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_filename for r in logged] == [
+        "/work/ours.py"
+    ]
