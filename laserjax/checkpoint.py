@@ -36,18 +36,31 @@ from laserjax.sharding import path_str
 _ORBAX_FILES = ("orbax", "tensorstore")
 
 
+def _closed_loop_callback(exc: BaseException | None) -> bool:
+    """A read finishing after the failed restore's event loop closed: tensorstore then calls
+    `loop.call_soon_threadsafe` on the closed loop."""
+    return (
+        isinstance(exc, RuntimeError)
+        and str(exc) == "Event loop is closed"
+        and any(
+            f.f_code.co_name == "call_soon_threadsafe"
+            for f, _ in traceback.walk_tb(exc.__traceback__)
+        )
+    )
+
+
 def _is_abandoned_read(exc: BaseException | None, obj: object = None) -> bool:
-    """An error of orbax / tensorstore's restore machinery left over from a failed restore: a
-    coroutine of theirs collected un-awaited, a read finishing after the restore's event loop
-    closed (tensorstore then calls `loop.call_soon_threadsafe` on the closed loop), or a read task
-    of theirs whose error nobody retrieved."""
+    """An unraisable or unretrieved error of orbax / tensorstore's restore machinery left over
+    from a failed restore: a coroutine of theirs collected un-awaited, a late read on the closed
+    loop, or a read task of theirs whose error nobody retrieved. Never used for an exception that
+    ends the program: `sys.excepthook` drops only the closed-loop callback."""
     if isinstance(obj, types.CoroutineType):
         return any(name in obj.cr_code.co_filename for name in _ORBAX_FILES)
     if exc is None:
         return False
+    if _closed_loop_callback(exc):
+        return True
     frames = [f.f_code for f, _ in traceback.walk_tb(exc.__traceback__)]
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return any(code.co_name == "call_soon_threadsafe" for code in frames)
     return any(name in code.co_filename for code in frames for name in _ORBAX_FILES)
 
 
@@ -77,7 +90,7 @@ def _quiet_abandoned_orbax_reads() -> None:
             previous_unraisable(unraisable)
 
     def except_hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        if not _is_abandoned_read(value):
+        if not _closed_loop_callback(value):  # an error that ends the run is always printed
             previous_except(kind, value, tb)
 
     sys.unraisablehook = unraisable_hook

@@ -389,3 +389,7 @@ def test_abandoned_orbax_reads_are_not_printed_and_other_unraisables_are(monkeyp
     assert [r.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_filename for r in logged] == [
         "/work/ours.py"
     ]
+    # An error that ends the program is printed even when it passed through orbax (a failed save).
+    crash = raised_in("/site-packages/orbax/checkpoint/serialization.py")
+    sys.excepthook(type(crash), crash, crash.__traceback__)
+    assert seen[-1] is crash
