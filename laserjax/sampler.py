@@ -31,9 +31,17 @@ distribution the tokens were drawn from. The train step must compute the same qu
 `laserjax.laser.token_logprobs`, which this module uses too.
 
 Randomness: the token at response index i of output row r (= prompt * K + j) is drawn with
-`fold_in(fold_in(key(seed), i), r)`. A row's draws therefore depend only on the seed, its row
-number and its logits: the same on any mesh, with any amount of batch padding, and identical
-between K samples of one prompt and K copies of that prompt with K = 1.
+`fold_in(fold_in(key(seed), r), i)`. A row's draws therefore depend only on the seed, its row
+number, its own step and its logits: the same on any mesh, with any amount of batch padding,
+identical between K samples of one prompt and K copies of that prompt with K = 1, and the same
+whichever slot of a continuous batch the row runs in (`continuous.py`).
+
+Decode traffic: attention reads the suffix cache only up to a static window, so a step early in
+a long generation does not read (or mask) the unused tail of the preallocated cache. The loop is
+segmented: one `while_loop` per window of `window_schedule`, each running the steps that fit its
+window; together they run exactly the steps the single loop would. The windows grow with the
+step so that each step reads at most a set excess over the least it must read (every parameter
+once plus the live prefix and suffix keys/values).
 """
 
 from __future__ import annotations
@@ -54,7 +62,13 @@ from laserjax import sharding
 from laserjax.config import token_id_problem
 from laserjax.laser import positions_from_mask as prompt_positions
 from laserjax.laser import token_logprobs
-from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer, to_dtype
+from laserjax.model.transformer import (
+    PrefixCache,
+    SuffixCache,
+    Transformer,
+    TransformerConfig,
+    to_dtype,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pure sampling functions (the log-prob definition itself is `laser.token_logprobs`).
@@ -86,6 +100,73 @@ def top_k_exact(x_rv: jax.Array, k: int, chunk: int = TOP_K_CHUNK) -> tuple[jax.
     return vals, jnp.take_along_axis(ids_rc, pos, axis=-1)
 
 
+VOCAB_CHUNK = 128
+"""Chunk width of the full-vocabulary draw (151936 = 1187 chunks of 128 for Qwen2.5)."""
+
+
+def row_slices(x_rv: jax.Array, start_r: jax.Array, size: int) -> jax.Array:
+    """x_rv[r, start_r[r] : start_r[r] + size] for every row: [R, size].
+
+    One dynamic slice per row for up to 512 rows: XLA costs a gather fused into its consumer as
+    a read of the whole [R, V] operand, a dynamic slice as a read of its `size` entries (what
+    either reads). More rows take one gather.
+    """
+    r = x_rv.shape[0]
+    if r > 512:
+        idx = start_r[:, None] + jnp.arange(size)
+        return jnp.take_along_axis(x_rv, idx, axis=-1, mode="promise_in_bounds")
+    return jnp.concatenate(
+        [jax.lax.dynamic_slice(x_rv, (i, start_r[i]), (1, size)) for i in range(r)]
+    )
+
+
+def full_vocab_draw(x_rv: jax.Array, u_r: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """One token per row from softmax(x_rv), and logsumexp(x_rv), in two reads of x_rv.
+
+    `u_r` [R] uniform in [0, 1): inverse-CDF sampling, the first token whose cumulative
+    probability exceeds u (an exact draw from the categorical distribution); `u_r` None: greedy,
+    the first maximum (as `argmax`). The vocabulary is read as chunks of `VOCAB_CHUNK`: one pass
+    for the chunk maxima, one for each chunk's mass; the cumulative sums run over the chunk
+    masses ([R, V / 128]) and then inside the one chosen chunk, so no [R, V] intermediate (noise,
+    sorted copy, probabilities) is ever written. Returns (tokens [R] int32, logsumexp [R]).
+    """
+    x_rv = x_rv.astype(jnp.float32)
+    r, v = x_rv.shape
+    c = VOCAB_CHUNK
+    n = -(-v // c)
+    x = x_rv
+    if n * c != v:
+        x = jnp.pad(x_rv, ((0, 0), (0, n * c - v)), constant_values=-jnp.inf)
+    x_rnc = x.reshape(r, n, c)
+    m_rn = x_rnc.max(-1)
+    # argmax, not max: XLA merges a max of the chunk maxima into one more pass over x.
+    top_r = jnp.take_along_axis(m_rn, jnp.argmax(m_rn, axis=-1)[:, None], axis=-1)[:, 0]
+    safe_rn = jnp.where(jnp.isfinite(m_rn), m_rn, top_r[:, None])
+    mass_rn = jnp.sum(jnp.exp(x_rnc - safe_rn[..., None]), -1) * jnp.exp(safe_rn - top_r[:, None])
+    total_r = mass_rn.sum(-1)
+    lse_r = top_r + jnp.log(total_r)
+    if u_r is None:
+        chunk_r = jnp.argmax(m_rn, axis=-1).astype(jnp.int32)
+        vals_rc = row_slices(x, chunk_r * c, c)
+        return (chunk_r * c + jnp.argmax(vals_rc, axis=-1)).astype(jnp.int32), lse_r
+
+    def pick(cum_rk, target_r, weights_rk):
+        # First index whose cumulative mass exceeds the target; if rounding leaves the target
+        # at or past the total, the last index with mass.
+        k = cum_rk.shape[-1]
+        first = jnp.sum(cum_rk <= target_r[:, None], axis=-1)
+        last = k - 1 - jnp.argmax((weights_rk > 0)[:, ::-1], axis=-1)
+        return jnp.where(first >= k, last, first).astype(jnp.int32)
+
+    target_r = u_r * total_r
+    cum_rn = jnp.cumsum(mass_rn, axis=-1)
+    chunk_r = pick(cum_rn, target_r, mass_rn)
+    before_r = jnp.take_along_axis(cum_rn - mass_rn, chunk_r[:, None], axis=-1)[:, 0]
+    w_rc = jnp.exp(row_slices(x, chunk_r * c, c) - top_r[:, None])
+    inner_r = pick(jnp.cumsum(w_rc, axis=-1), target_r - before_r, w_rc)
+    return chunk_r * c + inner_r, lse_r
+
+
 def sample_tokens(
     logits_rv: jax.Array, keys_r: jax.Array, *, temperature: float, top_k: int, top_p: float
 ) -> jax.Array:
@@ -95,11 +176,16 @@ def sample_tokens(
     `top_k_exact` (no sort of the vocabulary); top-p sorts, over the k survivors when top_k > 0
     and over the full vocabulary only when top_k = 0 and top_p < 1. Top-p keeps the smallest prefix
     of the tokens sorted by probability whose mass reaches top_p (always at least one token).
+    The full vocabulary (top_k = 0, top_p = 1) uses `full_vocab_draw` with u drawn from the row's
+    key; truncated distributions draw with `jax.random.categorical`.
     """
     logits_rv = logits_rv.astype(jnp.float32)
     v = logits_rv.shape[-1]
     if temperature == 0:
         return jnp.argmax(logits_rv, axis=-1).astype(jnp.int32)
+    if not 0 < top_k < v and top_p >= 1:
+        u_r = jax.vmap(jax.random.uniform)(keys_r)
+        return full_vocab_draw(logits_rv / temperature, u_r)[0]
     ids_rc = None  # vocabulary ids of the candidate columns when they are a subset/permutation
     vals_rc = logits_rv
     if 0 < top_k < v:
@@ -119,10 +205,77 @@ def sample_tokens(
     return jnp.take_along_axis(ids_rc, choice_r[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def row_keys(seed_key: jax.Array, index: jax.Array, rows: int) -> jax.Array:
-    """Keys for drawing response index `index` of output rows 0..rows-1 (module docstring)."""
-    step_key = jax.random.fold_in(seed_key, index)
-    return jax.vmap(jax.random.fold_in, (None, 0))(step_key, jnp.arange(rows, dtype=jnp.uint32))
+def row_keys(seed_key: jax.Array, row_r: jax.Array, index_r: jax.Array) -> jax.Array:
+    """Keys for drawing response index `index_r` of output rows `row_r` (module docstring):
+    `fold_in(fold_in(seed_key, row), index)`, so a row's key never depends on its batch slot."""
+    fold = jax.vmap(jax.random.fold_in, (None, 0))
+    return jax.vmap(jax.random.fold_in)(
+        fold(seed_key, row_r.astype(jnp.uint32)), index_r.astype(jnp.uint32)
+    )
+
+
+WINDOW_ALIGN = 64
+"""Decode windows are multiples of this (or the full suffix length)."""
+
+
+def window_schedule(
+    max_new_tokens: int,
+    fixed_bytes: float,
+    position_bytes: float,
+    score_share: float = 0.0,
+    max_excess: float = 0.2,
+    align: int = WINDOW_ALIGN,
+) -> tuple[int, ...]:
+    """Increasing static attention windows ending at `max_new_tokens` (module docstring).
+
+    A step run with window W reads about F + W * R * (1 + score_share): F = `fixed_bytes` (the
+    parameters and the prefix cache), R = `position_bytes` (one suffix position's keys and values
+    across all rows and layers), `score_share` the attention scores' traffic per position
+    relative to R. The least step s must read is F + (s + 1) * R. Window W_i serves the steps
+    W_{i-1} <= s < W_i, so the largest W_i with
+    F + W_i R (1 + score_share) <= (1 + max_excess) (F + (W_{i-1} + 1) R), rounded down to
+    `align` (and at least one `align` more than W_{i-1}), bounds every step's excess over the
+    modelled traffic.
+    """
+    if position_bytes <= 0:
+        return (max_new_tokens,)
+    f = fixed_bytes / position_bytes
+    # The first window is one `align`: the rule above would allow more, but the steps it serves
+    # also pay the step's fixed overheads (activations, the prefix's scores, the vocabulary
+    # passes) that F leaves out, and these first steps have the least slack for them.
+    w = min(align, max_new_tokens)
+    out = [w]
+    while w < max_new_tokens:
+        best = ((1 + max_excess) * (f + w + 1) - f) / (1 + score_share)
+        w = min(max_new_tokens, max(w + align, int(best) // align * align))
+        out.append(w)
+    return tuple(out)
+
+
+def decode_windows_for(
+    cfg: TransformerConfig,
+    params_bytes: int,
+    prompts: int,
+    prompt_len: int,
+    k: int,
+    max_new_tokens: int,
+    max_excess: float = 0.3,
+) -> tuple[int, ...]:
+    """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring): a step reads
+    the parameters and the prefix cache, plus per window position every row's keys/values
+    (head_dim + 1 components each, `augment_kv`) and the float32 attention scores, one per query
+    head: written by the scores matmul, read by the max, read and written by the exp (XLA:CPU
+    does not fuse it into the matmul that reads it) and read by exp-times-V, 5 passes in all."""
+    item = to_dtype(cfg.dtype).itemsize
+    kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 1) * item
+    score_share = 5 * cfg.num_heads * 4 / (2 * cfg.num_kv_heads * (cfg.head_dim + 1) * item)
+    return window_schedule(
+        max_new_tokens,
+        params_bytes + prompts * prompt_len * kv_row,
+        prompts * k * kv_row,
+        score_share,
+        max_excess,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,20 +379,39 @@ def _set_column(
 
 
 def _draw(
-    logits_bkv: jax.Array, seed_key: jax.Array, index: jax.Array, s: SamplingSettings
-) -> tuple[jax.Array, jax.Array]:
-    """Tokens [B, K] for response index `index` and their log-probs."""
+    logits_bkv: jax.Array,
+    seed_key: jax.Array,
+    row_bk: jax.Array,
+    index_bk: jax.Array,
+    s: SamplingSettings,
+    zc_logit_bk: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tokens [B, K] for response indices `index_bk` of output rows `row_bk`, their log-probs
+    (`token_logprobs` at the rollout temperature) and log p(z_c) from the raw logits (used only
+    by rows whose fed token was their EOS; `zc_logit_bk` is the z_c logit when the caller has it
+    from `Transformer.token_logit`, which saves a read of the logits).
+
+    The full-vocabulary case reads the logits twice (`full_vocab_draw`) and takes the log-probs
+    from the logsumexp it returns; truncated sampling goes through `sample_tokens`.
+    """
     b, k, v = logits_bkv.shape
-    keys_r = row_keys(seed_key, index, b * k)
-    tok_r = sample_tokens(
-        logits_bkv.reshape(b * k, v),
-        keys_r,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p,
-    )
-    tok_bk = tok_r.reshape(b, k)
-    return tok_bk, token_logprobs(logits_bkv, tok_bk, s.logprob_temperature)
+    x_rv = logits_bkv.reshape(b * k, v).astype(jnp.float32)
+    keys_r = row_keys(seed_key, row_bk.reshape(-1), index_bk.reshape(-1))
+    zc = s.self_reward_token_id
+    if s.temperature == 0 or (not 0 < s.top_k < v and s.top_p >= 1):
+        temp = s.logprob_temperature
+        x_t = x_rv if temp == 1 else x_rv / temp
+        u_r = None if s.temperature == 0 else jax.vmap(jax.random.uniform)(keys_r)
+        tok_r, lse_r = full_vocab_draw(x_t, u_r)
+        lp_r = row_slices(x_t, tok_r, 1)[:, 0] - lse_r
+        raw_lse_r = lse_r if temp == 1 else full_vocab_draw(x_rv, None)[1]
+    else:
+        tok_r = sample_tokens(x_rv, keys_r, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        lp_r = token_logprobs(x_rv, tok_r, s.logprob_temperature)
+        raw_lse_r = jax.nn.logsumexp(x_rv, axis=-1)
+    zc_r = x_rv[:, zc] if zc_logit_bk is None else zc_logit_bk.reshape(-1)
+    zc_r = zc_r - raw_lse_r
+    return tok_r.reshape(b, k), lp_r.reshape(b, k), zc_r.reshape(b, k)
 
 
 def _prefill(
@@ -251,13 +423,15 @@ def _prefill(
     seed: jax.Array,
     s: SamplingSettings,
     constrain,
+    windows: tuple[int, ...] = (),
 ) -> tuple[PrefixCache, SamplerState]:
     model: Transformer = nnx.merge(graphdef, params)
     b = tokens_bp.shape[0]
     logits_bv, prefix = model.prefill(tokens_bp, prompt_positions(mask_bp), mask_bp)
     seed_key = jax.random.key(seed)
     logits_bkv = jnp.broadcast_to(logits_bv[:, None], (b, s.k, logits_bv.shape[-1]))
-    tok_bk, lp_bk = _draw(logits_bkv, seed_key, jnp.int32(0), s)
+    rows_bk = jnp.arange(b * s.k, dtype=jnp.int32).reshape(b, s.k)
+    tok_bk, lp_bk, _ = _draw(logits_bkv, seed_key, rows_bk, jnp.zeros_like(rows_bk), s)
     valid_bk = jnp.broadcast_to(valid_b[:, None], (b, s.k))
     finished = valid_bk & _is_eos(tok_bk, s.eos_ids)
     truncated = valid_bk & ~finished & (s.max_new_tokens == 1)
@@ -274,7 +448,7 @@ def _prefill(
         complete_bk=~valid_bk | truncated,
         logp_zc_bk=jnp.zeros((b, s.k), jnp.float32),
         prompt_len_b=mask_bp.sum(-1).astype(jnp.int32),
-        suffix=SuffixCache.zeros(model.cfg, b, s.k, s.max_new_tokens),
+        suffix=SuffixCache.zeros(model.cfg, b, s.k, s.max_new_tokens, windows),
         seed_key=seed_key,
         step=jnp.int32(0),
     )
@@ -282,20 +456,32 @@ def _prefill(
 
 
 def _decode_step(
-    model: Transformer, prefix: PrefixCache, st: SamplerState, s: SamplingSettings
+    model: Transformer,
+    prefix: PrefixCache,
+    st: SamplerState,
+    s: SamplingSettings,
+    window: int | None = None,
 ) -> SamplerState:
-    """Feed y_step; pending EOS rows read log p(z_c); generating rows draw y_{step+1}."""
+    """Feed y_step; pending EOS rows read log p(z_c); generating rows draw y_{step+1}.
+
+    `window` (static, > step) bounds the suffix positions attention reads."""
     t = s.max_new_tokens
     positions_bk = jnp.broadcast_to(st.prompt_len_b[:, None] + st.step, st.last_bk.shape)
-    logits_bkv, suffix = model.decode(st.last_bk, positions_bk, prefix, st.suffix, st.step)
+    logits_bkv, suffix, h_bkd = model.decode(
+        st.last_bk, positions_bk, prefix, st.suffix, st.step, window=window, return_hidden=True
+    )
     # Rows whose fed token is their EOS: this step's logits sit at the EOS position.
     pending = st.finished_bk & ~st.complete_bk
-    zc_bk = jnp.full(st.last_bk.shape, s.self_reward_token_id, jnp.int32)
-    logp_zc = jnp.where(pending, token_logprobs(logits_bkv, zc_bk, 1.0), st.logp_zc_bk)
+    nxt = st.step + 1
+    b, k = st.last_bk.shape
+    rows_bk = jnp.arange(b * k, dtype=jnp.int32).reshape(b, k)
+    zc_logit = model.token_logit(h_bkd, s.self_reward_token_id)
+    tok_bk, lp_bk, zc_bk = _draw(
+        logits_bkv, st.seed_key, rows_bk, jnp.full((b, k), nxt), s, zc_logit
+    )
+    logp_zc = jnp.where(pending, zc_bk, st.logp_zc_bk)
     complete = st.complete_bk | pending
     active = ~complete
-    nxt = st.step + 1
-    tok_bk, lp_bk = _draw(logits_bkv, st.seed_key, nxt, s)
     # With no active row the write index is clamped and the `where` leaves the buffers as they
     # were, so the last step (a z_c read only) cannot overwrite y_{T-1}.
     index = jnp.minimum(nxt, t - 1)
@@ -325,15 +511,19 @@ def _decode_loop(
     s: SamplingSettings,
     constrain,
 ) -> SamplerState:
+    """The segmented decode loop: for each window W (the suffix cache's segment ends), steps
+    run while step < W (module docstring); a segment whose rows are all complete exits at once."""
     model: Transformer = nnx.merge(graphdef, params)
+    for w in state.suffix.bounds:
 
-    def cond(st: SamplerState) -> jax.Array:
-        return (st.step < s.max_new_tokens) & ~jnp.all(st.complete_bk)
+        def cond(st: SamplerState, w=w) -> jax.Array:
+            return (st.step < w) & ~jnp.all(st.complete_bk)
 
-    def body(st: SamplerState) -> SamplerState:
-        return constrain(_decode_step(model, prefix, st, s))
+        def body(st: SamplerState, w=w) -> SamplerState:
+            return constrain(_decode_step(model, prefix, st, s, w))
 
-    return jax.lax.while_loop(cond, body, state)
+        state = jax.lax.while_loop(cond, body, state)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,10 +536,10 @@ def _batch_major(mesh: Mesh, x: jax.Array) -> NamedSharding:
 
 
 def _cache(mesh: Mesh, x: jax.Array) -> NamedSharding:
-    """[L, B, ..., kv_heads, head_dim] caches: batch over (data, fsdp), kv heads over tensor
-    when it divides them (as the k/v projections' output columns are split)."""
-    heads = "tensor" if x.shape[-2] % mesh.shape["tensor"] == 0 else None
-    return NamedSharding(mesh, P(None, sharding.BATCH, *(None,) * (x.ndim - 4), heads, None))
+    """[B, ..., kv_heads, positions, head_dim] caches: batch over (data, fsdp), kv heads over
+    tensor when it divides them (as the k/v projections' output columns are split)."""
+    heads = "tensor" if x.shape[-3] % mesh.shape["tensor"] == 0 else None
+    return NamedSharding(mesh, P(sharding.BATCH, *(None,) * (x.ndim - 4), heads, None, None))
 
 
 def _constrainer(mesh: Mesh | None):
@@ -363,11 +553,11 @@ def _constrainer(mesh: Mesh | None):
     def constrain(tree):
         if isinstance(tree, PrefixCache):
             return PrefixCache(
-                pin(tree.k_lbphd, _cache),
-                pin(tree.v_lbphd, _cache),
+                jax.tree.map(lambda x: pin(x, _cache), tree.k),
+                jax.tree.map(lambda x: pin(x, _cache), tree.v),
                 pin(tree.mask_bp, _batch_major),
             )
-        suffix = SuffixCache(pin(tree.suffix.k_lbkthd, _cache), pin(tree.suffix.v_lbkthd, _cache))
+        suffix = jax.tree.map(lambda x: pin(x, _cache), tree.suffix)
         replicated = sharding.replicated(mesh)
         fields = {f.name: getattr(tree, f.name) for f in dataclasses.fields(tree)}
         fields = {
@@ -423,6 +613,8 @@ class Sampler:
         prompt_buckets: Sequence[int] = (),
         mesh: Mesh | None = None,
         cast_params: bool = True,
+        window_excess: float = 0.3,
+        decode_windows: Sequence[int] = (),
     ):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.cfg = nnx.merge(graphdef, params).cfg
@@ -442,6 +634,17 @@ class Sampler:
         _require(
             all(b > 0 for b in buckets), "prompt_buckets", f"every bucket must be > 0: {buckets}"
         )
+        windows = tuple(int(w) for w in decode_windows)
+        _require(
+            not windows
+            or (list(windows) == sorted(set(windows)) and windows[0] > 0)
+            and windows[-1] == max_new_tokens,
+            "decode_windows",
+            f"{windows} must increase strictly from > 0 to max_new_tokens = {max_new_tokens}",
+        )
+        _require(window_excess > 0, "window_excess", f"must be > 0, got {window_excess}")
+        self.decode_windows = windows
+        self.window_excess = float(window_excess)
         self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = buckets
         self.mesh = mesh
@@ -460,17 +663,17 @@ class Sampler:
         }
         constrain = _constrainer(mesh)
 
-        def prefill(params, tokens_bp, mask_bp, valid_b, seed, settings):
+        def prefill(params, tokens_bp, mask_bp, valid_b, seed, settings, windows):
             self.stats["prefill_traces"] += 1
             return _prefill(
-                graphdef, params, tokens_bp, mask_bp, valid_b, seed, settings, constrain
+                graphdef, params, tokens_bp, mask_bp, valid_b, seed, settings, constrain, windows
             )
 
         def loop(params, prefix, state, settings):
             self.stats["decode_traces"] += 1
             return _decode_loop(graphdef, params, prefix, state, settings, constrain)
 
-        self._prefill = jax.jit(prefill, static_argnums=(5,))
+        self._prefill = jax.jit(prefill, static_argnums=(5, 6))
         self._loop = jax.jit(loop, static_argnums=(3,), donate_argnums=(2,))
         self.params = None
         self.update_params(params)
@@ -569,7 +772,8 @@ class Sampler:
             dev = [jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)) for x in dev]
         self.stats["prefill_calls"] += 1
         self.stats["prefill_rows"] += tokens.shape[0]
-        prefix, state = self._prefill(self.params, *dev, np.uint32(seed % 2**32), settings)
+        windows = self.windows_for(tokens.shape[0], tokens.shape[1], settings.k)
+        prefix, state = self._prefill(self.params, *dev, np.uint32(seed % 2**32), settings, windows)
         return prefix, state, tokens, mask
 
     def decode(
@@ -578,6 +782,16 @@ class Sampler:
         """Run the decode loop until every row is complete; `state` is donated."""
         self.stats["decode_calls"] += 1
         return self._loop(self.params, prefix, state, settings)
+
+    def windows_for(self, prompts: int, prompt_len: int, k: int) -> tuple[int, ...]:
+        """The decode windows (suffix segment ends) for a rollout of this shape: the explicit
+        `decode_windows`, or `decode_windows_for` from the bytes one step reads."""
+        if self.decode_windows:
+            return self.decode_windows
+        params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+        return decode_windows_for(
+            self.cfg, params, prompts, prompt_len, k, self.max_new_tokens, self.window_excess
+        )
 
     def sample(
         self,
@@ -657,4 +871,6 @@ __all__ = [
     "top_k_exact",
     "row_keys",
     "default_prompt_buckets",
+    "window_schedule",
+    "decode_windows_for",
 ]

@@ -17,7 +17,16 @@ from flax import nnx
 
 from laserjax.config import MeshConfig
 from laserjax.model import Transformer, TransformerConfig
-from laserjax.sampler import Sampler, prompt_positions, sample_tokens, token_logprobs
+from laserjax.sampler import (
+    Sampler,
+    decode_windows_for,
+    full_vocab_draw,
+    prompt_positions,
+    row_slices,
+    sample_tokens,
+    token_logprobs,
+    window_schedule,
+)
 from laserjax.sharding import make_mesh
 
 ATOL = 1e-4
@@ -37,7 +46,7 @@ CFG = TransformerConfig(
 # rows and (for SEED) a row that ends with EOS at the last position, whose z_c read is the
 # loop's one extra step. test_batch_covers_every_ending checks that coverage.
 EOS = (0, 1, 2, 3, 4, 5)
-PAD, ZC, T, K, SEED = 63, 62, 8, 4, 4
+PAD, ZC, T, K, SEED = 63, 62, 8, 4, 1
 PROMPTS = [[10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20], [30, 31, 32, 33, 34]]
 
 
@@ -224,7 +233,7 @@ def test_k_samples_share_one_prefill(model, sampler, batches):
     s = sampler.settings(k=K, temperature=1.0, top_p=1.0, top_k=0)
     before = dict(sampler.stats)
     prefix, _, _, _ = sampler.start(PROMPTS, s, SEED)
-    assert prefix.k_lbphd.shape[1] == len(PROMPTS)  # one cache row per prompt, not per sample
+    assert prefix.k[0].shape[0] == len(PROMPTS)  # one cache row per prompt, not per sample
     assert sampler.stats["prefill_calls"] - before["prefill_calls"] == 1
     assert sampler.stats["prefill_rows"] - before["prefill_rows"] == len(PROMPTS)
 
@@ -338,6 +347,63 @@ def test_sampling_frequencies(temperature, top_k, top_p):
     assert (freq[want == 0] == 0).all()
     # 5 standard deviations of a binomial frequency.
     assert (np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-12).all(), (freq, want)
+
+
+def test_full_vocab_draw_across_chunks():
+    """Inverse-CDF draws over a vocabulary of several 128-wide chunks (the last one padded):
+    frequencies match softmax, masked tokens are never drawn, the logsumexp is exact, greedy is
+    the first argmax, and the per-row slices equal the gather they stand in for."""
+    v, n = 300, 40_000
+    logits = np.full(v, -np.inf, np.float32)
+    hot = np.array([3, 127, 128, 200, 255, 299])
+    logits[hot] = [0.5, 1.0, -0.3, 2.0, 0.0, 1.5]
+    want = np.zeros(v)
+    want[hot] = np.exp(logits[hot] - logits[hot].max())
+    want /= want.sum()
+    x = jnp.broadcast_to(jnp.asarray(logits), (n, v))
+    u = jax.random.uniform(jax.random.key(3), (n,))
+    toks, lse = full_vocab_draw(x, u)
+    freq = np.bincount(np.asarray(toks), minlength=v) / n
+    assert (freq[want == 0] == 0).all()
+    assert (np.abs(freq - want) <= 5 * np.sqrt(want * (1 - want) / n) + 1e-12).all()
+    np.testing.assert_allclose(lse[:4], jax.nn.logsumexp(x[:4], axis=-1), rtol=1e-6)
+    ties = jnp.asarray(np.r_[np.zeros(200), [5.0, 1.0, 5.0], np.zeros(97)], jnp.float32)[None]
+    assert int(full_vocab_draw(ties, None)[0][0]) == 200
+    y = jax.random.normal(jax.random.key(4), (9, v))
+    starts = jnp.arange(9) * 17
+    gathered = jnp.take_along_axis(y, starts[:, None] + jnp.arange(5), axis=-1)
+    np.testing.assert_array_equal(row_slices(y, starts, 5), gathered)
+
+
+def test_window_schedule_bounds_the_modelled_excess():
+    f, r, share, e = 1000.0, 1.0, 0.1, 0.3
+    w = window_schedule(4096, f, r, share, e, align=64)
+    assert w[0] == 64 and w[-1] == 4096 and list(w) == sorted(set(w))
+    assert all(b % 64 == 0 for b in w)
+    for lo, hi in zip(w[:-1], w[1:], strict=True):  # the step lo reads window hi
+        assert f + hi * r * (1 + share) <= (1 + e) * (f + lo + 1) * r or hi == lo + 64
+    assert window_schedule(40, f, r, share, e) == (40,)
+    assert decode_windows_for(CFG, 10**6, 4, 8, 2, 8) == (8,)
+
+
+def test_segmented_decode_equals_one_window(model, batches):
+    """Decode windows (2, 5, 8): each segment of the loop reads only the suffix positions that
+    can be live; the rollout equals the single-window one."""
+    seg = Sampler(
+        model,
+        eos_ids=EOS,
+        pad_id=PAD,
+        self_reward_token_id=ZC,
+        max_new_tokens=T,
+        prompt_buckets=(8,),
+        decode_windows=(2, 5, T),
+    )
+    out = seg.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+    ref = batches[1.0]
+    np.testing.assert_array_equal(out.response_tokens, ref.response_tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    np.testing.assert_allclose(out.logp_zc, ref.logp_zc, atol=1e-5)
+    assert out.decode_steps == ref.decode_steps
 
 
 def test_greedy_is_argmax():

@@ -320,27 +320,92 @@ def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array) 
 # KV caches for the sampler.
 
 
+MASKED_KEY = -1e30
+"""The extra key component of a position attention must skip (see `augment_kv`)."""
+
+
+def augment_kv(
+    k: jax.Array, v: jax.Array, live: jax.Array | bool = True
+) -> tuple[jax.Array, jax.Array]:
+    """Keys/values as the caches store them: head_dim + 1 components.
+
+    Keys get a last component 0 where `live` and MASKED_KEY elsewhere, values a last component 1;
+    decode queries get a last component 1. A score q.k then carries its own mask (a skipped
+    position scores about -1e30 and its softmax weight is exactly 0) and the weighted sum of
+    values carries the softmax denominator in its last component, so attention reads the cache
+    once and never writes or reads a mask or a separate sum.
+    """
+    live = jnp.broadcast_to(jnp.asarray(live), k.shape[:-1])
+    bias = jnp.where(live, 0.0, MASKED_KEY).astype(k.dtype)[..., None]
+    return jnp.concatenate([k, bias], -1), jnp.concatenate([v, jnp.ones_like(v[..., :1])], -1)
+
+
+# Both caches keep positions next to head_dim ([..., kv_heads, positions, head_dim]) and hold one
+# array per layer (and per segment of positions for the suffix) rather than one stacked array:
+# decode attention then reads each array where it lies, whole. On XLA:CPU a slice of a stacked
+# cache (one layer, or the first W positions) is copied into its own buffer before the fused
+# multiply-reduce reads it, and an in-place update of one layer of a stacked buffer that another
+# layer's read still uses makes XLA copy the whole buffer; separate arrays avoid both.
+
+
 @flax.struct.dataclass
 class PrefixCache:
     """Keys/values of the prompts, one copy per prompt, shared by its K samples."""
 
-    k_lbphd: jax.Array
-    v_lbphd: jax.Array
+    k: tuple[jax.Array, ...]  # per layer [prompts, kv_heads, P, head_dim + 1] (`augment_kv`)
+    v: tuple[jax.Array, ...]
     mask_bp: jax.Array
 
 
 @flax.struct.dataclass
 class SuffixCache:
-    """Keys/values of the generated tokens, one row per sample: [layers, prompts, K, T, ...]."""
+    """Keys/values of the generated tokens, one row per sample, in segments of positions.
 
-    k_lbkthd: jax.Array
-    v_lbkthd: jax.Array
+    `k[layer][i]` is [prompts * K, kv_heads, bounds[i] - bounds[i-1], head_dim + 1] (row = prompt *
+    K + sample: no size-1 axis when K = 1, which XLA would fold away with a reshape that it then
+    duplicates, with a copy, into the in-place update): segment i holds
+    suffix positions bounds[i-1] .. bounds[i] - 1 (bounds[-1] = the suffix length). A decode
+    step with window W = bounds[i] reads segments 0..i only. Positions not yet written hold
+    masked keys (`augment_kv`), so attention skips them without a mask.
+    """
+
+    k: tuple[tuple[jax.Array, ...], ...]
+    v: tuple[tuple[jax.Array, ...], ...]
+    bounds: tuple[int, ...] = flax.struct.field(pytree_node=False)
+
+    @property
+    def length(self) -> int:
+        return self.bounds[-1]
 
     @classmethod
-    def zeros(cls, cfg: TransformerConfig, batch: int, k: int, length: int) -> SuffixCache:
-        shape = (cfg.num_layers, batch, k, length, cfg.num_kv_heads, cfg.head_dim)
+    def zeros(
+        cls,
+        cfg: TransformerConfig,
+        batch: int,
+        k: int,
+        length: int,
+        bounds: tuple[int, ...] = (),
+    ) -> SuffixCache:
+        bounds = tuple(bounds) or (length,)
+        if list(bounds) != sorted(set(bounds)) or bounds[0] <= 0 or bounds[-1] != length:
+            raise ValueError(f"suffix segment bounds {bounds} must increase from > 0 to {length}")
         dtype = to_dtype(cfg.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        starts = (0, *bounds[:-1])
+
+        def layer(i):
+            return tuple(
+                augment_kv(
+                    *[jnp.zeros((batch * k, cfg.num_kv_heads, hi - lo, cfg.head_dim), dtype)] * 2,
+                    False,
+                )[i]
+                for lo, hi in zip(starts, bounds, strict=True)
+            )
+
+        return cls(
+            tuple(layer(0) for _ in range(cfg.num_layers)),
+            tuple(layer(1) for _ in range(cfg.num_layers)),
+            bounds,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,33 +527,49 @@ class Attention(nnx.Module):
     def attend_cached(
         self,
         q_bkhd: jax.Array,
-        prefix_k: jax.Array,
-        prefix_v: jax.Array,
-        prefix_mask_bp: jax.Array,
-        suffix_k: jax.Array,
-        suffix_v: jax.Array,
-        suffix_mask_t: jax.Array,
+        prefix: tuple[jax.Array, jax.Array],
+        blocks: list[tuple[jax.Array, jax.Array]],
     ) -> jax.Array:
-        """Decode attention: K samples per prompt over the shared prefix plus their own suffix.
+        """Decode attention of one query token per row over the cached keys/values.
 
-        The prefix keys/values are read once per prompt for all K samples; this step's key/value
-        must already be written into suffix_k/v.
+        `prefix` is the prompt's (keys, values): [B, kv_heads, P, head_dim + 1], read once for
+        the K samples of a prompt. `blocks` are segments of the samples' own suffix, (keys,
+        values) with [B * K, kv_heads, t, head_dim + 1]. Keys and values are augmented
+        (`augment_kv`: masked positions score -1e30, the last value component sums the weights);
+        this step's key/value must already be in a block.
+
+        Scores and the weighted sum are batched matmuls over (row, kv head) in the caches' own
+        layout ([..., kv_heads, t, head_dim + 1], contracting head_dim, then t), so XLA reads
+        each cache array where it lies, and the scores are written once and read by the max and
+        by exp-times-V. The softmax over the prefix and every segment is exact: one max over all
+        of them, one sum.
         """
+        f32 = jnp.float32
         b, kk = q_bkhd.shape[:2]
         n_kv, d = self.num_kv_heads, self.head_dim
         g = self.num_heads // n_kv
-        q = q_bkhd.reshape(b, kk, n_kv, g, d)
-        neg = jnp.finfo(jnp.float32).min
-        s_pre = jnp.einsum("bjngd,bpnd->bjngp", q, prefix_k, preferred_element_type=jnp.float32)
-        s_pre = jnp.where(prefix_mask_bp[:, None, None, None, :], s_pre, neg)
-        s_suf = jnp.einsum("bjngd,bjtnd->bjngt", q, suffix_k, preferred_element_type=jnp.float32)
-        s_suf = jnp.where(suffix_mask_t, s_suf, neg)
-        p = prefix_k.shape[1]
-        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf], axis=-1) / math.sqrt(d), axis=-1)
-        probs = probs.astype(prefix_v.dtype)
-        out = jnp.einsum("bjngp,bpnd->bjngd", probs[..., :p], prefix_v) + jnp.einsum(
-            "bjngt,bjtnd->bjngd", probs[..., p:], suffix_v
-        )
+        q = (q_bkhd.astype(f32) / math.sqrt(d)).reshape(b, kk, n_kv, g, d)
+        q = jnp.concatenate([q, jnp.ones_like(q[..., :1])], -1)
+        pk, pv = prefix
+        # The prefix is shared by the K samples: batch over (prompt, kv head), queries (k, g).
+        q_pre = q.transpose(0, 2, 1, 3, 4).reshape(b, n_kv, kk * g, d + 1)
+        s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
+        q_r = q.reshape(b * kk, n_kv, g, d + 1)
+        s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
+
+        def pre_to_rows(x):  # [b, n, k * g, ...] -> [b * k, n, g, ...]
+            x = x.reshape(b, n_kv, kk, g, *x.shape[3:])
+            return jnp.moveaxis(x, 2, 1).reshape(b * kk, n_kv, g, *x.shape[4:])
+
+        def rows_to_pre(x):  # [b * k, n, g] -> [b, n, k * g]
+            return jnp.moveaxis(x.reshape(b, kk, n_kv, g), 1, 2).reshape(b, n_kv, kk * g)
+
+        m_r = functools.reduce(jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1)))
+        e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
+        acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
+        for s, (_, v) in zip(s_suf, blocks, strict=True):
+            acc = acc + jnp.einsum("rngt,rntd->rngd", jnp.exp(s - m_r[..., None]), v.astype(f32))
+        out = (acc[..., :d] / acc[..., d:]).astype(to_dtype(self.o_proj.dtype))
         return self.o_proj(out.reshape(b, kk, -1))
 
 
@@ -539,7 +620,22 @@ class Embed(nnx.Module):
         self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), param_dtype))
 
     def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        # Ids are checked against the vocabulary where they enter (prompts) or drawn from it;
+        # an in-bounds gather reads only the rows it needs (a filling one fuses with a select
+        # that XLA costs as a read of the whole table).
+        table = self.embedding[...]
+        return table.at[tokens].get(mode="promise_in_bounds").astype(dtype)
+
+    def rows(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """The same lookup as one dynamic slice per token (for the few tokens of a decode step).
+
+        XLA costs a gather fused into its consumer as a read of the whole table; a dynamic slice
+        as a read of its row, which is what the step reads.
+        """
+        table = self.embedding[...]
+        flat = tokens.reshape(-1)
+        rows = [jax.lax.dynamic_slice_in_dim(table, flat[i], 1) for i in range(flat.size)]
+        return jnp.concatenate(rows).reshape(*tokens.shape, -1).astype(dtype)
 
 
 class Transformer(nnx.Module):
@@ -576,6 +672,19 @@ class Transformer(nnx.Module):
             w_dv = self.lm_head.kernel[...].astype(self.dtype)
         return jnp.einsum(
             "...d,dv->...v", h_btd.astype(self.dtype), w_dv, preferred_element_type=jnp.float32
+        )
+
+    def token_logit(self, h_btd: jax.Array, token_id: int) -> jax.Array:
+        """`logits(h)[..., token_id]` from that token's row of the head alone."""
+        if self.lm_head is None:
+            w_d = self.embed_tokens.embedding[token_id]
+        else:
+            w_d = self.lm_head.kernel[:, token_id]
+        return jnp.einsum(
+            "...d,d->...",
+            h_btd.astype(self.dtype),
+            w_d.astype(self.dtype),
+            preferred_element_type=jnp.float32,
         )
 
     # -- training forward -------------------------------------------------------------------
@@ -625,11 +734,8 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, PrefixCache]:
         """Run left-padded prompts once: logits of the last position [B, V] and the prefix cache."""
         h, kvs = self.hidden(tokens_bp, positions_bp, mask_bp, return_kv=True)
-        cache = PrefixCache(
-            k_lbphd=jnp.stack([k for k, _ in kvs]),
-            v_lbphd=jnp.stack([v for _, v in kvs]),
-            mask_bp=mask_bp,
-        )
+        aug = [augment_kv(k.swapaxes(1, 2), v.swapaxes(1, 2), mask_bp[:, None]) for k, v in kvs]
+        cache = PrefixCache(k=tuple(k for k, _ in aug), v=tuple(v for _, v in aug), mask_bp=mask_bp)
         return self.logits(h[:, -1]), cache
 
     def decode(
@@ -639,33 +745,67 @@ class Transformer(nnx.Module):
         prefix: PrefixCache,
         suffix: SuffixCache,
         step: jax.Array,
-    ) -> tuple[jax.Array, SuffixCache]:
+        *,
+        window: int | None = None,
+        prefix_rows_b: jax.Array | None = None,
+        return_hidden: bool = False,
+    ):
         """One token for each of K samples per prompt, written at suffix index `step`.
 
         Sample j of prompt b attends to prompt b's prefix keys and to its own suffix keys
         0..step. Returns float32 logits [B, K, V] and the updated suffix cache.
+
+        `window` (static, one of `suffix.bounds`, default the last) is the suffix positions
+        attention reads, `[0, window)`: a step early in a long generation reads only the segments
+        that can be live. `step` is a scalar (every row at the same index, which must lie in the
+        window's last segment: one in-place dynamic-update-slice per layer) or an int array
+        [B, K] (rows at their own indices below the window, as in continuous batching: a scatter
+        per segment that drops the rows outside it). `prefix_rows_b`, when given, says which row
+        of the prefix cache each of the B rows attends to (a pool of prompts shared by rows).
+        `return_hidden` adds the final-normalised hidden states [B, K, D] (for `token_logit`).
         """
         inv_freq = rope_inv_freq(self.cfg)
-        x = self.embed_tokens(tokens_bk, self.dtype)
-        suffix_mask_t = jnp.arange(suffix.k_lbkthd.shape[3]) <= step
-        k_cache, v_cache = suffix.k_lbkthd, suffix.v_lbkthd
+        x = self.embed_tokens.rows(tokens_bk, self.dtype)
+        bounds = suffix.bounds
+        w = bounds[-1] if window is None else window
+        if w not in bounds:
+            raise ValueError(f"decode window {w} is not one of the suffix segment ends {bounds}")
+        n_seg = bounds.index(w) + 1
+        starts = (0, *bounds[:-1])
+        step = jnp.asarray(step, jnp.int32)
+        per_row = step.ndim > 0
+        step_bk = jnp.broadcast_to(step, tokens_bk.shape)
+        rows_r = jnp.arange(tokens_bk.size)
+
+        def write(seg, new_bknd, s):  # new: [B, K, kv_heads, head_dim + 1]
+            new = new_bknd.astype(seg.dtype).reshape(-1, *new_bknd.shape[2:])
+            lo, hi = starts[s], bounds[s]
+            if per_row:
+                at = step_bk.reshape(-1) - lo
+                at = jnp.where((at >= 0) & (at < hi - lo), at, hi - lo)  # out of range: dropped
+                return seg.at[rows_r, :, at].set(new, mode="drop", unique_indices=True)
+            if s != n_seg - 1:
+                return seg
+            return jax.lax.dynamic_update_slice(seg, new[:, :, None], (0, 0, step - lo, 0))
+
+        def pre(x):  # the prefix cache rows of the B rows
+            return x if prefix_rows_b is None else x[prefix_rows_b]
+
+        new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             h = block.input_layernorm(x)
-            q, k_new, v_new = block.self_attn.qkv(h, positions_bk, inv_freq)
-            k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k_new[None, :, :, None].astype(k_cache.dtype), (i, 0, 0, step, 0, 0)
-            )
-            v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v_new[None, :, :, None].astype(v_cache.dtype), (i, 0, 0, step, 0, 0)
-            )
+            q, k_now, v_now = block.self_attn.qkv(h, positions_bk, inv_freq)
+            k_now, v_now = augment_kv(k_now, v_now)
+            ks = [write(seg, k_now, s) for s, seg in enumerate(suffix.k[i][:n_seg])]
+            vs = [write(seg, v_now, s) for s, seg in enumerate(suffix.v[i][:n_seg])]
             x = x + block.self_attn.attend_cached(
                 q,
-                prefix.k_lbphd[i],
-                prefix.v_lbphd[i],
-                prefix.mask_bp,
-                k_cache[i],
-                v_cache[i],
-                suffix_mask_t,
+                (pre(prefix.k[i]), pre(prefix.v[i])),
+                list(zip(ks, vs, strict=True)),
             )
             x = x + block.mlp(block.post_attention_layernorm(x))
-        return self.logits(self.norm(x)), SuffixCache(k_cache, v_cache)
+            new_k.append((*ks, *suffix.k[i][n_seg:]))
+            new_v.append((*vs, *suffix.v[i][n_seg:]))
+        h = self.norm(x)
+        suffix = SuffixCache(tuple(new_k), tuple(new_v), bounds)
+        return (self.logits(h), suffix, h) if return_hidden else (self.logits(h), suffix)
