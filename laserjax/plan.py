@@ -291,16 +291,18 @@ def rollout_bytes(
 ) -> dict[str, int]:
     """The sampler's buffers on one device for `prompts` prompts (LASER_SPEC section 5).
 
-    `PrefixCache`: keys and values [layers, prompts, P, KV, hd], one copy per prompt shared by its
-    K samples; `SuffixCache`: [layers, prompts, K, T, KV, hd]; both in the compute dtype, kv heads
-    over the tensor axis when it divides them (as `sampler._cache` pins them). The sampler state
-    adds int32 tokens and float32 log-probs per generated slot. The prefill's working set: the
-    per-layer keys/values before `jnp.stack` (a second prefix cache) and one layer's float32
-    scores and probabilities (one query block of them with blocked attention).
+    `PrefixCache`: keys and values [prompts, KV, P, hd + 1] per layer, one copy per prompt shared
+    by its K samples; `SuffixCache`: [prompts * K, KV, t, hd + 1] per layer and segment of
+    positions, T in all (the extra component carries the mask and the softmax sum,
+    `transformer.augment_kv`); both in the compute dtype, kv heads over the tensor axis when it
+    divides them (as `sampler._cache` pins them). The sampler state adds int32 tokens and
+    float32 log-probs per generated slot. The prefill's working set: the per-layer keys/values
+    before they are augmented (a second prefix cache) and one layer's float32 scores and
+    probabilities (one query block of them with blocked attention).
     """
     a = to_dtype(m.dtype).itemsize
     kv_heads = _split(m.num_kv_heads, tensor)
-    per_token = 2 * m.num_layers * kv_heads * m.head_dim * a
+    per_token = 2 * m.num_layers * kv_heads * (m.head_dim + 1) * a
     prefix = prompts * prompt_len * (per_token + 1)
     suffix = prompts * k * new_tokens * per_token
     state = prompts * k * new_tokens * 8
