@@ -7,7 +7,9 @@ Tolerances: 1e-4 on log-probs against the teacher-forced forward (the issue's fi
 logits of magnitude ~5 agree to ~1e-6 here); exact equality for tokens.
 """
 
+import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import pytest
 from flax import nnx
 
 from laserjax.config import MeshConfig
+from laserjax.continuous import ContinuousSampler
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.sampler import (
     Sampler,
@@ -564,3 +567,63 @@ def test_top_k_exact_equals_lax_top_k():
     np.testing.assert_array_equal(vals, jax.lax.top_k(x, 50)[0])
     np.testing.assert_array_equal(np.take_along_axis(np.asarray(x), np.asarray(ids), -1), vals)
     assert all(len(set(row)) == 50 for row in np.asarray(ids).tolist())
+
+
+def test_sharded_decode_all_reduces_nothing_vocabulary_sized(model):
+    """FSDP x tensor decode on 8 CPU devices: the compiled loop has no all-reduce of the
+    logits' size (the head is gathered once before the loop; `_head_gatherer`)."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    wide = TransformerConfig(**(dataclasses.asdict(CFG) | dict(vocab_size=1000)))
+    m = Transformer(wide, rngs=nnx.Rngs(0))
+    for mesh_cfg in (MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)):
+        sampler = make_sampler(m, mesh=make_mesh(mesh_cfg))
+        s = sampler.settings(k=2, temperature=1.0, top_p=1.0, top_k=0)
+        prefix, state, _, _ = sampler.start([[10, 11]] * 8, s, SEED)
+        hlo = sampler._loop.lower(sampler.params, prefix, state, s).compile().as_text()
+        sizes = []
+        for line in hlo.splitlines():
+            if " all-reduce(" in line or " all-reduce-start(" in line:
+                shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", line.split("all-reduce")[0])
+                sizes += [math.prod(int(d) for d in s.split(",") if d) for s in shapes]
+        # A vocabulary-sized all-reduce would carry at least one row's logits (1000 values).
+        assert max(sizes, default=0) < wide.vocab_size, (mesh_cfg, sorted(sizes)[-5:])
+
+
+# --- continuous batching ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_continuous_batching_equals_the_static_sampler(model, batches, temperature):
+    """16 rows through 3 slots (windows 2, 5, 8): every row's tokens, log-probs, log p(z_c) and
+    ending equal the static sampler's for the same seed (per-row keys, `sampler.row_keys`); each
+    prompt is prefilled once; the slots did exactly the row-steps the rows need."""
+    ref = batches.get(temperature) or make_sampler(model).sample(
+        PROMPTS, k=K, temperature=temperature, seed=SEED
+    )
+    cont = ContinuousSampler(make_sampler(model), slots=3, windows=(2, 5, T))
+    out, stats = cont.sample(PROMPTS, k=K, temperature=temperature, seed=SEED)
+    np.testing.assert_array_equal(out.response_tokens, ref.response_tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.finished, ref.finished)
+    np.testing.assert_array_equal(out.truncated, ref.truncated)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    np.testing.assert_allclose(out.logp_zc, ref.logp_zc, atol=1e-5)
+    assert stats.prefill_prompts == len(PROMPTS)
+    assert stats.busy_steps == (ref.lengths - 1 + ref.finished).sum()
+    assert stats.token_steps == (ref.lengths - 1).sum()
+    # 3 slots, then 1 once the queue is empty and at most one row is left.
+    assert stats.busy_steps <= stats.slot_steps <= 3 * stats.decode_steps
+
+
+def test_continuous_batching_drains_into_fewer_slots(model, batches):
+    """More slots than rows: every row starts at once, and the batch halves as rows complete
+    (16 -> 8 -> ...), so the slot-steps stay within twice the row-steps."""
+    ref = batches[1.0]
+    out, stats = ContinuousSampler(make_sampler(model), slots=16).sample(
+        PROMPTS, k=K, temperature=1.0, seed=SEED
+    )
+    np.testing.assert_array_equal(out.response_tokens, ref.response_tokens)
+    assert stats.prefill_calls == 1
+    assert stats.busy_steps == (ref.lengths - 1 + ref.finished).sum()
+    assert stats.slot_steps < 2 * stats.busy_steps < 16 * stats.decode_steps

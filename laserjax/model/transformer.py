@@ -377,6 +377,19 @@ class SuffixCache:
     def length(self) -> int:
         return self.bounds[-1]
 
+    def fresh_rows(self, rows: int) -> SuffixCache:
+        """`rows` rows of this cache's segments as `zeros` makes them: every key masked (a slot
+        of a continuous batch starts a new sample with these)."""
+
+        def fresh(x, last):
+            return jnp.zeros((rows, *x.shape[1:]), x.dtype).at[..., -1].set(last)
+
+        return SuffixCache(
+            jax.tree.map(lambda x: fresh(x, MASKED_KEY), self.k),
+            jax.tree.map(lambda x: fresh(x, 1), self.v),
+            self.bounds,
+        )
+
     @classmethod
     def zeros(
         cls,

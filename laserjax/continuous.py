@@ -1,0 +1,525 @@
+"""Continuous batching: rollouts through a fixed number of decode slots (LASER_SPEC section 5).
+
+The static sampler (`sampler.Sampler`) decodes a batch until its longest row ends, so with
+long-tailed response lengths most row-steps of a rollout run rows that are already complete.
+Here a rollout of N prompts x K samples runs through S slots instead:
+
+- A slot holds one sample. When a slot's row completes (after its z_c read, or truncated), the
+  host collects the row and puts the next queued sample in the slot.
+- A queued prompt is prefilled once, into a pool of prompt caches; its K samples are inserted as
+  slots free up and all attend to that one pool entry (`Transformer.decode(prefix_rows_b=...)`),
+  which is released when the last of them completes. The K first tokens are drawn at prefill.
+- The decode loop (one jit per slot count and window) runs until a slot frees while samples are
+  queued, until it can halve the slot count once the queue is empty (the live rows are gathered
+  into a batch half as wide, so the drain at the end of a rollout does not run idle slots), or
+  until a live row reaches the end of the attention window.
+
+Every row draws exactly what the static sampler draws for it: the token at response index i of
+output row r uses `fold_in(fold_in(key(seed), r), i)` whichever slot and batch the row runs in,
+and the decode step is the static one applied per row (each slot at its own position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer
+from laserjax.sampler import (
+    WINDOW_ALIGN,
+    RolloutBatch,
+    Sampler,
+    SamplingSettings,
+    _draw,
+    _is_eos,
+    _require,
+    prompt_positions,
+)
+
+PREFILL_BATCH = 8
+"""Prompts per prefill call (padded): one compile, and a full pool refill in few calls."""
+
+
+@flax.struct.dataclass
+class Pool:
+    """Prompt caches shared by the K samples of each prompt; entry e serves prompt owner[e]."""
+
+    prefix: PrefixCache  # per layer [E, kv_heads, P, head_dim + 1]
+    tok0_ek: jax.Array  # int32 the K first response tokens, drawn at prefill
+    lp0_ek: jax.Array  # float32 their log-probs
+    prompt_len_e: jax.Array  # int32
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Every buffer of the S decode slots; the loop's carry (donated). Slot s runs output row
+    `row_s[s]` (a sample of the prompt in pool entry `pool_s[s]`) and feeds its token at
+    response index `pos_s[s]`. A free slot is not `occupied` and counts as complete."""
+
+    occupied_s: jax.Array  # bool
+    row_s: jax.Array  # int32 output row (prompt * K + j)
+    pool_s: jax.Array  # int32 pool entry of the row's prompt
+    pos_s: jax.Array  # int32 response index of the token the next step feeds
+    last_s: jax.Array  # int32 that token
+    tokens_st: jax.Array  # int32 response tokens, pad after the end
+    logprobs_st: jax.Array  # float32
+    lengths_s: jax.Array  # int32
+    finished_s: jax.Array  # bool
+    truncated_s: jax.Array  # bool
+    complete_s: jax.Array  # bool
+    logp_zc_s: jax.Array  # float32
+    suffix: SuffixCache
+    busy_steps: jax.Array  # int32 scalar: row-steps that fed a live row (token or z_c read)
+    token_steps: jax.Array  # int32 scalar: row-steps that drew a response token
+    slot_steps: jax.Array  # int32 scalar: slots x steps run
+    steps: jax.Array  # int32 scalar: decode steps run
+
+
+def _empty_slots(model: Transformer, slots: int, s: SamplingSettings, bounds) -> SlotState:
+    t = s.max_new_tokens
+
+    def z():  # a new buffer per field: the state is donated
+        return jnp.zeros((slots,), jnp.int32)
+
+    def f():
+        return jnp.zeros((slots,), bool)
+
+    return SlotState(
+        occupied_s=f(),
+        row_s=z(),
+        pool_s=z(),
+        pos_s=z(),
+        last_s=jnp.full((slots,), s.pad_id, jnp.int32),
+        tokens_st=jnp.full((slots, t), s.pad_id, jnp.int32),
+        logprobs_st=jnp.zeros((slots, t), jnp.float32),
+        lengths_s=z(),
+        finished_s=f(),
+        truncated_s=f(),
+        complete_s=jnp.ones((slots,), bool),
+        logp_zc_s=jnp.zeros((slots,), jnp.float32),
+        suffix=SuffixCache.zeros(model.cfg, slots, 1, t, bounds),
+        busy_steps=jnp.zeros((), jnp.int32),
+        token_steps=jnp.zeros((), jnp.int32),
+        slot_steps=jnp.zeros((), jnp.int32),
+        steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def _prefill_into_pool(
+    model: Transformer,
+    pool: Pool,
+    tokens_bp: jax.Array,
+    mask_bp: jax.Array,
+    entry_b: jax.Array,
+    prompt_b: jax.Array,
+    seed_key: jax.Array,
+    s: SamplingSettings,
+) -> Pool:
+    """Prefill B prompts into pool entries `entry_b` (an out-of-range entry is batch padding,
+    dropped) and draw each prompt's K first tokens, for rows prompt * K + j."""
+    logits_bv, prefix = model.prefill(tokens_bp, prompt_positions(mask_bp), mask_bp)
+    b = tokens_bp.shape[0]
+    rows_bk = prompt_b[:, None] * s.k + jnp.arange(s.k, dtype=jnp.int32)
+    logits_bkv = jnp.broadcast_to(logits_bv[:, None], (b, s.k, logits_bv.shape[-1]))
+    tok_bk, lp_bk, _ = _draw(logits_bkv, seed_key, rows_bk, jnp.zeros_like(rows_bk), s)
+
+    def put(old, new):
+        return old.at[entry_b].set(new.astype(old.dtype), mode="drop")
+
+    return Pool(
+        prefix=jax.tree.map(put, pool.prefix, prefix),
+        tok0_ek=put(pool.tok0_ek, tok_bk),
+        lp0_ek=put(pool.lp0_ek, lp_bk),
+        prompt_len_e=put(pool.prompt_len_e, mask_bp.sum(-1)),
+    )
+
+
+def _update_slots(
+    st: SlotState,
+    pool: Pool,
+    slot_m: jax.Array,
+    row_m: jax.Array,
+    entry_m: jax.Array,
+    s: SamplingSettings,
+) -> SlotState:
+    """Free slots `slot_m` (out-of-range entries are padding) and put row `row_m` (>= 0) from
+    pool entry `entry_m` in each, or leave it free (row -1). A new row starts as the static
+    sampler's row after prefill: its first token, length 1, and a suffix cache of masked keys."""
+    t = s.max_new_tokens
+    j_m = jnp.maximum(row_m, 0) % s.k
+    new_m = row_m >= 0
+    tok0 = pool.tok0_ek[entry_m, j_m]
+    lp0 = pool.lp0_ek[entry_m, j_m]
+    eos = _is_eos(tok0, s.eos_ids)
+    truncated = new_m & ~eos & (t == 1)
+
+    def put(old, new):
+        return old.at[slot_m].set(jnp.asarray(new).astype(old.dtype), mode="drop")
+
+    m = slot_m.shape[0]
+    fresh = st.suffix.fresh_rows(m)
+    return SlotState(
+        occupied_s=put(st.occupied_s, new_m),
+        row_s=put(st.row_s, jnp.maximum(row_m, 0)),
+        pool_s=put(st.pool_s, entry_m),
+        pos_s=put(st.pos_s, jnp.zeros((m,), jnp.int32)),
+        last_s=put(st.last_s, tok0),
+        tokens_st=put(st.tokens_st, jnp.full((m, t), s.pad_id, jnp.int32).at[:, 0].set(tok0)),
+        logprobs_st=put(st.logprobs_st, jnp.zeros((m, t), jnp.float32).at[:, 0].set(lp0)),
+        lengths_s=put(st.lengths_s, new_m.astype(jnp.int32)),
+        finished_s=put(st.finished_s, new_m & eos),
+        truncated_s=put(st.truncated_s, truncated),
+        complete_s=put(st.complete_s, ~new_m | truncated),
+        logp_zc_s=put(st.logp_zc_s, jnp.zeros((m,), jnp.float32)),
+        suffix=jax.tree.map(put, st.suffix, fresh),
+        busy_steps=st.busy_steps,
+        token_steps=st.token_steps,
+        slot_steps=st.slot_steps,
+        steps=st.steps,
+    )
+
+
+def _slot_step(
+    model: Transformer,
+    pool: Pool,
+    st: SlotState,
+    seed_key: jax.Array,
+    s: SamplingSettings,
+    window: int,
+) -> SlotState:
+    """`sampler._decode_step` with every slot at its own response index."""
+    t = s.max_new_tokens
+    n = st.pos_s.shape[0]
+    live = st.occupied_s & ~st.complete_s
+    positions = pool.prompt_len_e[st.pool_s] + st.pos_s
+    logits, suffix, h = model.decode(
+        st.last_s[:, None],
+        positions[:, None],
+        pool.prefix,
+        st.suffix,
+        st.pos_s[:, None],
+        window=window,
+        prefix_rows_b=st.pool_s,
+        return_hidden=True,
+    )
+    pending = st.finished_s & live
+    nxt = st.pos_s + 1
+    zc_logit = model.token_logit(h, s.self_reward_token_id)
+    tok, lp, zc = _draw(logits, seed_key, st.row_s[:, None], nxt[:, None], s, zc_logit)
+    tok, lp, zc = tok[:, 0], lp[:, 0], zc[:, 0]
+    complete = st.complete_s | pending
+    active = ~complete
+    index = jnp.minimum(nxt, t - 1)
+    eos_now = active & _is_eos(tok, s.eos_ids)
+    truncated_now = active & ~eos_now & (nxt >= t - 1)
+    rows = jnp.arange(n)
+
+    def set_at(buf, values):
+        return buf.at[rows, index].set(jnp.where(active, values, buf[rows, index]))
+
+    return SlotState(
+        occupied_s=st.occupied_s,
+        row_s=st.row_s,
+        pool_s=st.pool_s,
+        pos_s=jnp.where(live, nxt, st.pos_s),
+        last_s=jnp.where(active, tok, st.last_s),
+        tokens_st=set_at(st.tokens_st, tok),
+        logprobs_st=set_at(st.logprobs_st, lp),
+        lengths_s=st.lengths_s + active.astype(jnp.int32),
+        finished_s=st.finished_s | eos_now,
+        truncated_s=st.truncated_s | truncated_now,
+        complete_s=complete | truncated_now,
+        logp_zc_s=jnp.where(pending, zc, st.logp_zc_s),
+        suffix=suffix,
+        busy_steps=st.busy_steps + live.sum(dtype=jnp.int32),
+        token_steps=st.token_steps + active.sum(dtype=jnp.int32),
+        slot_steps=st.slot_steps + n,
+        steps=st.steps + 1,
+    )
+
+
+def _slot_loop(
+    model: Transformer,
+    pool: Pool,
+    st: SlotState,
+    seed_key: jax.Array,
+    stop_on_free: jax.Array,
+    min_live: jax.Array,
+    s: SamplingSettings,
+    window: int,
+) -> SlotState:
+    """Steps while some row is live and every live row's next position fits the window; stop
+    early when a slot frees (if `stop_on_free`) or the live rows drop to `min_live`."""
+
+    def cond(st: SlotState) -> jax.Array:
+        live = st.occupied_s & ~st.complete_s
+        freed = st.occupied_s & st.complete_s
+        fits = jnp.all(jnp.where(live, st.pos_s < window, True))
+        return jnp.any(live) & fits & ~(stop_on_free & jnp.any(freed)) & (live.sum() > min_live)
+
+    return jax.lax.while_loop(cond, lambda st: _slot_step(model, pool, st, seed_key, s, window), st)
+
+
+def _gather_slots(st: SlotState, keep_m: jax.Array) -> SlotState:
+    """The slots `keep_m`, in that order: a narrower batch for the drain."""
+    counters = ("busy_steps", "token_steps", "slot_steps", "steps")
+    fields = {
+        f.name: (
+            getattr(st, f.name)
+            if f.name in counters
+            else jax.tree.map(lambda x: x[keep_m], getattr(st, f.name))
+        )
+        for f in dataclasses.fields(st)
+    }
+    return SlotState(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotStats:
+    """Row-step accounting of one continuous rollout."""
+
+    slot_steps: int  # sum over decode steps of the slots the step ran
+    busy_steps: int  # of those, row-steps that fed a live row (a token draw or the z_c read)
+    token_steps: int  # of those, row-steps that drew a response token
+    decode_steps: int
+    prefill_calls: int
+    prefill_prompts: int  # prompts prefilled (each once)
+
+    @property
+    def utilisation(self) -> float:
+        """Share of slot-steps doing a row's work (what a static batch wastes on done rows)."""
+        return self.busy_steps / max(self.slot_steps, 1)
+
+    @property
+    def token_share(self) -> float:
+        """Share of slot-steps that produced a response token."""
+        return self.token_steps / max(self.slot_steps, 1)
+
+
+class ContinuousSampler:
+    """K samples per prompt through `slots` decode slots; the static `Sampler`'s outputs.
+
+    Built on a `Sampler` (its parameters, prompt buckets and settings checks); `update_params`
+    there is seen here. `windows` are the attention windows (suffix segment ends) the slot loop
+    compiles for: by default doubling from max_new_tokens / 8, since slots at many different
+    positions keep the window near the longest live row.
+    """
+
+    def __init__(self, sampler: Sampler, slots: int, windows: Sequence[int] = ()):
+        _require(sampler.mesh is None, "mesh", "continuous batching runs on one device")
+        _require(slots >= 1, "slots", f"must be >= 1, got {slots}")
+        t = sampler.max_new_tokens
+        ws = tuple(int(w) for w in windows)
+        if not ws:
+            w = max(WINDOW_ALIGN, -(-t // 8))
+            ws = []
+            while w < t:
+                ws.append(w)
+                w *= 2
+            ws = (*ws, t)
+        _require(
+            list(ws) == sorted(set(ws)) and ws[0] > 0 and ws[-1] == t,
+            "windows",
+            f"{ws} must increase strictly from > 0 to max_new_tokens = {t}",
+        )
+        self.sampler, self.slots, self.windows = sampler, int(slots), ws
+        graphdef = sampler.graphdef
+
+        def model(params):
+            return nnx.merge(graphdef, params)
+
+        self._prefill = jax.jit(
+            lambda params, pool, *a, s: _prefill_into_pool(model(params), pool, *a, s),
+            static_argnames=("s",),
+            donate_argnums=(1,),
+        )
+        self._update = jax.jit(
+            lambda st, pool, *a, s: _update_slots(st, pool, *a, s),
+            static_argnames=("s",),
+            donate_argnums=(0,),
+        )
+        self._loop = jax.jit(
+            lambda params, pool, st, *a, s, window: _slot_loop(
+                model(params), pool, st, *a, s, window
+            ),
+            static_argnames=("s", "window"),
+            donate_argnums=(2,),
+        )
+        self._gather = jax.jit(_gather_slots)
+
+    def sample(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        k: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+    ) -> tuple[RolloutBatch, SlotStats]:
+        """The static `Sampler.sample` rollout (same rows, same draws), run through the slots."""
+        smp = self.sampler
+        s = smp.settings(k=k, temperature=temperature, top_p=top_p, top_k=top_k)
+        tokens, mask, _ = smp.pad_prompts(prompt_ids)
+        n, p = len(prompt_ids), tokens.shape[1]
+        t, rows = s.max_new_tokens, len(prompt_ids) * k
+        cfg = smp.cfg
+        seed_key = jax.random.key(np.uint32(seed % 2**32))
+        # Live prompts: at most one per slot, plus the one whose samples are being inserted.
+        entries = self.slots + 1
+        shape = (entries, cfg.num_kv_heads, p, cfg.head_dim + 1)
+        layer = [jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers)]
+        pool = Pool(
+            prefix=PrefixCache(
+                tuple(layer), tuple(jnp.array(x) for x in layer), jnp.zeros((entries, p), bool)
+            ),
+            tok0_ek=jnp.zeros((entries, k), jnp.int32),
+            lp0_ek=jnp.zeros((entries, k), jnp.float32),
+            prompt_len_e=jnp.zeros((entries,), jnp.int32),
+        )
+        width = self.slots
+        st = _empty_slots(nnx.merge(smp.graphdef, smp.params), width, s, self.windows)
+
+        out_tokens = np.full((rows, t), s.pad_id, np.int32)
+        out_lp = np.zeros((rows, t), np.float32)
+        out = {
+            f: np.zeros(rows, d)
+            for f, d in (
+                ("lengths", np.int32),
+                ("finished", bool),
+                ("truncated", bool),
+                ("logp_zc", np.float32),
+            )
+        }
+        queue = [(b, j) for b in range(n) for j in range(k)]
+        qi = 0
+        entry_of: dict[int, int] = {}  # prompt -> pool entry
+        left: dict[int, int] = {}  # prompt -> samples not yet collected
+        free_entries = list(range(entries))
+        slot_row = [-1] * width  # host copy of which row each slot runs
+        prefill_calls = 0
+
+        while True:
+            host = jax.device_get({"occ": st.occupied_s, "done": st.complete_s})
+            done = [i for i in range(width) if host["occ"][i] and host["done"][i]]
+            if done:
+                got = jax.device_get(
+                    {
+                        "tokens": st.tokens_st[np.array(done)],
+                        "lp": st.logprobs_st[np.array(done)],
+                        "lengths": st.lengths_s[np.array(done)],
+                        "finished": st.finished_s[np.array(done)],
+                        "truncated": st.truncated_s[np.array(done)],
+                        "logp_zc": st.logp_zc_s[np.array(done)],
+                    }
+                )
+                for i, slot in enumerate(done):
+                    r = slot_row[slot]
+                    out_tokens[r], out_lp[r] = got["tokens"][i], got["lp"][i]
+                    for f in out:
+                        out[f][r] = got[f][i]
+                    slot_row[slot] = -1
+                    b = r // k
+                    left[b] -= 1
+                    if left[b] == 0:
+                        free_entries.append(entry_of.pop(b))
+            free_slots = [i for i in range(width) if slot_row[i] < 0]
+            fills = queue[qi : qi + len(free_slots)]
+            qi += len(fills)
+            new_prompts = sorted({b for b, _ in fills if b not in entry_of})
+            for c in range(0, len(new_prompts), PREFILL_BATCH):
+                batch = new_prompts[c : c + PREFILL_BATCH]
+                for b in batch:
+                    entry_of[b] = free_entries.pop()
+                    left[b] = k
+                pad = PREFILL_BATCH - len(batch)
+                idx = np.array(batch + [0] * pad)
+                ent = np.array([entry_of[b] for b in batch] + [entries] * pad, np.int32)
+                pool = self._prefill(
+                    smp.params,
+                    pool,
+                    jnp.asarray(tokens[idx]),
+                    jnp.asarray(mask[idx]),
+                    jnp.asarray(ent),
+                    jnp.asarray(idx.astype(np.int32)),
+                    seed_key,
+                    s=s,
+                )
+                prefill_calls += 1
+            if done or fills:
+                slot_m = np.full(width, width, np.int32)
+                row_m = np.full(width, -1, np.int32)
+                entry_m = np.zeros(width, np.int32)
+                changed = sorted(set(done) | set(free_slots[: len(fills)]))
+                for i, slot in enumerate(changed):
+                    slot_m[i] = slot
+                for i, (b, j) in enumerate(fills):
+                    slot = free_slots[i]
+                    pos = changed.index(slot)
+                    row_m[pos], entry_m[pos] = b * k + j, entry_of[b]
+                    slot_row[slot] = b * k + j
+                st = self._update(
+                    st, pool, jnp.asarray(slot_m), jnp.asarray(row_m), jnp.asarray(entry_m), s=s
+                )
+            live = [i for i in range(width) if slot_row[i] >= 0]
+            if not live:
+                break
+            queued = qi < len(queue)
+            if not queued:
+                while width > 1 and len(live) <= width // 2:
+                    keep = (
+                        live
+                        + [i for i in range(width) if slot_row[i] < 0][: width // 2 - len(live)]
+                    )
+                    st = self._gather(st, jnp.asarray(np.array(keep, np.int32)))
+                    slot_row = [slot_row[i] for i in keep]
+                    width //= 2
+                    live = [i for i in range(width) if slot_row[i] >= 0]
+            max_pos = int(
+                jax.device_get(jnp.max(jnp.where(st.occupied_s & ~st.complete_s, st.pos_s, 0)))
+            )
+            window = next(w for w in self.windows if w > max_pos)
+            min_live = -1 if queued or width == 1 else width // 2
+            st = self._loop(
+                smp.params,
+                pool,
+                st,
+                seed_key,
+                jnp.asarray(queued),
+                jnp.int32(min_live),
+                s=s,
+                window=window,
+            )
+
+        counters = jax.device_get(
+            {f: getattr(st, f) for f in ("busy_steps", "token_steps", "slot_steps", "steps")}
+        )
+        batch = RolloutBatch(
+            prompt_tokens=tokens[:n],
+            prompt_mask=mask[:n],
+            response_tokens=out_tokens,
+            response_mask=np.arange(t)[None] < out["lengths"][:, None],
+            logprobs=out_lp,
+            lengths=out["lengths"],
+            finished=out["finished"],
+            truncated=out["truncated"],
+            logp_zc=out["logp_zc"],
+            k=k,
+            logprob_temperature=s.logprob_temperature,
+            decode_steps=int(counters["steps"]),
+        )
+        stats = SlotStats(
+            slot_steps=int(counters["slot_steps"]),
+            busy_steps=int(counters["busy_steps"]),
+            token_steps=int(counters["token_steps"]),
+            decode_steps=int(counters["steps"]),
+            prefill_calls=prefill_calls,
+            prefill_prompts=len(left),
+        )
+        return batch, stats
