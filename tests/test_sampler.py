@@ -593,7 +593,10 @@ def test_sharded_decode_all_reduces_nothing_vocabulary_sized(model):
 # --- continuous batching ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize(
+    "temperature",
+    [1.0, pytest.param(0.7, marks=pytest.mark.slow), pytest.param(0.0, marks=pytest.mark.slow)],
+)
 def test_continuous_batching_equals_the_static_sampler(model, batches, temperature):
     """16 rows through 3 slots (windows 2, 5, 8): every row's tokens, log-probs, log p(z_c) and
     ending equal the static sampler's for the same seed (per-row keys, `sampler.row_keys`); each
@@ -617,8 +620,9 @@ def test_continuous_batching_equals_the_static_sampler(model, batches, temperatu
 
 
 def test_continuous_batching_drains_into_fewer_slots(model, batches):
-    """More slots than rows: every row starts at once, and the batch halves as rows complete
-    (16 -> 8 -> ...), so the slot-steps stay within twice the row-steps."""
+    """More slots than rows: every row starts at once, and the batch halves whenever at most
+    half its slots are live (16 -> 8 -> ...), so a step never runs more than twice its live rows
+    and the rollout takes fewer slot-steps than 16 slots for every step."""
     ref = batches[1.0]
     out, stats = ContinuousSampler(make_sampler(model), slots=16).sample(
         PROMPTS, k=K, temperature=1.0, seed=SEED
@@ -626,4 +630,5 @@ def test_continuous_batching_drains_into_fewer_slots(model, batches):
     np.testing.assert_array_equal(out.response_tokens, ref.response_tokens)
     assert stats.prefill_calls == 1
     assert stats.busy_steps == (ref.lengths - 1 + ref.finished).sum()
-    assert stats.slot_steps < 2 * stats.busy_steps < 16 * stats.decode_steps
+    assert stats.slot_steps <= 2 * stats.busy_steps
+    assert stats.slot_steps < 16 * stats.decode_steps
