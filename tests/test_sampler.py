@@ -130,31 +130,41 @@ def assert_same_draws(model, ref, out, rows: int, temperature: float, seed: int)
     shared or separate prefill, sharded or not) drew the same tokens, unless a draw was a tie
     that float32 round-off decides.
 
-    Token i of output row r is argmax(logits / T + g) with g = gumbel(fold_in(fold_in(key(seed),
-    i), r)) (sampler.py), and argmax(log_softmax(logits / T) + g) is the same token. Each layout's
-    tempered log-probs are within ATOL of a teacher-forced forward (the tests above), so two
-    layouts can pick different tokens a and b only where the teacher-forced margin
-    |(lp(a) + g_a) - (lp(b) + g_b)| <= 2 ATOL: which of them wins is then round-off, and another
-    CPU may decide it the other way. So: equal tokens, finish flags and log-probs (to 1e-5: the
-    same float32 forward in another layout, measured ~1e-6) up to a row's first different token;
-    there the margin must be such a tie; later tokens follow different histories. The Gumbel
-    reconstruction is checked on every token of `ref` first.
+    Token i of output row r is the inverse-CDF draw of softmax(logits / T) at
+    u = uniform(fold_in(fold_in(key(seed), r), i)) (sampler.py): the token whose cumulative
+    probability interval holds u. Each layout's tempered log-probs are within ATOL of a
+    teacher-forced forward (the tests above), so each interval end is within ATOL of the
+    teacher-forced one, and two layouts can pick different tokens a and b only where u lies
+    within 2 ATOL of an end of a's teacher-forced interval: which side wins is then round-off,
+    and another CPU may decide it the other way. So: equal tokens, finish flags and log-probs
+    (to 1e-5: the same float32 forward in another layout, measured ~1e-6) up to a row's first
+    different token; there u must be such a tie; later tokens follow different histories. The
+    draw reconstruction is checked on every token of `ref` first.
     """
     p, t = ref.prompt_tokens.shape[1], ref.response_tokens.shape[1]
     lp = np.asarray(
         jax.nn.log_softmax(jnp.asarray(teacher_forced_logits(model, ref) / temperature), -1)
     )[:rows, p - 1 : p - 1 + t]
-    keys = jax.vmap(
-        lambda i: jax.vmap(jax.random.fold_in, (None, 0))(
-            jax.random.fold_in(jax.random.key(seed), i), jnp.arange(rows, dtype=jnp.uint32)
-        )
-    )(jnp.arange(t))
-    gumbel = np.asarray(jax.vmap(jax.vmap(lambda k: jax.random.gumbel(k, lp.shape[-1:])))(keys))
-    score = lp + gumbel.swapaxes(0, 1)  # [rows, T, V]
+    u = np.asarray(
+        jax.vmap(
+            lambda r: jax.vmap(
+                lambda i: jax.random.uniform(
+                    jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), r), i)
+                )
+            )(jnp.arange(t, dtype=jnp.uint32))
+        )(jnp.arange(rows, dtype=jnp.uint32)),
+        np.float64,
+    )  # [rows, T]
+    probs = np.exp(lp)
+    hi = np.cumsum(probs, -1)
+    lo = hi - probs
     for r in range(rows):
         n = ref.lengths[r]
-        drawn = np.take_along_axis(score[r, :n], ref.response_tokens[r, :n, None], -1)[:, 0]
-        assert np.all(drawn >= score[r, :n].max(-1) - 2 * ATOL), f"row {r}: not its Gumbel argmax"
+        tok = ref.response_tokens[r, :n]
+        a_lo = np.take_along_axis(lo[r, :n], tok[:, None], -1)[:, 0]
+        a_hi = np.take_along_axis(hi[r, :n], tok[:, None], -1)[:, 0]
+        inside = (a_lo - 2 * ATOL <= u[r, :n]) & (u[r, :n] <= a_hi + 2 * ATOL)
+        assert inside.all(), f"row {r}: not its inverse-CDF draw"
         same = ref.response_tokens[r, :n] == out.response_tokens[r, :n]
         if same.all():
             assert out.lengths[r] == n and out.finished[r] == ref.finished[r], f"row {r}"
@@ -163,9 +173,8 @@ def assert_same_draws(model, ref, out, rows: int, temperature: float, seed: int)
             continue
         i = int(np.argmin(same))
         np.testing.assert_allclose(out.logprobs[r, :i], ref.logprobs[r, :i], atol=1e-5, rtol=0)
-        a, b = ref.response_tokens[r, i], out.response_tokens[r, i]
-        margin = abs(score[r, i, a] - score[r, i, b])
-        assert margin <= 2 * ATOL, f"row {r} token {i}: {a} vs {b} is no round-off tie ({margin})"
+        margin = min(abs(u[r, i] - a_lo[i]), abs(u[r, i] - a_hi[i]))
+        assert margin <= 2 * ATOL, f"row {r} token {i}: u {u[r, i]} is no round-off tie ({margin})"
 
 
 # --- the returned quantities against a teacher-forced forward -------------------------------
