@@ -104,6 +104,14 @@ ALLOWED = {
         "laserjax.sharding",
         "laserjax.config",
     ),
+    # continuous batching drives the sampler's prefill and decode pieces with a slot pool.
+    "laserjax.continuous": (
+        "laserjax.model",
+        "laserjax.laser",
+        "laserjax.sharding",
+        "laserjax.config",
+        "laserjax.sampler",
+    ),
     "laserjax.train_step": (
         "laserjax.model",
         "laserjax.laser",
