@@ -762,7 +762,7 @@ class Transformer(nnx.Module):
         window: int | None = None,
         prefix_rows_b: jax.Array | None = None,
         return_hidden: bool = False,
-    ):
+    ) -> tuple[jax.Array, SuffixCache] | tuple[jax.Array, SuffixCache, jax.Array]:
         """One token for each of K samples per prompt, written at suffix index `step`.
 
         Sample j of prompt b attends to prompt b's prefix keys and to its own suffix keys
