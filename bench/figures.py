@@ -15,13 +15,18 @@ Figures and the script that prints each (their last JSON line is echoed here, wi
   (`../shared/bench/instruments/sampler_vs_tunix.py`; Tunix installed with
   `pip install --no-deps --target $TUNIX_DIR google-tunix==0.1.7 jaxtyping wadler_lindig
   sentencepiece pillow`, outside the repository).
+- tunix_lengths: the same on long-tailed response lengths (lognormal, median 100, cap 800),
+  laserjax's continuous batching vs Tunix's static batches, same number of rows in flight:
+  `bench/tunix_lengths.py`.
+- fsdp: bytes all-reduced per decode step, FSDP and FSDP x tensor on 8 CPU devices, 0.5B shape,
+  256 rows (compile only): `bench/fsdp_collectives.py`.
 - generate: laserjax's sampler vs transformers `generate`: `bench/sampler_cpu.py`.
 - train: the train step vs a PyTorch forward + backward + AdamW step, interleaved
   (`../shared/bench/instruments/train_vs_torch.py`).
 
-Timing figures (tunix, generate, train) mean something only at low load: the CPU is shared, and
-PyTorch's threads slow 5-10x under load. Each figure's line carries the load before and after;
-quote a ratio only with its load.
+Timing figures (tunix, tunix_lengths, generate, train) mean something only at low load: the CPU
+is shared, and PyTorch's threads slow 5-10x under load. Each figure's line carries the load
+before and after; quote a ratio only with its load.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ FIGURES = {
     "traffic": ["bench/decode_cost.py"],
     "slots": ["bench/slot_utilisation.py"],
     "tunix": [str(INSTRUMENTS / "sampler_vs_tunix.py")],
+    "tunix_lengths": ["bench/tunix_lengths.py"],
+    "fsdp": ["bench/fsdp_collectives.py"],
     "generate": ["bench/sampler_cpu.py"],
     "train": [str(INSTRUMENTS / "train_vs_torch.py")],
 }

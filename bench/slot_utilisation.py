@@ -34,17 +34,17 @@ from laserjax.sampler import Sampler
 VOCAB, EOS, ZC, PAD = 256, 1, 2, 0
 
 
-def hazard_logits(median: float, sigma: float, cap: int) -> np.ndarray:
-    """[cap, V] logits: row i gives EOS probability P(len = i + 1 | len > i) under
+def hazard_logits(median: float, sigma: float, cap: int, vocab: int = VOCAB) -> np.ndarray:
+    """[cap, vocab] logits: row i gives EOS probability P(len = i + 1 | len > i) under
     lognormal(log median, sigma) lengths rounded up; other tokens uniform, z_c and pad never."""
     from math import erf
 
     def cdf(x):
         return 0.5 * (1 + erf((math.log(x) - math.log(median)) / (sigma * math.sqrt(2))))
 
-    out = np.zeros((cap, VOCAB), np.float32)
+    out = np.zeros((cap, vocab), np.float32)
     out[:, [ZC, PAD]] = -np.inf
-    others = VOCAB - 3
+    others = vocab - 3
     for i in range(cap):
         survive = 1 - cdf(i) if i > 0 else 1.0
         p = (cdf(i + 1) - (cdf(i) if i > 0 else 0.0)) / max(survive, 1e-30)

@@ -353,9 +353,15 @@ class RolloutConfig:
     prompt_buckets: tuple[int, ...] = ()
     """Padded prompt lengths the sampler compiles for; empty = powers of two up to
     max_prompt_len."""
+    slots: int = 0
+    """0: each step's rows decode as one static batch until its longest row ends. N > 0:
+    continuous batching (`laserjax/continuous.py`) through N decode slots, a finished row's slot
+    taking the next queued sample; the same tokens, log-probs and log p(z_c) as the static batch
+    for the same seed, so training is unchanged. One device only."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
+        _check(self.slots >= 0, "rollout.slots", "must be >= 0 (0 = one static batch)")
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1 (K)")
         _check(self.temperature >= 0, "rollout.temperature", "must be >= 0 (0 = greedy)")
         _check(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")

@@ -64,6 +64,7 @@ from laserjax.config import token_id_problem
 from laserjax.laser import positions_from_mask as prompt_positions
 from laserjax.laser import token_logprobs
 from laserjax.model.transformer import (
+    SLICED_ROWS_MAX,
     PrefixCache,
     SuffixCache,
     Transformer,
@@ -108,12 +109,12 @@ VOCAB_CHUNK = 128
 def row_slices(x_rv: jax.Array, start_r: jax.Array, size: int) -> jax.Array:
     """x_rv[r, start_r[r] : start_r[r] + size] for every row: [R, size].
 
-    One dynamic slice per row for up to 512 rows: XLA costs a gather fused into its consumer as
-    a read of the whole [R, V] operand, a dynamic slice as a read of its `size` entries (what
-    either reads). More rows take one gather.
+    One dynamic slice per row for up to `SLICED_ROWS_MAX` rows: XLA:CPU's cost analysis counts a
+    gather as a read of the whole [R, V] operand, a dynamic slice as a read of its `size` entries
+    (what either reads). More rows take one gather (the slices are unrolled: compile time).
     """
     r = x_rv.shape[0]
-    if r > 512:
+    if r > SLICED_ROWS_MAX:
         idx = start_r[:, None] + jnp.arange(size)
         return jnp.take_along_axis(x_rv, idx, axis=-1, mode="promise_in_bounds")
     return jnp.concatenate(

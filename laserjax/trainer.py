@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 from laserjax import eval_metrics, multihost, paths, run_identity, sharding
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import Config, ConfigError
+from laserjax.continuous import ContinuousSampler
 from laserjax.data import make_train_loader, read_jsonl
 from laserjax.evaluate import (
     EvalResult,
@@ -142,6 +143,11 @@ class Trainer:
         now."""
         self.started = time.time() if started is None else started
         self.cfg = cfg
+        if cfg.rollout.slots and jax.device_count() > 1:
+            raise ConfigError(
+                f"config field `rollout.slots`: continuous batching runs on one device and this "
+                f"run has {jax.device_count()}; set rollout.slots=0 (one static batch per step)"
+            )
         try:
             self.out = paths.run_path(cfg.output_dir, field="config field `output_dir`")
         except paths.PathError as e:
@@ -203,6 +209,7 @@ class Trainer:
                 with_reference=cfg.policy_loss.kl_coef > 0,
             )
         self.sampler: Sampler | None = None  # built once the parameters are concrete
+        self.continuous: ContinuousSampler | None = None
         self.c_ref: float | None = None if cfg.laser.c_ref == "auto" else float(cfg.laser.c_ref)
         self.step_fn = None
 
@@ -210,7 +217,7 @@ class Trainer:
 
     def _make_sampler(self) -> Sampler:
         cfg, t = self.cfg, self.task
-        return Sampler(
+        sampler = Sampler(
             (self.graphdef, self.state.params),
             eos_ids=t.eos_ids,
             pad_id=t.pad_id,
@@ -218,22 +225,24 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
             max_prompt_len=cfg.rollout.max_prompt_len,
             prompt_buckets=cfg.rollout.prompt_buckets,
-            mesh=self.mesh,
+            # Continuous batching runs on one device, where a mesh adds nothing.
+            mesh=None if cfg.rollout.slots else self.mesh,
         )
+        self.continuous = (
+            ContinuousSampler(sampler, cfg.rollout.slots) if cfg.rollout.slots else None
+        )
+        return sampler
 
     def _scoring(self) -> Scoring:
         return Scoring(beta_v=self.cfg.laser.beta_v, c_ref=self.c_ref)
 
     def _rollout(self, prompts: list[list[int]], answers: list[str], seed: int):
         r = self.cfg.rollout
-        rollout = self.sampler.sample(
-            prompts,
-            k=r.samples_per_prompt,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            seed=seed,
-        )
+        kw = dict(k=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        if self.continuous is None:
+            rollout = self.sampler.sample(prompts, seed=seed, **kw)
+        else:
+            rollout, _ = self.continuous.sample(prompts, seed=seed, **kw)
         texts = decode_responses(self.task.tokenizer, rollout)
         refs = [answers[i // r.samples_per_prompt] for i in range(len(texts))]
         return rollout, self._grade(texts, refs)

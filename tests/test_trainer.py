@@ -411,6 +411,41 @@ def test_grpo_run_logs_the_required_metrics_and_summary(grpo_run):
         assert isinstance(summary[key], int | float), (key, summary[key])
 
 
+def test_continuous_batching_run_trains_as_the_static_one(work, cache_dir, grpo_run):
+    """`rollout.slots=3`: the 32 rows of each step go through 3 decode slots. The rollouts are
+    the static batch's (per-row draws), so every step samples the same responses (equal
+    rewards, lengths, finished shares) and every metric agrees to the sampler's log-prob
+    tolerance: rows of a different batch width differ in float32 round-off only (test_sampler's
+    ATOL 1e-4 per log-prob; a metric averages such values, four steps of updates of size lr)."""
+    out = work / "grpo_slots"
+    _ok(
+        _train(
+            out,
+            SMALL + ["algorithm=grpo", "train.total_steps=4", "rollout.slots=3"],
+            cache_dir,
+        )
+    )
+    static, cont = _rows(grpo_run / "metrics.jsonl"), _rows(out / "metrics.jsonl")
+    assert [r["step"] for r in cont] == [1, 2, 3, 4]
+    for a, b in zip(static, cont, strict=True):
+        a, b = _drop_timing(a), _drop_timing(b)
+        assert a.keys() == b.keys()
+        for key in ("reward_mean", "response_len_mean", "truncated_frac"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+        for key, x in a.items():
+            if isinstance(x, float):
+                assert abs(x - b[key]) <= 1e-4 * max(1.0, abs(x)), (a["step"], key, x, b[key])
+
+
+def test_continuous_batching_on_several_devices_is_refused(tmp_path):
+    cfg = load_config(DEMO, ["rollout.slots=2", f"output_dir={tmp_path / 'x'}"])
+    assert cfg.rollout.slots == 2
+    if jax.device_count() < 2:
+        pytest.skip("needs several devices (tests/conftest.py sets 8 fake CPU devices)")
+    with pytest.raises(ConfigError, match="`rollout.slots`: continuous batching runs on one"):
+        Trainer(cfg)
+
+
 def test_hf_export_loads_in_transformers_with_the_trained_logits(grpo_run):
     import torch
     from transformers import AutoModelForCausalLM

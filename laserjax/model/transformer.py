@@ -645,6 +645,13 @@ class Block(nnx.Module):
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
 
+SLICED_ROWS_MAX = 64
+"""Row reads (`Embed.rows`, `sampler.row_slices`) of at most this many rows are unrolled dynamic
+slices, more rows one gather: the same values; the slices make XLA:CPU's cost analysis count what
+is read (a gather counts its whole operand) but compile in time linear in the rows (the CPU
+demo's 256 rows compiled its sampler in 40 s instead of 6)."""
+
+
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -658,11 +665,15 @@ class Embed(nnx.Module):
         return table.at[tokens].get(mode="promise_in_bounds").astype(dtype)
 
     def rows(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        """The same lookup as one dynamic slice per token (for the few tokens of a decode step).
+        """The same lookup as one dynamic slice per token, for up to `SLICED_ROWS_MAX` tokens
+        (a decode step); more take the gather.
 
-        XLA costs a gather fused into its consumer as a read of the whole table; a dynamic slice
-        as a read of its row, which is what the step reads.
+        XLA:CPU's cost analysis counts a gather as a read of the whole table, a dynamic slice as
+        a read of its row, which is what either reads; the slices are unrolled, so past a few
+        dozen rows they cost compile time (bench/decode_cost.py measures 64 rows).
         """
+        if tokens.size > SLICED_ROWS_MAX:
+            return self(tokens, dtype)
         table = self.embedding[...]
         flat = tokens.reshape(-1)
         rows = [jax.lax.dynamic_slice_in_dim(table, flat[i], 1) for i in range(flat.size)]
