@@ -43,9 +43,10 @@ def all_reduce_bytes(hlo: str) -> dict[str, list[int]]:
         m = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
         if m:
             comp = m.group(1)
-        if " all-reduce(" not in line and " all-reduce-start(" not in line:
+        m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+        if not m:
             continue
-        head = line.split("all-reduce")[0]
+        head = m.group(1)  # the result shape(s), between the name and the opcode
         n = 0
         for dt, dims in re.findall(r"([a-z]+\d*)\[([0-9,]*)\]", head):
             n += _BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)

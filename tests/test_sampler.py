@@ -592,8 +592,11 @@ def test_sharded_decode_all_reduces_nothing_vocabulary_sized(model):
         hlo = sampler._loop.lower(sampler.params, prefix, state, s).compile().as_text()
         sizes = []
         for line in hlo.splitlines():
-            if " all-reduce(" in line or " all-reduce-start(" in line:
-                shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", line.split("all-reduce")[0])
+            # `%name = f32[...] all-reduce(...)`: the result shapes sit between '=' and the
+            # opcode (the name itself may read `all-reduce.3`).
+            m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+            if m:
+                shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", m.group(1))
                 sizes += [math.prod(int(d) for d in s.split(",") if d) for s in shapes]
         # A vocabulary-sized all-reduce would carry at least one row's logits (1000 values).
         assert max(sizes, default=0) < wide.vocab_size, (mesh_cfg, sorted(sizes)[-5:])
