@@ -594,9 +594,9 @@ def test_sharded_decode_all_reduces_nothing_vocabulary_sized(model):
         for line in hlo.splitlines():
             # `%name = f32[...] all-reduce(...)`: the result shapes sit between '=' and the
             # opcode (the name itself may read `all-reduce.3`).
-            m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
-            if m:
-                shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", m.group(1))
+            hit = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+            if hit:
+                shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", hit.group(1))
                 sizes += [math.prod(int(d) for d in s.split(",") if d) for s in shapes]
         # A vocabulary-sized all-reduce would carry at least one row's logits (1000 values).
         assert max(sizes, default=0) < wide.vocab_size, (mesh_cfg, sorted(sizes)[-5:])
