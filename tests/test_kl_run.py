@@ -76,7 +76,7 @@ def _rows(path: pathlib.Path) -> list[dict]:
 def _restore(run_dir: pathlib.Path, step: int):
     cfg = load_config(run_dir / "config.yaml")
     mcfg = toy_task.model_config(
-        toy_task.ToyConfig.from_dict(cfg.model.toy),
+        cfg.model.toy,
         dtype=cfg.model.dtype,
         param_dtype=cfg.model.param_dtype,
     )

@@ -367,7 +367,7 @@ def test_cli_compile_on_the_demo_config():
     """`--compile` on the CPU demo's real config: XLA's numbers printed beside the plan."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli.main(["plan", "--config", "configs/demo_cpu.yaml", "--compile"])
+        cli.main(["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--compile"])
     summary = json.loads(out.getvalue().strip().splitlines()[-1])
     assert summary["xla"]["arguments"] == (
         summary["params"] + summary["opt_state"] + summary["batch"]
