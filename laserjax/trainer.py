@@ -215,7 +215,8 @@ class Trainer:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def _make_sampler(self) -> Sampler:
+    def _make_samplers(self) -> tuple[Sampler, ContinuousSampler | None]:
+        """The rollout sampler, and the continuous batcher over it when `rollout.slots` > 0."""
         cfg, t = self.cfg, self.task
         sampler = Sampler(
             (self.graphdef, self.state.params),
@@ -228,10 +229,8 @@ class Trainer:
             # Continuous batching runs on one device, where a mesh adds nothing.
             mesh=None if cfg.rollout.slots else self.mesh,
         )
-        self.continuous = (
-            ContinuousSampler(sampler, cfg.rollout.slots) if cfg.rollout.slots else None
-        )
-        return sampler
+        slots = cfg.rollout.slots
+        return sampler, (ContinuousSampler(sampler, slots) if slots else None)
 
     def _scoring(self) -> Scoring:
         return Scoring(beta_v=self.cfg.laser.beta_v, c_ref=self.c_ref)
@@ -388,7 +387,7 @@ class Trainer:
                 self.identity.write(self.out, cfg, start)
             self.loader.set_state(meta["data"])
             self.c_ref = meta["c_ref"]
-            self.sampler = self._make_sampler()
+            self.sampler, self.continuous = self._make_samplers()
             run_info = multihost.on_primary(
                 lambda: self._read_run_info(run_info_path, start), error=ConfigError
             )
@@ -396,7 +395,7 @@ class Trainer:
             if primary:
                 run_identity.record(self.out, "resume", from_step=start)
         else:
-            self.sampler = self._make_sampler()
+            self.sampler, self.continuous = self._make_samplers()
             if self.c_ref is None:
                 probe = [t.train_prompts[i] for i in range(min(len(t.train_prompts), 64))]
                 answers = [t.train_problems[i].answer for i in range(len(probe))]
