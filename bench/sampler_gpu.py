@@ -14,9 +14,10 @@ Other figures per line:
   * roofline_tokens_per_s: rows / (bytes one decode step must read / HBM bandwidth), the bytes
     being every weight once plus the keys/values of the average context (prompt + N/2) of every
     row; roofline_fraction = tokens_per_s / that. `--hbm-tb-s` sets the bandwidth (default 4.3,
-    an H200; 3.35 for an H100). impl_kv_bytes_per_step is what this implementation reads: the
-    decode attends over the whole preallocated suffix cache each step (masked), not only the
-    filled part.
+    an H200; 3.35 for an H100). impl_kv_bytes_per_step is what this implementation's attention
+    reads per step on average: the prefix once, and each row's suffix up to the end of the
+    static window the step runs in (`Sampler.windows_for`), each key/value with head_dim + 1
+    components (the cache carries one extra component per head).
   * self_reward_step_s / self_reward_share: a real z_c step (LASER_SPEC section 5) timed apart:
     the final state with every row marked "emitted EOS, z_c not read yet" goes through the decode
     loop once more, which runs exactly one step (the z_c read over the full cache); its share is
@@ -29,6 +30,8 @@ laserjax.sharding and laserjax.config, which need jax, flax, numpy and pyyaml.
 
 Usage (GPU):       python3 bench/sampler_gpu.py [0.5b] [1.5b] [--top-k 0 50] [--transformers]
                        [--peer-jsonl tunix.jsonl]    (adds `ratio` lines: laserjax / peer)
+                   python3 bench/sampler_gpu.py --ratios-only laserjax.jsonl tunix.jsonl
+                       (the ratio lines of two runs made apart in the same device session)
 Usage (CPU smoke): python3 bench/sampler_gpu.py --tiny [--transformers]
 """
 
@@ -174,17 +177,23 @@ def roofline(
     prompt_len: int,
     new_tokens: int,
     hbm_bytes_per_s: float,
+    windows: tuple[int, ...],
 ) -> dict:
     """The memory-bound lower bound of one decode step (module docstring)."""
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V, bf16
     rows = prompts * k
     avg_ctx_kv = (prompts * prompt_len + rows * new_tokens / 2) * kv_token  # prefix read once
-    impl_kv = (prompts * prompt_len + rows * new_tokens) * kv_token
+    kv_aug = kv_token * (cfg.head_dim + 1) / cfg.head_dim
+    # Decode step s (s = 1 .. new_tokens - 1) runs in the first window W with s < W.
+    steps = range(1, max(new_tokens, 2))
+    mean_window = sum(next(w for w in windows if s < w) for s in steps) / len(steps)
+    impl_kv = (prompts * prompt_len + rows * mean_window) * kv_aug
     step_s = (params_bytes + avg_ctx_kv) / hbm_bytes_per_s
     return dict(
         params_bytes=params_bytes,
         kv_bytes_per_step=int(avg_ctx_kv),
         impl_kv_bytes_per_step=int(impl_kv),
+        decode_windows=list(windows),
         roofline_ms_per_step=1e3 * step_s,
         roofline_tokens_per_s=rows / step_s,
     )
@@ -292,7 +301,14 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
             warm_s, warm_compiles = time.perf_counter() - t, counter.stop()
             r = time_rollout(sampler, prompts, seed=args.seed, counter=counter, **kw)
             roof = roofline(
-                cfg, params_bytes, n, k, args.prompt_len, args.new_tokens, args.hbm_tb_s * 1e12
+                cfg,
+                params_bytes,
+                n,
+                k,
+                args.prompt_len,
+                args.new_tokens,
+                args.hbm_tb_s * 1e12,
+                sampler.windows_for(n, args.prompt_len, k),
             )
             emit(
                 what=f"laserjax_sampler_{name}"
@@ -459,8 +475,19 @@ def main() -> None:
         default=[],
         help="JSON lines of tunix_sampler_bench.py (same run) for ratio lines",
     )
+    ap.add_argument(
+        "--ratios-only",
+        nargs="+",
+        default=None,
+        metavar="JSONL",
+        help="measure nothing: print the ratio lines of laserjax lines over peer lines read "
+        "from these files (laserjax's own output first)",
+    )
     ap.add_argument("--allow-cpu", action="store_true")
     args = ap.parse_args()
+    if args.ratios_only:
+        summarize(args.ratios_only)
+        return
     tiny = args.tiny
     args.batch = args.batch or (4 if tiny else 64)
     args.prompt_len = args.prompt_len or (16 if tiny else 256)

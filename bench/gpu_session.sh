@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 14 in one device call (at most 9.5 minutes), each part under
+# its own time limit so one that hangs leaves the others' lines. Run from the repository root on
+# the device machine with `carry=[".whl", ".peers"]` (bench/README.md: "Running the GPU scripts
+# beside Tunix"); writes JSON lines under $OUT (or ./gpu_out), one file a part, and every part's stderr
+# into stderr.log.
+#
+#   bash bench/gpu_session.sh          # the roofline's bandwidth: 3.35 TB/s on an H100, else 4.3
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+HBM=(--hbm-tb-s 4.3)
+nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && HBM=(--hbm-tb-s 3.35)
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/.peers:$PWD
+
+part() {  # part NAME SECONDS COMMAND...: run one part, its lines to $OUT/NAME.jsonl
+    local name=$1 secs=$2
+    shift 2
+    echo "== $name ($(date -u +%T), limit ${secs}s)"
+    echo "== $name" >>"$OUT/stderr.log"
+    timeout "$secs" "$@" 2>>"$OUT/stderr.log" | tee "$OUT/$name.jsonl"
+    echo "== $name rc=${PIPESTATUS[0]} ($(date -u +%T))"
+    tail -3 "$OUT/stderr.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', \
+flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', \
+transformers.__version__, jax.devices())"
+
+# 1. The sampler at the peer's settings (batch 64, prompt 256, 512 new tokens, temperature 1).
+part laserjax_sampler 140 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 50 "${HBM[@]}"
+part tunix_sampler 150 python3 .peers/tunix_sampler_bench.py 1.5b --extra-top-k 50
+python3 bench/sampler_gpu.py --ratios-only "$OUT/laserjax_sampler.jsonl" \
+    "$OUT/tunix_sampler.jsonl" | tee "$OUT/sampler_ratios.jsonl"
+
+# 2. The train step beside PyTorch (8 x 1024 tokens, bf16), each side in its own process.
+part train_step 180 python3 bench/train_step_gpu.py 0.5b 1.5b --worker-timeout 90
+
+# 3. Long-tailed lengths at the 0.5B shape (float32, both sides 32 rows in flight).
+part tunix_lengths 100 python3 bench/tunix_lengths.py --rounds 1 --vocab 151936 --hidden 896 \
+    --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --head-dim 64
