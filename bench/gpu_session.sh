@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 14 in one device call (at most 9.5 minutes), each part under
-# its own time limit so one that hangs leaves the others' lines. Run from the repository root on
-# the device machine with `carry=[".whl", ".peers"]` (bench/README.md: "Running the GPU scripts
-# beside Tunix"); writes JSON lines under $OUT (or ./gpu_out), one file a part, and every part's stderr
-# into stderr.log.
+# Issue 14's GPU figures in device calls of at most 10 minutes, each part under its own time limit
+# so one that hangs leaves the others' lines. Run from the repository root on the device machine
+# with `carry=[".whl", ".peers"]` (bench/README.md: "Running the GPU scripts beside Tunix");
+# writes JSON lines under $OUT (or ./gpu_out), one file a part, every part's stderr into
+# stderr.log. The roofline's bandwidth is 3.35 TB/s on an H100, else 4.3 (H200).
 #
-#   bash bench/gpu_session.sh          # the roofline's bandwidth: 3.35 TB/s on an H100, else 4.3
+#   bash bench/gpu_session.sh sampler    # laserjax and Tunix samplers, ratios (about 6.5 min)
+#   bash bench/gpu_session.sh train      # train step vs PyTorch, long-tailed lengths (about 9 min)
+#
+# The limits come from the first H200 session (bench/README.md): the sampler's warm-up call
+# compiles for 30-37 s per model and top-k, Tunix's four measurements took 76 s in all, and the
+# LaSeR train step's first call compiled for 94 s at 0.5B with attention in blocks, 31-36 s dense.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -31,15 +36,23 @@ python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__ver
 flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', \
 transformers.__version__, jax.devices())"
 
-# 1. The sampler at the peer's settings (batch 64, prompt 256, 512 new tokens, temperature 1).
-part laserjax_sampler 140 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 50 "${HBM[@]}"
-part tunix_sampler 150 python3 .peers/tunix_sampler_bench.py 1.5b --extra-top-k 50
-python3 bench/sampler_gpu.py --ratios-only "$OUT/laserjax_sampler.jsonl" \
-    "$OUT/tunix_sampler.jsonl" | tee "$OUT/sampler_ratios.jsonl"
-
-# 2. The train step beside PyTorch (8 x 1024 tokens, bf16), each side in its own process.
-part train_step 180 python3 bench/train_step_gpu.py 0.5b 1.5b --worker-timeout 90
-
-# 3. Long-tailed lengths at the 0.5B shape (float32, both sides 32 rows in flight).
-part tunix_lengths 100 python3 bench/tunix_lengths.py --rounds 1 --vocab 151936 --hidden 896 \
-    --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --head-dim 64
+case "${1:-sampler}" in
+sampler)
+    # Batch 64, prompt 256, 512 new tokens, temperature 1: the peer's settings.
+    part laserjax_sampler 240 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 50 "${HBM[@]}"
+    part tunix_sampler 130 python3 .peers/tunix_sampler_bench.py 1.5b --extra-top-k 50
+    python3 bench/sampler_gpu.py --ratios-only "$OUT/laserjax_sampler.jsonl" \
+        "$OUT/tunix_sampler.jsonl" | tee "$OUT/sampler_ratios.jsonl"
+    ;;
+train)
+    # 8 x 1024 tokens, bf16, each side in its own process; then long-tailed lengths at the 0.5B
+    # shape (float32, both sides 32 rows in flight).
+    part train_step 390 python3 bench/train_step_gpu.py 0.5b 1.5b --worker-timeout 150
+    part tunix_lengths 160 python3 bench/tunix_lengths.py --rounds 1 --vocab 151936 \
+        --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --head-dim 64
+    ;;
+*)
+    echo "usage: bash bench/gpu_session.sh sampler|train" >&2
+    exit 2
+    ;;
+esac

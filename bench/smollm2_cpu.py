@@ -9,8 +9,9 @@ torch through `AutoModelForCausalLM.from_pretrained`, laserjax through `load_pre
   max_new_tokens). laserjax: `Sampler.sample`, as a rollout calls it (z_c step included);
   transformers: `generate`.
 - Training: one optimizer step on the same --rows x (prompt + response) tokens. laserjax: the
-  LaSeR train step (PPO-clip surrogate, z_c appended, MSE, AdamW, grad clip 1.0); torch: forward,
-  the same clipped surrogate over the response log-probs, backward, clip_grad_norm_(1.0), AdamW.
+  LaSeR train step (PPO-clip surrogate, log p(z_c) at EOS, MSE, AdamW, grad clip 1.0); torch:
+  forward, the same clipped surrogate over the response log-probs, backward,
+  clip_grad_norm_(1.0), AdamW.
 
 The CPU is shared: after one warm-up each (laserjax: the compiles), the two sides are timed in
 interleaved rounds (laserjax, torch, laserjax, torch, ...) and the fastest of --rounds calls of
@@ -150,7 +151,7 @@ def main() -> None:
         LaserConfig(reasoning_warmup_steps=0, self_reward_warmup_steps=0, c_ref=-21.0),
         PolicyLossConfig(),
         optim,
-        ts.StepSettings(group_size=4, self_reward_token_id=ZC, logit_chunk=256, append_zc=True),
+        ts.StepSettings(group_size=4, self_reward_token_id=ZC, logit_chunk=256),
         mesh,
     )
     holder = {"state": state}

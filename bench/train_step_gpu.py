@@ -15,8 +15,9 @@ line per model with laserjax / PyTorch tokens per second.
   clip_grad_norm_(1.0), `torch.optim.AdamW` step (foreach; `--torch-fused` for fused), zero_grad.
   A plain policy-gradient step: the part of a GRPO/verl actor update that costs.
 
-Batch: 8 rows x (prompt 256 + response 768) = 8192 tokens per step (laserjax adds the z_c column,
-not counted); every row finished with EOS in the last slot so z_c sits in the extra column.
+Batch: 8 rows x (prompt 256 + response 768) = 8192 tokens per step, every row finished with EOS
+in the last slot (log p(z_c) read at that position; `--zc-column` also writes z_c into a 1025th
+column, as the spec's sequence has it, causally invisible and not counted).
 Timing: `--warmup` steps (the first compiles), then `--steps` timed steps, each synchronised;
 tokens_per_s = 8192 / median step seconds. On an H200, the PyTorch step was measured earlier at
 80.9k tokens/s (0.5B) and 38.2k (1.5B); the issue's target is laserjax >= 1.2x PyTorch.
@@ -133,7 +134,7 @@ def worker_laserjax(args, shape: dict) -> None:
         self_reward_token_id=Z_C % vocab,
         logit_chunk=args.logit_chunk,
         micro_batch_size=args.micro_batch,
-        append_zc=not args.no_zc_column,
+        append_zc=args.zc_column,
     )
     optim = OptimConfig(learning_rate=1e-6)
     mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
@@ -174,7 +175,7 @@ def worker_laserjax(args, shape: dict) -> None:
         param_dtype=args.param_dtype,
         logit_chunk=args.logit_chunk,
         attention_block=cfg.attention_block,
-        append_zc=not args.no_zc_column,
+        append_zc=args.zc_column,
     )
 
 
@@ -311,9 +312,10 @@ def main() -> None:
         "length: dense attention)",
     )
     ap.add_argument(
-        "--no-zc-column",
+        "--zc-column",
         action="store_true",
-        help="LaSeR step without z_c written into the sequence (L = 1024, not 1025)",
+        help="write z_c into the sequence as the spec does (L = 1025, not 1024; the library "
+        "default leaves the causally invisible column out)",
     )
     ap.add_argument(
         "--grpo",
@@ -369,7 +371,7 @@ def main() -> None:
         "--attention-block",
         str(args.attention_block),
     ]
-    common += ["--no-zc-column"] if args.no_zc_column else []
+    common += ["--zc-column"] if args.zc_column else []
     common += ["--remat"] if args.remat else []
     common += ["--torch-fused"] if args.torch_fused else []
     for name in models:

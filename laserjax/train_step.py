@@ -5,7 +5,7 @@ log-probs, log p(z_c)), the loss and gradients over micro-batches, the jitted up
 mini-batches, and the host-side check of a batch. Each part serves only the next; the formulas
 themselves are `laserjax.laser`'s.
 
-One call of the model over `prompt, y_1 .. y_T, <eos>, z_c` gives both losses:
+One call of the model over `prompt, y_1 .. y_T, <eos>` gives both losses:
 
 - the policy log-probs of y_1 .. <eos>, tempered as the sampler's (`laser.token_logprobs`), feed
   the PPO clipped surrogate with group-normalised (and, after the warm-ups,
@@ -32,9 +32,12 @@ The LM head runs in chunks of `StepSettings.logit_chunk` positions under `jax.ch
 [R, L, V] float32 logits are ever held: each chunk's logits are recomputed in the backward pass
 (a chunk >= T runs the head in one piece and keeps its logits, when memory allows).
 
-The z_c column (`StepSettings.append_zc`, on by default as the spec writes the sequence) is never
-read: log p(z_c) is the EOS position's output, and causal attention hides z_c from every earlier
-position. Dropping it gives the same numbers one position shorter.
+The spec writes the sequence as `prompt, y, <eos>, z_c`, but the z_c column is never read:
+log p(z_c) is the EOS position's output, and causal attention hides z_c from every earlier
+position. So the step leaves it out by default (`StepSettings.append_zc = False`): the same
+numbers (tests/test_train_step.py) one position shorter. The column made a 256 + 768-token batch
+1025 positions long, and on an H200 that step ran at 50.9k tokens/s against 64.0k at 1024
+(bench/README.md, GPU).
 """
 
 from __future__ import annotations
@@ -109,9 +112,10 @@ class StepSettings:
     logit_chunk: int = 512
     """Positions per LM-head chunk: bounds the float32 logits held to [R_micro, chunk, V]
     (chunks are recomputed in the backward pass; chunk >= T keeps the whole logits instead)."""
-    append_zc: bool = True
-    """Put z_c in the sequence at eos_pos + 1 (spec 2). Causally invisible to every log-prob the
-    step reads, so False gives the same numbers one position shorter; kept for the benchmark."""
+    append_zc: bool = False
+    """Put z_c in the sequence at eos_pos + 1, as spec section 2 writes it. Causally invisible to
+    every log-prob the step reads, so the default leaves it out: the same numbers one position
+    shorter (module docstring); True is kept for the tests and benchmarks that show this."""
     old_logprob_source: str = "rollout"
     """The PPO ratio's old log-probs: "rollout" uses TrainBatch.old_logprobs (the sampler's; this
     API's default), "recompute" the training forward with the pre-update parameters (the

@@ -308,6 +308,27 @@ def test_step_without_mse_and_integration_is_plain_grpo(model):
 # The MSE term: truncated rows contribute nothing; value against a hand computation.
 
 
+def test_zc_column_changes_nothing_under_laser(model):
+    """With the MSE and the advantage integration on (alpha 1, every warm-up over), the step with
+    z_c written into the sequence and the default step without it give the same log p(z_c), MSE
+    and gradients: z_c is an input no position before it sees. The two runs differ only in the
+    sequence length the matmuls run over, so at most float32 round-off of one forward and
+    backward, ~1e-6 relative: bound 1e-5 (measured 0.0: XLA:CPU sums the same terms in the same
+    order). Row 1 ends with EOS in the last slot, where the column would be an extra one."""
+    rewards = np.array([1, 0, 1, 0, 1, 1, 0, 0], np.float32)
+    batch = _batch(model, rewards=rewards)
+    laser_cfg = dataclasses.replace(LASER_ON, alpha=1.0)
+    assert _settings().append_zc is False  # the default leaves the column out
+    g_zc, m_zc = _grads(model, batch, laser_cfg, _settings(append_zc=True))
+    g_no, m_no = _grads(model, batch, laser_cfg, _settings())
+    assert float(m_zc["self_reward/mse_active"]) == 1.0
+    assert float(m_zc["self_reward/integration_active"]) == 1.0
+    for key in ("self_reward/mse", "self_reward/r_s_correct", "self_reward/r_s_incorrect"):
+        np.testing.assert_allclose(m_no[key], m_zc[key], rtol=1e-5)
+    np.testing.assert_allclose(m_no["actor/pg_loss"], m_zc["actor/pg_loss"], rtol=1e-5, atol=1e-7)
+    assert _max_rel_err(g_no, g_zc) <= 1e-5
+
+
 def test_mse_over_finished_rows_only(model):
     """All rewards equal inside each group -> A_v = 0, so the gradient is alpha x grad(MSE)
     alone. Changing the truncated rows' tokens must change neither the MSE nor its gradient
