@@ -631,6 +631,26 @@ def test_continuous_batching_equals_the_static_sampler(model, batches, temperatu
     assert stats.busy_steps <= stats.slot_steps <= 3 * stats.decode_steps
 
 
+def test_continuous_batching_refills_in_groups(model, batches):
+    """`refill=3` of 4 slots: the loop returns to the host only once 3 slots have freed (or the
+    queue has fewer samples left), so it makes fewer loop calls than refilling every freed slot
+    at once, and every row still equals the static sampler's."""
+    ref = batches[1.0]
+    one = ContinuousSampler(make_sampler(model), slots=4, windows=(T,), refill=1)
+    three = ContinuousSampler(make_sampler(model), slots=4, windows=(T,), refill=3)
+    out1, stats1 = one.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+    out3, stats3 = three.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+    for out in (out1, out3):
+        np.testing.assert_array_equal(out.response_tokens, ref.response_tokens)
+        np.testing.assert_array_equal(out.finished, ref.finished)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+        np.testing.assert_allclose(out.logp_zc, ref.logp_zc, atol=1e-5)
+    assert stats3.loop_calls < stats1.loop_calls
+    # Waiting for 3 free slots idles some: at most 2 idle slots per step.
+    assert stats3.busy_steps == stats1.busy_steps
+    assert stats3.slot_steps <= stats3.busy_steps + 2 * stats3.decode_steps
+
+
 def test_continuous_batching_drains_into_fewer_slots(model, batches):
     """More slots than rows: every row starts at once, and the batch halves whenever at most
     half its slots are live (16 -> 8 -> ...), so a step never runs more than twice its live rows
