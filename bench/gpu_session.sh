@@ -48,7 +48,7 @@ train)
     # 8 x 1024 tokens, bf16, each side in its own process; then long-tailed lengths at the 0.5B
     # shape (float32, both sides 32 rows in flight).
     part train_step 390 python3 bench/train_step_gpu.py 0.5b 1.5b --worker-timeout 150
-    part tunix_lengths 160 python3 bench/tunix_lengths.py --rounds 1 --vocab 151936 \
+    part tunix_lengths 160 python3 bench/tunix_lengths.py --rounds 1 --refill 1 4 --vocab 151936 \
         --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --head-dim 64
     ;;
 *)
