@@ -10,10 +10,11 @@ Here a rollout of N prompts x K samples runs through S slots instead:
   slots free up and all attend to that one pool entry (`Transformer.decode(prefix_rows_b=...)`),
   which is released when the last of them completes. The K first tokens are drawn at prefill.
 - The decode loop (one jit per slot count and window) runs until `refill` slots (default 1) have
-  freed while samples are queued, until it can halve the slot count once the queue is empty (the live rows are gathered
-  into a batch half as wide, so the drain at the end of a rollout does not run idle slots), or
-  until a live row reaches the end of the attention window. Each return to the host reads the
-  slots' status in one transfer and the completed rows in one gather.
+  freed while samples are queued, until it can halve the slot count once the queue is empty
+  (the live rows are gathered into a batch half as wide, so the drain at the end of a rollout
+  does not run idle slots), or until a live row reaches the end of the attention window. Each
+  return to the host reads the slots' status in one transfer and the completed rows in one
+  gather.
 
 Every row draws exactly what the static sampler draws for it: the token at response index i of
 output row r uses `fold_in(fold_in(key(seed), r), i)` whichever slot and batch the row runs in,

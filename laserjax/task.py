@@ -43,6 +43,24 @@ class Task:
     close: Callable[[], None] = lambda: None
 
 
+def encode_benchmark(cfg: Config, tok: Any, bench: Any) -> tuple[list[Any], list[list[int]]]:
+    """A held-out benchmark's problems and prompt ids as the run asks them: its template,
+    instruction, system turn and few-shot turns, prompts over `rollout.max_prompt_len` dropped.
+    The one encoding of held-out prompts, for training's evaluations and `adaptive --benchmarks`
+    alike."""
+    e = encode_prompts(
+        bench.problems,
+        tok,
+        template=cfg.data.template,
+        instruction=cfg.data.instruction,
+        system=cfg.data.system_prompt,
+        fewshot=cfg.data.fewshot,
+        max_prompt_len=cfg.rollout.max_prompt_len,
+        prompt_overflow="filter",
+    )
+    return e.problems, e.token_ids
+
+
 def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
     toy = cfg.model.toy
     tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
@@ -147,17 +165,7 @@ def real_setup(
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"config field `data.eval`: {e}") from None
         reports.append(bench.report)
-        e = encode_prompts(
-            bench.problems,
-            tok,
-            template=cfg.data.template,
-            instruction=cfg.data.instruction,
-            system=cfg.data.system_prompt,
-            fewshot=cfg.data.fewshot,
-            max_prompt_len=cfg.rollout.max_prompt_len,
-            prompt_overflow="filter",
-        )
-        eval_sets[bench.name] = (e.problems, e.token_ids)
+        eval_sets[bench.name] = encode_benchmark(cfg, tok, bench)
     if cfg.data.reward == "exact":
         reward_fn, close = exact_reward, (lambda: None)
     elif cfg.data.reward == "last_number":

@@ -329,3 +329,43 @@ def test_eval_stop_rule_that_never_stops_early_draws_what_eval_draws(
 def test_eval_stop_rule_errors(tiny_ckpt, eval_dir, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(eval_argv(tiny_ckpt, eval_dir, tmp_path, 3, *MATH500_ARGV, *extra))
+
+
+def test_adaptive_benchmarks_are_asked_as_the_run_asks_them(tiny_ckpt, token_ids, tmp_path):
+    """`adaptive --run DIR --benchmarks B` on a real-model run encodes B's prompts exactly as the
+    run's own evaluations do (its template, instruction, system turn): it once left the
+    instruction out, so a chat run's prompts got the default \\boxed{} instruction, all ran over
+    rollout.max_prompt_len, and the command crashed on an empty prompt list."""
+    import shutil
+
+    import yaml
+
+    from laserjax import task
+    from laserjax.commands import adaptive
+    from laserjax.config_load import load_config, to_dict
+
+    bench = "arithmetic:+:1-9:1-20:eval"
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_ckpt}",
+            "model.dtype=float32",
+            f"data.train={bench.replace(':eval', ':train')}",
+            f"data.eval=[{bench}]",
+            "data.reward=last_number",
+            "data.template=plain",
+            "data.instruction=Answer with the number only.",
+            f"tokens.self_reward_token_id={token_ids['<|z|>']}",
+            f"tokens.eos_ids=[{token_ids['<|im_end|>']}]",
+        ],
+    )
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ckpt, run / "hf")
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run / "run_info.json").write_text(json.dumps({"c_ref": -20.0}))
+    _, own, _ = task.real_setup(cfg, None, abstract=True)
+    setup = adaptive._load_run(str(run), bench, None)
+    (problems, ids), (own_problems, own_ids) = setup.task.eval_sets[bench], own.eval_sets[bench]
+    assert [p.id for p in problems] == [p.id for p in own_problems] and len(problems) > 0
+    assert ids == own_ids
+    assert "Answer with the number only." in setup.task.tokenizer.decode(ids[0])

@@ -46,7 +46,7 @@ from laserjax.adaptive_eval import (
 from laserjax.checkpoint import Checkpointer
 from laserjax.config import ConfigError
 from laserjax.config_load import load_config
-from laserjax.data import encode_prompts, load_benchmark
+from laserjax.data import load_benchmark
 from laserjax.evaluate import (
     Scoring,
     evaluate_prompts,
@@ -142,14 +142,14 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
                 sets = {}
                 for name in (b.strip() for b in benchmarks.split(",") if b.strip()):
                     bench = load_benchmark(name)
-                    enc = encode_prompts(
-                        bench.problems,
-                        task.tokenizer,
-                        template=cfg.data.template,
-                        max_prompt_len=cfg.rollout.max_prompt_len,
-                        prompt_overflow="filter",
-                    )
-                    sets[bench.name] = (enc.problems, enc.token_ids)
+                    problems, ids = run_task.encode_benchmark(cfg, task.tokenizer, bench)
+                    if not problems:
+                        raise _fail(
+                            "--benchmarks",
+                            f"{name}: every prompt is longer than the run's "
+                            f"rollout.max_prompt_len ({cfg.rollout.max_prompt_len})",
+                        )
+                    sets[bench.name] = (problems, ids)
                 task.eval_sets = sets
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise _fail("--run", f"{run}: {e}") from None
