@@ -108,7 +108,7 @@ def family(rule: Rule) -> str:
     if isinstance(rule, ScoreBetaStop):
         return f"r_s pseudo-count Beta (lam {rule.lam:g})"
     if isinstance(rule, ScoreAccept):
-        return f"r_s accept + AC@{getattr(rule.fallback, 'threshold', '?')}"
+        return "r_s accept + Adaptive-Consistency"
     return type(rule).__name__
 
 
@@ -121,9 +121,14 @@ def default_rules(n: int) -> list[Rule]:
     rules += [WindowStop(n, window=w) for w in (2, 3, 4, 5, 6, 8) if w <= n]
     rules += [ScoreBetaStop(n, threshold=t, lam=1.0) for t in thresholds]
     rules += [ScoreBetaStop(n, threshold=t, lam=0.5) for t in thresholds]
+    # Accept a sample at r_s >= tau, else Adaptive-Consistency at any of its thresholds: for each
+    # threshold the rule stops no later than Adaptive-Consistency alone, so the family's curve
+    # can only lie left of AC's in samples; what r_s decides is whether accuracy holds there.
+    # Two knobs (5 x 8 settings against AC's 8): the table names the one it picked.
     rules += [
-        ScoreAccept(n, tau=tau, fallback=BetaStop(n, threshold=0.95))
+        ScoreAccept(n, tau=tau, fallback=BetaStop(n, threshold=t))
         for tau in (0.6, 0.7, 0.8, 0.9, 0.95)
+        for t in thresholds
     ]
     return rules
 

@@ -67,6 +67,24 @@ def test_replay_on_the_pools_own_order_by_hand():
     assert all(r.accuracy_sd == 0 for r in rows.values())  # one order
 
 
+def test_accept_family_never_takes_more_samples_than_adaptive_consistency():
+    """Every `r_s accept + Adaptive-Consistency` setting of the comparison stops, problem by
+    problem and order by order, no later than Adaptive-Consistency at its fallback threshold
+    (accepting can only stop earlier), so on average it takes at most as many samples."""
+    from laserjax.adaptive_eval import default_rules, family
+
+    pool = hand_pool()
+    rules = default_rules(4)
+    accept = [r for r in rules if family(r) == "r_s accept + Adaptive-Consistency"]
+    assert len(accept) == 5 * 8
+    rows = {r.rule: r for r in replay(pool, rules, num_orders=24, seed=0)}
+    for r in accept:
+        ac = rows[r.fallback.name]
+        assert rows[r.name].samples <= ac.samples
+    # tau 0.9 accepts problem 1's 0.95-scored sample whenever it comes before the stop.
+    assert rows["rs_accept@0.9+ac_beta@0.95"].samples < rows["ac_beta@0.95"].samples
+
+
 def test_replay_orders_are_shared_and_each_a_permutation():
     pool = hand_pool()
     orders = orders_for(pool, 5, seed=3)
@@ -271,6 +289,23 @@ def test_adaptive_command_on_a_pool(tmp_path, capsys):
     assert text in capsys.readouterr().out
 
 
+def test_adaptive_pools_in_folders_of_the_same_name_stay_apart(tmp_path):
+    """Two runs' pools at a/x/samples.jsonl and b/x/samples.jsonl are two pools in the report
+    (they were once both titled x/... and the second silently replaced the first); the same
+    file twice is a one-line --pool error."""
+    for run in ("a", "b"):
+        (tmp_path / run / "x").mkdir(parents=True)
+        write_pool(tmp_path / run / "x" / "samples.jsonl")
+    out = tmp_path / "out"
+    argv = ["adaptive", "--orders", "2", "--no-plot", "--output-dir", str(out)]
+    pools = [str(tmp_path / run / "x" / "samples.jsonl") for run in ("a", "b")]
+    cli.main([*argv, "--pool", pools[0], "--pool", pools[1]])
+    titles = list(json.loads((out / "replay.json").read_text())["pools"])
+    assert [t.split("/")[:2] for t in titles] == [["a", "x"], ["b", "x"]]
+    with pytest.raises(SystemExit, match="--pool: .* is given twice"):
+        cli.main([*argv, "--pool", pools[0], "--pool", pools[0]])
+
+
 def test_adaptive_command_errors(tmp_path):
     with pytest.raises(SystemExit, match="--run"):
         cli.main(["adaptive"])
@@ -290,6 +325,10 @@ def test_adaptive_command_errors(tmp_path):
         )
     with pytest.raises(SystemExit, match="--online"):
         cli.main(["adaptive", "--pool", str(tmp_path / "samples.jsonl"), "--online", "ac:0.9"])
+    # Two runs of one folder name would share one pool folder (and reuse each other's samples).
+    runs = [str(tmp_path / d / "laser") for d in ("a", "b")]
+    with pytest.raises(SystemExit, match="--run: two runs are named 'laser'"):
+        cli.main(["adaptive", "--run", runs[0], "--run", runs[1], "--output-dir", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------------------------

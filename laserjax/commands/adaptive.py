@@ -111,6 +111,7 @@ def _fail(flag: str, msg: str) -> AdaptiveError:
 @dataclasses.dataclass
 class _RunSetup:
     name: str
+    path: str  # the run directory, resolved
     cfg: Any
     task: run_task.Task
     sampler: Any
@@ -186,7 +187,20 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
         max_prompt_len=cfg.rollout.max_prompt_len,
         prompt_buckets=cfg.rollout.prompt_buckets,
     )
-    return _RunSetup(run.name, cfg, task, sampler, Scoring(cfg.laser.beta_v, float(c_ref)))
+    return _RunSetup(
+        run.name, str(run.resolve()), cfg, task, sampler, Scoring(cfg.laser.beta_v, float(c_ref))
+    )
+
+
+def _pool_titles(read: list[tuple[pathlib.Path, str, Pool]]) -> dict[str, Pool]:
+    """Each --pool file's pools titled `folder/benchmark`, with as many more parent folders, the
+    same number for all, as it takes to tell them apart (two runs' `x/samples.jsonl` stay two
+    pools, titled `a/x/...` and `b/x/...`)."""
+    for depth in range(1, max((len(p.parent.parts) for p, _, _ in read), default=1) + 1):
+        titles = ["/".join((*p.parent.parts[-depth:], b)).lstrip("/") for p, b, _ in read]
+        if len(set(titles)) == len(titles):
+            break
+    return {t: pool for t, (_, _, pool) in zip(titles, read, strict=True)}
 
 
 def _sample_pool(
@@ -195,7 +209,13 @@ def _sample_pool(
     """The pool of `bench`, read back from `out` when it was sampled there with these settings."""
     problems, prompts = setup.task.eval_sets[bench]
     ids = [p.id for p in problems]
-    settings = {"n": n, "seed": seed, "batch_prompts": batch_prompts, "problems": ids}
+    settings = {
+        "run": setup.path,
+        "n": n,
+        "seed": seed,
+        "batch_prompts": batch_prompts,
+        "problems": ids,
+    }
     samples, cfg_path = out / "samples.jsonl", out / "pool_config.json"
     if samples.is_file() and cfg_path.is_file() and json.loads(cfg_path.read_text()) == settings:
         rows = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
@@ -304,6 +324,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     pools: dict[str, Pool] = {}
     setups: dict[str, tuple[_RunSetup, str]] = {}
+    names = [pathlib.Path(p).resolve().name for p in args.run]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise _fail(
+            "--run",
+            f"two runs are named {twice!r}: their pools would share {out / twice}; "
+            "give each run a folder of its own name",
+        )
     for path in args.run:
         setup = _load_run(path, args.benchmarks, args.limit)
         for bench in setup.task.eval_sets:
@@ -312,9 +340,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 setup, bench, args.n, args.seed, args.batch_prompts, out / setup.name / bench
             )
             setups[title] = (setup, bench)
+    read: list[tuple[pathlib.Path, str, Pool]] = []
     for path in args.pool:
+        if any(pathlib.Path(path).resolve() == seen for seen, _, _ in read):
+            raise _fail("--pool", f"{path} is given twice")
         for bench, pool in _read_pool(path, None).items():
-            pools[f"{pathlib.Path(path).parent.name}/{bench}"] = pool
+            read.append((pathlib.Path(path).resolve(), bench, pool))
+    pools.update(_pool_titles(read))
 
     report: dict[str, Any] = {"orders": args.orders, "seed": args.seed, "pools": {}}
     text, curves = [], {}
