@@ -404,13 +404,27 @@ def sample_adaptively(
     seed: int = 0,
     batch_prompts: int = 16,
     on_round: Callable[[int, int], None] | None = None,
+    slots: int = 0,
 ) -> AdaptiveResult:
     """Sample `round_size` responses per open problem per round until `rule` stops it or it has
     `max_samples` (a multiple of `round_size`); see the module docstring for the seeds.
 
     `scoring` is an `evaluate.Scoring` (r_s from log p(z_c)); `on_round(round, open)` is told how
-    many problems each round samples.
+    many problems each round samples. `slots` > 0 runs each call through that many decode slots
+    (`continuous.ContinuousSampler`): a response that ends frees its slot for the next one, so a
+    call no longer runs until its longest response ends. The draws are the static sampler's, so
+    the result is the same.
     """
+    if slots:
+        from laserjax.continuous import ContinuousSampler
+
+        cont = ContinuousSampler(sampler, slots=slots)
+
+        def draw(prompts, **kw):
+            return cont.sample(prompts, **kw)[0]
+
+    else:
+        draw = sampler.sample
     if round_size < 1 or max_samples < round_size or max_samples % round_size:
         raise ValueError(
             f"sample_adaptively: max_samples ({max_samples}) must be a positive multiple of "
@@ -435,7 +449,7 @@ def sample_adaptively(
             # goes after the real rows, so it changes none of their draws.
             width = min(1 << (len(chunk) - 1).bit_length(), max(batch_prompts, len(chunk)))
             padded = chunk + [chunk[-1]] * (width - len(chunk))
-            rollout = sampler.sample(
+            rollout = draw(
                 [prompt_ids[p] for p in padded],
                 k=round_size,
                 temperature=temperature,

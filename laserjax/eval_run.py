@@ -403,7 +403,7 @@ def run_fixed(
     return summary
 
 
-def run_adaptive(job: EvalJob, rule: Rule, round_size: int) -> dict[str, Any]:
+def run_adaptive(job: EvalJob, rule: Rule, round_size: int, slots: int = 0) -> dict[str, Any]:
     """Each benchmark sampled by `sample_adaptively` (budget: its n); writes every drawn sample
     to samples.jsonl (with its `round`) and summary.json with, per benchmark, the accuracy of
     the rule's answers, samples and response tokens per problem and the wall time."""
@@ -445,6 +445,7 @@ def run_adaptive(job: EvalJob, rule: Rule, round_size: int) -> dict[str, Any]:
                 seed=job.seed,
                 batch_prompts=job.batch_prompts,
                 on_round=progress,
+                slots=slots,
             )
             if job.primary:
                 with (out / "samples.jsonl").open("a") as f:
@@ -477,6 +478,7 @@ def run_adaptive(job: EvalJob, rule: Rule, round_size: int) -> dict[str, Any]:
         {
             "model": job.model,
             "stop_rule": rule.name,
+            "slots": slots,
             "round_size": round_size,
             "settings": job.settings,
             "benchmarks": summaries,

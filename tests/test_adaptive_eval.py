@@ -174,7 +174,7 @@ def sampler():
     )
 
 
-def run(sampler, rule, max_samples, batch_prompts=1, seed=5):
+def run(sampler, rule, max_samples, batch_prompts=1, seed=5, slots=0):
     return sample_adaptively(
         sampler,
         IdTokenizer(),
@@ -189,6 +189,7 @@ def run(sampler, rule, max_samples, batch_prompts=1, seed=5):
         temperature=1.0,
         seed=seed,
         batch_prompts=batch_prompts,
+        slots=slots,
     )
 
 
@@ -220,6 +221,23 @@ def test_online_equals_replay_with_the_same_seeds(sampler, pool, rule):
     assert online.accuracy == row.accuracy
     assert online.samples == row.samples
     assert online.tokens == row.tokens
+
+
+def test_online_through_decode_slots_draws_what_the_static_sampler_draws(sampler, pool):
+    """`slots=3`: each round's call of 3 problems x 2 samples runs through 3 decode slots
+    (continuous batching), and every problem stops where the static run stops, with the same
+    answers, scores and lengths."""
+    rule = BetaStop(threshold=0.8)
+    static = run(sampler, rule, N, batch_prompts=3)
+    calls = sampler.stats["prefill_calls"]
+    slotted = run(sampler, rule, N, batch_prompts=3, slots=3)
+    assert sampler.stats["prefill_calls"] == calls  # no static call: every round ran in slots
+    assert min(len(a) for a in static.answers) < N  # some problem stops early
+    assert slotted.answers == static.answers
+    assert slotted.lengths == static.lengths
+    for a, b in zip(slotted.scores, static.scores, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # log p(z_c) as the static decode, 1e-5
+    assert slotted.accuracy == static.accuracy and slotted.samples == static.samples
 
 
 @pytest.mark.slow  # a second compile (8 prompts)
@@ -336,23 +354,31 @@ def test_adaptive_command_errors(tmp_path):
 
 
 @pytest.mark.slow  # a second 20-problem eval run
+@pytest.mark.parametrize("slots", [0, 8])
 def test_eval_stop_rule_that_never_stops_early_draws_what_eval_draws(
-    math500_run, tiny_ckpt, token_ids, eval_dir, tmp_path
+    math500_run, tiny_ckpt, token_ids, eval_dir, tmp_path, slots
 ):
     """maj:4 in one round of 4 with every problem in one call is plain `eval --n 4`: round 0's
-    seed is the first batch's seed, so the samples are the same; the summary reports the vote."""
+    seed is the first batch's seed, so the samples are the same; the summary reports the vote.
+    With `--slots 8` the calls run through 8 decode slots and draw the same samples; their
+    log p(z_c) equal the static decode's within the sampler tests' 1e-5, so r_s (beta_v 0.1)
+    within 1e-6."""
     out = tmp_path / "adaptive"
-    argv = [*MATH500_ARGV, "--stop-rule", "maj:4", "--round-size", "4"]
+    argv = [*MATH500_ARGV, "--stop-rule", "maj:4", "--round-size", "4", "--slots", str(slots)]
     cli.main(eval_argv(tiny_ckpt, eval_dir, out, token_ids["<|z|>"], *argv))
     plain = read_rows(math500_run / "samples.jsonl")
     rows = read_rows(out / "samples.jsonl")
     assert len(rows) == len(plain) == 80
     for a, b in zip(rows, plain, strict=True):
-        assert {k: a[k] for k in b} == b
+        assert {k: a[k] for k in b if k != "r_s"} == {k: v for k, v in b.items() if k != "r_s"}
+        assert (a["r_s"] is None) == (b["r_s"] is None)
+        if b["r_s"] is not None:
+            assert a["r_s"] == (b["r_s"] if slots == 0 else pytest.approx(b["r_s"], abs=1e-6))
         assert a["round"] == 0
     summary = json.loads((out / "summary.json").read_text())
     s = summary["benchmarks"]["math500"]
     assert summary["stop_rule"] == "maj@4" and s["samples_per_problem"] == 4
+    assert summary["slots"] == slots
     picked = {r["problem_id"]: r for r in rows if r["picked"]}
     assert s["accuracy"] == pytest.approx(sum(r["correct"] for r in picked.values()) / 20)
 
@@ -363,6 +389,7 @@ def test_eval_stop_rule_that_never_stops_early_draws_what_eval_draws(
         (["--stop-rule", "beta:0.9"], "--stop-rule: stopping rule 'beta:0.9'"),
         (["--stop-rule", "ac:0.9", "--round-size", "3"], "--round-size: must be >= 1 and divide"),
         (["--stop-rule", "ac:0.9", "--resume"], "--resume: not supported with --stop-rule"),
+        (["--stop-rule", "ac:0.9", "--slots", "-1"], "--slots: must be >= 0, got -1"),
     ],
 )
 def test_eval_stop_rule_errors(tiny_ckpt, eval_dir, tmp_path, extra, message):

@@ -465,7 +465,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         grader_timeout=args.grader_timeout,
     )
     if args.stop_rule is not None:
-        return run_adaptive(job, parse_rule(args.stop_rule), args.round_size)
+        if args.slots and mesh is not None:
+            raise EvalError("eval --slots: continuous batching runs on one device; add --mesh none")
+        return run_adaptive(job, parse_rule(args.stop_rule), args.round_size, args.slots)
     return run_fixed(job, kept, overflow, setup.ckpt, t0)
 
 
@@ -488,6 +490,14 @@ def add_stop_rule_arguments(parser: argparse.ArgumentParser) -> None:
         default=4,
         help="with --stop-rule: samples per open problem per round (must divide n)",
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="with --stop-rule: run each sampler call through this many decode slots "
+        "(continuous batching: a response that ends frees its slot; the same draws); "
+        "0 = a static batch",
+    )
 
 
 def _check_stop_rule_flags(args: argparse.Namespace) -> None:
@@ -501,6 +511,8 @@ def _check_stop_rule_flags(args: argparse.Namespace) -> None:
             "eval --resume: not supported with --stop-rule (an adaptive run has no whole "
             "batches of n samples to continue from); use --overwrite"
         )
+    if args.slots < 0:
+        raise EvalError(f"eval --slots: must be >= 0, got {args.slots}")
     if args.round_size < 1 or (args.n is not None and args.n % args.round_size):
         raise EvalError(
             f"eval --round-size: must be >= 1 and divide --n ({args.n}), got {args.round_size}"
