@@ -39,6 +39,7 @@ from laserjax.adaptive import (
     answer_ids,
     stop_points,
 )
+from laserjax.continuous import ContinuousSampler
 from laserjax.evaluate import decode_responses
 
 ROUND_SEED_STRIDE = 1_000_003
@@ -416,8 +417,6 @@ def sample_adaptively(
     the result is the same.
     """
     if slots:
-        from laserjax.continuous import ContinuousSampler
-
         cont = ContinuousSampler(sampler, slots=slots)
 
         def draw(prompts, **kw):
