@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from laserjax import toy_task
 from laserjax.answers import answer_extractor, exact_reward, last_number_match
 from laserjax.config import Config, ConfigError
-from laserjax.data import Problem, encode_prompts, load_benchmark, load_problems
+from laserjax.data import EncodedPrompts, Problem, encode_prompts, load_benchmark, load_problems
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.fetch import resolve_model
 from laserjax.model.hf_params import load_pretrained, special_token_ids
@@ -43,22 +43,22 @@ class Task:
     close: Callable[[], None] = lambda: None
 
 
-def encode_benchmark(cfg: Config, tok: Any, bench: Any) -> tuple[list[Any], list[list[int]]]:
-    """A held-out benchmark's problems and prompt ids as the run asks them: its template,
-    instruction, system turn and few-shot turns, prompts over `rollout.max_prompt_len` dropped.
-    The one encoding of held-out prompts, for training's evaluations and `adaptive --benchmarks`
-    alike."""
-    e = encode_prompts(
-        bench.problems,
+def encode_as_run(
+    cfg: Config, tok: Any, problems: list[Problem], prompt_overflow: str = "filter"
+) -> EncodedPrompts:
+    """`problems` as the run asks them: its template, instruction, system turn and few-shot
+    turns, prompts over `rollout.max_prompt_len` dropped (or refused: `prompt_overflow`). The one
+    encoding of a run's prompts, for training, its evaluations and `adaptive --benchmarks`."""
+    return encode_prompts(
+        problems,
         tok,
         template=cfg.data.template,
         instruction=cfg.data.instruction,
         system=cfg.data.system_prompt,
         fewshot=cfg.data.fewshot,
         max_prompt_len=cfg.rollout.max_prompt_len,
-        prompt_overflow="filter",
+        prompt_overflow=prompt_overflow,
     )
-    return e.problems, e.token_ids
 
 
 def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str, Any]]:
@@ -142,16 +142,7 @@ def real_setup(
             remat=cfg.model.remat,
             mesh=mesh,
         )
-    enc = encode_prompts(
-        problems,
-        tok,
-        template=cfg.data.template,
-        instruction=cfg.data.instruction,
-        system=cfg.data.system_prompt,
-        fewshot=cfg.data.fewshot,
-        max_prompt_len=cfg.rollout.max_prompt_len,
-        prompt_overflow=cfg.data.prompt_overflow,
-    )
+    enc = encode_as_run(cfg, tok, problems, cfg.data.prompt_overflow)
     info = {
         "train_rows_skipped": report.num_skipped,
         "train_prompts_over_length": enc.num_overflow,
@@ -165,7 +156,8 @@ def real_setup(
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"config field `data.eval`: {e}") from None
         reports.append(bench.report)
-        eval_sets[bench.name] = encode_benchmark(cfg, tok, bench)
+        e = encode_as_run(cfg, tok, bench.problems)
+        eval_sets[bench.name] = (e.problems, e.token_ids)
     if cfg.data.reward == "exact":
         reward_fn, close = exact_reward, (lambda: None)
     elif cfg.data.reward == "last_number":

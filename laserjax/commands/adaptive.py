@@ -143,14 +143,14 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
                 sets = {}
                 for name in (b.strip() for b in benchmarks.split(",") if b.strip()):
                     bench = load_benchmark(name)
-                    problems, ids = run_task.encode_benchmark(cfg, task.tokenizer, bench)
-                    if not problems:
+                    enc = run_task.encode_as_run(cfg, task.tokenizer, bench.problems)
+                    if not enc.problems:
                         raise _fail(
                             "--benchmarks",
                             f"{name}: every prompt is longer than the run's "
                             f"rollout.max_prompt_len ({cfg.rollout.max_prompt_len})",
                         )
-                    sets[bench.name] = (problems, ids)
+                    sets[bench.name] = (enc.problems, enc.token_ids)
                 task.eval_sets = sets
     except (ConfigError, FileNotFoundError, ValueError) as e:
         raise _fail("--run", f"{run}: {e}") from None
