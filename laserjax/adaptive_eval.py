@@ -405,22 +405,20 @@ def sample_adaptively(
     seed: int = 0,
     batch_prompts: int = 16,
     on_round: Callable[[int, int], None] | None = None,
-    slots: int = 0,
 ) -> AdaptiveResult:
     """Sample `round_size` responses per open problem per round until `rule` stops it or it has
     `max_samples` (a multiple of `round_size`); see the module docstring for the seeds.
 
     `scoring` is an `evaluate.Scoring` (r_s from log p(z_c)); `on_round(round, open)` is told how
-    many problems each round samples. `slots` > 0 runs each call through that many decode slots
-    (`continuous.ContinuousSampler`): a response that ends frees its slot for the next one, so a
-    call no longer runs until its longest response ends. The draws are the static sampler's, so
-    the result is the same.
+    many problems each round samples. `sampler` is a `Sampler` or a `ContinuousSampler` built on
+    one: through decode slots a response that ends frees its slot for the next one, so a call no
+    longer runs until its longest response ends; the draws are the static sampler's, so the
+    result is the same.
     """
-    if slots:
-        cont = ContinuousSampler(sampler, slots=slots)
+    if isinstance(sampler, ContinuousSampler):
 
         def draw(prompts, **kw):
-            return cont.sample(prompts, **kw)[0]
+            return sampler.sample(prompts, **kw)[0]
 
     else:
         draw = sampler.sample

@@ -34,6 +34,7 @@ from laserjax.adaptive import Rule
 from laserjax.adaptive_eval import sample_adaptively
 from laserjax.answers import answer_extractor, exact_reward, last_number_match
 from laserjax.config import Config, parse_ids
+from laserjax.continuous import ContinuousSampler
 from laserjax.data import BadRow, Benchmark, Problem, read_jsonl
 from laserjax.evaluate import (
     SampleBatch,
@@ -411,6 +412,8 @@ def run_adaptive(job: EvalJob, rule: Rule, round_size: int, slots: int = 0) -> d
     t0 = time.time()
     summaries: dict[str, dict[str, Any]] = {}
     timeout = job.grader_timeout or DEFAULT_TIMEOUT_S
+    # One slot pool for every benchmark (its jitted pieces compile once).
+    sampler = ContinuousSampler(job.sampler, slots=slots) if slots else job.sampler
     with Grader(job.grader_workers, timeout_s=timeout) as grader:
         r_v = reward_fn(job.reward, grader)
 
@@ -429,7 +432,7 @@ def run_adaptive(job: EvalJob, rule: Rule, round_size: int, slots: int = 0) -> d
                 )
 
             res = sample_adaptively(
-                job.sampler,
+                sampler,
                 job.tokenizer,
                 token_ids,
                 [p.answer for p in problems],
@@ -445,7 +448,6 @@ def run_adaptive(job: EvalJob, rule: Rule, round_size: int, slots: int = 0) -> d
                 seed=job.seed,
                 batch_prompts=job.batch_prompts,
                 on_round=progress,
-                slots=slots,
             )
             if job.primary:
                 with (out / "samples.jsonl").open("a") as f:

@@ -23,6 +23,7 @@ from laserjax.adaptive_eval import (
     replay_orders,
     sample_adaptively,
 )
+from laserjax.continuous import ContinuousSampler
 from laserjax.evaluate import Scoring
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
@@ -174,7 +175,7 @@ def sampler():
     )
 
 
-def run(sampler, rule, max_samples, batch_prompts=1, seed=5, slots=0):
+def run(sampler, rule, max_samples, batch_prompts=1, seed=5):
     return sample_adaptively(
         sampler,
         IdTokenizer(),
@@ -189,7 +190,6 @@ def run(sampler, rule, max_samples, batch_prompts=1, seed=5, slots=0):
         temperature=1.0,
         seed=seed,
         batch_prompts=batch_prompts,
-        slots=slots,
     )
 
 
@@ -230,7 +230,7 @@ def test_online_through_decode_slots_draws_what_the_static_sampler_draws(sampler
     rule = BetaStop(threshold=0.8)
     static = run(sampler, rule, N, batch_prompts=3)
     calls = sampler.stats["prefill_calls"]
-    slotted = run(sampler, rule, N, batch_prompts=3, slots=3)
+    slotted = run(ContinuousSampler(sampler, slots=3), rule, N, batch_prompts=3)
     assert sampler.stats["prefill_calls"] == calls  # no static call: every round ran in slots
     assert min(len(a) for a in static.answers) < N  # some problem stops early
     assert slotted.answers == static.answers
