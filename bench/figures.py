@@ -21,8 +21,8 @@ Figures and the script that prints each (their last JSON line is echoed here, wi
 - fsdp: bytes all-reduced per decode step, FSDP and FSDP x tensor on 8 CPU devices, 0.5B shape,
   256 rows (compile only): `bench/fsdp_collectives.py`.
 - generate: laserjax's sampler vs transformers `generate`: `bench/sampler_cpu.py`.
-- train: the train step vs a PyTorch forward + backward + AdamW step, interleaved
-  (`../shared/bench/instruments/train_vs_torch.py`).
+- train: the train step (GRPO, LaSeR as the library runs it, LaSeR with the z_c column) vs a
+  PyTorch forward + backward + AdamW step, interleaved: `bench/train_step_cpu.py`.
 
 Timing figures (tunix, tunix_lengths, generate, train) mean something only at low load: the CPU
 is shared, and PyTorch's threads slow 5-10x under load. Each figure's line carries the load
@@ -49,7 +49,7 @@ FIGURES = {
     "tunix_lengths": ["bench/tunix_lengths.py"],
     "fsdp": ["bench/fsdp_collectives.py"],
     "generate": ["bench/sampler_cpu.py"],
-    "train": [str(INSTRUMENTS / "train_vs_torch.py")],
+    "train": ["bench/train_step_cpu.py"],
 }
 
 
