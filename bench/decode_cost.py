@@ -12,6 +12,7 @@ read where it lies).
 
     python bench/decode_cost.py                 # float32, batch 64, prompt 256, 512 and 4096 new
     python bench/decode_cost.py --new-tokens 64 --model small
+    python bench/decode_cost.py --new-tokens 512 --breakdown   # each window's bytes by jax op
 
 Use float32 (the default): XLA:CPU converts bf16 weights and caches to f32 every step, which an
 accelerator does not do, so a bf16 compile on CPU measures the conversion, not the design.
@@ -73,6 +74,85 @@ def big_moves(hlo: str, min_bytes: int) -> list[str]:
     return out
 
 
+def _shape_bytes(shape: str) -> int:
+    total = 0
+    for m in re.finditer(r"(\w+)\[([0-9,]*)\]", shape):
+        if m.group(1) in _BYTES:
+            n = 1
+            for d in m.group(2).split(","):
+                n *= int(d) if d else 1
+            total += n * _BYTES[m.group(1)]
+    return total
+
+
+_INSTR = re.compile(r"\s*(?:ROOT )?(%\S+) = (.+?) ([\w-]+)\((.*?)\)(, .*)?$")
+
+
+def bytes_by_op(hlo: str) -> dict[str, int]:
+    """An estimate of XLA's `bytes accessed`, split by the jax op each top-level instruction of
+    the entry computation (and of while bodies) came from: operands plus result, where a fused
+    operand only sliced inside its fusion counts its slices and an in-place update counts no
+    result (as XLA's cost analysis counts them). Layer numbers are folded, so the 24 layers'
+    copies of an op add up to one entry."""
+    comps: dict[str, list[str]] = {}
+    cur, entry = None, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(ENTRY )?(%\S+) \(", line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            entry = cur if m.group(1) else entry
+        elif cur and line.strip() not in ("", "}"):
+            comps[cur].append(line)
+    parsed = {
+        c: [p.groups() for ln in lines if (p := _INSTR.match(ln))] for c, lines in comps.items()
+    }
+    shapes = {name: out for instrs in parsed.values() for name, out, *_ in instrs}
+
+    def operand_bytes(fused: str | None, i: int, full: int) -> int:
+        if fused is None:
+            return full
+        instrs = parsed.get(fused, [])
+        param = next(
+            (n for n, _, op, a, _ in instrs if op == "parameter" and a.strip() == str(i)), None
+        )
+        uses = [u for u in instrs if param in [a.strip() for a in u[3].split(",")]]
+        if uses and all(u[2] in ("dynamic-slice", "slice") for u in uses):
+            return sum(_shape_bytes(u[1]) for u in uses)
+        if uses and all(u[2] == "dynamic-update-slice" for u in uses):
+            return 0
+        return full
+
+    out: dict[str, int] = {}
+
+    def walk(comp: str) -> None:
+        for _, shape, op, args, rest in parsed[comp]:
+            rest = rest or ""
+            if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+                continue
+            if op == "while":
+                walk(re.search(r"body=(%[^,\s]+)", rest).group(1))
+                continue
+            calls = re.search(r"calls=(%[^,\s]+)", rest)
+            fused = calls.group(1) if op == "fusion" and calls else None
+            operands = [a.strip() for a in args.split(",") if a.strip().startswith("%")]
+            nbytes = sum(
+                operand_bytes(fused, i, _shape_bytes(shapes.get(a, "")))
+                for i, a in enumerate(operands)
+            )
+            in_place = fused and any(
+                o == "dynamic-update-slice" for _, _, o, *_ in parsed[fused][-1:]
+            )
+            nbytes += 0 if in_place else _shape_bytes(shape)
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            key = re.sub(r"^(jit\([^)]*\)/)+", "", meta.group(1) if meta else op)
+            key = re.sub(r"\d+", "#", key)
+            out[key] = out.get(key, 0) + nbytes
+
+    walk(entry)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="0.5b", choices=list(PRESETS))
@@ -82,6 +162,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--excess", type=float, default=0.3, help="Sampler(window_excess=...)")
+    ap.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also print each window's bytes split by jax op (`bytes_by_op`)",
+    )
     args = ap.parse_args()
 
     shape = PRESETS[args.model]
@@ -174,6 +259,15 @@ def main() -> None:
                 cache_copies_or_transposes=len(moves),
                 examples=moves[:3],
             )
+            if args.breakdown:
+                split = bytes_by_op(compiled.as_text())
+                emit(
+                    what="window_bytes_by_op",
+                    new_tokens=t,
+                    window=w,
+                    estimate_over_xla=round(sum(split.values()) / got, 4),
+                    mb={k: round(v / 1e6, 1) for k, v in split.items() if v >= 1e6},
+                )
             lo = w
         summary[t] = dict(worst=round(worst, 3), average=round(weighted / need_sum, 3))
         emit(what="generation", new_tokens=t, windows=list(windows), **summary[t])

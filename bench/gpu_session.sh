@@ -7,6 +7,9 @@
 #
 #   bash bench/gpu_session.sh sampler    # laserjax and Tunix samplers, ratios (about 6.5 min)
 #   bash bench/gpu_session.sh train      # train step vs PyTorch, long-tailed lengths (about 9 min)
+#   bash bench/gpu_session.sh profile    # where the time goes: kernels per decode step and per
+#                                        # train step, and the variants that test the suspects
+#                                        # (one decode window; cuDNN attention) (about 6 min)
 #
 # The limits come from the first H200 session (bench/README.md): the sampler's warm-up call
 # compiles for 30-37 s per model and top-k, Tunix's four measurements took 76 s in all, and the
@@ -51,8 +54,18 @@ train)
     part tunix_lengths 160 python3 bench/tunix_lengths.py --rounds 1 --refill 1 4 --vocab 151936 \
         --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --head-dim 64
     ;;
+profile)
+    # The 0.5B sampler with the default decode windows and with one window (fewer kernels per
+    # step: is the step bound by kernel count?), each followed by its profiled decode loop; then
+    # the 0.5B train step with this module's dense attention and with cuDNN's flash attention,
+    # each profiled for one step, beside PyTorch.
+    part sampler_profile 220 python3 bench/sampler_gpu.py 0.5b --top-k 0 --windows auto one \
+        --profile "${HBM[@]}"
+    part train_profile 330 python3 bench/train_step_gpu.py 0.5b --attention-block 1024 \
+        --attention-impl blocked cudnn --profile --worker-timeout 130
+    ;;
 *)
-    echo "usage: bash bench/gpu_session.sh sampler|train" >&2
+    echo "usage: bash bench/gpu_session.sh sampler|train|profile" >&2
     exit 2
     ;;
 esac

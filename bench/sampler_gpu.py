@@ -38,6 +38,7 @@ Usage (CPU smoke): python3 bench/sampler_gpu.py --tiny [--transformers]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -282,18 +283,19 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
         if args.batch % k:
             raise SystemExit(f"--batch {args.batch} is not a multiple of --k {k}")
         n = args.batch // k
-        sampler = Sampler(
-            model,
-            eos_ids=(),
-            pad_id=0,
-            self_reward_token_id=zc,
-            max_new_tokens=args.new_tokens,
-            prompt_buckets=(args.prompt_len,),
-        )
         rng = np.random.default_rng(args.seed)
         lo, hi = (100, 50000) if cfg.vocab_size > 50000 else (1, cfg.vocab_size)
         prompts = rng.integers(lo, hi, size=(n, args.prompt_len)).tolist()
-        for top_k in args.top_k:
+        for windows, top_k in itertools.product(args.windows, args.top_k):
+            sampler = Sampler(
+                model,
+                eos_ids=(),
+                pad_id=0,
+                self_reward_token_id=zc,
+                max_new_tokens=args.new_tokens,
+                prompt_buckets=(args.prompt_len,),
+                decode_windows=(args.new_tokens,) if windows == "one" else (),
+            )
             kw = dict(k=k, temperature=args.temperature, top_k=top_k, top_p=args.top_p)
             counter.start()
             t = time.perf_counter()
@@ -310,10 +312,15 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
                 args.hbm_tb_s * 1e12,
                 sampler.windows_for(n, args.prompt_len, k),
             )
-            emit(
-                what=f"laserjax_sampler_{name}"
+            what = (
+                f"laserjax_sampler_{name}"
                 + (f"_topk{top_k}" if top_k else "")
-                + (f"_k{k}" if k > 1 else ""),
+                + (f"_k{k}" if k > 1 else "")
+                + ("_one_window" if windows == "one" else "")
+            )
+            emit(
+                what=what,
+                windows=list(sampler.windows_for(n, args.prompt_len, k)),
                 batch=args.batch,
                 prompts=n,
                 k=k,
@@ -334,6 +341,26 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
                 device=device_kind(),
                 jax=jax.__version__,
             )
+            if args.profile:
+                profile_decode(sampler, prompts, what, seed=args.seed, **kw)
+
+
+def profile_decode(sampler, prompts, what: str, *, k, temperature, top_k, top_p, seed) -> None:
+    """One more rollout's decode loop under the profiler: its kernels per decode step
+    (`kernel_table`), one line each, then a summary line."""
+    import jax
+    from kernel_table import kernel_table
+
+    s = sampler.settings(k=k, temperature=temperature, top_p=top_p, top_k=top_k)
+    prefix, state, _, _ = sampler.start(prompts, s, seed)
+    jax.block_until_ready(state)
+    steps = s.max_new_tokens - 1
+    rows, summary = kernel_table(
+        lambda: jax.block_until_ready(sampler.decode(prefix, state, s)), per=steps
+    )
+    for row in rows:
+        emit(what=f"kernels_{what}", per="decode step", **row)
+    emit(what=f"kernels_{what}_summary", per="decode step", decode_steps=steps, **summary)
 
 
 def bench_transformers(args, name: str, shape: dict) -> None:
@@ -450,6 +477,19 @@ def main() -> None:
         nargs="+",
         default=[0, 50],
         help="0 = full vocabulary; one measurement per value",
+    )
+    ap.add_argument(
+        "--windows",
+        nargs="+",
+        choices=["auto", "one"],
+        default=["auto"],
+        help="auto: the sampler's decode windows (suffix segments); one: a single window of "
+        "max_new_tokens (every step reads the whole suffix cache, fewer kernels)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each measurement, profile one more decode loop: kernels per step",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(

@@ -43,6 +43,19 @@ def load() -> str:
     return " ".join(pathlib.Path("/proc/loadavg").read_text().split()[:3])
 
 
+def stepper(step, state, batch):
+    """A call that runs one train step on the state it holds (the step donates its input)."""
+    box = [state]
+
+    def run() -> None:
+        import jax
+
+        box[0], metrics = step(box[0], batch)
+        jax.block_until_ready((box[0], metrics))
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=8192)
@@ -141,11 +154,7 @@ def main() -> None:
         cost = cost[0] if isinstance(cost, list) else cost
         flops[name] = float(cost.get("flops", 0.0))
 
-        def run(fn=fn, box=[state]):
-            box[0], metrics = fn(box[0], batch)
-            jax.block_until_ready((box[0], metrics))
-
-        sides[name] = run
+        sides[name] = stepper(fn, state, batch)
 
     if "pytorch" in args.sides:
         torch.manual_seed(0)

@@ -100,6 +100,7 @@ def worker_laserjax(args, shape: dict) -> None:
 
     vocab = shape["vocab_size"]
     block = {"attention_block": args.attention_block} if args.attention_block else {}
+    block["attention_impl"] = args.attention_impl[0]
     cfg = TransformerConfig(
         model_type="qwen2",
         **shape,
@@ -160,6 +161,20 @@ def worker_laserjax(args, shape: dict) -> None:
         times.append(time.perf_counter() - t0)
     timed = times[args.warmup :]
     stats = jax.devices()[0].memory_stats() or {}
+    if args.profile:
+        from kernel_table import kernel_table
+
+        box = [state]
+
+        def one_step() -> None:
+            box[0], m = step(box[0], batch)
+            jax.block_until_ready((box[0], m))
+
+        rows_k, summary = kernel_table(one_step, per=1)
+        what = f"kernels_train_step_{args.model}_{cfg.attention_impl}"
+        for row in rows_k:
+            emit(what=what, per="train step", **row)
+        emit(what=f"{what}_summary", per="train step", **summary)
     report(
         args,
         "laserjax" if args.variant == "laser" else "laserjax_grpo",
@@ -175,6 +190,7 @@ def worker_laserjax(args, shape: dict) -> None:
         param_dtype=args.param_dtype,
         logit_chunk=args.logit_chunk,
         attention_block=cfg.attention_block,
+        attention_impl=cfg.attention_impl,
         append_zc=args.zc_column,
     )
 
@@ -280,7 +296,7 @@ def run_worker(argv: list[str], env: dict, timeout: float) -> dict | None:
             stderr_tail=proc.stderr[-3000:],
         )
         return None
-    print(lines[-1], flush=True)
+    print("\n".join(lines), flush=True)
     return json.loads(lines[-1])
 
 
@@ -310,6 +326,19 @@ def main() -> None:
         default=0,
         help="queries per attention block (0: the model's default; >= sequence "
         "length: dense attention)",
+    )
+    ap.add_argument(
+        "--attention-impl",
+        nargs="+",
+        choices=["blocked", "xla", "cudnn"],
+        default=["blocked"],
+        help="TransformerConfig.attention_impl; one laserjax measurement per value (cudnn: "
+        "jax.nn.dot_product_attention's cuDNN flash attention)",
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one more laserjax step: its kernels (bench/kernel_table.py)",
     )
     ap.add_argument(
         "--zc-column",
@@ -372,16 +401,26 @@ def main() -> None:
         str(args.attention_block),
     ]
     common += ["--zc-column"] if args.zc_column else []
+    common += ["--profile"] if args.profile else []
     common += ["--remat"] if args.remat else []
     common += ["--torch-fused"] if args.torch_fused else []
     for name in models:
         if name not in PRESETS:
             raise SystemExit(f"unknown model {name!r}; use 0.5b or 1.5b (or --tiny)")
         base = ["--model", name, *common]
-        jx = run_worker(["--worker", "laserjax", *base], env, args.worker_timeout)
+        jxs = {
+            impl: run_worker(
+                ["--worker", "laserjax", *base, "--attention-impl", impl], env, args.worker_timeout
+            )
+            for impl in args.attention_impl
+        }
+        impl0 = args.attention_impl[0]
+        jx = jxs[impl0]
         if args.grpo:
             gr = run_worker(
-                ["--worker", "laserjax", "--variant", "grpo", *base], env, args.worker_timeout
+                ["--worker", "laserjax", "--variant", "grpo", *base, "--attention-impl", impl0],
+                env,
+                args.worker_timeout,
             )
             if jx and gr:
                 emit(
@@ -392,13 +431,15 @@ def main() -> None:
             if args.no_torch
             else run_worker(["--worker", "torch", *base], env, args.worker_timeout)
         )
-        if jx and pt:
-            emit(
-                summary=name,
-                laserjax_tokens_per_s=jx["tokens_per_s"],
-                pytorch_tokens_per_s=pt["tokens_per_s"],
-                laserjax_over_pytorch=round(jx["tokens_per_s"] / pt["tokens_per_s"], 3),
-            )
+        for impl, jx in jxs.items():
+            if jx and pt:
+                emit(
+                    summary=name,
+                    attention_impl=impl,
+                    laserjax_tokens_per_s=jx["tokens_per_s"],
+                    pytorch_tokens_per_s=pt["tokens_per_s"],
+                    laserjax_over_pytorch=round(jx["tokens_per_s"] / pt["tokens_per_s"], 3),
+                )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from laserjax.model import Transformer, TransformerConfig
-from laserjax.model.transformer import rope_inv_freq
+from laserjax.model.transformer import causal_attention, rope_inv_freq
 
 B, S, D, F, H, KV, HD, V = 8, 256, 256, 1024, 4, 2, 64, 8192
 
@@ -70,6 +70,7 @@ def main() -> None:
     pos = jnp.broadcast_to(jnp.arange(S), (B, S))
     mask = jnp.ones((B, S), bool)
     inv = rope_inv_freq(cfg)
+    attend = causal_attention(cfg)
 
     def piece(fn):
         def loss(p):
@@ -78,9 +79,9 @@ def main() -> None:
         return {"fwd": timed(loss, params), "grad": timed(jax.grad(loss), params)}
 
     pieces = {
-        "attention": piece(lambda m: m.layers[0].self_attn(x, pos, mask, inv, 512)[0]),
+        "attention": piece(lambda m: m.layers[0].self_attn(x, pos, mask, inv, attend)[0]),
         "mlp": piece(lambda m: m.layers[0].mlp(x)),
-        "block": piece(lambda m: m.layers[0](x, pos, mask, inv, 512)[0]),
+        "block": piece(lambda m: m.layers[0](x, pos, mask, inv, attend)[0]),
     }
     fns = {f"{n}_{k}": f for n, d in pieces.items() for k, f in d.items()}
 

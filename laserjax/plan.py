@@ -221,9 +221,11 @@ def activation_bytes(
     - attention: q and the attention output (2 x L x H hd / t x a), k and v (2 x L x KV hd / t
       x a); with dense attention (L <= `TransformerConfig.attention_block`) also the
       materialised scores: the softmax output in float32 plus the probabilities in the compute
-      dtype (H / t x L x L x (4 + a); one float32 copy when a = 4) and the [L, L] mask.
-      Blocked attention keeps no scores (each block is recomputed in the backward pass) but a
-      padded copy of q, the input of its checkpointed blocks;
+      dtype (H / t x L x L x (4 + a); one float32 copy when a = 4) and the [L, L] mask
+      (`attention_impl: xla` is dense at every length). Blocked attention keeps no scores (each
+      block is recomputed in the backward pass) but a padded copy of q, the input of its
+      checkpointed blocks; cuDNN's flash attention keeps one float32 statistic per head and
+      position;
     - MLP: gate, up and their product (3 x L x I / t x a).
 
     Shared by all layers: RoPE's cos/sin, the final norm's input and output, the LM head's
@@ -249,7 +251,11 @@ def activation_bytes(
         _split(m.vocab_size, t),
     )
     block = m.attention_block
-    if seq <= block:
+    if m.attention_impl == "cudnn":  # fused flash attention keeps only the softmax statistics
+        scores_row = heads * seq * 4
+        scores_work_row = 0
+        q_copy = 0
+    elif seq <= block or m.attention_impl == "xla":
         scores_row = heads * seq * seq * (4 + (a if a != 4 else 0)) + seq * seq
         scores_work_row = heads * seq * seq * (4 + a)
         q_copy = 0

@@ -139,6 +139,7 @@ def test_compiled_step_arguments_exact_and_temp_within_stated_bound():
         dict(mesh=(1, 1, 2)),
         dict(attention_block=16),
         dict(attention_block=32, num_layers=4, p=64, t=192),
+        dict(attention_block=16, attention_impl="xla"),
     ],
 )
 def test_compiled_temp_sweep(case):
@@ -202,6 +203,7 @@ def _saved_vs_planned(
         ("float32", 2, {}),
         ("bfloat16", 6, {}),
         ("bfloat16", 2, dict(attention_block=16)),  # blocked attention: L = 113 > 16
+        ("float32", 2, dict(attention_block=16, attention_impl="xla")),  # dense at any length
     ],
 )
 def test_remat_kept_activations_match_what_jax_saves(dtype, num_layers, attention):

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 # Hugging Face `hidden_act` values laserjax computes, each as transformers' ACT2FN defines it
 # (gelu: exact, erf; gelu_new / gelu_pytorch_tanh: the tanh approximation).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -88,6 +89,11 @@ class TransformerConfig:
     [B, heads, block, S] at a time (rematerialised in the backward pass) instead of
     [B, heads, S, S], which a 10k-token LaSeR sequence could not afford. Sequences no longer than
     one block use the dense path."""
+    attention_impl: str = "blocked"
+    """The training/prefill forward's causal attention: `blocked` (this module's, in blocks of
+    `attention_block` queries), or `jax.nn.dot_product_attention` with `implementation` `xla`
+    (dense scores) or `cudnn` (cuDNN's fused flash attention: GPU only, bfloat16 / float16).
+    Decode attention is this module's either way."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -117,6 +123,16 @@ class TransformerConfig:
                     f"config field `rope_parameters.{key}` is missing (rope_type {rope_type!r} "
                     "needs it)"
                 )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"config field `attention_impl`: {self.attention_impl!r} is not one of "
+                f"{', '.join(ATTENTION_IMPLS)}"
+            )
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(
+                f"config field `attention_impl`: cudnn needs dtype bfloat16 or float16, not "
+                f"{self.dtype}; use `blocked` or `xla` in {self.dtype}"
+            )
         to_dtype(self.dtype), to_dtype(self.param_dtype)
 
     @property
@@ -503,6 +519,25 @@ def _causal_attend(
     return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
+def causal_attention(cfg: TransformerConfig) -> Callable[..., jax.Array]:
+    """`attend(q_bthd, k_bshd, v_bshd, key_mask_bs)` of the training/prefill forward, as
+    `cfg.attention_impl` picks it: causal by index, keys where key_mask_bs is False skipped."""
+    if cfg.attention_impl == "blocked":
+        return functools.partial(_causal_attend, block=cfg.attention_block)
+
+    def attend(q_bthd, k_bshd, v_bshd, key_mask_bs):
+        return jax.nn.dot_product_attention(
+            q_bthd,
+            k_bshd,
+            v_bshd,
+            mask=key_mask_bs[:, None, None, :],
+            is_causal=True,
+            implementation=cfg.attention_impl,
+        )
+
+    return attend
+
+
 def _attend(
     q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array, mask_bts: jax.Array
 ) -> jax.Array:
@@ -549,10 +584,10 @@ class Attention(nnx.Module):
         positions_bt: jax.Array,
         key_mask_bt: jax.Array,
         inv_freq: jax.Array,
-        block: int,
+        attend: Callable[..., jax.Array],
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         q, k, v = self.qkv(x_btd, positions_bt, inv_freq)
-        out = _causal_attend(q, k, v, key_mask_bt, block)
+        out = attend(q, k, v, key_mask_bt)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), (k, v)
 
     def attend_cached(
@@ -636,10 +671,10 @@ class Block(nnx.Module):
         positions_bt: jax.Array,
         key_mask_bt: jax.Array,
         inv_freq: jax.Array,
-        block: int,
+        attend: Callable[..., jax.Array],
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         h, kv = self.self_attn(
-            self.input_layernorm(x_btd), positions_bt, key_mask_bt, inv_freq, block
+            self.input_layernorm(x_btd), positions_bt, key_mask_bt, inv_freq, attend
         )
         x_btd = x_btd + h
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
@@ -748,9 +783,10 @@ class Transformer(nnx.Module):
         inv_freq = rope_inv_freq(self.cfg)
         constrain = constrain or (lambda x: x)
         x = constrain(self.embed_tokens(tokens_bt, self.dtype))
+        attend = causal_attention(self.cfg)
 
         def block_fn(block: Block, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-            x, kv = block(x, positions_bt, mask_bt, inv_freq, self.cfg.attention_block)
+            x, kv = block(x, positions_bt, mask_bt, inv_freq, attend)
             return constrain(x), kv
 
         if self.cfg.remat:
