@@ -2,8 +2,9 @@
 
 A Qwen2.5-0.5B-shaped model (hidden 896, vocabulary 151936, 14 / 2 heads; `--layers` of its 24,
 since the figure is about the head and per-layer collectives are listed separately) sharded FSDP
-x tensor on 8 fake CPU devices, 256 rows. Compiles the sampler's decode loop and sums the
-all-reduce operands inside the loop body (what every step moves) and outside it (once per call).
+x tensor on 8 fake CPU devices, 256 rows. Compiles the sampler's decode loop, and the continuous
+batcher's over 256 slots, and sums the all-reduce operands inside the loop body (what every step
+moves) and outside it (once per call).
 Before the head was gathered once per call (`sampler._head_gatherer`), the loop all-reduced the
 full float32 logits every step: 256 x 151936 x 4 bytes = 155.6 MB.
 
@@ -24,9 +25,11 @@ import math  # noqa: E402
 import re  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from laserjax.config import MeshConfig  # noqa: E402
+from laserjax.continuous import ContinuousSampler  # noqa: E402
 from laserjax.model import Transformer, TransformerConfig  # noqa: E402
 from laserjax.sampler import Sampler  # noqa: E402
 from laserjax.sharding import make_mesh  # noqa: E402
@@ -87,25 +90,42 @@ def main() -> None:
         )
         s = sampler.settings(k=1, temperature=1.0, top_p=1.0, top_k=0)
         prefix, state, _, _ = sampler.start([[10, 11, 12]] * args.rows, s, 0)
-        hlo = sampler._loop.lower(sampler.params, prefix, state, s).compile().as_text()
-        moved = all_reduce_bytes(hlo)
-        print(
-            json.dumps(
-                dict(
-                    what="decode_all_reduce",
-                    mesh=dict(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor),
-                    layers=args.layers,
-                    rows=args.rows,
-                    per_step_bytes=sum(moved["loop_body"]),
-                    per_step_largest=max(moved["loop_body"], default=0),
-                    per_step_count=len(moved["loop_body"]),
-                    per_call_bytes=sum(moved["outside"]),
-                    logits_bytes=args.rows * v * 4,
-                    devices=len(jax.devices()),
-                )
-            ),
-            flush=True,
+        static = sampler._loop.lower(sampler.params, prefix, state, s)
+        cont = ContinuousSampler(sampler, slots=args.rows)
+        pool, st = cont.buffers(8, s)
+        continuous = cont._loop.lower(
+            sampler.params,
+            pool,
+            st,
+            jax.random.key(0),
+            jnp.int32(1),
+            jnp.int32(-1),
+            s=s,
+            window=args.new_tokens,
         )
+        for what, lowered in (("decode", static), ("continuous_decode", continuous)):
+            moved = all_reduce_bytes(lowered.compile().as_text())
+            emit_moved(what, mesh_cfg, args, moved, v)
+
+
+def emit_moved(what, mesh_cfg, args, moved, v) -> None:
+    print(
+        json.dumps(
+            dict(
+                what=f"{what}_all_reduce",
+                mesh=dict(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor),
+                layers=args.layers,
+                rows=args.rows,
+                per_step_bytes=sum(moved["loop_body"]),
+                per_step_largest=max(moved["loop_body"], default=0),
+                per_step_count=len(moved["loop_body"]),
+                per_call_bytes=sum(moved["outside"]),
+                logits_bytes=args.rows * v * 4,
+                devices=len(jax.devices()),
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -357,7 +357,8 @@ class RolloutConfig:
     """0: each step's rows decode as one static batch until its longest row ends. N > 0:
     continuous batching (`laserjax/continuous.py`) through N decode slots, a finished row's slot
     taking the next queued sample; the same tokens, log-probs and log p(z_c) as the static batch
-    for the same seed, so training is unchanged. One device only."""
+    for the same seed, so training is unchanged. On a mesh the slots split over its batch axes
+    (data x fsdp must divide N); within one process."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
@@ -659,6 +660,19 @@ class Config:
                 f"{rows} rows does not split over {where}; make it a multiple of {shards} "
                 f"(e.g. prompts_per_step = {_round_up(prompts, shards // math.gcd(shards, k))}),"
                 " or set mesh.data to fewer devices",
+            )
+        slots = self.rollout.slots
+        if slots:
+            _check(
+                process_count == 1,
+                "rollout.slots",
+                f"continuous batching reads every decode slot on one host and this run has "
+                f"{process_count} processes; set rollout.slots=0 (one static batch per step)",
+            )
+            _check(
+                slots % shards == 0,
+                "rollout.slots",
+                f"{slots} decode slots do not split over {where}; use a multiple of {shards}",
             )
 
     def validate_against_vocab(

@@ -19,6 +19,13 @@ Here a rollout of N prompts x K samples runs through S slots instead:
 Every row draws exactly what the static sampler draws for it: the token at response index i of
 output row r uses `fold_in(fold_in(key(seed), r), i)` whichever slot and batch the row runs in,
 and the decode step is the static one applied per row (each slot at its own position).
+
+On a mesh (the `Sampler`'s), the slots are split over the batch axes (data, fsdp) as the static
+sampler's rows are, their suffix caches' kv heads over tensor, and the parameters stay sharded as
+in training (the vocabulary-sized ones gathered once per loop call, `sampler._head_gatherer`).
+The prompt pool is replicated over the batch axes: a slot reads its prompt's entry on its own
+device whichever device prefilled it. Halving the slots for the drain stops at the batch axes'
+size. The host reads every slot's status, so the mesh must lie within one process.
 """
 
 from __future__ import annotations
@@ -31,21 +38,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from laserjax import sharding
 from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer
 from laserjax.sampler import (
     WINDOW_ALIGN,
     RolloutBatch,
     Sampler,
     SamplingSettings,
+    _cache,
     _draw,
+    _head_gatherer,
     _is_eos,
     _require,
     prompt_positions,
 )
 
 PREFILL_BATCH = 8
-"""Prompts per prefill call (padded): one compile, and a full pool refill in few calls."""
+"""Prompts per prefill call (padded; on a mesh rounded up to a multiple of the batch axes'
+size): one compile, and a full pool refill in few calls."""
 
 
 @flax.struct.dataclass
@@ -111,6 +124,48 @@ def _empty_slots(model: Transformer, slots: int, s: SamplingSettings, bounds) ->
         slot_steps=jnp.zeros((), jnp.int32),
         steps=jnp.zeros((), jnp.int32),
     )
+
+
+def _shardings(mesh: Mesh, tree: Pool | SlotState) -> Pool | SlotState:
+    """The shardings of a `Pool` or `SlotState` on `mesh`, as a tree of its shape.
+
+    Slots: slot-major buffers over the batch axes, suffix caches as the static sampler's
+    (`_cache`), the step counters replicated. Pool: every buffer replicated over the batch axes,
+    its prompt caches' kv heads over tensor when it divides them."""
+    replicated = sharding.replicated(mesh)
+    if isinstance(tree, Pool):
+
+        def pool_cache(x):
+            heads = "tensor" if x.shape[1] % mesh.shape["tensor"] == 0 else None
+            return NamedSharding(mesh, P(None, heads, None, None))
+
+        prefix = tree.prefix
+        return Pool(
+            prefix=PrefixCache(
+                tuple(pool_cache(x) for x in prefix.k),
+                tuple(pool_cache(x) for x in prefix.v),
+                replicated,
+            ),
+            tok0_ek=replicated,
+            lp0_ek=replicated,
+            prompt_len_e=replicated,
+        )
+    fields = {}
+    for f in dataclasses.fields(tree):
+        x = getattr(tree, f.name)
+        if f.name == "suffix":
+            fields[f.name] = jax.tree.map(lambda a: _cache(mesh, a), x)
+        else:
+            fields[f.name] = replicated if x.ndim == 0 else sharding.batch_sharding(mesh, x.ndim)
+    return SlotState(**fields)
+
+
+def _pinner(mesh: Mesh | None):
+    """`pin(tree)` constrains a `Pool` or `SlotState` to `_shardings` inside a jit (the identity
+    without a mesh)."""
+    if mesh is None:
+        return lambda tree: tree
+    return lambda tree: jax.lax.with_sharding_constraint(tree, _shardings(mesh, tree))
 
 
 def _prefill_into_pool(
@@ -255,9 +310,11 @@ def _slot_loop(
     min_live: jax.Array,
     s: SamplingSettings,
     window: int,
+    pin=lambda st: st,
 ) -> SlotState:
     """Steps while some row is live and every live row's next position fits the window; stop
-    early when `stop_free` (> 0) slots have freed or the live rows drop to `min_live`."""
+    early when `stop_free` (> 0) slots have freed or the live rows drop to `min_live`. `pin`
+    keeps each step's state on the mesh's shardings (`_pinner`)."""
 
     def cond(st: SlotState) -> jax.Array:
         live = st.occupied_s & ~st.complete_s
@@ -266,7 +323,9 @@ def _slot_loop(
         refill = (stop_free > 0) & (freed.sum() >= stop_free)
         return jnp.any(live) & fits & ~refill & (live.sum() > min_live)
 
-    return jax.lax.while_loop(cond, lambda st: _slot_step(model, pool, st, seed_key, s, window), st)
+    return jax.lax.while_loop(
+        cond, lambda st: pin(_slot_step(model, pool, st, seed_key, s, window)), st
+    )
 
 
 def _status(st: SlotState) -> dict[str, jax.Array]:
@@ -344,8 +403,18 @@ class ContinuousSampler:
     """
 
     def __init__(self, sampler: Sampler, slots: int, windows: Sequence[int] = (), refill: int = 1):
-        _require(sampler.mesh is None, "mesh", "continuous batching runs on one device")
+        mesh, per = sampler.mesh, sampler.batch_multiple
+        _require(
+            mesh is None or all(d.process_index == jax.process_index() for d in mesh.devices.flat),
+            "mesh",
+            "continuous batching reads every slot on the host: its mesh must lie in one process",
+        )
         _require(slots >= 1, "slots", f"must be >= 1, got {slots}")
+        _require(
+            slots % per == 0,
+            "slots",
+            f"{slots} must be a multiple of the mesh's batch axes (data x fsdp = {per})",
+        )
         _require(1 <= refill <= slots, "refill", f"must be in [1, slots = {slots}], got {refill}")
         self.refill = int(refill)
         t = sampler.max_new_tokens
@@ -363,31 +432,69 @@ class ContinuousSampler:
             f"{ws} must increase strictly from > 0 to max_new_tokens = {t}",
         )
         self.sampler, self.slots, self.windows = sampler, int(slots), ws
+        self.mesh, self.per = mesh, per
+        self.prefill_batch = -(-PREFILL_BATCH // per) * per
         graphdef = sampler.graphdef
+        pin, gather_head = _pinner(mesh), _head_gatherer(mesh)
 
         def model(params):
             return nnx.merge(graphdef, params)
 
         self._prefill = jax.jit(
-            lambda params, pool, *a, s: _prefill_into_pool(model(params), pool, *a, s),
+            lambda params, pool, *a, s: pin(_prefill_into_pool(model(params), pool, *a, s)),
             static_argnames=("s",),
             donate_argnums=(1,),
         )
         self._update = jax.jit(
-            lambda st, pool, *a, s: _update_slots(st, pool, *a, s),
+            lambda st, pool, *a, s: pin(_update_slots(st, pool, *a, s)),
             static_argnames=("s",),
             donate_argnums=(0,),
         )
         self._loop = jax.jit(
             lambda params, pool, st, *a, s, window: _slot_loop(
-                model(params), pool, st, *a, s, window
+                model(gather_head(params)), pool, st, *a, s, window, pin
             ),
             static_argnames=("s", "window"),
             donate_argnums=(2,),
         )
-        self._gather = jax.jit(_gather_slots)
+        self._gather = jax.jit(lambda st, keep_m: pin(_gather_slots(st, keep_m)))
         self._status = jax.jit(_status)
         self._collect = jax.jit(_collect)
+
+    def buffers(self, prompt_len: int, s: SamplingSettings) -> tuple[Pool, SlotState]:
+        """An empty prompt pool and free slots for a rollout with prompts padded to
+        `prompt_len`, placed on the mesh. The pool holds one entry per slot plus one: the live
+        prompts are at most one per slot, plus the one whose samples are being inserted."""
+        cfg, entries = self.sampler.cfg, self.slots + 1
+        shape = (entries, cfg.num_kv_heads, prompt_len, cfg.head_dim + 1)
+        layer = [jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers)]
+        pool = Pool(
+            prefix=PrefixCache(
+                tuple(layer),
+                tuple(jnp.array(x) for x in layer),
+                jnp.zeros((entries, prompt_len), bool),
+            ),
+            tok0_ek=jnp.zeros((entries, s.k), jnp.int32),
+            lp0_ek=jnp.zeros((entries, s.k), jnp.float32),
+            prompt_len_e=jnp.zeros((entries,), jnp.int32),
+        )
+        model = nnx.merge(self.sampler.graphdef, self.sampler.params)
+        st = _empty_slots(model, self.slots, s, self.windows)
+        if self.mesh is not None:
+            pool = jax.device_put(pool, _shardings(self.mesh, pool))
+            st = jax.device_put(st, _shardings(self.mesh, st))
+        return pool, st
+
+    def _batch_major(self, *xs: np.ndarray) -> list[jax.Array]:
+        """Host arrays of a prefill batch on the device(s): over the mesh's batch axes."""
+        if self.mesh is None:
+            return [jnp.asarray(x) for x in xs]
+        return [jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)) for x in xs]
+
+    def _can_halve(self, width: int) -> bool:
+        """Whether the drain may run `width` slots as width / 2: still split evenly over the
+        mesh's batch axes (at least one slot per device)."""
+        return width // 2 >= self.per and (width // 2) % self.per == 0
 
     def sample(
         self,
@@ -405,22 +512,9 @@ class ContinuousSampler:
         tokens, mask, _ = smp.pad_prompts(prompt_ids)
         n, p = len(prompt_ids), tokens.shape[1]
         t, rows = s.max_new_tokens, len(prompt_ids) * k
-        cfg = smp.cfg
         seed_key = jax.random.key(np.uint32(seed % 2**32))
-        # Live prompts: at most one per slot, plus the one whose samples are being inserted.
-        entries = self.slots + 1
-        shape = (entries, cfg.num_kv_heads, p, cfg.head_dim + 1)
-        layer = [jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers)]
-        pool = Pool(
-            prefix=PrefixCache(
-                tuple(layer), tuple(jnp.array(x) for x in layer), jnp.zeros((entries, p), bool)
-            ),
-            tok0_ek=jnp.zeros((entries, k), jnp.int32),
-            lp0_ek=jnp.zeros((entries, k), jnp.float32),
-            prompt_len_e=jnp.zeros((entries,), jnp.int32),
-        )
-        width = self.slots
-        st = _empty_slots(nnx.merge(smp.graphdef, smp.params), width, s, self.windows)
+        pool, st = self.buffers(p, s)
+        entries, width = pool.prompt_len_e.shape[0], self.slots
 
         out_tokens = np.full((rows, t), s.pad_id, np.int32)
         out_lp = np.zeros((rows, t), np.float32)
@@ -462,21 +556,18 @@ class ContinuousSampler:
             fills = queue[qi : qi + len(free_slots)]
             qi += len(fills)
             new_prompts = sorted({b for b, _ in fills if b not in entry_of})
-            for c in range(0, len(new_prompts), PREFILL_BATCH):
-                batch = new_prompts[c : c + PREFILL_BATCH]
+            for c in range(0, len(new_prompts), self.prefill_batch):
+                batch = new_prompts[c : c + self.prefill_batch]
                 for b in batch:
                     entry_of[b] = free_entries.pop()
                     left[b] = k
-                pad = PREFILL_BATCH - len(batch)
+                pad = self.prefill_batch - len(batch)
                 idx = np.array(batch + [0] * pad)
                 ent = np.array([entry_of[b] for b in batch] + [entries] * pad, np.int32)
                 pool = self._prefill(
                     smp.params,
                     pool,
-                    jnp.asarray(tokens[idx]),
-                    jnp.asarray(mask[idx]),
-                    jnp.asarray(ent),
-                    jnp.asarray(idx.astype(np.int32)),
+                    *self._batch_major(tokens[idx], mask[idx], ent, idx.astype(np.int32)),
                     seed_key,
                     s=s,
                 )
@@ -501,7 +592,7 @@ class ContinuousSampler:
                 break
             queued = qi < len(queue)
             if not queued:
-                while width > 1 and len(live) <= width // 2:
+                while self._can_halve(width) and len(live) <= width // 2:
                     keep = (
                         live
                         + [i for i in range(width) if slot_row[i] < 0][: width // 2 - len(live)]
@@ -512,7 +603,7 @@ class ContinuousSampler:
                     live = [i for i in range(width) if slot_row[i] >= 0]
             # Rows live before this trip keep their positions; rows put in now start at 0.
             window = next(w for w in self.windows if w > int(host["max_pos"]))
-            min_live = -1 if queued or width == 1 else width // 2
+            min_live = -1 if queued or not self._can_halve(width) else width // 2
             stop_free = min(self.refill, len(queue) - qi) if queued else 0
             loop_calls += 1
             st = self._loop(

@@ -143,11 +143,6 @@ class Trainer:
         now."""
         self.started = time.time() if started is None else started
         self.cfg = cfg
-        if cfg.rollout.slots and jax.device_count() > 1:
-            raise ConfigError(
-                f"config field `rollout.slots`: continuous batching runs on one device and this "
-                f"run has {jax.device_count()}; set rollout.slots=0 (one static batch per step)"
-            )
         try:
             self.out = paths.run_path(cfg.output_dir, field="config field `output_dir`")
         except paths.PathError as e:
@@ -226,8 +221,7 @@ class Trainer:
             max_new_tokens=cfg.rollout.max_new_tokens,
             max_prompt_len=cfg.rollout.max_prompt_len,
             prompt_buckets=cfg.rollout.prompt_buckets,
-            # Continuous batching runs on one device, where a mesh adds nothing.
-            mesh=None if cfg.rollout.slots else self.mesh,
+            mesh=self.mesh,
         )
         slots = cfg.rollout.slots
         return sampler, (ContinuousSampler(sampler, slots) if slots else None)

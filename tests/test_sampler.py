@@ -8,6 +8,7 @@ logits of magnitude ~5 agree to ~1e-6 here); exact equality for tokens.
 """
 
 import dataclasses
+import itertools
 import math
 import re
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from laserjax.config import MeshConfig
 from laserjax.continuous import ContinuousSampler
@@ -579,17 +581,28 @@ def test_top_k_exact_equals_lax_top_k():
 
 
 def test_sharded_decode_all_reduces_nothing_vocabulary_sized(model):
-    """FSDP x tensor decode on 8 CPU devices: the compiled loop has no all-reduce of the
-    logits' size (the head is gathered once before the loop; `_head_gatherer`)."""
+    """FSDP x tensor decode on 8 CPU devices: the compiled loops, static and continuous, have no
+    all-reduce of the logits' size (the head is gathered once before the loop;
+    `_head_gatherer`)."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
     wide = TransformerConfig(**(dataclasses.asdict(CFG) | dict(vocab_size=1000)))
     m = Transformer(wide, rngs=nnx.Rngs(0))
-    for mesh_cfg in (MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)):
+    for mesh_cfg, continuous in itertools.product(
+        (MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)),
+        (False, True),
+    ):
         sampler = make_sampler(m, mesh=make_mesh(mesh_cfg))
         s = sampler.settings(k=2, temperature=1.0, top_p=1.0, top_k=0)
-        prefix, state, _, _ = sampler.start([[10, 11]] * 8, s, SEED)
-        hlo = sampler._loop.lower(sampler.params, prefix, state, s).compile().as_text()
+        if continuous:
+            cont = ContinuousSampler(sampler, slots=8)
+            pool, st = cont.buffers(8, s)
+            key, stop, low = jax.random.key(0), jnp.int32(1), jnp.int32(-1)
+            lowered = cont._loop.lower(sampler.params, pool, st, key, stop, low, s=s, window=T)
+        else:
+            prefix, state, _, _ = sampler.start([[10, 11]] * 8, s, SEED)
+            lowered = sampler._loop.lower(sampler.params, prefix, state, s)
+        hlo = lowered.compile().as_text()
         sizes = []
         for line in hlo.splitlines():
             # `%name = f32[...] all-reduce(...)`: the result shapes sit between '=' and the
@@ -599,7 +612,7 @@ def test_sharded_decode_all_reduces_nothing_vocabulary_sized(model):
                 shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", hit.group(1))
                 sizes += [math.prod(int(d) for d in s.split(",") if d) for s in shapes]
         # A vocabulary-sized all-reduce would carry at least one row's logits (1000 values).
-        assert max(sizes, default=0) < wide.vocab_size, (mesh_cfg, sorted(sizes)[-5:])
+        assert max(sizes, default=0) < wide.vocab_size, (mesh_cfg, continuous, sorted(sizes)[-5:])
 
 
 # --- continuous batching ---------------------------------------------------------------------
@@ -664,3 +677,34 @@ def test_continuous_batching_drains_into_fewer_slots(model, batches):
     assert stats.busy_steps == (ref.lengths - 1 + ref.finished).sum()
     assert stats.slot_steps <= 2 * stats.busy_steps
     assert stats.slot_steps < 16 * stats.decode_steps
+
+
+@pytest.mark.parametrize(
+    "mesh_cfg, slots",
+    [(MeshConfig(data=2, fsdp=2, tensor=2), 4), (MeshConfig(data=1, fsdp=8, tensor=1), 8)],
+)
+def test_continuous_batching_on_a_mesh_equals_the_static_sampler(model, batches, mesh_cfg, slots):
+    """Slots split over the batch axes of 8 CPU devices, the pool replicated: every row draws
+    what the single-device static sampler draws (up to round-off ties, `assert_same_draws`), and
+    the drain stops halving at one slot per batch shard."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    cont = ContinuousSampler(make_sampler(model, mesh=make_mesh(mesh_cfg)), slots, (2, 5, T))
+    out, stats = cont.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+    assert_same_draws(model, batches[1.0], out, len(PROMPTS) * K, 1.0, SEED)
+    assert stats.prefill_prompts == len(PROMPTS)
+    shards = mesh_cfg.data * mesh_cfg.fsdp
+    assert stats.slot_steps % shards == 0 and stats.slot_steps >= shards * stats.decode_steps
+    s = cont.sampler.settings(k=K, temperature=1.0, top_p=1.0, top_k=0)
+    pool, st = cont.buffers(8, s)
+    assert st.tokens_st.sharding.spec == P(("data", "fsdp"), None)
+    assert st.suffix.k[0][0].sharding.spec[0] == ("data", "fsdp")
+    assert pool.prefix.k[0].sharding.spec[0] is None  # replicated over the batch axes
+
+
+def test_continuous_batching_slots_must_split_over_the_mesh(model):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    sampler = make_sampler(model, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    with pytest.raises(ValueError, match=r"`slots`: 6 must be a multiple of .* = 4\)"):
+        ContinuousSampler(sampler, slots=6)

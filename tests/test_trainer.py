@@ -437,13 +437,14 @@ def test_continuous_batching_run_trains_as_the_static_one(work, cache_dir, grpo_
                 assert abs(x - b[key]) <= 1e-4 * max(1.0, abs(x)), (a["step"], key, x, b[key])
 
 
-def test_continuous_batching_on_several_devices_is_refused(tmp_path):
-    cfg = load_config(DEMO, ["rollout.slots=2", f"output_dir={tmp_path / 'x'}"])
-    assert cfg.rollout.slots == 2
-    if jax.device_count() < 2:
-        pytest.skip("needs several devices (tests/conftest.py sets 8 fake CPU devices)")
-    with pytest.raises(ConfigError, match="`rollout.slots`: continuous batching runs on one"):
-        Trainer(cfg)
+def test_continuous_batching_slots_must_split_over_the_mesh(tmp_path):
+    cfg = load_config(DEMO, ["rollout.slots=6", f"output_dir={tmp_path / 'x'}"])
+    assert cfg.rollout.slots == 6
+    with pytest.raises(ConfigError, match="`rollout.slots`: 6 decode slots do not split over"):
+        cfg.validate_against_mesh(dict(data=2, fsdp=2, tensor=2))
+    cfg.validate_against_mesh(dict(data=2, fsdp=1, tensor=4))
+    with pytest.raises(ConfigError, match="`rollout.slots`: continuous batching reads every"):
+        cfg.validate_against_mesh(dict(data=2, fsdp=1, tensor=1), process_count=2)
 
 
 def test_hf_export_loads_in_transformers_with_the_trained_logits(grpo_run):
@@ -698,6 +699,12 @@ def test_zc_emitted_fraction_counts_responses_that_sampled_zc():
             ["train.micro_batch_size=4"],
             "train.micro_batch_size",
             "micro-batches of 4 rows do not split over the 8 batch shards",
+        ),
+        (
+            ["rollout.slots=6"],
+            "rollout.slots",
+            "6 decode slots do not split over the 8 batch shards of the mesh (data 8 x fsdp 1);"
+            " use a multiple of 8",
         ),
     ],
 )
