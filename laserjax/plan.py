@@ -5,7 +5,9 @@ The estimate has two phases, because the trainer alternates them and never holds
 
 - the **train step** (`laserjax.train_step`): parameters, AdamW state, gradients (plus the float32
   accumulator when micro-batching), the batch, and the activations of one micro-batch of
-  `rows x (prompt + response + 1)` tokens (the +1 is z_c, LASER_SPEC section 2);
+  `rows x (prompt + response)` tokens (log p(z_c) is read at the EOS position: the z_c column
+  of LASER_SPEC section 2 is causally invisible and the step leaves it out,
+  `train_step.StepSettings.append_zc`);
 - the **rollout** (`laserjax.sampler`): parameters and AdamW state stay on device, the sampler
   holds its own compute-dtype copy of the weights, the shared prefix KV cache (one per prompt),
   the per-sample suffix KV cache (K per prompt, `max_new_tokens` long) and its small buffers.
@@ -213,8 +215,8 @@ def activation_bytes(
 ) -> dict[str, int]:
     """What one micro-batch of `rows` rows (on one device) keeps alive in the train step.
 
-    Sequence length L = prompt + response + 1 (z_c). `a` is the compute dtype's size. Per layer
-    and row, the backward pass needs (without remat):
+    Sequence length L = prompt + response (no z_c column). `a` is the compute dtype's size. Per
+    layer and row, the backward pass needs (without remat):
 
     - hidden-size tensors: the block input, both RMSNorm outputs and the mid-block residual
       (4 x L x D x a) and two float32 RMS factors per token;
@@ -243,7 +245,7 @@ def activation_bytes(
     a = to_dtype(m.dtype).itemsize
     p_item = to_dtype(m.param_dtype).itemsize
     d, hd, t = m.hidden_size, m.head_dim, tensor
-    seq = prompt_len + response_len + 1
+    seq = prompt_len + response_len
     q, kv = _split(m.num_heads * hd, t), _split(m.num_kv_heads * hd, t)
     heads, inter, vocab = (
         _split(m.num_heads, t),

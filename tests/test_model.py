@@ -328,37 +328,43 @@ def test_missing_directory_is_named(tmp_path):
         load_pretrained(str(tmp_path / "nope"))
 
 
-def test_blocked_attention_equals_dense_forward_and_gradient():
-    """Query blocks of 4 over 13 positions (a ragged last block) against one dense block."""
+ATTENTION_CFG = TransformerConfig(
+    model_type="qwen2",
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qkv_bias=True,
+)
+
+
+def attention_variant(**changes):
+    """(mask, logits, parameter gradients) of one model on left-padded rows of 13, 8 and 5
+    tokens, with `ATTENTION_CFG` changed by `changes` (the same weights for every variant)."""
     import dataclasses
 
-    cfg = TransformerConfig(
-        model_type="qwen2",
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        qkv_bias=True,
-        attention_block=4,
-    )
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model = Transformer(ATTENTION_CFG, rngs=nnx.Rngs(0))
+    model.cfg = dataclasses.replace(ATTENTION_CFG, **changes)
     tokens, mask, positions = padded_batch(lengths=(13, 8, 5), vocab=50, offset=0)
 
-    def loss(m, block):
-        m.cfg = dataclasses.replace(cfg, attention_block=block)
+    def loss(m):
         logits = m(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
         return jnp.sum(jnp.where(jnp.asarray(mask)[..., None], jnp.tanh(logits), 0.0)), logits
 
-    (l_blk, logits_blk), g_blk = nnx.value_and_grad(loss, has_aux=True)(model, 4)
-    (l_dense, logits_dense), g_dense = nnx.value_and_grad(loss, has_aux=True)(model, 64)
-    np.testing.assert_allclose(
-        np.asarray(logits_blk)[mask], np.asarray(logits_dense)[mask], atol=1e-5
-    )
-    for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_dense), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    (_, logits), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return mask, np.asarray(logits), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
+def test_blocked_attention_equals_dense_forward_and_gradient():
+    """Query blocks of 4 over 13 positions (a ragged last block) against one dense block."""
+    mask, logits_blk, g_blk = attention_variant(attention_block=4)
+    _, logits_dense, g_dense = attention_variant(attention_block=64)
+    np.testing.assert_allclose(logits_blk[mask], logits_dense[mask], atol=1e-5)
+    for a, b in zip(g_blk, g_dense, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_dot_product_attention_impl_equals_blocked_forward_and_gradient():
@@ -368,36 +374,11 @@ def test_dot_product_attention_impl_equals_blocked_forward_and_gradient():
     positions per gradient entry: n * eps = 39 * 1.2e-7 < 1e-5 of the largest entry of each
     gradient leaf (measured here: logits 6e-8 apart at |logit| <= 0.35, gradients 7.6e-6 at
     |g| <= 59)."""
-    import dataclasses
-
-    cfg = TransformerConfig(
-        model_type="qwen2",
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        qkv_bias=True,
-        attention_block=4,
-    )
-    model = Transformer(cfg, rngs=nnx.Rngs(0))
-    tokens, mask, positions = padded_batch(lengths=(13, 8, 5), vocab=50, offset=0)
-
-    def loss(m, impl):
-        m.cfg = dataclasses.replace(cfg, attention_impl=impl)
-        logits = m(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
-        return jnp.sum(jnp.where(jnp.asarray(mask)[..., None], jnp.tanh(logits), 0.0)), logits
-
-    (_, logits_blk), g_blk = nnx.value_and_grad(loss, has_aux=True)(model, "blocked")
-    (_, logits_xla), g_xla = nnx.value_and_grad(loss, has_aux=True)(model, "xla")
-    np.testing.assert_allclose(
-        np.asarray(logits_xla)[mask], np.asarray(logits_blk)[mask], atol=1e-5
-    )
-    for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_blk), strict=True):
-        scale = float(np.abs(np.asarray(b)).max())
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * scale)
+    mask, logits_blk, g_blk = attention_variant(attention_block=4)
+    _, logits_xla, g_xla = attention_variant(attention_block=4, attention_impl="xla")
+    np.testing.assert_allclose(logits_xla[mask], logits_blk[mask], atol=1e-5)
+    for a, b in zip(g_xla, g_blk, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize(
