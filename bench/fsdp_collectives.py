@@ -3,8 +3,9 @@
 A Qwen2.5-0.5B-shaped model (hidden 896, vocabulary 151936, 14 / 2 heads; `--layers` of its 24,
 since the figure is about the head and per-layer collectives are listed separately) sharded FSDP
 x tensor on 8 fake CPU devices, 256 rows. Compiles the sampler's decode loop, and the continuous
-batcher's over 256 slots, and sums the all-reduce operands inside the loop body (what every step
-moves) and outside it (once per call).
+batcher's over 256 slots, and sums the all-reduce results inside the loop body (what every step
+moves) and outside it (once per call); `per_step_by_kind` adds every other collective of a step
+(the FSDP weights' all-gathers, ...).
 Before the head was gathered once per call (`sampler._head_gatherer`), the loop all-reduced the
 full float32 logits every step: 256 x 151936 x 4 bytes = 155.6 MB.
 
@@ -37,23 +38,26 @@ from laserjax.sharding import make_mesh  # noqa: E402
 _BYTES = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "pred": 1, "f16": 2}
 
 
-def all_reduce_bytes(hlo: str) -> dict[str, list[int]]:
-    """Operand bytes of every all-reduce, by computation: the while body's vs the rest."""
-    out: dict[str, list[int]] = {"loop_body": [], "outside": []}
+def collective_bytes(hlo: str) -> dict[str, dict[str, list[int]]]:
+    """Result bytes of every collective, by kind (all-reduce, all-gather, ...) and computation:
+    the while body's (every step) vs the rest (once per call)."""
+    out: dict[str, dict[str, list[int]]] = {}
     comp = ""
     bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
+    kinds = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
     for line in hlo.splitlines():
         m = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
         if m:
             comp = m.group(1)
-        m = re.search(r"= (.*?) all-reduce(?:-start)?\(", line)
+        m = re.search(rf"= (.*?) ({kinds})(?:-start)?\(", line)
         if not m:
             continue
         head = m.group(1)  # the result shape(s), between the name and the opcode
         n = 0
         for dt, dims in re.findall(r"([a-z]+\d*)\[([0-9,]*)\]", head):
             n += _BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(",") if d)
-        out["loop_body" if comp in bodies else "outside"].append(n)
+        where = "loop_body" if comp in bodies else "outside"
+        out.setdefault(m.group(2), {"loop_body": [], "outside": []})[where].append(n)
     return out
 
 
@@ -104,11 +108,13 @@ def main() -> None:
             window=args.new_tokens,
         )
         for what, lowered in (("decode", static), ("continuous_decode", continuous)):
-            moved = all_reduce_bytes(lowered.compile().as_text())
+            moved = collective_bytes(lowered.compile().as_text())
             emit_moved(what, mesh_cfg, args, moved, v)
 
 
 def emit_moved(what, mesh_cfg, args, moved, v) -> None:
+    """The all-reduce figures, then every collective kind's bytes and count per step."""
+    reduce = moved.get("all-reduce", {"loop_body": [], "outside": []})
     print(
         json.dumps(
             dict(
@@ -116,11 +122,15 @@ def emit_moved(what, mesh_cfg, args, moved, v) -> None:
                 mesh=dict(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor),
                 layers=args.layers,
                 rows=args.rows,
-                per_step_bytes=sum(moved["loop_body"]),
-                per_step_largest=max(moved["loop_body"], default=0),
-                per_step_count=len(moved["loop_body"]),
-                per_call_bytes=sum(moved["outside"]),
+                per_step_bytes=sum(reduce["loop_body"]),
+                per_step_largest=max(reduce["loop_body"], default=0),
+                per_step_count=len(reduce["loop_body"]),
+                per_call_bytes=sum(reduce["outside"]),
                 logits_bytes=args.rows * v * 4,
+                per_step_by_kind={
+                    kind: dict(count=len(x["loop_body"]), bytes=sum(x["loop_body"]))
+                    for kind, x in sorted(moved.items())
+                },
                 devices=len(jax.devices()),
             )
         ),

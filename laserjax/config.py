@@ -358,7 +358,7 @@ class RolloutConfig:
     continuous batching (`laserjax/continuous.py`) through N decode slots, a finished row's slot
     taking the next queued sample; the same tokens, log-probs and log p(z_c) as the static batch
     for the same seed, so training is unchanged. On a mesh the slots split over its batch axes
-    (data x fsdp must divide N); within one process."""
+    (data x fsdp must divide N)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
@@ -663,12 +663,6 @@ class Config:
             )
         slots = self.rollout.slots
         if slots:
-            _check(
-                process_count == 1,
-                "rollout.slots",
-                f"continuous batching reads every decode slot on one host and this run has "
-                f"{process_count} processes; set rollout.slots=0 (one static batch per step)",
-            )
             _check(
                 slots % shards == 0,
                 "rollout.slots",

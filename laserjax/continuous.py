@@ -25,7 +25,9 @@ sampler's rows are, their suffix caches' kv heads over tensor, and the parameter
 in training (the vocabulary-sized ones gathered once per loop call, `sampler._head_gatherer`).
 The prompt pool is replicated over the batch axes: a slot reads its prompt's entry on its own
 device whichever device prefilled it. Halving the slots for the drain stops at the batch axes'
-size. The host reads every slot's status, so the mesh must lie within one process.
+size. On several processes (a pod) every process runs this host loop on the same global prompts:
+what it reads from the devices comes back replicated, so all of them make the same decisions and
+call the same programs in the same order, as with the static sampler.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
-from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer
+from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer, TransformerConfig
 from laserjax.sampler import (
     WINDOW_ALIGN,
     RolloutBatch,
@@ -96,7 +98,7 @@ class SlotState:
     steps: jax.Array  # int32 scalar: decode steps run
 
 
-def _empty_slots(model: Transformer, slots: int, s: SamplingSettings, bounds) -> SlotState:
+def _empty_slots(cfg: TransformerConfig, slots: int, s: SamplingSettings, bounds) -> SlotState:
     t = s.max_new_tokens
 
     def z():  # a new buffer per field: the state is donated
@@ -118,7 +120,7 @@ def _empty_slots(model: Transformer, slots: int, s: SamplingSettings, bounds) ->
         truncated_s=f(),
         complete_s=jnp.ones((slots,), bool),
         logp_zc_s=jnp.zeros((slots,), jnp.float32),
-        suffix=SuffixCache.zeros(model.cfg, slots, 1, t, bounds),
+        suffix=SuffixCache.zeros(cfg, slots, 1, t, bounds),
         busy_steps=jnp.zeros((), jnp.int32),
         token_steps=jnp.zeros((), jnp.int32),
         slot_steps=jnp.zeros((), jnp.int32),
@@ -404,11 +406,6 @@ class ContinuousSampler:
 
     def __init__(self, sampler: Sampler, slots: int, windows: Sequence[int] = (), refill: int = 1):
         mesh, per = sampler.mesh, sampler.batch_multiple
-        _require(
-            mesh is None or all(d.process_index == jax.process_index() for d in mesh.devices.flat),
-            "mesh",
-            "continuous batching reads every slot on the host: its mesh must lie in one process",
-        )
         _require(slots >= 1, "slots", f"must be >= 1, got {slots}")
         _require(
             slots % per == 0,
@@ -458,38 +455,50 @@ class ContinuousSampler:
             donate_argnums=(2,),
         )
         self._gather = jax.jit(lambda st, keep_m: pin(_gather_slots(st, keep_m)))
-        self._status = jax.jit(_status)
-        self._collect = jax.jit(_collect)
+        # What the host reads comes back replicated: on several processes every process then
+        # holds all of it and makes the same decisions, in step (SPMD).
+        out = {} if mesh is None else dict(out_shardings=sharding.replicated(mesh))
+        self._status = jax.jit(_status, **out)
+        self._collect = jax.jit(_collect, **out)
 
     def buffers(self, prompt_len: int, s: SamplingSettings) -> tuple[Pool, SlotState]:
         """An empty prompt pool and free slots for a rollout with prompts padded to
-        `prompt_len`, placed on the mesh. The pool holds one entry per slot plus one: the live
-        prompts are at most one per slot, plus the one whose samples are being inserted."""
+        `prompt_len`, made on the mesh (`_shardings`). The pool holds one entry per slot plus
+        one: the live prompts are at most one per slot, plus the one whose samples are being
+        inserted."""
         cfg, entries = self.sampler.cfg, self.slots + 1
-        shape = (entries, cfg.num_kv_heads, prompt_len, cfg.head_dim + 1)
-        layer = [jnp.zeros(shape, jnp.dtype(cfg.dtype)) for _ in range(cfg.num_layers)]
-        pool = Pool(
-            prefix=PrefixCache(
-                tuple(layer),
-                tuple(jnp.array(x) for x in layer),
-                jnp.zeros((entries, prompt_len), bool),
-            ),
-            tok0_ek=jnp.zeros((entries, s.k), jnp.int32),
-            lp0_ek=jnp.zeros((entries, s.k), jnp.float32),
-            prompt_len_e=jnp.zeros((entries,), jnp.int32),
-        )
-        model = nnx.merge(self.sampler.graphdef, self.sampler.params)
-        st = _empty_slots(model, self.slots, s, self.windows)
-        if self.mesh is not None:
-            pool = jax.device_put(pool, _shardings(self.mesh, pool))
-            st = jax.device_put(st, _shardings(self.mesh, st))
-        return pool, st
+
+        def make() -> tuple[Pool, SlotState]:
+            shape = (entries, cfg.num_kv_heads, prompt_len, cfg.head_dim + 1)
+            pool = Pool(
+                prefix=PrefixCache(
+                    tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+                    tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+                    jnp.zeros((entries, prompt_len), bool),
+                ),
+                tok0_ek=jnp.zeros((entries, s.k), jnp.int32),
+                lp0_ek=jnp.zeros((entries, s.k), jnp.float32),
+                prompt_len_e=jnp.zeros((entries,), jnp.int32),
+            )
+            return pool, _empty_slots(cfg, self.slots, s, self.windows)
+
+        if self.mesh is None:
+            return jax.jit(make)()
+        shapes = jax.eval_shape(make)
+        return jax.jit(make, out_shardings=tuple(_shardings(self.mesh, x) for x in shapes))()
 
     def _batch_major(self, *xs: np.ndarray) -> list[jax.Array]:
         """Host arrays of a prefill batch on the device(s): over the mesh's batch axes."""
         if self.mesh is None:
             return [jnp.asarray(x) for x in xs]
         return [jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim)) for x in xs]
+
+    def _replicated(self, *xs) -> list[jax.Array]:
+        """Small host values every call takes (slot indices, counts, the seed's key data) on
+        every device of the mesh: the same global value on each process."""
+        if self.mesh is None:
+            return [jnp.asarray(x) for x in xs]
+        return [jax.device_put(np.asarray(x), sharding.replicated(self.mesh)) for x in xs]
 
     def _can_halve(self, width: int) -> bool:
         """Whether the drain may run `width` slots as width / 2: still split evenly over the
@@ -512,7 +521,8 @@ class ContinuousSampler:
         tokens, mask, _ = smp.pad_prompts(prompt_ids)
         n, p = len(prompt_ids), tokens.shape[1]
         t, rows = s.max_new_tokens, len(prompt_ids) * k
-        seed_key = jax.random.key(np.uint32(seed % 2**32))
+        (seed_data,) = self._replicated(jax.random.key_data(jax.random.key(seed % 2**32)))
+        seed_key = jax.random.wrap_key_data(seed_data)
         pool, st = self.buffers(p, s)
         entries, width = pool.prompt_len_e.shape[0], self.slots
 
@@ -540,7 +550,7 @@ class ContinuousSampler:
             done = [i for i in range(width) if host["done"][i]]
             if done:
                 got = jax.device_get(
-                    self._collect(st, jnp.asarray(np.resize(np.array(done, np.int32), width)))
+                    self._collect(st, *self._replicated(np.resize(np.array(done, np.int32), width)))
                 )
                 for i, slot in enumerate(done):
                     r = slot_row[slot]
@@ -584,9 +594,7 @@ class ContinuousSampler:
                     pos = changed.index(slot)
                     row_m[pos], entry_m[pos] = b * k + j, entry_of[b]
                     slot_row[slot] = b * k + j
-                st = self._update(
-                    st, pool, jnp.asarray(slot_m), jnp.asarray(row_m), jnp.asarray(entry_m), s=s
-                )
+                st = self._update(st, pool, *self._replicated(slot_m, row_m, entry_m), s=s)
             live = [i for i in range(width) if slot_row[i] >= 0]
             if not live:
                 break
@@ -597,7 +605,7 @@ class ContinuousSampler:
                         live
                         + [i for i in range(width) if slot_row[i] < 0][: width // 2 - len(live)]
                     )
-                    st = self._gather(st, jnp.asarray(np.array(keep, np.int32)))
+                    st = self._gather(st, *self._replicated(np.array(keep, np.int32)))
                     slot_row = [slot_row[i] for i in keep]
                     width //= 2
                     live = [i for i in range(width) if slot_row[i] >= 0]
@@ -611,8 +619,7 @@ class ContinuousSampler:
                 pool,
                 st,
                 seed_key,
-                jnp.int32(stop_free),
-                jnp.int32(min_live),
+                *self._replicated(np.int32(stop_free), np.int32(min_live)),
                 s=s,
                 window=window,
             )

@@ -230,15 +230,20 @@ class Trainer:
         return Scoring(beta_v=self.cfg.laser.beta_v, c_ref=self.c_ref)
 
     def _rollout(self, prompts: list[list[int]], answers: list[str], seed: int):
+        """(rollout, rewards, the share of the rollout's row-steps that did a row's work: fed
+        a live row a token or its z_c read)."""
         r = self.cfg.rollout
         kw = dict(k=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         if self.continuous is None:
             rollout = self.sampler.sample(prompts, seed=seed, **kw)
+            busy = (rollout.lengths - 1 + rollout.finished).sum()
+            share = float(busy / max(len(rollout.lengths) * rollout.decode_steps, 1))
         else:
-            rollout, _ = self.continuous.sample(prompts, seed=seed, **kw)
+            rollout, stats = self.continuous.sample(prompts, seed=seed, **kw)
+            share = stats.utilisation
         texts = decode_responses(self.task.tokenizer, rollout)
         refs = [answers[i // r.samples_per_prompt] for i in range(len(texts))]
-        return rollout, self._grade(texts, refs)
+        return rollout, self._grade(texts, refs), share
 
     def _grade(self, responses: list[str], answers: list[str]) -> np.ndarray:
         """Rewards (LASER_SPEC section 4: verifier reward r_v) that every process agrees on:
@@ -295,7 +300,7 @@ class Trainer:
 
     def _measure_c_ref(self, prompts: list[list[int]], answers: list[str]) -> float:
         """c_ref = mean log pi_ref(z_c | x, y, eos) of the starting policy (spec section 1)."""
-        rollout, _ = self._rollout(prompts, answers, seed=-1 % 2**31)
+        rollout, _, _ = self._rollout(prompts, answers, seed=-1 % 2**31)
         vals = rollout.logp_zc[rollout.finished]
         if vals.size == 0:
             raise ConfigError(
@@ -418,7 +423,7 @@ class Trainer:
                 idx = self._global_batch_indices()
                 prompts = [t.train_prompts[i] for i in idx]
                 answers = [t.train_problems[i].answer for i in idx]
-                rollout, rewards = self._rollout(
+                rollout, rewards, busy_share = self._rollout(
                     prompts, answers, seed=(cfg.train.seed * 1_000_003 + step) % 2**31
                 )
                 batch = train_batch(rollout, rewards)
@@ -426,6 +431,7 @@ class Trainer:
                 self.state, metrics = self.step_fn(self.state, batch)
                 metrics = jax.device_get(metrics)
                 row = self._step_row(step, rollout, rewards, metrics, time.time() - tic)
+                row["rollout_busy_share"] = busy_share
                 for key in ("policy_loss", "mse_loss", "grad_norm"):
                     if key in row and not _finite(row[key]):
                         raise TrainingDiverged(

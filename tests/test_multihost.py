@@ -28,6 +28,9 @@ directories, resumes from the bucket alone: both processes must resume the same 
 must end equal to the uninterrupted one, bit for bit (same layout, same machine), with nothing
 written to or read from the processes' own directories.
 
+Continuous batching (`rollout.slots=2`): another one-process run and pair of processes must agree
+bit for bit in the same way, each process running the same slot schedule.
+
 One reward for all hosts: a fifth pair runs with a grader that times out (grades 0) on every
 answer on process 1 only; both processes must train on one reward vector, the one logged.
 
@@ -195,6 +198,17 @@ def runs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
     return one, two
 
 
+@pytest.fixture(scope="module")
+def slot_runs(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path]:
+    """The same pair with continuous batching through 2 decode slots (`rollout.slots=2`)."""
+    root = tmp_path_factory.mktemp("multihost_slots")
+    one, two = root / "one_process", root / "two_processes"
+    extra = ("rollout.slots=2",)
+    procs = {"one process": (_start(one, _env(2), root / "one.log", extra), root / "one.log")}
+    _wait(procs | _start_two_processes(two, root, "process", extra))
+    return one, two
+
+
 # The `train` command, but at the PAUSE_AT-th train step, after its rollout and before its update,
 # it writes PAUSE_MARKER + its process id and sleeps, so the test's SIGKILL lands mid-step
 # deterministically (a toy step is far too short to hit by polling).
@@ -300,6 +314,23 @@ def test_two_processes_log_the_one_process_metrics(runs):
     summary_one = json.loads((one / "summary.json").read_text())
     summary_two = json.loads((two / "summary.json").read_text())
     assert _without(summary_one, "seconds") == _without(summary_two, "seconds")
+
+
+def test_two_processes_run_the_one_process_decode_slots(runs, slot_runs):
+    """Continuous batching on two processes: each runs the same slot schedule from the slot
+    status both read back replicated, so the run equals the one-process run bit for bit; and
+    the slots did run the rollouts (their share of busy row-steps is not the static batch's)."""
+    one, two = slot_runs
+    rows_one, rows_two = _jsonl(one / "metrics.jsonl"), _jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in rows_two] == list(range(1, TOTAL_STEPS + 1))
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert _without(a, "step_seconds") == _without(b, "step_seconds"), f"step {a['step']}"
+    static = _jsonl(runs[0] / "metrics.jsonl")
+    busy = [
+        (a["rollout_busy_share"], b["rollout_busy_share"])
+        for a, b in zip(static, rows_one, strict=True)
+    ]
+    assert any(x != y for x, y in busy), busy
 
 
 def _restore_on_one_device(step_dir: pathlib.Path) -> dict:

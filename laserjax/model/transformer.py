@@ -851,7 +851,6 @@ class Transformer(nnx.Module):
         step = jnp.asarray(step, jnp.int32)
         per_row = step.ndim > 0
         step_bk = jnp.broadcast_to(step, tokens_bk.shape)
-        rows_r = jnp.arange(tokens_bk.size)
 
         def write(seg, new_bknd, s):  # new: [B, K, kv_heads, head_dim + 1]
             new = new_bknd.astype(seg.dtype).reshape(-1, *new_bknd.shape[2:])
@@ -859,7 +858,12 @@ class Transformer(nnx.Module):
             if per_row:
                 at = step_bk.reshape(-1) - lo
                 at = jnp.where((at >= 0) & (at < hi - lo), at, hi - lo)  # out of range: dropped
-                return seg.at[rows_r, :, at].set(new, mode="drop", unique_indices=True)
+                # Row by row (vmap: a scatter whose row axis is a batch axis), so on a mesh
+                # each batch shard writes its own rows; an index array over all rows made
+                # XLA gather every row's new keys and values across the shards first.
+                return jax.vmap(
+                    lambda seg_r, new_r, at_r: seg_r.at[:, at_r].set(new_r, mode="drop")
+                )(seg, new, at)
             if s != n_seg - 1:
                 return seg
             return jax.lax.dynamic_update_slice(seg, new[:, :, None], (0, 0, step - lo, 0))
