@@ -354,17 +354,18 @@ def test_adaptive_command_errors(tmp_path):
 
 
 @pytest.mark.slow  # a second 20-problem eval run
-@pytest.mark.parametrize("slots", [0, 8])
+@pytest.mark.parametrize("slots, mesh", [(0, "none"), (8, "none"), (8, "data=-1,fsdp=1,tensor=1")])
 def test_eval_stop_rule_that_never_stops_early_draws_what_eval_draws(
-    math500_run, tiny_ckpt, token_ids, eval_dir, tmp_path, slots
+    math500_run, tiny_ckpt, token_ids, eval_dir, tmp_path, slots, mesh
 ):
     """maj:4 in one round of 4 with every problem in one call is plain `eval --n 4`: round 0's
     seed is the first batch's seed, so the samples are the same; the summary reports the vote.
-    With `--slots 8` the calls run through 8 decode slots and draw the same samples; their
-    log p(z_c) equal the static decode's within the sampler tests' 1e-5, so r_s (beta_v 0.1)
-    within 1e-6."""
+    With `--slots 8` the calls run through 8 decode slots (on one device, or one per device over
+    8 CPU devices) and draw the same samples; their log p(z_c) equal the static decode's within
+    the sampler tests' 1e-5, so r_s (beta_v 0.1) within 1e-6."""
     out = tmp_path / "adaptive"
     argv = [*MATH500_ARGV, "--stop-rule", "maj:4", "--round-size", "4", "--slots", str(slots)]
+    argv += ["--mesh", mesh]
     cli.main(eval_argv(tiny_ckpt, eval_dir, out, token_ids["<|z|>"], *argv))
     plain = read_rows(math500_run / "samples.jsonl")
     rows = read_rows(out / "samples.jsonl")
@@ -390,6 +391,10 @@ def test_eval_stop_rule_that_never_stops_early_draws_what_eval_draws(
         (["--stop-rule", "ac:0.9", "--round-size", "3"], "--round-size: must be >= 1 and divide"),
         (["--stop-rule", "ac:0.9", "--resume"], "--resume: not supported with --stop-rule"),
         (["--stop-rule", "ac:0.9", "--slots", "-1"], "--slots: must be >= 0, got -1"),
+        (  # 8 fake CPU devices (tests/conftest.py)
+            ["--stop-rule", "ac:0.9", "--slots", "4", "--mesh", "data=-1,fsdp=1,tensor=1"],
+            "--slots: 4 decode slots do not split over the mesh's 8 batch shards",
+        ),
     ],
 )
 def test_eval_stop_rule_errors(tiny_ckpt, eval_dir, tmp_path, extra, message):

@@ -465,8 +465,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         grader_timeout=args.grader_timeout,
     )
     if args.stop_rule is not None:
-        if args.slots and mesh is not None:
-            raise EvalError("eval --slots: continuous batching runs on one device; add --mesh none")
+        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        if args.slots % shards:
+            raise EvalError(
+                f"eval --slots: {args.slots} decode slots do not split over the mesh's "
+                f"{shards} batch shards (data x fsdp); use a multiple of {shards}"
+            )
         return run_adaptive(job, parse_rule(args.stop_rule), args.round_size, args.slots)
     return run_fixed(job, kept, overflow, setup.ckpt, t0)
 
