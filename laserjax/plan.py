@@ -40,6 +40,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from laserjax import sharding, toy_task
 from laserjax.config import Config, ConfigError, OptimConfig
+from laserjax.continuous import PREFILL_BATCH
 from laserjax.model.transformer import Transformer, TransformerConfig, to_dtype
 from laserjax.presets import PRESETS, preset_for
 from laserjax.train_step import (
@@ -295,7 +296,15 @@ def activation_bytes(
 
 
 def rollout_bytes(
-    m: TransformerConfig, prompts: int, k: int, prompt_len: int, new_tokens: int, tensor: int
+    m: TransformerConfig,
+    prompts: int,
+    k: int,
+    prompt_len: int,
+    new_tokens: int,
+    tensor: int,
+    *,
+    slots: int = 0,
+    shards: int = 1,
 ) -> dict[str, int]:
     """The sampler's buffers on one device for `prompts` prompts (LASER_SPEC section 5).
 
@@ -307,21 +316,31 @@ def rollout_bytes(
     float32 log-probs per generated slot. The prefill's working set: the per-layer keys/values
     before they are augmented (a second prefix cache) and one layer's float32 scores and
     probabilities (one query block of them with blocked attention).
+
+    With continuous batching (`slots` > 0 over `shards` batch shards, `laserjax/continuous.py`)
+    the prompt caches are the pool's slots + 1 entries, each on every batch shard, the suffix
+    cache and state hold slots / shards rows, and a prefill call takes `PREFILL_BATCH` prompts
+    (rounded up to the shards) at a time.
     """
     a = to_dtype(m.dtype).itemsize
     kv_heads = _split(m.num_kv_heads, tensor)
     per_token = 2 * m.num_layers * kv_heads * (m.head_dim + 1) * a
-    prefix = prompts * prompt_len * (per_token + 1)
-    suffix = prompts * k * new_tokens * per_token
-    state = prompts * k * new_tokens * 8
+    if slots:
+        rows, cached, prefilled = slots // shards, slots + 1, -(-PREFILL_BATCH // shards)
+    else:
+        rows, cached, prefilled = prompts * k, prompts, prompts
+    prefix = cached * prompt_len * (per_token + 1)
+    suffix = rows * new_tokens * per_token
+    state = rows * new_tokens * 8
     block = min(m.attention_block, prompt_len)
-    prefill_scores = 2 * prompts * _split(m.num_heads, tensor) * block * prompt_len * 4
-    decode_logits = 3 * prompts * k * m.vocab_size * 4
+    prefill_scores = 2 * prefilled * _split(m.num_heads, tensor) * block * prompt_len * 4
+    prefill = prefilled * prompt_len * (per_token + 1) + prefill_scores
+    decode_logits = 3 * rows * m.vocab_size * 4
     return {
         "prefix_cache": prefix,
         "suffix_cache": suffix,
         "sampler_state": state,
-        "working": max(prefix + prefill_scores, decode_logits),
+        "working": max(prefill, decode_logits),
     }
 
 
@@ -398,7 +417,16 @@ def estimate(
     a = to_dtype(model_cfg.dtype).itemsize
     out["sampler_params"] = out["params"] * min(a, p_item) // p_item
     prompts_dev = -(-cfg.train.prompts_per_step // shards)
-    roll = rollout_bytes(model_cfg, prompts_dev, cfg.rollout.samples_per_prompt, p_len, t_len, t)
+    roll = rollout_bytes(
+        model_cfg,
+        prompts_dev,
+        cfg.rollout.samples_per_prompt,
+        p_len,
+        t_len,
+        t,
+        slots=cfg.rollout.slots,
+        shards=shards,
+    )
     out["kv_prefix"], out["kv_suffix"] = roll["prefix_cache"], roll["suffix_cache"]
     out["rollout_buffers"] = roll["sampler_state"] + roll["working"]
     out["rollout_peak"] = (

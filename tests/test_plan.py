@@ -35,6 +35,7 @@ from laserjax import cli, plan, sharding
 from laserjax import train_step as ts
 from laserjax.config import ConfigError, MeshConfig, OptimConfig
 from laserjax.config_load import load_config
+from laserjax.continuous import ContinuousSampler
 from laserjax.model.transformer import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
 
@@ -240,6 +241,30 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh):
     assert est["kv_suffix"] == _device_bytes(state.suffix)
     # The estimate's compute-dtype weight copy is the sampler's (bf16 over float32 weights).
     assert est["sampler_params"] == _device_bytes(sampler.params)
+
+
+def test_kv_cache_bytes_with_slots_equal_the_continuous_samplers_buffers():
+    """`rollout.slots`: the pool (slots + 1 prompt caches on every batch shard) and the slots'
+    suffix caches (slots / shards rows), data 2 x tensor 2 as the static test's first mesh."""
+    model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16")))
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    k, p, t, slots = 3, 16, 24, 6
+    sampler = Sampler(
+        model,
+        eos_ids=(1,),
+        pad_id=0,
+        self_reward_token_id=255,
+        max_new_tokens=t,
+        prompt_buckets=(p,),
+        mesh=_mesh(2, 1, 2),
+    )
+    pool, st = ContinuousSampler(sampler, slots).buffers(
+        p, sampler.settings(k=k, temperature=1.0, top_p=1.0, top_k=0)
+    )
+    cfg = _cfg(prompts=4, k=k, p=p, t=t, dtype="bfloat16", extra=(f"rollout.slots={slots}",))
+    est = plan.estimate(model_cfg, cfg, _shape(2, 1, 2))
+    assert est["kv_prefix"] == _device_bytes(pool.prefix)
+    assert est["kv_suffix"] == _device_bytes(st.suffix)
 
 
 # ---------------------------------------------------------------------------------------------
