@@ -460,6 +460,7 @@ class ContinuousSampler:
         out = {} if mesh is None else dict(out_shardings=sharding.replicated(mesh))
         self._status = jax.jit(_status, **out)
         self._collect = jax.jit(_collect, **out)
+        self._makers: dict = {}
 
     def buffers(self, prompt_len: int, s: SamplingSettings) -> tuple[Pool, SlotState]:
         """An empty prompt pool and free slots for a rollout with prompts padded to
@@ -482,10 +483,13 @@ class ContinuousSampler:
             )
             return pool, _empty_slots(cfg, self.slots, s, self.windows)
 
-        if self.mesh is None:
-            return jax.jit(make)()
-        shapes = jax.eval_shape(make)
-        return jax.jit(make, out_shardings=tuple(_shardings(self.mesh, x) for x in shapes))()
+        key = (prompt_len, s)
+        if key not in self._makers:  # one compile per shape, not one per rollout
+            out = None
+            if self.mesh is not None:
+                out = tuple(_shardings(self.mesh, x) for x in jax.eval_shape(make))
+            self._makers[key] = jax.jit(make, out_shardings=out)
+        return self._makers[key]()
 
     def _batch_major(self, *xs: np.ndarray) -> list[jax.Array]:
         """Host arrays of a prefill batch on the device(s): over the mesh's batch axes."""
