@@ -23,9 +23,11 @@ and the decode step is the static one applied per row (each slot at its own posi
 On a mesh (the `Sampler`'s), the slots are split over the batch axes (data, fsdp) as the static
 sampler's rows are, their suffix caches' kv heads over tensor, and the parameters stay sharded as
 in training (the vocabulary-sized ones gathered once per loop call, `sampler._head_gatherer`).
-The prompt pool is replicated over the batch axes: a slot reads its prompt's entry on its own
-device whichever device prefilled it. Halving the slots for the drain stops at the batch axes'
-size. On several processes (a pod) every process runs this host loop on the same global prompts:
+The slots and the prompt pool are split into one block per batch shard: a prompt's entry lies in
+the block of the shard its K samples run on, so every step's pool reads stay on the device
+(`Transformer.decode(prefix_shards=...)`), and the drain halves every block, down to one slot
+per batch shard. On several processes (a pod) every process runs this host loop on the same
+global prompts:
 what it reads from the devices comes back replicated, so all of them make the same decisions and
 call the same programs in the same order, as with the static sampler.
 """
@@ -40,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from laserjax import sharding
 from laserjax.model.transformer import PrefixCache, SuffixCache, Transformer, TransformerConfig
@@ -132,21 +133,17 @@ def _shardings(mesh: Mesh, tree: Pool | SlotState) -> Pool | SlotState:
     """The shardings of a `Pool` or `SlotState` on `mesh`, as a tree of its shape.
 
     Slots: slot-major buffers over the batch axes, suffix caches as the static sampler's
-    (`_cache`), the step counters replicated. Pool: every buffer replicated over the batch axes,
-    its prompt caches' kv heads over tensor when it divides them."""
+    (`_cache`), the step counters replicated. Pool: the prompt caches entry-major over the batch
+    axes (each batch shard holds the block of entries its slots read) and kv heads over tensor
+    like the static prefix cache; the small per-entry arrays replicated."""
     replicated = sharding.replicated(mesh)
     if isinstance(tree, Pool):
-
-        def pool_cache(x):
-            heads = "tensor" if x.shape[1] % mesh.shape["tensor"] == 0 else None
-            return NamedSharding(mesh, P(None, heads, None, None))
-
         prefix = tree.prefix
         return Pool(
             prefix=PrefixCache(
-                tuple(pool_cache(x) for x in prefix.k),
-                tuple(pool_cache(x) for x in prefix.v),
-                replicated,
+                tuple(_cache(mesh, x) for x in prefix.k),
+                tuple(_cache(mesh, x) for x in prefix.v),
+                sharding.batch_sharding(mesh, 2),
             ),
             tok0_ek=replicated,
             lp0_ek=replicated,
@@ -251,8 +248,10 @@ def _slot_step(
     seed_key: jax.Array,
     s: SamplingSettings,
     window: int,
+    shards: int = 1,
 ) -> SlotState:
-    """`sampler._decode_step` with every slot at its own response index."""
+    """`sampler._decode_step` with every slot at its own response index; slot block d of
+    `shards` reads its prompts from pool block d (`Transformer.decode(prefix_shards=...)`)."""
     t = s.max_new_tokens
     n = st.pos_s.shape[0]
     live = st.occupied_s & ~st.complete_s
@@ -265,6 +264,7 @@ def _slot_step(
         st.pos_s[:, None],
         window=window,
         prefix_rows_b=st.pool_s,
+        prefix_shards=shards,
         return_hidden=True,
     )
     pending = st.finished_s & live
@@ -313,20 +313,23 @@ def _slot_loop(
     s: SamplingSettings,
     window: int,
     pin=lambda st: st,
+    shards: int = 1,
 ) -> SlotState:
     """Steps while some row is live and every live row's next position fits the window; stop
-    early when `stop_free` (> 0) slots have freed or the live rows drop to `min_live`. `pin`
-    keeps each step's state on the mesh's shardings (`_pinner`)."""
+    early when `stop_free` (> 0) slots have freed or every one of the `shards` blocks of slots
+    has at most `min_live` live rows. `pin` keeps each step's state on the mesh's shardings
+    (`_pinner`)."""
 
     def cond(st: SlotState) -> jax.Array:
         live = st.occupied_s & ~st.complete_s
         freed = st.occupied_s & st.complete_s
         fits = jnp.all(jnp.where(live, st.pos_s < window, True))
         refill = (stop_free > 0) & (freed.sum() >= stop_free)
-        return jnp.any(live) & fits & ~refill & (live.sum() > min_live)
+        most_live = jnp.max(live.reshape(shards, -1).sum(-1))
+        return jnp.any(live) & fits & ~refill & (most_live > min_live)
 
     return jax.lax.while_loop(
-        cond, lambda st: pin(_slot_step(model, pool, st, seed_key, s, window)), st
+        cond, lambda st: pin(_slot_step(model, pool, st, seed_key, s, window, shards)), st
     )
 
 
@@ -449,7 +452,7 @@ class ContinuousSampler:
         )
         self._loop = jax.jit(
             lambda params, pool, st, *a, s, window: _slot_loop(
-                model(gather_head(params)), pool, st, *a, s, window, pin
+                model(gather_head(params)), pool, st, *a, s, window, pin, per
             ),
             static_argnames=("s", "window"),
             donate_argnums=(2,),
@@ -464,10 +467,9 @@ class ContinuousSampler:
 
     def buffers(self, prompt_len: int, s: SamplingSettings) -> tuple[Pool, SlotState]:
         """An empty prompt pool and free slots for a rollout with prompts padded to
-        `prompt_len`, made on the mesh (`_shardings`). The pool holds one entry per slot plus
-        one: the live prompts are at most one per slot, plus the one whose samples are being
-        inserted."""
-        cfg, entries = self.sampler.cfg, self.slots + 1
+        `prompt_len`, made on the mesh (`_shardings`). The pool holds one block of entries per
+        batch shard, each one entry per slot of the shard plus one (`sample`)."""
+        cfg, entries = self.sampler.cfg, (self.slots // self.per + 1) * self.per
 
         def make() -> tuple[Pool, SlotState]:
             shape = (entries, cfg.num_kv_heads, prompt_len, cfg.head_dim + 1)
@@ -541,11 +543,17 @@ class ContinuousSampler:
                 ("logp_zc", np.float32),
             )
         }
-        queue = [(b, j) for b in range(n) for j in range(k)]
-        qi = 0
+        # The slots are `shards` equal blocks (one per batch shard of the mesh), block d reading
+        # its prompts from pool block d: a prompt gets an entry in the block of the slot its
+        # first sample goes to, and its K samples go to slots of that block. Each block has one
+        # entry per slot plus one, so it can always open its next prompt: every prompt in it
+        # holds a live slot, but the one whose samples are being inserted.
+        shards, per_block = self.per, entries // self.per
+        free_entries = [list(range(d * per_block, (d + 1) * per_block)) for d in range(shards)]
+        opening: list[list[int] | None] = [None] * shards  # per block: [prompt, next sample]
+        next_prompt = inserted = 0
         entry_of: dict[int, int] = {}  # prompt -> pool entry
         left: dict[int, int] = {}  # prompt -> samples not yet collected
-        free_entries = list(range(entries))
         slot_row = [-1] * width  # host copy of which row each slot runs
         prefill_calls = loop_calls = 0
 
@@ -565,16 +573,25 @@ class ContinuousSampler:
                     b = r // k
                     left[b] -= 1
                     if left[b] == 0:
-                        free_entries.append(entry_of.pop(b))
-            free_slots = [i for i in range(width) if slot_row[i] < 0]
-            fills = queue[qi : qi + len(free_slots)]
-            qi += len(fills)
-            new_prompts = sorted({b for b, _ in fills if b not in entry_of})
+                        e = entry_of.pop(b)
+                        free_entries[e // per_block].append(e)
+            block = width // shards
+            fills, new_prompts = [], []  # fills: (slot, prompt, sample)
+            for slot in (i for i in range(width) if slot_row[i] < 0):
+                d = slot // block
+                if opening[d] is None:
+                    if next_prompt == n or not free_entries[d]:
+                        continue
+                    b, next_prompt = next_prompt, next_prompt + 1
+                    entry_of[b], left[b] = free_entries[d].pop(), k
+                    new_prompts.append(b)
+                    opening[d] = [b, 0]
+                b, j = opening[d]
+                fills.append((slot, b, j))
+                opening[d] = None if j + 1 == k else [b, j + 1]
+            inserted += len(fills)
             for c in range(0, len(new_prompts), self.prefill_batch):
                 batch = new_prompts[c : c + self.prefill_batch]
-                for b in batch:
-                    entry_of[b] = free_entries.pop()
-                    left[b] = k
                 pad = self.prefill_batch - len(batch)
                 idx = np.array(batch + [0] * pad)
                 ent = np.array([entry_of[b] for b in batch] + [entries] * pad, np.int32)
@@ -590,33 +607,37 @@ class ContinuousSampler:
                 slot_m = np.full(width, width, np.int32)
                 row_m = np.full(width, -1, np.int32)
                 entry_m = np.zeros(width, np.int32)
-                changed = sorted(set(done) | set(free_slots[: len(fills)]))
+                changed = sorted(set(done) | {slot for slot, _, _ in fills})
                 for i, slot in enumerate(changed):
                     slot_m[i] = slot
-                for i, (b, j) in enumerate(fills):
-                    slot = free_slots[i]
+                for slot, b, j in fills:
                     pos = changed.index(slot)
                     row_m[pos], entry_m[pos] = b * k + j, entry_of[b]
                     slot_row[slot] = b * k + j
                 st = self._update(st, pool, *self._replicated(slot_m, row_m, entry_m), s=s)
-            live = [i for i in range(width) if slot_row[i] >= 0]
-            if not live:
+            if all(r < 0 for r in slot_row):
                 break
-            queued = qi < len(queue)
-            if not queued:
-                while self._can_halve(width) and len(live) <= width // 2:
-                    keep = (
-                        live
-                        + [i for i in range(width) if slot_row[i] < 0][: width // 2 - len(live)]
-                    )
-                    st = self._gather(st, *self._replicated(np.array(keep, np.int32)))
-                    slot_row = [slot_row[i] for i in keep]
-                    width //= 2
-                    live = [i for i in range(width) if slot_row[i] >= 0]
+            queued = inserted < rows
+            while not queued and self._can_halve(width):
+                # Each block keeps its live slots in its first half: the slots stay in their
+                # block, by their pool entries.
+                block = width // shards
+                half = block // 2
+                blocks = [range(d * block, (d + 1) * block) for d in range(shards)]
+                kept = [
+                    [i for i in b if slot_row[i] >= 0] + [i for i in b if slot_row[i] < 0]
+                    for b in blocks
+                ]
+                if any(slot_row[ks[half]] >= 0 for ks in kept):
+                    break
+                keep = [i for ks in kept for i in ks[:half]]
+                st = self._gather(st, *self._replicated(np.array(keep, np.int32)))
+                slot_row = [slot_row[i] for i in keep]
+                width = shards * half
             # Rows live before this trip keep their positions; rows put in now start at 0.
             window = next(w for w in self.windows if w > int(host["max_pos"]))
-            min_live = -1 if queued or not self._can_halve(width) else width // 2
-            stop_free = min(self.refill, len(queue) - qi) if queued else 0
+            min_live = -1 if queued or not self._can_halve(width) else width // shards // 2
+            stop_free = min(self.refill, rows - inserted) if queued else 0
             loop_calls += 1
             st = self._loop(
                 smp.params,

@@ -318,15 +318,15 @@ def rollout_bytes(
     probabilities (one query block of them with blocked attention).
 
     With continuous batching (`slots` > 0 over `shards` batch shards, `laserjax/continuous.py`)
-    the prompt caches are the pool's slots + 1 entries, each on every batch shard, the suffix
-    cache and state hold slots / shards rows, and a prefill call takes `PREFILL_BATCH` prompts
-    (rounded up to the shards) at a time.
+    each batch shard holds its block of the prompt pool (slots / shards + 1 entries) and
+    slots / shards rows of the suffix cache and state, and a prefill call takes
+    `PREFILL_BATCH` prompts (rounded up to the shards) at a time.
     """
     a = to_dtype(m.dtype).itemsize
     kv_heads = _split(m.num_kv_heads, tensor)
     per_token = 2 * m.num_layers * kv_heads * (m.head_dim + 1) * a
     if slots:
-        rows, cached, prefilled = slots // shards, slots + 1, -(-PREFILL_BATCH // shards)
+        rows, cached, prefilled = slots // shards, slots // shards + 1, -(-PREFILL_BATCH // shards)
     else:
         rows, cached, prefilled = prompts * k, prompts, prompts
     prefix = cached * prompt_len * (per_token + 1)

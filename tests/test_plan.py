@@ -244,8 +244,9 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh):
 
 
 def test_kv_cache_bytes_with_slots_equal_the_continuous_samplers_buffers():
-    """`rollout.slots`: the pool (slots + 1 prompt caches on every batch shard) and the slots'
-    suffix caches (slots / shards rows), data 2 x tensor 2 as the static test's first mesh."""
+    """`rollout.slots`: the pool (slots / shards + 1 prompt caches on each batch shard) and the
+    slots' suffix caches (slots / shards rows), data 2 x tensor 2 as the static test's first
+    mesh."""
     model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16")))
     model = Transformer(model_cfg, rngs=nnx.Rngs(0))
     k, p, t, slots = 3, 16, 24, 6

@@ -684,9 +684,10 @@ def test_continuous_batching_drains_into_fewer_slots(model, batches):
     [(MeshConfig(data=2, fsdp=2, tensor=2), 4), (MeshConfig(data=1, fsdp=8, tensor=1), 8)],
 )
 def test_continuous_batching_on_a_mesh_equals_the_static_sampler(model, batches, mesh_cfg, slots):
-    """Slots split over the batch axes of 8 CPU devices, the pool replicated: every row draws
-    what the single-device static sampler draws (up to round-off ties, `assert_same_draws`), and
-    the drain stops halving at one slot per batch shard."""
+    """Slots and the prompt pool split over the batch axes of 8 CPU devices (each shard's slots
+    read its own block of the pool): every row draws what the single-device static sampler
+    draws (up to round-off ties, `assert_same_draws`), and the drain stops halving at one slot
+    per batch shard."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
     cont = ContinuousSampler(make_sampler(model, mesh=make_mesh(mesh_cfg)), slots, (2, 5, T))
@@ -699,7 +700,7 @@ def test_continuous_batching_on_a_mesh_equals_the_static_sampler(model, batches,
     pool, st = cont.buffers(8, s)
     assert st.tokens_st.sharding.spec == P(("data", "fsdp"), None)
     assert st.suffix.k[0][0].sharding.spec[0] == ("data", "fsdp")
-    assert pool.prefix.k[0].sharding.spec[0] is None  # replicated over the batch axes
+    assert pool.prefix.k[0].sharding.spec[0] == ("data", "fsdp")  # a block per batch shard
 
 
 def test_continuous_batching_slots_must_split_over_the_mesh(model):

@@ -94,7 +94,7 @@ def format_table(est: dict[str, int], remat: bool) -> str:
         ("activations_remat", "one micro-batch" + ("  <- config" if remat else "")),
         ("train_peak", "params + opt + ref + grads + batch + gather + activations"),
         ("sampler_params", "the sampler's compute-dtype weight copy"),
-        ("kv_prefix", "one per prompt, shared by its K samples (rollout.slots: slots + 1)"),
+        ("kv_prefix", "one per prompt, shared by its K samples (slots: slots / shards + 1)"),
         ("kv_suffix", "per sample (rollout.slots: per slot), max_new_tokens long"),
         ("rollout_buffers", "tokens/log-probs + prefill or decode working set"),
         ("rollout_peak", "params + opt + ref + sampler params + caches + buffers"),

@@ -824,6 +824,7 @@ class Transformer(nnx.Module):
         *,
         window: int | None = None,
         prefix_rows_b: jax.Array | None = None,
+        prefix_shards: int = 1,
         return_hidden: bool = False,
     ) -> tuple[jax.Array, SuffixCache] | tuple[jax.Array, SuffixCache, jax.Array]:
         """One token for each of K samples per prompt, written at suffix index `step`.
@@ -837,8 +838,11 @@ class Transformer(nnx.Module):
         window's last segment: one in-place dynamic-update-slice per layer) or an int array
         [B, K] (rows at their own indices below the window, as in continuous batching: a scatter
         per segment that drops the rows outside it). `prefix_rows_b`, when given, says which row
-        of the prefix cache each of the B rows attends to (a pool of prompts shared by rows).
-        `return_hidden` adds the final-normalised hidden states [B, K, D] (for `token_logit`).
+        of the prefix cache each of the B rows attends to (a pool of prompts shared by rows);
+        with `prefix_shards` = D > 1 the pool and the rows are split into D equal blocks and row
+        block d reads only pool block d (each batch shard of a mesh gathers from its own
+        entries). `return_hidden` adds the final-normalised hidden states [B, K, D] (for
+        `token_logit`).
         """
         inv_freq = rope_inv_freq(self.cfg)
         x = self.embed_tokens.rows(tokens_bk, self.dtype)
@@ -869,7 +873,17 @@ class Transformer(nnx.Module):
             return jax.lax.dynamic_update_slice(seg, new[:, :, None], (0, 0, step - lo, 0))
 
         def pre(x):  # the prefix cache rows of the B rows
-            return x if prefix_rows_b is None else x[prefix_rows_b]
+            if prefix_rows_b is None:
+                return x
+            if prefix_shards == 1:
+                return x[prefix_rows_b]
+            # Block by block (vmap: the block axis is a batch axis of the gather), so on a mesh
+            # no shard reads another's pool entries.
+            blocks = x.reshape(prefix_shards, -1, *x.shape[1:])
+            local = prefix_rows_b.reshape(prefix_shards, -1)
+            local = local - blocks.shape[1] * jnp.arange(prefix_shards)[:, None]
+            out = jax.vmap(lambda pool, rows: pool[rows])(blocks, local)
+            return out.reshape(-1, *x.shape[1:])
 
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
