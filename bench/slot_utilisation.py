@@ -13,6 +13,11 @@ accounting (a static batch runs max(len - 1 + finished) steps for every row; see
 
     python bench/slot_utilisation.py            # over 20 min on 2 cores
     python bench/slot_utilisation.py --median 200 --cap 1638   # the same shape, 5x shorter
+
+`--batch-shards D` runs the slots over a mesh of D devices on the data axis (on the CPU:
+XLA_FLAGS=--xla_force_host_platform_device_count=D), where each shard's slots take only samples
+of prompts in its own block of the prompt pool (`continuous.py`): what that constraint costs in
+utilisation, beside the one-device figure for the same seed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from laserjax import sharding
+from laserjax.config import MeshConfig
 from laserjax.continuous import ContinuousSampler
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.sampler import Sampler
@@ -87,7 +94,12 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.8)
     ap.add_argument("--cap", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-shards", type=int, default=1, help="devices on the mesh's data axis")
     args = ap.parse_args()
+    mesh = None
+    if args.batch_shards > 1:
+        devices = jax.devices()[: args.batch_shards]
+        mesh = sharding.make_mesh(MeshConfig(data=args.batch_shards), devices)
 
     p = 16
     cfg = TransformerConfig(
@@ -112,6 +124,7 @@ def main() -> None:
         self_reward_token_id=ZC,
         max_new_tokens=args.cap,
         prompt_buckets=(p,),
+        mesh=mesh,
     )
     cont = ContinuousSampler(sampler, slots=args.slots)
     rng = np.random.default_rng(args.seed)
@@ -128,6 +141,7 @@ def main() -> None:
                 what="slot_utilisation",
                 rows=rows,
                 slots=args.slots,
+                batch_shards=args.batch_shards,
                 lengths=dict(
                     median=float(np.median(batch.lengths)),
                     mean=round(float(batch.lengths.mean()), 1),
