@@ -25,8 +25,8 @@ sampler's rows are, their suffix caches' kv heads over tensor, and the parameter
 in training (the vocabulary-sized ones gathered once per loop call, `sampler._head_gatherer`).
 The slots and the prompt pool are split into one block per batch shard: a prompt's entry lies in
 the block of the shard its K samples run on, so every step's pool reads stay on the device
-(`Transformer.decode(prefix_shards=...)`), and the drain halves every block, down to one slot
-per batch shard. On several processes (a pod) every process runs this host loop on the same
+(`Transformer.decode(prefix_shards=...)`). The drain halves the slots down to one per batch
+shard; rows that move to another block take their prompts' caches along (`_regroup`). On several processes (a pod) every process runs this host loop on the same
 global prompts:
 what it reads from the devices comes back replicated, so all of them make the same decisions and
 call the same programs in the same order, as with the static sampler.
@@ -316,17 +316,16 @@ def _slot_loop(
     shards: int = 1,
 ) -> SlotState:
     """Steps while some row is live and every live row's next position fits the window; stop
-    early when `stop_free` (> 0) slots have freed or every one of the `shards` blocks of slots
-    has at most `min_live` live rows. `pin` keeps each step's state on the mesh's shardings
-    (`_pinner`)."""
+    early when `stop_free` (> 0) slots have freed or the live rows drop to `min_live`. `pin`
+    keeps each step's state on the mesh's shardings (`_pinner`); `shards` is the number of
+    blocks the slots and the pool are split into (`_slot_step`)."""
 
     def cond(st: SlotState) -> jax.Array:
         live = st.occupied_s & ~st.complete_s
         freed = st.occupied_s & st.complete_s
         fits = jnp.all(jnp.where(live, st.pos_s < window, True))
         refill = (stop_free > 0) & (freed.sum() >= stop_free)
-        most_live = jnp.max(live.reshape(shards, -1).sum(-1))
-        return jnp.any(live) & fits & ~refill & (most_live > min_live)
+        return jnp.any(live) & fits & ~refill & (live.sum() > min_live)
 
     return jax.lax.while_loop(
         cond, lambda st: pin(_slot_step(model, pool, st, seed_key, s, window, shards)), st
@@ -367,6 +366,18 @@ def _gather_slots(st: SlotState, keep_m: jax.Array) -> SlotState:
         for f in dataclasses.fields(st)
     }
     return SlotState(**fields)
+
+
+def _regroup(
+    st: SlotState, pool: Pool, keep_m: jax.Array, source_e: jax.Array, pool_s: jax.Array
+) -> tuple[SlotState, Pool]:
+    """The drain on a mesh: the slots `keep_m` (`_gather_slots`), and the pool laid out anew so
+    every block of slots finds its rows' prompts in its own block: new entry e holds old entry
+    `source_e[e]`, new slot i reads entry `pool_s[i]`."""
+    return (
+        _gather_slots(st, keep_m).replace(pool_s=pool_s),
+        jax.tree.map(lambda x: x[source_e], pool),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,6 +469,10 @@ class ContinuousSampler:
             donate_argnums=(2,),
         )
         self._gather = jax.jit(lambda st, keep_m: pin(_gather_slots(st, keep_m)))
+        self._regroup = jax.jit(
+            lambda st, pool, *a: tuple(pin(x) for x in _regroup(st, pool, *a)),
+            donate_argnums=(0, 1),
+        )
         # What the host reads comes back replicated: on several processes every process then
         # holds all of it and makes the same decisions, in step (SPMD).
         out = {} if mesh is None else dict(out_shardings=sharding.replicated(mesh))
@@ -555,6 +570,7 @@ class ContinuousSampler:
         entry_of: dict[int, int] = {}  # prompt -> pool entry
         left: dict[int, int] = {}  # prompt -> samples not yet collected
         slot_row = [-1] * width  # host copy of which row each slot runs
+        slot_entry = [0] * width  # and which pool entry it reads
         prefill_calls = loop_calls = 0
 
         while True:
@@ -613,30 +629,47 @@ class ContinuousSampler:
                 for slot, b, j in fills:
                     pos = changed.index(slot)
                     row_m[pos], entry_m[pos] = b * k + j, entry_of[b]
-                    slot_row[slot] = b * k + j
+                    slot_row[slot], slot_entry[slot] = b * k + j, entry_of[b]
                 st = self._update(st, pool, *self._replicated(slot_m, row_m, entry_m), s=s)
             if all(r < 0 for r in slot_row):
                 break
             queued = inserted < rows
             while not queued and self._can_halve(width):
-                # Each block keeps its live slots in its first half: the slots stay in their
-                # block, by their pool entries.
-                block = width // shards
-                half = block // 2
-                blocks = [range(d * block, (d + 1) * block) for d in range(shards)]
-                kept = [
-                    [i for i in b if slot_row[i] >= 0] + [i for i in b if slot_row[i] < 0]
-                    for b in blocks
-                ]
-                if any(slot_row[ks[half]] >= 0 for ks in kept):
+                live = [i for i in range(width) if slot_row[i] >= 0]
+                if len(live) > width // 2:
                     break
-                keep = [i for ks in kept for i in ks[:half]]
-                st = self._gather(st, *self._replicated(np.array(keep, np.int32)))
+                keep = live + [i for i in range(width) if slot_row[i] < 0][: width // 2 - len(live)]
+                width //= 2
+                if shards == 1:
+                    st = self._gather(st, *self._replicated(np.array(keep, np.int32)))
+                    slot_row = [slot_row[i] for i in keep]
+                    slot_entry = [slot_entry[i] for i in keep]
+                    continue
+                # Rows move between blocks: each new block gets its rows' prompts copied into
+                # its own block of the pool (no prompt is queued any more).
+                source = np.arange(entries, dtype=np.int32)
+                new_entry = []
+                for d in range(shards):
+                    at: dict[int, int] = {}
+                    for old in keep[d * (width // shards) : (d + 1) * (width // shards)]:
+                        if slot_row[old] < 0:
+                            new_entry.append(d * per_block)
+                            continue
+                        e = at.setdefault(slot_entry[old], d * per_block + len(at))
+                        source[e] = slot_entry[old]
+                        new_entry.append(e)
+                st, pool = self._regroup(
+                    st,
+                    pool,
+                    *self._replicated(
+                        np.array(keep, np.int32), source, np.array(new_entry, np.int32)
+                    ),
+                )
                 slot_row = [slot_row[i] for i in keep]
-                width = shards * half
+                slot_entry = new_entry
             # Rows live before this trip keep their positions; rows put in now start at 0.
             window = next(w for w in self.windows if w > int(host["max_pos"]))
-            min_live = -1 if queued or not self._can_halve(width) else width // shards // 2
+            min_live = -1 if queued or not self._can_halve(width) else width // 2
             stop_free = min(self.refill, rows - inserted) if queued else 0
             loop_calls += 1
             st = self._loop(

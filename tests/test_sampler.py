@@ -681,13 +681,17 @@ def test_continuous_batching_drains_into_fewer_slots(model, batches):
 
 @pytest.mark.parametrize(
     "mesh_cfg, slots",
-    [(MeshConfig(data=2, fsdp=2, tensor=2), 4), (MeshConfig(data=1, fsdp=8, tensor=1), 8)],
+    [
+        (MeshConfig(data=2, fsdp=2, tensor=2), 4),
+        (MeshConfig(data=1, fsdp=8, tensor=1), 8),
+        (MeshConfig(data=2, fsdp=1, tensor=4), 8),  # the drain halves 8 -> 4 -> 2 (`_regroup`)
+    ],
 )
 def test_continuous_batching_on_a_mesh_equals_the_static_sampler(model, batches, mesh_cfg, slots):
     """Slots and the prompt pool split over the batch axes of 8 CPU devices (each shard's slots
-    read its own block of the pool): every row draws what the single-device static sampler
-    draws (up to round-off ties, `assert_same_draws`), and the drain stops halving at one slot
-    per batch shard."""
+    read its own block of the pool; the drain moves rows between blocks with their prompts):
+    every row draws what the single-device static sampler draws (up to round-off ties,
+    `assert_same_draws`), and the drain stops halving at one slot per batch shard."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
     cont = ContinuousSampler(make_sampler(model, mesh=make_mesh(mesh_cfg)), slots, (2, 5, T))
@@ -696,6 +700,8 @@ def test_continuous_batching_on_a_mesh_equals_the_static_sampler(model, batches,
     assert stats.prefill_prompts == len(PROMPTS)
     shards = mesh_cfg.data * mesh_cfg.fsdp
     assert stats.slot_steps % shards == 0 and stats.slot_steps >= shards * stats.decode_steps
+    if slots > shards:
+        assert stats.slot_steps < slots * stats.decode_steps  # the drain ran fewer slots
     s = cont.sampler.settings(k=K, temperature=1.0, top_p=1.0, top_k=0)
     pool, st = cont.buffers(8, s)
     assert st.tokens_st.sharding.spec == P(("data", "fsdp"), None)
