@@ -26,10 +26,10 @@ in training (the vocabulary-sized ones gathered once per loop call, `sampler._he
 The slots and the prompt pool are split into one block per batch shard: a prompt's entry lies in
 the block of the shard its K samples run on, so every step's pool reads stay on the device
 (`Transformer.decode(prefix_shards=...)`). The drain halves the slots down to one per batch
-shard; rows that move to another block take their prompts' caches along (`_regroup`). On several processes (a pod) every process runs this host loop on the same
-global prompts:
-what it reads from the devices comes back replicated, so all of them make the same decisions and
-call the same programs in the same order, as with the static sampler.
+shard; rows that move to another block take their prompts' caches along (`_regroup`). On
+several processes (a pod) every process runs this host loop on the same global prompts: what it
+reads from the devices comes back replicated, so all of them make the same decisions and call
+the same programs in the same order, as with the static sampler.
 """
 
 from __future__ import annotations
