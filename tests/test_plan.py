@@ -219,8 +219,14 @@ def test_remat_kept_activations_match_what_jax_saves(dtype, num_layers, attentio
     assert planned_full > 3 * planned  # remat is what makes long sequences fit
 
 
-@pytest.mark.parametrize("mesh", [(2, 1, 2), pytest.param((1, 1, 1), marks=pytest.mark.slow)])
-def test_kv_cache_bytes_equal_the_samplers_buffers(mesh):
+@pytest.mark.parametrize(
+    "mesh, slots",
+    [((2, 1, 2), 0), pytest.param((1, 1, 1), 0, marks=pytest.mark.slow), ((2, 1, 2), 6)],
+)
+def test_kv_cache_bytes_equal_the_samplers_buffers(mesh, slots):
+    """The static sampler's prefix and suffix caches; with `rollout.slots` the continuous
+    sampler's pool (slots / shards + 1 prompt caches on each batch shard) and its slots' suffix
+    caches (slots / shards rows)."""
     model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16")))
     model = Transformer(model_cfg, rngs=nnx.Rngs(0))
     prompts, k, p, t = 4, 3, 16, 24
@@ -234,38 +240,18 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh):
         mesh=_mesh(*mesh),
     )
     settings = sampler.settings(k=k, temperature=1.0, top_p=1.0, top_k=0)
-    prefix, state, _, _ = sampler.start([[5] * p] * prompts, settings, seed=0)
-    cfg = _cfg(prompts=prompts, k=k, p=p, t=t, dtype="bfloat16")
+    if slots:
+        pool, state = ContinuousSampler(sampler, slots).buffers(p, settings)
+        prefix = pool.prefix
+    else:
+        prefix, state, _, _ = sampler.start([[5] * p] * prompts, settings, seed=0)
+    extra = (f"rollout.slots={slots}",)
+    cfg = _cfg(prompts=prompts, k=k, p=p, t=t, dtype="bfloat16", extra=extra)
     est = plan.estimate(model_cfg, cfg, _shape(*mesh))
     assert est["kv_prefix"] == _device_bytes(prefix)
     assert est["kv_suffix"] == _device_bytes(state.suffix)
     # The estimate's compute-dtype weight copy is the sampler's (bf16 over float32 weights).
     assert est["sampler_params"] == _device_bytes(sampler.params)
-
-
-def test_kv_cache_bytes_with_slots_equal_the_continuous_samplers_buffers():
-    """`rollout.slots`: the pool (slots / shards + 1 prompt caches on each batch shard) and the
-    slots' suffix caches (slots / shards rows), data 2 x tensor 2 as the static test's first
-    mesh."""
-    model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16")))
-    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
-    k, p, t, slots = 3, 16, 24, 6
-    sampler = Sampler(
-        model,
-        eos_ids=(1,),
-        pad_id=0,
-        self_reward_token_id=255,
-        max_new_tokens=t,
-        prompt_buckets=(p,),
-        mesh=_mesh(2, 1, 2),
-    )
-    pool, st = ContinuousSampler(sampler, slots).buffers(
-        p, sampler.settings(k=k, temperature=1.0, top_p=1.0, top_k=0)
-    )
-    cfg = _cfg(prompts=4, k=k, p=p, t=t, dtype="bfloat16", extra=(f"rollout.slots={slots}",))
-    est = plan.estimate(model_cfg, cfg, _shape(2, 1, 2))
-    assert est["kv_prefix"] == _device_bytes(pool.prefix)
-    assert est["kv_suffix"] == _device_bytes(st.suffix)
 
 
 # ---------------------------------------------------------------------------------------------
