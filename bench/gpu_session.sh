@@ -5,11 +5,13 @@
 # writes JSON lines under $OUT (or ./gpu_out), one file a part, every part's stderr into
 # stderr.log. The roofline's bandwidth is 3.35 TB/s on an H100, else 4.3 (H200).
 #
-#   bash bench/gpu_session.sh sampler    # laserjax and Tunix samplers, ratios (about 6.5 min)
+#   bash bench/gpu_session.sh sampler    # laserjax (XLA and Pallas decode attention) and Tunix
+#                                        # samplers, ratios (about 8.5 min)
 #   bash bench/gpu_session.sh train      # train step vs PyTorch, long-tailed lengths (about 9 min)
 #   bash bench/gpu_session.sh profile    # where the time goes: kernels per decode step and per
 #                                        # train step, and the variants that test the suspects
-#                                        # (one decode window; cuDNN attention) (about 6 min)
+#                                        # (one decode window; the Pallas decode kernel; cuDNN
+#                                        # attention) (about 6 min)
 #
 # The limits come from the first H200 session (bench/README.md): the sampler's warm-up call
 # compiles for 30-37 s per model and top-k, Tunix's four measurements took 76 s in all, and the
@@ -43,9 +45,12 @@ case "${1:-sampler}" in
 sampler)
     # Batch 64, prompt 256, 512 new tokens, temperature 1: the peer's settings.
     part laserjax_sampler 240 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 50 "${HBM[@]}"
+    part laserjax_sampler_pallas 130 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 \
+        --decode-impl pallas "${HBM[@]}"
     part tunix_sampler 130 python3 .peers/tunix_sampler_bench.py 1.5b --extra-top-k 50
     python3 bench/sampler_gpu.py --ratios-only "$OUT/laserjax_sampler.jsonl" \
-        "$OUT/tunix_sampler.jsonl" | tee "$OUT/sampler_ratios.jsonl"
+        "$OUT/laserjax_sampler_pallas.jsonl" "$OUT/tunix_sampler.jsonl" \
+        | tee "$OUT/sampler_ratios.jsonl"
     ;;
 train)
     # 8 x 1024 tokens, bf16, each side in its own process; then long-tailed lengths at the 0.5B
@@ -56,13 +61,16 @@ train)
     ;;
 profile)
     # The 0.5B sampler with the default decode windows and with one window (fewer kernels per
-    # step: is the step bound by kernel count?), each followed by its profiled decode loop; then
+    # step: is the step bound by kernel count?), and with the Pallas decode-attention kernel (one
+    # kernel per cache part instead of four), each followed by its profiled decode loop; then
     # the 0.5B train step with this module's dense attention and with cuDNN's flash attention,
     # each profiled for one step, beside PyTorch.
-    part sampler_profile 220 python3 bench/sampler_gpu.py 0.5b --top-k 0 --windows auto one \
+    part sampler_profile 210 python3 bench/sampler_gpu.py 0.5b --top-k 0 --windows auto one \
         --profile "${HBM[@]}"
-    part train_profile 330 python3 bench/train_step_gpu.py 0.5b --attention-block 1024 \
-        --attention-impl blocked cudnn --profile --worker-timeout 130
+    part sampler_pallas 100 python3 bench/sampler_gpu.py 0.5b --top-k 0 --decode-impl pallas \
+        --profile "${HBM[@]}"
+    part train_profile 240 python3 bench/train_step_gpu.py 0.5b --attention-block 1024 \
+        --attention-impl blocked cudnn --profile --worker-timeout 110
     ;;
 *)
     echo "usage: bash bench/gpu_session.sh sampler|train|profile" >&2

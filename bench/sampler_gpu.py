@@ -78,7 +78,8 @@ def emit(**kw) -> None:
 
 
 def summarize(peer_files: list[str]) -> None:
-    """Ratio lines: each laserjax measurement over the peer lines with the same model/top-k."""
+    """Ratio lines: each laserjax measurement over the peer lines with the same model/top-k
+    (laserjax's variants, one window or the Pallas decode kernel, over the same peer line)."""
     lines = list(RESULTS)
     for f in peer_files:
         for raw in pathlib.Path(f).read_text().splitlines():
@@ -86,7 +87,7 @@ def summarize(peer_files: list[str]) -> None:
                 lines.append(json.loads(raw))
     ours = {r["what"]: r for r in lines if r["what"].startswith("laserjax_sampler_")}
     for what, r in ours.items():
-        tail = what[len("laserjax_sampler_") :]
+        tail = what[len("laserjax_sampler_") :].replace("_one_window", "").replace("_pallas", "")
         for peer in ("tunix_sampler_", "transformers_generate_"):
             p = next((x for x in lines if x["what"] == peer + tail), None)
             if p is not None:
@@ -266,6 +267,21 @@ def time_rollout(
     )
 
 
+def with_decode_impl(model, impl: str):
+    """The same parameters under `TransformerConfig.decode_impl` = impl (the graph only is new)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from laserjax.model import Transformer
+
+    if model.cfg.decode_impl == impl:
+        return model
+    cfg = dataclasses.replace(model.cfg, decode_impl=impl)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
 def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> None:
     import jax
     import numpy as np
@@ -286,9 +302,9 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
         rng = np.random.default_rng(args.seed)
         lo, hi = (100, 50000) if cfg.vocab_size > 50000 else (1, cfg.vocab_size)
         prompts = rng.integers(lo, hi, size=(n, args.prompt_len)).tolist()
-        for windows, top_k in itertools.product(args.windows, args.top_k):
+        for impl, windows, top_k in itertools.product(args.decode_impl, args.windows, args.top_k):
             sampler = Sampler(
-                model,
+                with_decode_impl(model, impl),
                 eos_ids=(),
                 pad_id=0,
                 self_reward_token_id=zc,
@@ -317,9 +333,11 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
                 + (f"_topk{top_k}" if top_k else "")
                 + (f"_k{k}" if k > 1 else "")
                 + ("_one_window" if windows == "one" else "")
+                + ("" if impl == "xla" else f"_{impl}")
             )
             emit(
                 what=what,
+                decode_impl=impl,
                 windows=list(sampler.windows_for(n, args.prompt_len, k)),
                 batch=args.batch,
                 prompts=n,
@@ -485,6 +503,14 @@ def main() -> None:
         default=["auto"],
         help="auto: the sampler's decode windows (suffix segments); one: a single window of "
         "max_new_tokens (every step reads the whole suffix cache, fewer kernels)",
+    )
+    ap.add_argument(
+        "--decode-impl",
+        nargs="+",
+        choices=["xla", "pallas"],
+        default=["xla"],
+        help="TransformerConfig.decode_impl; one measurement per value (pallas: the Triton "
+        "decode-attention kernel, laserjax/model/decode_kernel.py)",
     )
     ap.add_argument(
         "--profile",

@@ -31,8 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from laserjax.model import decode_kernel
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
+DECODE_IMPLS = ("xla", "pallas")
 # Hugging Face `hidden_act` values laserjax computes, each as transformers' ACT2FN defines it
 # (gelu: exact, erf; gelu_new / gelu_pytorch_tanh: the tanh approximation).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -93,7 +96,12 @@ class TransformerConfig:
     """The training/prefill forward's causal attention: `blocked` (this module's, in blocks of
     `attention_block` queries), or `jax.nn.dot_product_attention` with `implementation` `xla`
     (dense scores) or `cudnn` (cuDNN's fused flash attention: GPU only, bfloat16 / float16).
-    Decode attention is this module's either way."""
+    Decode attention is `decode_impl`'s."""
+    decode_impl: str = "xla"
+    """The sampler's decode attention: `xla` (`Attention.attend_cached`: per cache part a scores
+    matmul, a max, an exp and a weights-times-values matmul) or `pallas` (one Pallas kernel per
+    part, `decode_kernel.py`: a GPU (Triton) kernel, run by Pallas's interpreter on the CPU,
+    refused on a TPU; head_dim a power of two >= 16). The same softmax either way."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -128,6 +136,13 @@ class TransformerConfig:
                 f"config field `attention_impl`: {self.attention_impl!r} is not one of "
                 f"{', '.join(ATTENTION_IMPLS)}"
             )
+        if self.decode_impl not in DECODE_IMPLS:
+            raise ValueError(
+                f"config field `decode_impl`: {self.decode_impl!r} is not one of "
+                f"{', '.join(DECODE_IMPLS)}"
+            )
+        if self.decode_impl == "pallas":
+            decode_kernel.check_head_dim(self.head_dim)
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ValueError(
                 f"config field `attention_impl`: cudnn needs dtype bfloat16 or float16, not "
@@ -568,6 +583,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias, **kw)
         self.o_proj = Linear(cfg.num_heads * hd, d, bias=cfg.o_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.decode_impl = cfg.decode_impl
 
     def qkv(
         self, x_btd: jax.Array, positions_bt: jax.Array, inv_freq: jax.Array
@@ -608,7 +624,8 @@ class Attention(nnx.Module):
         layout ([..., kv_heads, t, head_dim + 1], contracting head_dim, then t), so XLA reads
         each cache array where it lies, and the scores are written once and read by the max and
         by exp-times-V. The softmax over the prefix and every segment is exact: one max over all
-        of them, one sum.
+        of them, one sum. With `decode_impl` pallas each part is one kernel instead
+        (`decode_kernel.part_attention`) and the parts merge by their maxima (`merge_parts`).
         """
         f32 = jnp.float32
         b, kk = q_bkhd.shape[:2]
@@ -619,9 +636,7 @@ class Attention(nnx.Module):
         pk, pv = prefix
         # The prefix is shared by the K samples: batch over (prompt, kv head), queries (k, g).
         q_pre = q.transpose(0, 2, 1, 3, 4).reshape(b, n_kv, kk * g, d + 1)
-        s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
         q_r = q.reshape(b * kk, n_kv, g, d + 1)
-        s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
 
         def pre_to_rows(x):  # [b, n, k * g, ...] -> [b * k, n, g, ...]
             x = x.reshape(b, n_kv, kk, g, *x.shape[3:])
@@ -630,6 +645,21 @@ class Attention(nnx.Module):
         def rows_to_pre(x):  # [b * k, n, g] -> [b, n, k * g]
             return jnp.moveaxis(x.reshape(b, kk, n_kv, g), 1, 2).reshape(b, n_kv, kk * g)
 
+        if self.decode_impl == "pallas":
+            # One kernel per part; q without its augmented component (the kernel adds k[D]).
+            interpret = decode_kernel.interpret_here()
+            pre_o, pre_l, pre_m = decode_kernel.part_attention(
+                q_pre[..., :d], pk, pv, interpret=interpret
+            )
+            parts = [(pre_to_rows(pre_o), pre_to_rows(pre_l), pre_to_rows(pre_m))]
+            parts += [
+                decode_kernel.part_attention(q_r[..., :d], k, v, interpret=interpret)
+                for k, v in blocks
+            ]
+            out = decode_kernel.merge_parts(parts).astype(to_dtype(self.o_proj.dtype))
+            return self.o_proj(out.reshape(b, kk, -1))
+        s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
+        s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
         m_r = functools.reduce(jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1)))
         e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
         acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
