@@ -55,18 +55,19 @@ def _exact(q, k, v, live):
 
 
 @pytest.mark.parametrize(
-    "r, n, nq, d, t, live_share",
+    "r, n, nq, d, t, live_share, dtype",
     [
-        (3, 2, 7, 16, 48, 0.7),  # one block of 64 covers the part, masked tail
-        (2, 1, 20, 32, 100, 0.5),  # 20 queries padded to 32; 100 = one full block + 36
-        (2, 2, 7, 64, 128, 0.9),  # two full blocks
-        (2, 2, 3, 16, 1, 1.0),  # a one-position part
+        (3, 2, 7, 16, 48, 0.7, "float32"),  # one block of 64 covers the part, masked tail
+        (2, 1, 20, 32, 100, 0.5, "float32"),  # 20 queries padded to 32; 100 = 64 + 36
+        (2, 2, 7, 64, 128, 0.9, "float32"),  # two full blocks
+        (2, 2, 3, 16, 1, 1.0, "float32"),  # a one-position part
+        (2, 2, 7, 16, 100, 0.5, "bfloat16"),  # bf16 caches (the GPU's), the tail masked in bf16
     ],
 )
-def test_part_attention_equals_the_exact_softmax(r, n, nq, d, t, live_share):
+def test_part_attention_equals_the_exact_softmax(r, n, nq, d, t, live_share, dtype):
     q, k, v, live = _part(t + nq, r, n, nq, d, t, live_share)
     live = live.at[..., 0].set(True)  # every (row, head) has a live position
-    k, v = augment_kv(k[..., :-1], v[..., :-1], live)
+    k, v = augment_kv(k[..., :-1].astype(dtype), v[..., :-1].astype(dtype), live)
     o, total, m = (np.asarray(x) for x in dk.part_attention(q, k, v, interpret=True))
     out, lse, tol_out, tol_lse = _exact(q, k, v, live)
     np.testing.assert_allclose(o / total[..., None], out, atol=tol_out, rtol=0)

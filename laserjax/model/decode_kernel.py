@@ -66,7 +66,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *, length: int, block_k: i
         rows = pl.ds(start, block_k)
         k = plgpu.load(k_ref.at[rows, pl.ds(0, d)], mask=live[:, None], other=0.0)
         # Past the part's end: a score below any key's, masked ones included (weight 0).
-        bias = plgpu.load(k_ref.at[rows, jnp.int32(d)], mask=live, other=jnp.finfo(jnp.float32).min)
+        bias = plgpu.load(k_ref.at[rows, jnp.int32(d)], mask=live, other=jnp.finfo(k_ref.dtype).min)
         v = plgpu.load(v_ref.at[rows, pl.ds(0, d)], mask=live[:, None], other=0.0)
         s = plgpu.dot(q, k.astype(jnp.float32), trans_b=True) + bias.astype(jnp.float32)[None, :]
         m_new = jnp.maximum(m, s.max(axis=-1))
