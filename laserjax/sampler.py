@@ -675,6 +675,13 @@ class Sampler:
             f"{windows} must increase strictly from > 0 to max_new_tokens = {max_new_tokens}",
         )
         _require(window_excess > 0, "window_excess", f"must be > 0, got {window_excess}")
+        # XLA cannot split a Pallas kernel's custom call over a mesh: it would gather its
+        # operands onto every device.
+        _require(
+            self.cfg.decode_impl != "pallas" or mesh is None or mesh.size == 1,
+            "decode_impl",
+            f"pallas runs on one device, not a {mesh.size if mesh else 1}-device mesh; use xla",
+        )
         self.decode_windows = windows
         self.window_excess = float(window_excess)
         self.max_new_tokens = int(max_new_tokens)

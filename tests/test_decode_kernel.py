@@ -18,11 +18,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from laserjax.config import MeshConfig
 from laserjax.continuous import ContinuousSampler
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model import decode_kernel as dk
 from laserjax.model.transformer import augment_kv
 from laserjax.sampler import Sampler
+from laserjax.sharding import make_mesh
 
 EPS = 2.0**-23
 
@@ -156,6 +158,20 @@ def test_sampler_with_the_kernel_equals_the_xla_decode():
 def test_decode_impl_is_checked(fields, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(CFG, **fields)
+
+
+def test_the_kernel_is_refused_on_a_mesh():
+    """On a mesh XLA would gather the kernel's operands onto every device: refused by name."""
+    mesh = make_mesh(MeshConfig(data=-1), jax.devices()[:2])
+    with pytest.raises(ValueError, match="decode_impl.*pallas runs on one device"):
+        Sampler(
+            _models()[1],
+            eos_ids=EOS,
+            pad_id=PAD,
+            self_reward_token_id=ZC,
+            max_new_tokens=T,
+            mesh=mesh,
+        )
 
 
 def test_the_kernel_is_refused_on_a_tpu(monkeypatch):
