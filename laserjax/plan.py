@@ -89,6 +89,66 @@ def slice_chips(name: str) -> tuple[int, float]:
     return cores // per_chip, hbm
 
 
+_TOPOLOGY_SHAPES_2D = {
+    1: "1x1",
+    4: "2x2",
+    8: "2x4",
+    16: "4x4",
+    32: "4x8",
+    64: "8x8",
+    128: "8x16",
+    256: "16x16",
+}
+_TOPOLOGY_SHAPES_3D = {
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+}
+
+
+def slice_topology(name: str) -> str:
+    """`v5p-64` -> "v5p:2x4x4": the chip layout `jax.experimental.topologies` compiles for."""
+    chips, _ = slice_chips(name)
+    gen = name.strip().lower().split("-")[0].replace("v5litepod", "v5e")
+    if gen == "v4":
+        raise ConfigError(
+            f"--slice {name!r}: compiling for v4 without its chips is not supported; "
+            "use --compile on the TPU VM"
+        )
+    shapes = _TOPOLOGY_SHAPES_3D if gen == "v5p" else _TOPOLOGY_SHAPES_2D
+    if chips not in shapes:
+        raise ConfigError(
+            f"--slice {name!r}: no standard {gen} layout of {chips} chips known to the planner; "
+            "use --compile on the TPU VM"
+        )
+    return f"{gen}:{shapes[chips]}"
+
+
+def compile_only_devices(name: str) -> list[jax.Device]:
+    """The chips of TPU slice `name` as compile-only devices: XLA's TPU compiler runs on this
+    machine (any CPU) and nothing executes. Needs the `libtpu` package that this jax pins
+    (`pip install "jax[tpu]==<jax version>"`, or `pip install --target DIR libtpu==...` with
+    `PYTHONPATH=DIR` to keep it out of the environment) and, on a machine without TPUs,
+    `JAX_PLATFORMS=cpu`."""
+    from jax.experimental import topologies
+
+    topology = slice_topology(name)
+    try:
+        return list(topologies.get_topology_desc(topology, "tpu").devices)
+    except Exception as e:  # no libtpu, or one that does not match this jax
+        raise ConfigError(
+            f"--slice {name!r} --compile: cannot load the TPU compiler for {topology} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); install the libtpu that "
+            f'jax {jax.__version__} pins (pip install "jax[tpu]=={jax.__version__}") or run '
+            "--compile on the TPU VM"
+        ) from None
+
+
 def model_config_for(
     cfg: Config, *, hf_config: str | None = None, preset: str | None = None
 ) -> tuple[TransformerConfig, str]:

@@ -307,6 +307,26 @@ def test_slices_and_mesh_resolution():
         plan.estimate(TransformerConfig(**TOY), _cfg(mb=4), _shape(8, 1, 1))
 
 
+def test_slices_map_to_the_topologies_tpu_compiles_for(monkeypatch):
+    """`plan --slice S --compile` without the slice's chips compiles for S's topology; a missing
+    or mismatched libtpu is a one-line ConfigError naming the fix."""
+    assert plan.slice_topology("v5p-64") == "v5p:2x4x4"
+    assert plan.slice_topology("v5e-8") == plan.slice_topology("v5litepod-8") == "v5e:2x4"
+    assert plan.slice_topology("v6e-64") == "v6e:8x8"
+    with pytest.raises(ConfigError, match="v4 without its chips"):
+        plan.slice_topology("v4-8")
+    with pytest.raises(ConfigError, match="no standard v6e layout of 12 chips"):
+        plan.slice_topology("v6e-12")
+    from jax.experimental import topologies
+
+    def no_libtpu(*_a, **_k):
+        raise RuntimeError("no libtpu here\nsecond line")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+    with pytest.raises(ConfigError, match=r"v5p:2x4x4 \(RuntimeError: no libtpu here\); install"):
+        plan.compile_only_devices("v5p-64")
+
+
 def test_estimate_scales_as_modelled():
     model_cfg = TransformerConfig(**TOY)
     base = plan.estimate(model_cfg, _cfg(), _shape(1, 1, 1))

@@ -25,6 +25,7 @@ from laserjax.plan import (
     PRESETS,
     GiB,
     abstract_state,
+    compile_only_devices,
     compiled_train_step_memory,
     estimate,
     micro_batch_options,
@@ -70,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also compile the real train step from shapes on this machine's "
-        "devices (the mesh must match them) and print XLA's own numbers",
+        help="also compile the real train step from shapes and print XLA's own numbers: on "
+        "this machine's devices, or with --slice on a machine without them on the slice's "
+        "chips as compile-only devices (needs the libtpu jax pins; JAX_PLATFORMS=cpu)",
     )
 
 
@@ -207,16 +209,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("no HBM size given (--slice or --hbm-gib): fit check skipped")
     if args.compile:
         n = math.prod(mesh_shape.values())
-        if len(jax.devices()) < n:
+        devices, compile_only = jax.devices(), False
+        if len(devices) < n and args.slice:
+            devices, compile_only = compile_only_devices(args.slice), True
+        if len(devices) < n:
             raise ConfigError(
                 f"--compile: the plan's mesh {mesh_shape} needs {n} devices and "
-                f"this machine has {len(jax.devices())}; run it on the target"
+                f"this machine has {len(devices)}; run it on the target or give --slice"
             )
-        mesh = sharding.make_mesh(MeshConfig(**mesh_shape), jax.devices()[:n])
+        mesh = sharding.make_mesh(MeshConfig(**mesh_shape), devices[:n])
         xla = compiled_train_step_memory(model_cfg, cfg, mesh)
         modelled = est["gradients"] + est["weight_gather"] + est["activations"]
         print(
-            f"XLA ({jax.devices()[0].platform}): arguments {xla['arguments'] / GiB:.3f} GiB "
+            f"XLA ({devices[0].device_kind}, {len(devices)} "
+            f"{'compile-only ' if compile_only else ''}devices): "
+            f"arguments {xla['arguments'] / GiB:.3f} GiB "
             f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
             f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
             f"{modelled / GiB:.3f})"

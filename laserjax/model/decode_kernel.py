@@ -68,11 +68,13 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, l_ref, m_ref, *, length: int, block_k: i
         # Past the part's end: a score below any key's, masked ones included (weight 0).
         bias = plgpu.load(k_ref.at[rows, jnp.int32(d)], mask=live, other=jnp.finfo(k_ref.dtype).min)
         v = plgpu.load(v_ref.at[rows, pl.ds(0, d)], mask=live[:, None], other=0.0)
-        s = plgpu.dot(q, k.astype(jnp.float32), trans_b=True) + bias.astype(jnp.float32)[None, :]
+        # float32 products (no TF32: a decode step is bound by memory, not by these flops).
+        s = plgpu.dot(q, k.astype(jnp.float32), trans_b=True, allow_tf32=False)
+        s = s + bias.astype(jnp.float32)[None, :]
         m_new = jnp.maximum(m, s.max(axis=-1))
         scale = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
-        o = scale[:, None] * o + plgpu.dot(p, v.astype(jnp.float32))
+        o = scale[:, None] * o + plgpu.dot(p, v.astype(jnp.float32), allow_tf32=False)
         return o, scale * total + p.sum(axis=-1), m_new
 
     init = (
