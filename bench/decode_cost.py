@@ -59,22 +59,6 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def on_tpu_chip(topology: str):
-    """A function that puts abstract arrays on one chip of a TPU `topology`, compile-only
-    (`jax.experimental.topologies`: XLA's TPU compiler runs here, no TPU needed)."""
-    import numpy as np
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    chip = topologies.get_topology_desc(topology, "tpu").devices[0]
-    one = NamedSharding(Mesh(np.array([chip]), ("chip",)), PartitionSpec())
-
-    def place(tree):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)
-
-    return place
-
-
 def big_moves(hlo: str, min_bytes: int) -> list[str]:
     """copy / transpose instructions (outside fusions' bodies too) of at least `min_bytes`."""
     out = []
@@ -179,14 +163,6 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--excess", type=float, default=0.3, help="Sampler(window_excess=...)")
     ap.add_argument(
-        "--tpu",
-        default="",
-        metavar="TOPOLOGY",
-        help="compile for one chip of this TPU topology instead (e.g. v5e:2x2, v5p:2x2x1), "
-        "without a TPU: needs libtpu importable (`pip install --target DIR libtpu==X` with "
-        "jax's pinned X, then PYTHONPATH=DIR) and JAX_PLATFORMS=cpu",
-    )
-    ap.add_argument(
         "--breakdown",
         action="store_true",
         help="also print each window's bytes split by jax op (`bytes_by_op`)",
@@ -204,8 +180,6 @@ def main() -> None:
         **shape,
     )
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    place = on_tpu_chip(args.tpu) if args.tpu else (lambda tree: tree)
-    params = place(params)
     item = jnp.dtype(args.dtype).itemsize
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
@@ -214,7 +188,7 @@ def main() -> None:
     emit(
         what="env",
         jax=jax.__version__,
-        backend=f"tpu {args.tpu} (compile only)" if args.tpu else jax.default_backend(),
+        backend=jax.default_backend(),
         model=args.model,
         dtype=args.dtype,
         batch=b,
@@ -256,11 +230,7 @@ def main() -> None:
                 return sm._decode_step(nnx.merge(graphdef, pr), pre, st, s, w)
 
             t0 = time.perf_counter()
-            compiled = (
-                jax.jit(step, donate_argnums=(2,))
-                .lower(params, place(prefix), place(state))
-                .compile()
-            )
+            compiled = jax.jit(step, donate_argnums=(2,)).lower(params, prefix, state).compile()
             cost = compiled.cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost
             got = float(cost["bytes accessed"])
