@@ -401,12 +401,19 @@ def test_cli_compile_on_the_demo_config():
     """`--compile` on the CPU demo's real config: XLA's numbers printed beside the plan."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli.main(["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--compile"])
+        cli.main(
+            ["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--hbm-gib", "0.001"]
+            + ["--compile"]
+        )
     summary = json.loads(out.getvalue().strip().splitlines()[-1])
     assert summary["xla"]["arguments"] == (
         summary["params"] + summary["opt_state"] + summary["batch"]
     )
     assert np.isfinite(summary["xla"]["temp"]) and summary["xla"]["temp"] > 0
+    # The verdict from XLA's own numbers (1 MiB is less than this step needs).
+    need = summary["xla"]["arguments"] + summary["xla"]["temp"]
+    assert summary["xla_fits"] is (need <= plan.HEADROOM * 0.001 * plan.GiB) is False
+    assert "DOES NOT FIT: lower train.micro_batch_size" in out.getvalue()
 
 
 @pytest.mark.parametrize("ref_dtype", ["", "bfloat16"])

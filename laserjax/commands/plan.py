@@ -229,5 +229,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{modelled / GiB:.3f})"
         )
         summary["xla"] = xla
+        if hbm_gib is not None:
+            # XLA's own train-step peak (its arguments stay live through the step), against the
+            # plan's headroom: the compiler's word over the model's when they disagree.
+            need = xla["arguments"] + xla["temp"]
+            summary["xla_fits"] = need <= HEADROOM * hbm_gib * GiB
+            print(
+                f"XLA's train step needs {need / GiB:.2f} GiB per chip of {hbm_gib:g} GiB "
+                f"(planning to {HEADROOM:.0%}) -> "
+                + ("fits" if summary["xla_fits"] else "DOES NOT FIT: lower train.micro_batch_size")
+            )
     print(json.dumps(summary))
     return summary
