@@ -273,6 +273,7 @@ def activation_bytes(
     *,
     remat: bool,
     logit_chunk: int,
+    fsdp: int = 1,
 ) -> dict[str, int]:
     """What one micro-batch of `rows` rows (on one device) keeps alive in the train step.
 
@@ -296,12 +297,13 @@ def activation_bytes(
     compute-dtype copies of the weights are kept too.
 
     With remat (`TransformerConfig.remat`) a layer keeps only its input; during its backward one
-    layer's activations exist again. On top of what is kept, the peak adds the larger of the
-    LM head's working set (3 float32 [chunk, V / t] buffers per row: logits, softmax, their
-    gradient) and one layer's backward working set: two float32 residual-stream gradients plus
-    the larger of the MLP's gradients and the scores' (float32 plus the compute dtype, for all
-    L x L scores when dense; for one block, recomputed scores and their gradients, when
-    blocked).
+    layer's activations exist again. The blocks then run as one scan over their stacked parameters,
+    which the backward pass keeps: one more copy of the layers' parameters (in the parameters'
+    dtype, sharded over fsdp and tensor as they are). On top of what is kept, the peak adds the
+    larger of the LM head's working set (3 float32 [chunk, V / t] buffers per row: logits, softmax,
+    their gradient) and one layer's backward working set: two float32 residual-stream gradients plus
+    the larger of the MLP's gradients and the scores' (float32 plus the compute dtype, for all L x L
+    scores when dense; for one block, recomputed scores and their gradients, when blocked).
     """
     a = to_dtype(m.dtype).itemsize
     p_item = to_dtype(m.param_dtype).itemsize
@@ -340,7 +342,8 @@ def activation_bytes(
     other_weights = (m.vocab_size * d * (1 if m.tie_word_embeddings else 2) + d) // t
     copies = a < p_item  # bf16 compute over float32 master weights
     if remat:
-        kept = rows * (m.num_layers * block_input_row + shared_row)
+        stacked = m.num_layers * layer_weights * p_item // fsdp
+        kept = rows * (m.num_layers * block_input_row + shared_row) + stacked
         peak_extra = rows * max(head_row, layer_row + backward_row)
         weight_copies = (other_weights + layer_weights) * a if copies else 0
     else:
@@ -466,7 +469,14 @@ def estimate(
     rows_dev = mb // shards
     for name, remat in (("activations_remat", True), ("activations_no_remat", False)):
         out[name] = activation_bytes(
-            model_cfg, rows_dev, p_len, t_len, t, remat=remat, logit_chunk=chunk
+            model_cfg,
+            rows_dev,
+            p_len,
+            t_len,
+            t,
+            remat=remat,
+            logit_chunk=chunk,
+            fsdp=mesh_shape["fsdp"],
         )["total"]
     out["activations"] = out["activations_remat" if model_cfg.remat else "activations_no_remat"]
     resident = out["params"] + out["opt_state"] + out["ref_params"]

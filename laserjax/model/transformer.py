@@ -819,8 +819,21 @@ class Transformer(nnx.Module):
             x, kv = block(x, positions_bt, mask_bt, inv_freq, attend)
             return constrain(x), kv
 
-        if self.cfg.remat:
-            block_fn = nnx.remat(block_fn)
+        if self.cfg.remat and not return_kv:
+            # The blocks' parameters stacked and scanned, each block rematerialised in the
+            # backward pass: compiled for a TPU (v5e-8, compile only), Qwen2.5-0.5B's train step
+            # kept 3.08 GiB of temporaries this way against 4.74 with the blocks unrolled under
+            # `nnx.remat`, whose recomputations XLA scheduled early and kept live together
+            # (5.70 without remat), and compiled in 39 s instead of 126.
+            split = [nnx.split(block) for block in self.layers]
+            graphdef = split[0][0]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
+
+            def one_block(h: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+                return block_fn(nnx.merge(graphdef, state), h)[0], None
+
+            x, _ = jax.lax.scan(jax.checkpoint(one_block), x, stacked)
+            return self.norm(x)
         kvs = []
         for block in self.layers:
             x, kv = block_fn(block, x)
