@@ -416,6 +416,27 @@ def test_cli_compile_on_the_demo_config():
     assert "DOES NOT FIT: lower train.micro_batch_size" in out.getvalue()
 
 
+def test_cli_compile_reports_xla_refusing_the_step(monkeypatch):
+    """XLA's TPU compiler refuses a step whose temporaries exceed the chip's HBM
+    (RESOURCE_EXHAUSTED at compile time): the verdict, not a traceback."""
+    from laserjax.commands import plan as plan_command
+
+    def refuse(*_a, **_k):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+            "temporaries (16.25G) exceeds available HBM (15.75G).\nmore"
+        )
+
+    monkeypatch.setattr(plan_command, "compiled_train_step_memory", refuse)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--compile"])
+    assert "XLA: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out.getvalue()
+    assert "DOES NOT FIT: lower train.micro_batch_size" in out.getvalue()
+    summary = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert summary["xla"] is None and summary["xla_fits"] is False
+
+
 @pytest.mark.parametrize("ref_dtype", ["", "bfloat16"])
 def test_kl_reference_bytes_exact_and_no_extra_activations(ref_dtype):
     """policy_loss.kl_coef > 0 adds the frozen reference to the state: the plan's ref_params equal

@@ -218,7 +218,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"this machine has {len(devices)}; run it on the target or give --slice"
             )
         mesh = sharding.make_mesh(MeshConfig(**mesh_shape), devices[:n])
-        xla = compiled_train_step_memory(model_cfg, cfg, mesh)
+        try:
+            xla = compiled_train_step_memory(model_cfg, cfg, mesh)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # XLA's TPU compiler refuses a step whose temporaries exceed the chip's HBM.
+            print(f"XLA: {str(e).splitlines()[0][:300]}")
+            print("XLA's train step DOES NOT FIT: lower train.micro_batch_size")
+            summary |= {"xla": None, "xla_fits": False}
+            print(json.dumps(summary))
+            return summary
         modelled = est["gradients"] + est["weight_gather"] + est["activations"]
         print(
             f"XLA ({devices[0].device_kind}, {len(devices)} "
