@@ -241,8 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["xla"] = xla
         if hbm_gib is not None:
             # XLA's own train-step peak (its arguments stay live through the step) against the
-            # whole chip: XLA's TPU compiler already spends free HBM on what it may keep (its
-            # temp shrinks far less than the micro-batch), so the plan's headroom does not apply.
+            # whole chip: these are the buffers the chip must hold, not a model, so the plan's
+            # headroom for its model's error does not apply.
             need = xla["arguments"] + xla["temp"]
             summary["xla_fits"] = need <= hbm_gib * GiB
             print(
