@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_sampler as tsm
 from flax import nnx
 
 from laserjax.config import MeshConfig
 from laserjax.continuous import ContinuousSampler
-from laserjax.model import Transformer, TransformerConfig
+from laserjax.model import Transformer
 from laserjax.model import decode_kernel as dk
 from laserjax.model.transformer import augment_kv
 from laserjax.sampler import Sampler
@@ -94,20 +95,9 @@ def test_merged_parts_equal_one_softmax_over_all_and_masked_parts_weigh_nothing(
     np.testing.assert_allclose(np.asarray(merged), out, atol=tol_out, rtol=0)
 
 
-CFG = TransformerConfig(
-    model_type="qwen2",
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    tie_word_embeddings=True,
-    qkv_bias=True,
-)
-EOS, PAD, ZC, T, K = (0, 1, 2, 3, 4, 5), 63, 62, 8, 4
-PROMPTS = [[10, 11, 12], [13, 14, 15, 16, 17, 18, 19], [20], [30, 31, 32, 33, 34]]
+# test_sampler.py's tiny model and rollout, with head_dim 16 (Triton's least matmul side).
+CFG = dataclasses.replace(tsm.CFG, head_dim=16)
+EOS, PAD, ZC, T, K, PROMPTS = tsm.EOS, tsm.PAD, tsm.ZC, tsm.T, tsm.K, tsm.PROMPTS
 
 
 def _models():
