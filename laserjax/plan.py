@@ -537,6 +537,88 @@ def suggest_micro_batch(
     return None
 
 
+def compiled_rollout_memory(
+    model_cfg: TransformerConfig, cfg: Config, mesh: Mesh
+) -> dict[str, dict[str, int]]:
+    """XLA's own per-device numbers for the static sampler's two programs, compiled from shapes.
+
+    One rollout of the step's prompts (`train.prompts_per_step`, padded to the batch shards) at
+    `rollout.max_prompt_len`, K = `rollout.samples_per_prompt`, `rollout.max_new_tokens`, with
+    the sampler's compute-dtype weight copy sharded as in training: `prefill` (the prompts' caches
+    and the first tokens) and `decode` (the whole decode loop, its state donated). Keys of each:
+    arguments, outputs, aliased, temp. Continuous batching (`rollout.slots`) is not compiled.
+    """
+    from laserjax import sampler as sm
+
+    params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), cfg.optim)
+    a = to_dtype(model_cfg.dtype)
+
+    def sampler_copy(x, sh):  # `Sampler.update_params`: floats wider than the compute dtype cast
+        wide = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > a.itemsize
+        return jax.ShapeDtypeStruct(x.shape, a if wide else x.dtype, sharding=sh)
+
+    params = jax.tree.map(sampler_copy, params, sharding.state_shardings(params, mesh))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    shards = math.prod(mesh.shape[ax] for ax in sharding.BATCH)
+    prompts = -(-cfg.train.prompts_per_step // shards) * shards
+    p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
+    k = cfg.rollout.samples_per_prompt
+    v = model_cfg.vocab_size
+    s = sm.SamplingSettings(
+        k=k,
+        max_new_tokens=t_len,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        eos_ids=(v - 1,),
+        pad_id=0,
+        self_reward_token_id=min(cfg.tokens.self_reward_token_id, v - 2),
+    )
+    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    windows = sm.decode_windows_for(model_cfg, params_bytes, prompts, p_len, k, t_len)
+    constrain = sm._constrainer(mesh)
+
+    def batch(shape, dtype):
+        return jax.ShapeDtypeStruct(
+            shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
+        )
+
+    prefill = jax.jit(
+        lambda pr, tok, mask, valid, seed: sm._prefill(
+            graphdef, pr, tok, mask, valid, seed, s, constrain, windows
+        )
+    )
+    compiled = prefill.lower(
+        params,
+        batch((prompts, p_len), jnp.int32),
+        batch((prompts, p_len), jnp.bool_),
+        batch((prompts,), jnp.bool_),
+        jax.ShapeDtypeStruct((), jnp.uint32, sharding=sharding.replicated(mesh)),
+    ).compile()
+    out = {"prefill": _memory(compiled)}
+    prefix, state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info
+    )
+    loop = jax.jit(
+        lambda pr, pre, st: sm._decode_loop(
+            graphdef, pr, pre, st, s, constrain, sm._head_gatherer(mesh)
+        ),
+        donate_argnums=(2,),
+    )
+    out["decode"] = _memory(loop.lower(params, prefix, state).compile())
+    return out
+
+
+def _memory(compiled) -> dict[str, int]:
+    ma = compiled.memory_analysis()
+    return {
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temp": int(ma.temp_size_in_bytes),
+    }
+
+
 def compiled_train_step_memory(
     model_cfg: TransformerConfig,
     cfg: Config,

@@ -414,6 +414,15 @@ def test_cli_compile_on_the_demo_config():
     need = summary["xla"]["arguments"] + summary["xla"]["temp"]
     assert summary["xla_fits"] is (need <= 0.001 * plan.GiB) is False
     assert "DOES NOT FIT: lower train.micro_batch_size" in out.getvalue()
+    # The sampler's programs: the prefill reads the sampler's weight copy (float32 here, as
+    # the params) and the prompts; the decode loop also its caches and state, which it donates.
+    roll = summary["xla_rollout"]
+    assert roll["prefill"]["arguments"] >= summary["sampler_params"]
+    assert roll["decode"]["arguments"] >= (
+        summary["sampler_params"] + summary["kv_prefix"] + summary["kv_suffix"]
+    )
+    assert 0 < roll["decode"]["aliased"] <= roll["decode"]["outputs"]
+    assert summary["xla_rollout_peak"] >= summary["params"] + summary["opt_state"]
 
 
 def test_cli_compile_reports_xla_refusing_the_step(monkeypatch):
@@ -430,11 +439,17 @@ def test_cli_compile_reports_xla_refusing_the_step(monkeypatch):
     monkeypatch.setattr(plan_command, "compiled_train_step_memory", refuse)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        cli.main(["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--compile"])
-    assert "XLA: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out.getvalue()
-    assert "DOES NOT FIT: lower train.micro_batch_size" in out.getvalue()
-    summary = json.loads(out.getvalue().strip().splitlines()[-1])
+        cli.main(
+            ["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--hbm-gib", "1"]
+            + ["--compile"]
+        )
+    text = out.getvalue()
+    assert "train step: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in text
+    assert "XLA's train step refused by XLA of 1 GiB -> DOES NOT FIT: lower" in text
+    assert "XLA's rollout needs" in text and "GiB -> fits" in text  # the demo's rollout is tiny
+    summary = json.loads(text.strip().splitlines()[-1])
     assert summary["xla"] is None and summary["xla_fits"] is False
+    assert summary["xla_rollout"]["decode"]["arguments"] > 0
 
 
 @pytest.mark.parametrize("ref_dtype", ["", "bfloat16"])

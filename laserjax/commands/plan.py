@@ -26,6 +26,7 @@ from laserjax.plan import (
     GiB,
     abstract_state,
     compile_only_devices,
+    compiled_rollout_memory,
     compiled_train_step_memory,
     estimate,
     micro_batch_options,
@@ -161,6 +162,76 @@ def _fit_report(
     return out
 
 
+def _compiled(fn, *args) -> dict | str:
+    """`fn(*args)`, or XLA's one-line refusal when its TPU compiler finds the program's
+    temporaries larger than the chip's HBM (RESOURCE_EXHAUSTED at compile time)."""
+    try:
+        return fn(*args)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return str(e).splitlines()[0][:300]
+
+
+def _verdict(phase: str, need: int | None, hbm_gib: float | None, fix: str) -> bool | None:
+    """Print XLA's bytes for one phase against the whole chip: they are the buffers the chip
+    must hold, not a model, so the plan's headroom for its model's error does not apply."""
+    if hbm_gib is None:
+        return None
+    fits = need is not None and need <= hbm_gib * GiB
+    got = "refused by XLA" if need is None else f"needs {need / GiB:.2f} GiB per chip"
+    spare = " (less than 5% to spare)" if fits and need > 0.95 * hbm_gib * GiB else ""
+    verdict = "fits" if fits else f"DOES NOT FIT: {fix}"
+    print(f"XLA's {phase} {got} of {hbm_gib:g} GiB -> {verdict}{spare}")
+    return fits
+
+
+def _xla_report(model_cfg, cfg, mesh, est, hbm_gib, where: str) -> dict[str, Any]:
+    """Compile the train step and the static sampler's programs from shapes; print XLA's
+    numbers beside the plan's and the verdicts; return them as JSON fields."""
+    out: dict[str, Any] = {}
+    xla = _compiled(compiled_train_step_memory, model_cfg, cfg, mesh)
+    if isinstance(xla, str):
+        print(f"XLA ({where}), train step: {xla}")
+        out["xla"], need = None, None
+    else:
+        modelled = est["gradients"] + est["weight_gather"] + est["activations"]
+        print(
+            f"XLA ({where}): train step arguments {xla['arguments'] / GiB:.3f} GiB "
+            f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
+            f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
+            f"{modelled / GiB:.3f})"
+        )
+        out["xla"], need = xla, xla["arguments"] + xla["temp"]
+    fits = [_verdict("train step", need, hbm_gib, "lower train.micro_batch_size")]
+    if cfg.rollout.slots:
+        print("XLA: the rollout with rollout.slots is not compiled (the static sampler's is)")
+    else:
+        roll = _compiled(compiled_rollout_memory, model_cfg, cfg, mesh)
+        if isinstance(roll, str):
+            print(f"XLA ({where}), rollout: {roll}")
+            out["xla_rollout"], need = None, None
+        else:
+            # The train state stays resident while the sampler's programs run.
+            resident = est["params"] + est["opt_state"] + est["ref_params"]
+            pre, dec = roll["prefill"], roll["decode"]
+            need = resident + max(
+                pre["arguments"] + pre["outputs"] + pre["temp"],
+                dec["arguments"] + dec["temp"] + dec["outputs"] - dec["aliased"],
+            )
+            print(
+                f"XLA ({where}): rollout peak {need / GiB:.3f} GiB (planned "
+                f"{est['rollout_peak'] / GiB:.3f}): prefill temp {pre['temp'] / GiB:.3f}, "
+                f"decode arguments {dec['arguments'] / GiB:.3f} and temp {dec['temp'] / GiB:.3f}"
+            )
+            out["xla_rollout"], out["xla_rollout_peak"] = roll, need
+        fix = "shorten rollout.max_new_tokens, add chips or raise mesh.tensor"
+        fits.append(_verdict("rollout", need, hbm_gib, fix))
+    if hbm_gib is not None:
+        out["xla_fits"] = all(fits)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Print the table, the fit verdict, a micro-batch suggestion and a one-line JSON summary."""
     cfg = _load(args)
@@ -218,41 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"this machine has {len(devices)}; run it on the target or give --slice"
             )
         mesh = sharding.make_mesh(MeshConfig(**mesh_shape), devices[:n])
-        try:
-            xla = compiled_train_step_memory(model_cfg, cfg, mesh)
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            # XLA's TPU compiler refuses a step whose temporaries exceed the chip's HBM.
-            print(f"XLA: {str(e).splitlines()[0][:300]}")
-            print("XLA's train step DOES NOT FIT: lower train.micro_batch_size")
-            summary |= {"xla": None, "xla_fits": False}
-            print(json.dumps(summary))
-            return summary
-        modelled = est["gradients"] + est["weight_gather"] + est["activations"]
-        print(
-            f"XLA ({devices[0].device_kind}, {len(devices)} "
-            f"{'compile-only ' if compile_only else ''}devices): "
-            f"arguments {xla['arguments'] / GiB:.3f} GiB "
-            f"(planned {(est['params'] + est['opt_state'] + est['batch']) / GiB:.3f}), "
-            f"temp {xla['temp'] / GiB:.3f} GiB (planned gradients + gather + activations "
-            f"{modelled / GiB:.3f})"
-        )
-        summary["xla"] = xla
-        if hbm_gib is not None:
-            # XLA's own train-step peak (its arguments stay live through the step) against the
-            # whole chip: these are the buffers the chip must hold, not a model, so the plan's
-            # headroom for its model's error does not apply.
-            need = xla["arguments"] + xla["temp"]
-            summary["xla_fits"] = need <= hbm_gib * GiB
-            print(
-                f"XLA's train step needs {need / GiB:.2f} GiB per chip of {hbm_gib:g} GiB -> "
-                + ("fits" if summary["xla_fits"] else "DOES NOT FIT: lower train.micro_batch_size")
-                + (
-                    " (less than 5% to spare)"
-                    if summary["xla_fits"] and need > 0.95 * hbm_gib * GiB
-                    else ""
-                )
-            )
+        where = f"{devices[0].device_kind}, {n} {'compile-only ' if compile_only else ''}devices"
+        summary |= _xla_report(model_cfg, cfg, mesh, est, hbm_gib, where)
     print(json.dumps(summary))
     return summary
