@@ -440,6 +440,13 @@ def test_cli_compile_reports_xla_refusing_the_step(monkeypatch):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         cli.main(
+            ["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--compile", "train"]
+        )
+    assert "the rollout is not compiled (--compile train)" in out.getvalue()
+    assert "xla_rollout" not in json.loads(out.getvalue().strip().splitlines()[-1])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(
             ["plan", "--config", "configs/demo_cpu.yaml", "--devices", "1", "--hbm-gib", "1"]
             + ["--compile"]
         )
