@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
+from laserjax import sampler as sm
 from laserjax import sharding, toy_task
 from laserjax.config import Config, ConfigError, OptimConfig
 from laserjax.continuous import PREFILL_BATCH
@@ -548,8 +549,6 @@ def compiled_rollout_memory(
     and the first tokens) and `decode` (the whole decode loop, its state donated). Keys of each:
     arguments, outputs, aliased, temp. Continuous batching (`rollout.slots`) is not compiled.
     """
-    from laserjax import sampler as sm
-
     params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), cfg.optim)
     a = to_dtype(model_cfg.dtype)
 
