@@ -632,11 +632,12 @@ class Attention(nnx.Module):
         n_kv, d = self.num_kv_heads, self.head_dim
         g = self.num_heads // n_kv
         q = (q_bkhd.astype(f32) / math.sqrt(d)).reshape(b, kk, n_kv, g, d)
-        q = jnp.concatenate([q, jnp.ones_like(q[..., :1])], -1)
+        if self.decode_impl != "pallas":  # the Pallas kernel adds k[D] itself
+            q = jnp.concatenate([q, jnp.ones_like(q[..., :1])], -1)
         pk, pv = prefix
         # The prefix is shared by the K samples: batch over (prompt, kv head), queries (k, g).
-        q_pre = q.transpose(0, 2, 1, 3, 4).reshape(b, n_kv, kk * g, d + 1)
-        q_r = q.reshape(b * kk, n_kv, g, d + 1)
+        q_pre = q.transpose(0, 2, 1, 3, 4).reshape(b, n_kv, kk * g, q.shape[-1])
+        q_r = q.reshape(b * kk, n_kv, g, q.shape[-1])
 
         def pre_to_rows(x):  # [b, n, k * g, ...] -> [b * k, n, g, ...]
             x = x.reshape(b, n_kv, kk, g, *x.shape[3:])
@@ -645,27 +646,27 @@ class Attention(nnx.Module):
         def rows_to_pre(x):  # [b * k, n, g] -> [b, n, k * g]
             return jnp.moveaxis(x.reshape(b, kk, n_kv, g), 1, 2).reshape(b, n_kv, kk * g)
 
-        if self.decode_impl == "pallas":
-            # One kernel per part; q without its augmented component (the kernel adds k[D]).
+        if self.decode_impl == "pallas":  # one kernel per part
             interpret = decode_kernel.interpret_here()
-            pre_o, pre_l, pre_m = decode_kernel.part_attention(
-                q_pre[..., :d], pk, pv, interpret=interpret
-            )
-            parts = [(pre_to_rows(pre_o), pre_to_rows(pre_l), pre_to_rows(pre_m))]
+            pre = decode_kernel.part_attention(q_pre, pk, pv, interpret=interpret)
+            parts = [tuple(pre_to_rows(x) for x in pre)]
             parts += [
-                decode_kernel.part_attention(q_r[..., :d], k, v, interpret=interpret)
-                for k, v in blocks
+                decode_kernel.part_attention(q_r, k, v, interpret=interpret) for k, v in blocks
             ]
-            out = decode_kernel.merge_parts(parts).astype(to_dtype(self.o_proj.dtype))
-            return self.o_proj(out.reshape(b, kk, -1))
-        s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
-        s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
-        m_r = functools.reduce(jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1)))
-        e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
-        acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
-        for s, (_, v) in zip(s_suf, blocks, strict=True):
-            acc = acc + jnp.einsum("rngt,rntd->rngd", jnp.exp(s - m_r[..., None]), v.astype(f32))
-        out = (acc[..., :d] / acc[..., d:]).astype(to_dtype(self.o_proj.dtype))
+            out = decode_kernel.merge_parts(parts)
+        else:
+            s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
+            s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
+            m_r = functools.reduce(
+                jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1))
+            )
+            e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
+            acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
+            for s, (_, v) in zip(s_suf, blocks, strict=True):
+                e = jnp.exp(s - m_r[..., None])
+                acc = acc + jnp.einsum("rngt,rntd->rngd", e, v.astype(f32))
+            out = acc[..., :d] / acc[..., d:]
+        out = out.astype(to_dtype(self.o_proj.dtype))
         return self.o_proj(out.reshape(b, kk, -1))
 
 
