@@ -675,10 +675,4 @@ def compiled_train_step_memory(
         dataclasses.replace(cfg.laser, c_ref=0.0) if cfg.laser.c_ref == "auto" else cfg.laser
     )
     step = make_train_step(graphdef, shard, laser_cfg, cfg.policy_loss, cfg.optim, settings, mesh)
-    ma = step.lower(state, batch).compile().memory_analysis()
-    return {
-        "arguments": int(ma.argument_size_in_bytes),
-        "outputs": int(ma.output_size_in_bytes),
-        "aliased": int(ma.alias_size_in_bytes),
-        "temp": int(ma.temp_size_in_bytes),
-    }
+    return _memory(step.lower(state, batch).compile())
