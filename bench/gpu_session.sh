@@ -8,6 +8,11 @@
 #   bash bench/gpu_session.sh sampler    # laserjax (XLA and Pallas decode attention) and Tunix
 #                                        # samplers, ratios (about 8.5 min)
 #   bash bench/gpu_session.sh train      # train step vs PyTorch, long-tailed lengths (about 9 min)
+#   bash bench/gpu_session.sh goals      # the GPU figures in one call: the Pallas kernel's
+#                                        # tests compiled for Triton, the 0.5B / 1.5B samplers
+#                                        # (Pallas and XLA decode attention) beside Tunix at full
+#                                        # vocabulary, the 0.5B train step with cuDNN attention
+#                                        # beside PyTorch (about 9 min)
 #   bash bench/gpu_session.sh profile    # where the time goes: kernels per decode step and per
 #                                        # train step, and the variants that test the suspects
 #                                        # (one decode window; the Pallas decode kernel; cuDNN
@@ -59,6 +64,19 @@ train)
     part tunix_lengths 160 python3 bench/tunix_lengths.py --rounds 1 --refill 1 4 --vocab 151936 \
         --hidden 896 --intermediate 4864 --layers 24 --heads 14 --kv-heads 2 --head-dim 64
     ;;
+goals)
+    part kernel_tests 60 env JAX_PLATFORMS=cuda XLA_FLAGS= python3 -m pytest -q -p no:cacheprovider \
+        tests/test_decode_kernel.py -k "part_attention or merged"
+    part laserjax_sampler_pallas 130 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 \
+        --decode-impl pallas "${HBM[@]}"
+    part laserjax_sampler 130 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 "${HBM[@]}"
+    part tunix_sampler 90 python3 .peers/tunix_sampler_bench.py 1.5b
+    python3 bench/sampler_gpu.py --ratios-only "$OUT/laserjax_sampler.jsonl" \
+        "$OUT/laserjax_sampler_pallas.jsonl" "$OUT/tunix_sampler.jsonl" \
+        | tee "$OUT/sampler_ratios.jsonl"
+    part train_step 120 python3 bench/train_step_gpu.py 0.5b --attention-impl cudnn \
+        --worker-timeout 60
+    ;;
 profile)
     # The 0.5B sampler with the default decode windows and with one window (fewer kernels per
     # step: is the step bound by kernel count?), and with the Pallas decode-attention kernel (one
@@ -73,7 +91,7 @@ profile)
         --attention-impl blocked cudnn --profile --worker-timeout 110
     ;;
 *)
-    echo "usage: bash bench/gpu_session.sh sampler|train|profile" >&2
+    echo "usage: bash bench/gpu_session.sh sampler|train|profile|goals" >&2
     exit 2
     ;;
 esac

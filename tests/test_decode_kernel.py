@@ -1,6 +1,7 @@
 """The Pallas decode-attention kernel (laserjax/model/decode_kernel.py), run by Pallas's
-interpreter on the CPU: against a float64 softmax computed by hand, and in the sampler against
-the XLA decode attention (`decode_impl: xla`).
+interpreter on the CPU (compiled for Triton where the tests run on a GPU: `JAX_PLATFORMS=cuda`,
+as `bench/gpu_session.sh goals` runs the kernel tests): against a float64 softmax computed by
+hand, and in the sampler against the XLA decode attention (`decode_impl: xla`).
 
 Tolerance of the kernel against float64, from the float32 arithmetic: a score of D products
 plus the mask component is off by at most delta = (D + 2) eps (sum_i |q_i k_i| + |s|), which
@@ -71,7 +72,7 @@ def test_part_attention_equals_the_exact_softmax(r, n, nq, d, t, live_share, dty
     q, k, v, live = _part(t + nq, r, n, nq, d, t, live_share)
     live = live.at[..., 0].set(True)  # every (row, head) has a live position
     k, v = augment_kv(k[..., :-1].astype(dtype), v[..., :-1].astype(dtype), live)
-    o, total, m = (np.asarray(x) for x in dk.part_attention(q, k, v, interpret=True))
+    o, total, m = (np.asarray(x) for x in dk.part_attention(q, k, v, interpret=dk.interpret_here()))
     out, lse, tol_out, tol_lse = _exact(q, k, v, live)
     np.testing.assert_allclose(o / total[..., None], out, atol=tol_out, rtol=0)
     np.testing.assert_allclose(m + np.log(total), lse, atol=tol_lse, rtol=0)
@@ -86,7 +87,10 @@ def test_merged_parts_equal_one_softmax_over_all_and_masked_parts_weigh_nothing(
     live1 = live1.at[..., 0].set(True)
     k1, v1 = augment_kv(k1[..., :-1], v1[..., :-1], live1)
     merged = dk.merge_parts(
-        [dk.part_attention(q, k, v, interpret=True) for k, v in ((k1, v1), (k2, v2), (k3, v3))]
+        [
+            dk.part_attention(q, k, v, interpret=dk.interpret_here())
+            for k, v in ((k1, v1), (k2, v2), (k3, v3))
+        ]
     )
     live = jnp.concatenate([live1, live2, jnp.zeros((2, 2, 16), bool)], -1)
     out, _, tol_out, _ = _exact(
