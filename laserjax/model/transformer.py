@@ -541,11 +541,14 @@ def causal_attention(cfg: TransformerConfig) -> Callable[..., jax.Array]:
         return functools.partial(_causal_attend, block=cfg.attention_block)
 
     def attend(q_bthd, k_bshd, v_bshd, key_mask_bs):
+        # cuDNN takes a mask only at its full [B, 1, T, S] extent (it refuses one broadcast
+        # over queries: "Bias must have same seq length as QKV").
+        b, t, s = q_bthd.shape[0], q_bthd.shape[1], k_bshd.shape[1]
         return jax.nn.dot_product_attention(
             q_bthd,
             k_bshd,
             v_bshd,
-            mask=key_mask_bs[:, None, None, :],
+            mask=jnp.broadcast_to(key_mask_bs[:, None, None, :], (b, 1, t, s)),
             is_causal=True,
             implementation=cfg.attention_impl,
         )
