@@ -34,10 +34,14 @@ def _is_thunk(name: str) -> bool:
 
 def _key(event) -> str:
     """The framework op that launched the kernel (`tf_op`: the jaxpr op path, e.g.
-    `.../bnqt,bntd->bnqd/dot_general`), else its HLO op, else the event's name; layer and
+    `.../bnqt,bntd->bnqd/dot_general`), else its HLO op, else the event's name (a key naming the
+    XLA module rather than an op is passed over); layer and
     fusion numbers folded (`#`), so the 24 layers' copies of one op add up to one row."""
     stats = {name: value for name, value in event.stats if name}
-    key = str(stats.get("tf_op") or stats.get("hlo_op") or event.name)
+    # jax 0.11.2 on a GPU set `tf_op` to the module ("XlaModule:..."), folding every kernel into
+    # one row (H200, bench/README): such a key is passed over for the next.
+    candidates = (stats.get("tf_op"), stats.get("hlo_op"), event.name)
+    key = next((str(c) for c in candidates if c and not str(c).startswith("XlaModule")), "?")
     key = re.sub(r"^(jit\([^)]*\)/)+", "", key)
     return re.sub(r"\d+", "#", key)
 
