@@ -158,7 +158,7 @@ def model_config_for(
     Order: `hf_config` (a config.json path), `preset`, the toy model of `model.toy`, a local
     `model.path` directory, then a preset recognised in `model.path`.
     """
-    kw = dict(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    kw = cfg.model.transformer_fields()
     if hf_config:
         path = pathlib.Path(hf_config)
         if path.is_dir():
@@ -172,9 +172,7 @@ def model_config_for(
         return TransformerConfig.from_hf(PRESETS[preset], **kw), f"preset {preset}"
     if cfg.model.toy is not None:
         toy = cfg.model.toy
-        return toy_task.model_config(
-            toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
-        ), "model.toy"
+        return toy_task.model_config(toy, **kw), "model.toy"
     local = pathlib.Path(cfg.model.path).expanduser()
     if (local / "config.json").is_file():
         return TransformerConfig.from_pretrained_dir(local, **kw), str(local / "config.json")

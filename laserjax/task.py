@@ -66,7 +66,7 @@ def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str,
     tok, ids = toy_task.make_tokenizer(), toy_task.token_ids()
     cfg.validate_against_vocab(len(tok), (ids["eos"],), ids["pad"])  # before any compile
     if abstract:
-        mcfg = toy_task.model_config(toy, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        mcfg = toy_task.model_config(toy, **cfg.model.transformer_fields())
         model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
         info: dict[str, Any] = {}
     else:
@@ -79,9 +79,7 @@ def toy_setup(cfg: Config, abstract: bool) -> tuple[Transformer, Task, dict[str,
                 flush=True,
             )
         tic = time.time()
-        model, info = toy_task.build(
-            toy, seed=cfg.train.seed, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
-        )
+        model, info = toy_task.build(toy, seed=cfg.train.seed, **cfg.model.transformer_fields())
         if primary and toy.sft_steps:
             print(
                 f"warm start done in {time.time() - tic:.0f} s (final loss "
@@ -108,9 +106,7 @@ def real_setup(
     from transformers import AutoTokenizer
 
     ckpt = resolve_model(cfg.model.path)
-    mcfg = TransformerConfig.from_pretrained_dir(
-        ckpt, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat
-    )
+    mcfg = TransformerConfig.from_pretrained_dir(ckpt, **cfg.model.transformer_fields())
     tok = AutoTokenizer.from_pretrained(str(ckpt))
     try:
         eos, pad = special_token_ids(
@@ -137,9 +133,7 @@ def real_setup(
     else:
         model = load_pretrained(
             str(ckpt),
-            dtype=cfg.model.dtype,
-            param_dtype=cfg.model.param_dtype,
-            remat=cfg.model.remat,
+            **cfg.model.transformer_fields(),
             mesh=mesh,
         )
     enc = encode_as_run(cfg, tok, problems, cfg.data.prompt_overflow)

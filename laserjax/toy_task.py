@@ -12,7 +12,7 @@ GRPO and the self-verification loss need.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +51,8 @@ def token_ids() -> dict[str, int]:
     return {"pad": tok.pad_token_id, "eos": tok.eos_token_id, "zc": tok.convert_tokens_to_ids(ZC)}
 
 
-def model_config(
-    toy: ToyConfig, *, dtype: str = "float32", param_dtype: str = "float32"
-) -> TransformerConfig:
+def model_config(toy: ToyConfig, **fields: Any) -> TransformerConfig:
+    """The toy policy's architecture; `fields` set dtypes, remat and attention."""
     return TransformerConfig(
         model_type="qwen2",
         vocab_size=len(make_tokenizer()),
@@ -66,8 +65,7 @@ def model_config(
         tie_word_embeddings=True,
         qkv_bias=True,
         max_position_embeddings=64,
-        dtype=dtype,
-        param_dtype=param_dtype,
+        **fields,
     )
 
 
@@ -139,12 +137,9 @@ def warm_start(toy: ToyConfig, train: list[Problem], model: Transformer) -> dict
     return {"sft_final_loss": loss, "sft_steps": toy.sft_steps}
 
 
-def build(
-    toy: ToyConfig, *, seed: int, dtype: str = "float32", param_dtype: str = "float32"
-) -> tuple[Transformer, dict[str, float]]:
-    """A freshly initialised tiny policy after its supervised warm start."""
-    model = Transformer(
-        model_config(toy, dtype=dtype, param_dtype=param_dtype), rngs=nnx.Rngs(seed)
-    )
+def build(toy: ToyConfig, *, seed: int, **fields: Any) -> tuple[Transformer, dict[str, float]]:
+    """A freshly initialised tiny policy after its supervised warm start; `fields` are
+    `TransformerConfig` fields (`ModelConfig.transformer_fields`)."""
+    model = Transformer(model_config(toy, **fields), rngs=nnx.Rngs(seed))
     train, _ = problems(toy)
     return model, warm_start(toy, train, model)

@@ -46,11 +46,17 @@ def test_overrides_parse_as_yaml_values():
         ("laser.nonsense=1", "laser.nonsense"),
         ("algorithm=ppo", "laser.algorithm"),
         ("model.dtype=float8", "model.dtype"),
+        ("model.attention=flash", "model.attention"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=f"`{field}`"):
         load_config(CONFIGS[0], [override])
+
+
+def test_cudnn_attention_needs_a_half_precision_dtype():
+    with pytest.raises(ConfigError, match="`model.attention`: cudnn needs model.dtype"):
+        load_config(CONFIGS[0], ["model.attention=cudnn", "model.dtype=float32"])
 
 
 def test_override_without_equals_explains_the_form():

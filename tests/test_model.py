@@ -396,7 +396,7 @@ def test_remat_scans_the_blocks_with_the_same_forward_and_gradient():
 @pytest.mark.parametrize(
     "impl, dtype, message",
     [
-        ("flash", "bfloat16", "`attention_impl`: 'flash' is not one of blocked, xla, cudnn"),
+        ("flash", "bfloat16", "`attention_impl`: 'flash' is not one of auto, blocked, xla, cudnn"),
         ("cudnn", "float32", "`attention_impl`: cudnn needs dtype bfloat16 or float16"),
     ],
 )
@@ -414,3 +414,34 @@ def test_attention_impl_is_checked(impl, dtype, message):
             dtype=dtype,
             attention_impl=impl,
         )
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, head_dim, expected",
+    [
+        ("gpu", "bfloat16", 64, "cudnn"),
+        ("gpu", "float16", 128, "cudnn"),
+        ("gpu", "float32", 64, "blocked"),  # cuDNN's flash attention is half precision only
+        ("gpu", "bfloat16", 12, "blocked"),  # head_dim not a multiple of 8
+        ("gpu", "bfloat16", 256, "blocked"),  # beyond 128
+        ("cpu", "bfloat16", 64, "blocked"),
+        ("tpu", "bfloat16", 64, "blocked"),
+    ],
+)
+def test_auto_attention_takes_cudnn_only_on_a_gpu_where_it_fits(
+    monkeypatch, backend, dtype, head_dim, expected
+):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    cfg = TransformerConfig(
+        model_type="qwen2",
+        vocab_size=50,
+        hidden_size=4 * head_dim,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        dtype=dtype,
+        attention_impl="auto",
+    )
+    assert cfg.attention_impl == expected

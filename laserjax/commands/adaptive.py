@@ -162,9 +162,7 @@ def _load_run(path: str, benchmarks: str | None, limit: int | None) -> _RunSetup
     if (run / "run_info.json").is_file():
         c_ref = json.loads((run / "run_info.json").read_text()).get("c_ref")
     if hf.is_dir():
-        policy: Any = load_pretrained(
-            str(hf), dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
-        )
+        policy: Any = load_pretrained(str(hf), **cfg.model.transformer_fields())
     else:  # no export (train.export_hf: false): the parameters of the latest checkpoint
         mesh = sharding.make_mesh(cfg.mesh)
         graphdef, abstract = nnx.split(model, nnx.Param)

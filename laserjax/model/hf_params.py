@@ -199,6 +199,7 @@ def load_pretrained(
     dtype: str = "float32",
     param_dtype: str = "float32",
     remat: bool = False,
+    attention_impl: str = "blocked",
     mesh: Mesh | None = None,
 ) -> Transformer:
     """Load a Hugging Face Qwen2/Llama checkpoint (directory or hub id) into a `Transformer`.
@@ -208,7 +209,7 @@ def load_pretrained(
     """
     ckpt = resolve_checkpoint(path_or_id)
     cfg = TransformerConfig.from_pretrained_dir(
-        ckpt, dtype=dtype, param_dtype=param_dtype, remat=remat
+        ckpt, dtype=dtype, param_dtype=param_dtype, remat=remat, attention_impl=attention_impl
     )
     reader = _SafetensorsReader(ckpt)
     pdt = to_dtype(param_dtype)
