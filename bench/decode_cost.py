@@ -163,6 +163,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[512, 4096])
     ap.add_argument("--excess", type=float, default=0.3, help="Sampler(window_excess=...)")
     ap.add_argument(
+        "--max-windows",
+        type=int,
+        default=sm.MAX_WINDOWS,
+        help="Sampler(max_windows=...): the cap on the decode windows (a large value: uncapped)",
+    )
+    ap.add_argument(
         "--breakdown",
         action="store_true",
         help="also print each window's bytes split by jax op (`bytes_by_op`)",
@@ -210,7 +216,9 @@ def main() -> None:
             pad_id=0,
             self_reward_token_id=v - 2,
         )
-        windows = sm.decode_windows_for(cfg, params_bytes, b, p, k, t, args.excess)
+        windows = sm.decode_windows_for(
+            cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
+        )
         prefix, state = jax.eval_shape(
             lambda pr, tk, m, va, seed, s=s, windows=windows: sm._prefill(
                 graphdef, pr, tk, m, va, seed, s, lambda x: x, windows
@@ -221,7 +229,9 @@ def main() -> None:
             jax.ShapeDtypeStruct((b,), bool),
             jax.ShapeDtypeStruct((), jnp.uint32),
         )
-        windows = sm.decode_windows_for(cfg, params_bytes, b, p, k, t, args.excess)
+        windows = sm.decode_windows_for(
+            cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
+        )
         layer_slice = rows * min(windows) * kv_tok // (2 * cfg.num_layers)
         worst, weighted, need_sum, lo = 0.0, 0.0, 0.0, 0
         for w in windows:

@@ -219,6 +219,12 @@ def row_keys(seed_key: jax.Array, row_r: jax.Array, index_r: jax.Array) -> jax.A
 WINDOW_ALIGN = 64
 """Decode windows are multiples of this (or the full suffix length)."""
 
+MAX_WINDOWS = 16
+"""Most decode windows a rollout compiles (`decode_windows_for`). Uncapped, the 30% excess bound
+took 47 windows for Qwen2.5-0.5B's shape at 64 rows x 4096 new tokens in bf16, 51 for the 7B
+recipe per chip; on an H200 each window added about 10 s to the 0.5B decode program's compile
+(3 windows 47 s, one 26 s)."""
+
 
 def window_schedule(
     max_new_tokens: int,
@@ -262,22 +268,38 @@ def decode_windows_for(
     k: int,
     max_new_tokens: int,
     max_excess: float = 0.3,
+    max_windows: int = MAX_WINDOWS,
 ) -> tuple[int, ...]:
     """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring): a step reads
     the parameters and the prefix cache, plus per window position every row's keys/values
     (head_dim + 1 components each, `augment_kv`) and the float32 attention scores, one per query
     head: written by the scores matmul, read by the max, read and written by the exp (XLA:CPU
-    does not fuse it into the matmul that reads it) and read by exp-times-V, 5 passes in all."""
+    does not fuse it into the matmul that reads it) and read by exp-times-V, 5 passes in all.
+
+    At most `max_windows` windows: where `max_excess` would take more, the least excess whose
+    schedule fits replaces it (each window is a loop over every layer in the compiled program, so
+    the count sets the decode program's compile time)."""
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    if max_windows == 1:
+        return (max_new_tokens,)
     item = to_dtype(cfg.dtype).itemsize
     kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 1) * item
     score_share = 5 * cfg.num_heads * 4 / (2 * cfg.num_kv_heads * (cfg.head_dim + 1) * item)
-    return window_schedule(
-        max_new_tokens,
-        params_bytes + prompts * prompt_len * kv_row,
-        prompts * k * kv_row,
-        score_share,
-        max_excess,
-    )
+
+    def schedule(excess: float) -> tuple[int, ...]:
+        fixed = params_bytes + prompts * prompt_len * kv_row
+        return window_schedule(max_new_tokens, fixed, prompts * k * kv_row, score_share, excess)
+
+    if len(schedule(max_excess)) <= max_windows:
+        return schedule(max_excess)
+    lo, hi = max_excess, 2 * max_excess  # lo takes too many windows; hi is raised until it fits
+    while len(schedule(hi)) > max_windows:
+        lo, hi = hi, 2 * hi
+    for _ in range(30):  # the least excess that fits, to 1e-9 of the bracket
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if len(schedule(mid)) <= max_windows else (mid, hi)
+    return schedule(hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +669,7 @@ class Sampler:
         cast_params: bool = True,
         window_excess: float = 0.3,
         decode_windows: Sequence[int] = (),
+        max_windows: int = MAX_WINDOWS,
     ):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.cfg = nnx.merge(graphdef, params).cfg
@@ -675,6 +698,7 @@ class Sampler:
             f"{windows} must increase strictly from > 0 to max_new_tokens = {max_new_tokens}",
         )
         _require(window_excess > 0, "window_excess", f"must be > 0, got {window_excess}")
+        _require(max_windows >= 1, "max_windows", f"must be >= 1, got {max_windows}")
         # XLA cannot split a Pallas kernel's custom call over a mesh: it would gather its
         # operands onto every device.
         _require(
@@ -684,6 +708,7 @@ class Sampler:
         )
         self.decode_windows = windows
         self.window_excess = float(window_excess)
+        self.max_windows = int(max_windows)
         self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = buckets
         self.mesh = mesh
@@ -831,7 +856,14 @@ class Sampler:
             return self.decode_windows
         params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
         return decode_windows_for(
-            self.cfg, params, prompts, prompt_len, k, self.max_new_tokens, self.window_excess
+            self.cfg,
+            params,
+            prompts,
+            prompt_len,
+            k,
+            self.max_new_tokens,
+            self.window_excess,
+            self.max_windows,
         )
 
     def sample(

@@ -400,6 +400,25 @@ def test_window_schedule_bounds_the_modelled_excess():
     assert decode_windows_for(CFG, 10**6, 4, 8, 2, 8) == (8,)
 
 
+def test_decode_windows_are_capped_by_raising_the_excess():
+    """Where the 30% bound takes more than `max_windows` windows (many rows, long responses:
+    the keys/values outweigh the parameters), the least excess that fits replaces it; a
+    schedule within the cap is left as it is."""
+    cfg = dataclasses.replace(
+        CFG, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, dtype="bfloat16"
+    )  # Qwen2.5-0.5B's decode shape
+    args = (cfg, 10**9, 64, 256, 1, 4096)
+    uncapped = decode_windows_for(*args, max_windows=10**6)
+    assert len(uncapped) > 16
+    for cap in (16, 4, 2):
+        capped = decode_windows_for(*args, max_windows=cap)
+        assert len(capped) <= cap and capped[-1] == 4096 and list(capped) == sorted(set(capped))
+        assert len(capped) >= cap - 1  # the least excess that fits: no coarser than needed
+    assert decode_windows_for(*args, max_windows=1) == (4096,)
+    short = (cfg, 10**9, 64, 256, 1, 512)
+    assert decode_windows_for(*short) == decode_windows_for(*short, max_windows=10**6)
+
+
 def test_segmented_decode_equals_one_window(model, batches):
     """Decode windows (2, 5, 8): each segment of the loop reads only the suffix positions that
     can be live; the rollout equals the single-window one."""
