@@ -7,6 +7,7 @@ import yaml
 
 from laserjax.config import ConfigError
 from laserjax.config_load import load_config, to_dict
+from laserjax.task import build_task
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -105,3 +106,12 @@ def test_algorithm_defaults_fill_the_policy_loss_fields_left_unset(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(dr), sort_keys=False))
     assert load_config(path) == dr
+
+
+@pytest.mark.parametrize("attention, expected", [("auto", "blocked"), ("xla", "xla")])
+def test_model_attention_reaches_the_policy(attention, expected):
+    """`model.attention` is the built policy's `attention_impl` (auto: blocked off a GPU)."""
+    demo = next(p for p in CONFIGS if p.name == "demo_cpu.yaml")
+    cfg = load_config(demo, [f"model.attention={attention}"])
+    model, _, _ = build_task(cfg, None, abstract=True)
+    assert model.cfg.attention_impl == expected
