@@ -63,6 +63,7 @@ def kernel_table(fn: Callable[[], object], per: int = 1, top: int = 30) -> tuple
         planes = [p for p in data.planes if p.name == "/host:CPU"]
     total_ns: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
+    samples: list[dict] = []  # a few raw events, to read a trace whose stats name things anew
     for plane in planes:
         for line in plane.lines:
             if line.name.startswith(SKIP_LINES):
@@ -73,6 +74,9 @@ def kernel_table(fn: Callable[[], object], per: int = 1, top: int = 30) -> tuple
                 k = _key(ev)
                 total_ns[k] += ev.duration_ns
                 count[k] += 1
+                if len(samples) < 3:
+                    stats = {str(n): str(v)[:120] for n, v in ev.stats if n}
+                    samples.append(dict(line=line.name, name=ev.name[:120], stats=stats))
     all_ns = sum(total_ns.values())
     rows = [
         dict(
@@ -91,5 +95,6 @@ def kernel_table(fn: Callable[[], object], per: int = 1, top: int = 30) -> tuple
         kernel_us_per=round(all_ns / per / 1e3, 1),
         wall_us_per=round(wall / per * 1e6, 1),
         busy_share=round(all_ns / 1e9 / wall, 3) if wall > 0 else None,
+        sample_events=samples,
     )
     return rows, summary
