@@ -68,7 +68,7 @@ size): one compile, and a full pool refill in few calls."""
 class Pool:
     """Prompt caches shared by the K samples of each prompt; entry e serves prompt owner[e]."""
 
-    prefix: PrefixCache  # per layer [E, kv_heads, P, head_dim + 1]
+    prefix: PrefixCache  # per layer [E, kv_heads, P, cache_width]
     tok0_ek: jax.Array  # int32 the K first response tokens, drawn at prefill
     lp0_ek: jax.Array  # float32 their log-probs
     prompt_len_e: jax.Array  # int32
@@ -487,7 +487,7 @@ class ContinuousSampler:
         cfg, entries = self.sampler.cfg, (self.slots // self.per + 1) * self.per
 
         def make() -> tuple[Pool, SlotState]:
-            shape = (entries, cfg.num_kv_heads, prompt_len, cfg.head_dim + 1)
+            shape = (entries, cfg.num_kv_heads, prompt_len, cfg.cache_width)
             pool = Pool(
                 prefix=PrefixCache(
                     tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),

@@ -370,14 +370,15 @@ def rollout_bytes(
 ) -> dict[str, int]:
     """The sampler's buffers on one device for `prompts` prompts (LASER_SPEC section 5).
 
-    `PrefixCache`: keys and values [prompts, KV, P, hd + 1] per layer, one copy per prompt shared
-    by its K samples; `SuffixCache`: [prompts * K, KV, t, hd + 1] per layer and segment of
-    positions, T in all (the extra component carries the mask and the softmax sum,
-    `transformer.augment_kv`); both in the compute dtype, kv heads over the tensor axis when it
-    divides them (as `sampler._cache` pins them). The sampler state adds int32 tokens and
-    float32 log-probs per generated slot. The prefill's working set: the per-layer keys/values
-    before they are augmented (a second prefix cache) and one layer's float32 scores and
-    probabilities (one query block of them with blocked attention).
+    `PrefixCache`: keys and values [prompts, KV, P, w] per layer, one copy per prompt shared
+    by its K samples; `SuffixCache`: [prompts * K, KV, t, w] per layer and segment of
+    positions, T in all (w = `cache_width`: hd + 1 when `kv_layout` is augmented, the extra
+    component carrying the mask and the softmax sum, else hd); both in the compute dtype, kv
+    heads over the tensor axis when it divides them (as `sampler._cache` pins them). The
+    sampler state adds int32 tokens and float32 log-probs per generated slot. The prefill's
+    working set: the per-layer keys/values before they are laid out as the cache (a second
+    prefix cache) and one layer's float32 scores and probabilities (one query block of them
+    with blocked attention).
 
     With continuous batching (`slots` > 0 over `shards` batch shards, `laserjax/continuous.py`)
     each batch shard holds its block of the prompt pool (slots / shards + 1 entries) and
@@ -386,7 +387,7 @@ def rollout_bytes(
     """
     a = to_dtype(m.dtype).itemsize
     kv_heads = _split(m.num_kv_heads, tensor)
-    per_token = 2 * m.num_layers * kv_heads * (m.head_dim + 1) * a
+    per_token = 2 * m.num_layers * kv_heads * m.cache_width * a
     if slots:
         rows, cached, prefilled = slots // shards, slots // shards + 1, -(-PREFILL_BATCH // shards)
     else:

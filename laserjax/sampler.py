@@ -272,7 +272,7 @@ def decode_windows_for(
 ) -> tuple[int, ...]:
     """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring): a step reads
     the parameters and the prefix cache, plus per window position every row's keys/values
-    (head_dim + 1 components each, `augment_kv`) and the float32 attention scores, one per query
+    (`cache_width` components each) and the float32 attention scores, one per query
     head: written by the scores matmul, read by the max, read and written by the exp (XLA:CPU
     does not fuse it into the matmul that reads it) and read by exp-times-V, 5 passes in all.
 
@@ -284,8 +284,8 @@ def decode_windows_for(
     if max_windows == 1:
         return (max_new_tokens,)
     item = to_dtype(cfg.dtype).itemsize
-    kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 1) * item
-    score_share = 5 * cfg.num_heads * 4 / (2 * cfg.num_kv_heads * (cfg.head_dim + 1) * item)
+    kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.cache_width * item
+    score_share = 5 * cfg.num_heads * 4 / (2 * cfg.num_kv_heads * cfg.cache_width * item)
 
     def schedule(excess: float) -> tuple[int, ...]:
         fixed = params_bytes + prompts * prompt_len * kv_row

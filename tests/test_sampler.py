@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from laserjax.config import MeshConfig
 from laserjax.continuous import ContinuousSampler
 from laserjax.model import Transformer, TransformerConfig
+from laserjax.model.transformer import kv_layout_for
 from laserjax.sampler import (
     Sampler,
     decode_windows_for,
@@ -734,3 +735,57 @@ def test_continuous_batching_slots_must_split_over_the_mesh(model):
     sampler = make_sampler(model, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
     with pytest.raises(ValueError, match=r"`slots`: 6 must be a multiple of .* = 4\)"):
         ContinuousSampler(sampler, slots=6)
+
+
+def test_plain_kv_layout_draws_what_the_augmented_one_draws():
+    """`kv_layout: plain` (head_dim components, masked by position and prompt mask: the GPU and
+    TPU caches) against `augmented` (the CPU's): static sampler with decode windows 2, 5, 8 and
+    K = 4, on one device and on a data 2 x fsdp 2 x tensor 2 mesh, and continuous batching
+    (per-row steps, a prompt pool, slots refilled): the same tokens, log-probs and log p(z_c)
+    within 1e-5 (two float32 computations of the same softmax, the masked positions weighing
+    exactly 0 in both)."""
+    _, state = nnx.split(tiny_model())
+    out = {}
+    for layout in ("augmented", "plain"):
+        cfg = dataclasses.replace(CFG, kv_layout=layout)
+        model = nnx.merge(nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0))), state)
+        assert model.cfg.cache_width == CFG.head_dim + (layout == "augmented")
+        runs = []
+        for mesh in (None, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
+            smp = Sampler(
+                model,
+                eos_ids=EOS,
+                pad_id=PAD,
+                self_reward_token_id=ZC,
+                max_new_tokens=T,
+                prompt_buckets=(8,),
+                decode_windows=(2, 5, T),
+                mesh=mesh,
+            )
+            runs.append(smp.sample(PROMPTS, k=K, temperature=1.0, seed=SEED))
+        runs.append(
+            ContinuousSampler(smp, slots=4).sample(PROMPTS, k=K, temperature=1.0, seed=SEED)[0]
+        )
+        out[layout] = runs
+    for ref, got in zip(out["augmented"], out["plain"], strict=True):
+        np.testing.assert_array_equal(got.response_tokens, ref.response_tokens)
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.logp_zc, ref.logp_zc, atol=1e-5, rtol=0)
+    assert len(set(out["augmented"][0].lengths.tolist())) > 1  # rows of several lengths
+
+
+@pytest.mark.parametrize(
+    "platform, decode_impl, expected",
+    [
+        ("cpu", "xla", "augmented"),
+        ("gpu", "xla", "plain"),
+        ("tpu", "xla", "plain"),
+        ("gpu", "pallas", "augmented"),
+    ],
+)
+def test_kv_layout_auto_is_augmented_only_on_the_cpu_and_for_the_kernel(
+    platform, decode_impl, expected
+):
+    assert kv_layout_for(platform, decode_impl) == expected
+    with pytest.raises(ValueError, match="`kv_layout`: the pallas decode kernel reads augmented"):
+        dataclasses.replace(CFG, head_dim=16, decode_impl="pallas", kv_layout="plain")

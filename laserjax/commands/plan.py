@@ -10,6 +10,7 @@ table, the fit verdict and a micro-batch suggestion.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 from laserjax import sharding
 from laserjax.config import Config, ConfigError, MeshConfig
 from laserjax.config_load import load_config
-from laserjax.model.transformer import TransformerConfig
+from laserjax.model.transformer import TransformerConfig, kv_layout_for
 from laserjax.plan import (
     HEADROOM,
     PRESETS,
@@ -252,6 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         hbm_gib = args.hbm_gib
     mesh_shape = cfg.mesh.resolve(devices)
     model_cfg, source = model_config_for(cfg, hf_config=args.hf_config, preset=args.preset)
+    if args.slice:  # the caches as the slice's chips keep them, whatever this machine is
+        layout = kv_layout_for("tpu", model_cfg.decode_impl)
+        model_cfg = dataclasses.replace(model_cfg, kv_layout=layout)
     est = estimate(model_cfg, cfg, mesh_shape)
     params = abstract_state(model_cfg, cfg.optim)[0]
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -4,10 +4,11 @@ The XLA decode attention (`Attention.attend_cached`) runs each part of the cache
 prompt prefix, then each suffix segment up to the window) as a scores matmul, a max, an exp and
 a weights-times-values matmul: four kernels per part and layer, and the float32 scores go through
 memory between them. The first H200 session suspected such per-kernel costs of bounding the
-GPU decode step (bench/README). Here each part is one kernel: one program per (row, kv head) walks the part's
-positions in blocks of `BLOCK_K`, keeps the running max, sum and weighted values of an online
-softmax on chip, and writes only its unnormalised output, its sum and its max. The caller merges
-the parts with their maxima (`merge_parts`), exactly as the XLA path's one softmax over all parts.
+GPU decode step (bench/README). Here each part is one kernel: one program per (row, kv head)
+walks the part's positions in blocks of `BLOCK_K`, keeps the running max, sum and weighted
+values of an online softmax on chip, and writes only its unnormalised output, its sum and its
+max. The caller merges the parts with their maxima (`merge_parts`), exactly as the XLA path's
+one softmax over all parts.
 
 Keys and values are the caches' augmented ones (`transformer.augment_kv`: head_dim + 1
 components, the last one of a key 0 where the position is live and MASKED_KEY where not), so a

@@ -37,6 +37,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn")
 ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
 DECODE_IMPLS = ("xla", "pallas")
+KV_LAYOUTS = ("auto", "augmented", "plain")
 # Hugging Face `hidden_act` values laserjax computes, each as transformers' ACT2FN defines it
 # (gelu: exact, erf; gelu_new / gelu_pytorch_tanh: the tanh approximation).
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -104,6 +105,14 @@ class TransformerConfig:
     matmul, a max, an exp and a weights-times-values matmul) or `pallas` (one Pallas kernel per
     part, `decode_kernel.py`: a GPU (Triton) kernel, run by Pallas's interpreter on the CPU,
     refused on a TPU; head_dim a power of two >= 16). The same softmax either way."""
+    kv_layout: str = "auto"
+    """The sampler's key/value caches: `augmented` (head_dim + 1 components, `augment_kv`: each
+    key carries its own mask and each value a 1 that sums the softmax weights, so XLA:CPU reads
+    the cache once and no mask), `plain` (head_dim components; attention masks by position and
+    by the prompt mask), or `auto`: augmented on the CPU and for the Pallas kernel, plain on a
+    GPU or TPU, where head_dim + 1 (65, 129) is off the 128-lane tiles: compiled for a TPU, the
+    decode program copied the whole suffix cache into another layout and back
+    (`kv_layout_for`)."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -148,6 +157,19 @@ class TransformerConfig:
             )
         if self.decode_impl == "pallas":
             decode_kernel.check_head_dim(self.head_dim)
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(
+                f"config field `kv_layout`: {self.kv_layout!r} is not one of "
+                f"{', '.join(KV_LAYOUTS)}"
+            )
+        if self.kv_layout == "auto":
+            layout = kv_layout_for(jax.default_backend(), self.decode_impl)
+            object.__setattr__(self, "kv_layout", layout)
+        if self.decode_impl == "pallas" and self.kv_layout != "augmented":
+            raise ValueError(
+                "config field `kv_layout`: the pallas decode kernel reads augmented caches; "
+                "use `augmented` or `auto`"
+            )
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ValueError(
                 f"config field `attention_impl`: cudnn needs dtype bfloat16 or float16, not "
@@ -230,6 +252,11 @@ class TransformerConfig:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"no config.json in {str(path)!r}")
         return cls.from_hf(json.loads(cfg_file.read_text()), **overrides)
+
+    @property
+    def cache_width(self) -> int:
+        """Components per cached key or value: head_dim, plus one when augmented."""
+        return self.head_dim + (self.kv_layout == "augmented")
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face `config.json` fields for this architecture (used by the exporter).
@@ -388,7 +415,7 @@ def augment_kv(
 class PrefixCache:
     """Keys/values of the prompts, one copy per prompt, shared by its K samples."""
 
-    k: tuple[jax.Array, ...]  # per layer [prompts, kv_heads, P, head_dim + 1] (`augment_kv`)
+    k: tuple[jax.Array, ...]  # per layer [prompts, kv_heads, P, cache_width] (`kv_layout`)
     v: tuple[jax.Array, ...]
     mask_bp: jax.Array
 
@@ -408,6 +435,8 @@ class SuffixCache:
     k: tuple[tuple[jax.Array, ...], ...]
     v: tuple[tuple[jax.Array, ...], ...]
     bounds: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    augmented: bool = flax.struct.field(pytree_node=False, default=True)
+    """`kv_layout` augmented (head_dim + 1 components) or plain (head_dim; masked by position)."""
 
     @property
     def length(self) -> int:
@@ -418,12 +447,14 @@ class SuffixCache:
         of a continuous batch starts a new sample with these)."""
 
         def fresh(x, last):
-            return jnp.zeros((rows, *x.shape[1:]), x.dtype).at[..., -1].set(last)
+            zeros = jnp.zeros((rows, *x.shape[1:]), x.dtype)
+            return zeros.at[..., -1].set(last) if self.augmented else zeros
 
         return SuffixCache(
             jax.tree.map(lambda x: fresh(x, MASKED_KEY), self.k),
             jax.tree.map(lambda x: fresh(x, 1), self.v),
             self.bounds,
+            self.augmented,
         )
 
     @classmethod
@@ -440,20 +471,20 @@ class SuffixCache:
             raise ValueError(f"suffix segment bounds {bounds} must increase from > 0 to {length}")
         dtype = to_dtype(cfg.dtype)
         starts = (0, *bounds[:-1])
+        augmented = cfg.kv_layout == "augmented"
 
         def layer(i):
-            return tuple(
-                augment_kv(
-                    *[jnp.zeros((batch * k, cfg.num_kv_heads, hi - lo, cfg.head_dim), dtype)] * 2,
-                    False,
-                )[i]
-                for lo, hi in zip(starts, bounds, strict=True)
-            )
+            def segment(lo, hi):
+                zeros = jnp.zeros((batch * k, cfg.num_kv_heads, hi - lo, cfg.head_dim), dtype)
+                return augment_kv(zeros, zeros, False)[i] if augmented else zeros
+
+            return tuple(segment(lo, hi) for lo, hi in zip(starts, bounds, strict=True))
 
         return cls(
             tuple(layer(0) for _ in range(cfg.num_layers)),
             tuple(layer(1) for _ in range(cfg.num_layers)),
             bounds,
+            augmented,
         )
 
 
@@ -518,6 +549,11 @@ def auto_attention_impl(dtype: str, head_dim: int) -> str:
     0.90x with the dense XLA attention (bench/README)."""
     fits = dtype in ("bfloat16", "float16") and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if fits and jax.default_backend() == "gpu" else "blocked"
+
+
+def kv_layout_for(platform: str, decode_impl: str = "xla") -> str:
+    """`kv_layout: auto` on `platform` (a jax backend: cpu, gpu, tpu)."""
+    return "augmented" if platform == "cpu" or decode_impl == "pallas" else "plain"
 
 
 def _causal_attend(
@@ -628,14 +664,17 @@ class Attention(nnx.Module):
         q_bkhd: jax.Array,
         prefix: tuple[jax.Array, jax.Array],
         blocks: list[tuple[jax.Array, jax.Array]],
+        masks: tuple[jax.Array, list[jax.Array]] | None = None,
     ) -> jax.Array:
         """Decode attention of one query token per row over the cached keys/values.
 
-        `prefix` is the prompt's (keys, values): [B, kv_heads, P, head_dim + 1], read once for
+        `prefix` is the prompt's (keys, values): [B, kv_heads, P, width], read once for
         the K samples of a prompt. `blocks` are segments of the samples' own suffix, (keys,
-        values) with [B * K, kv_heads, t, head_dim + 1]. Keys and values are augmented
-        (`augment_kv`: masked positions score -1e30, the last value component sums the weights);
-        this step's key/value must already be in a block.
+        values) with [B * K, kv_heads, t, width]. Augmented caches (width head_dim + 1,
+        `augment_kv`: masked positions score -1e30, the last value component sums the weights)
+        carry their masks; plain ones (width head_dim) come with `masks`: the prefix's
+        [B, P] and each block's [B * K or 1, t], True where a position is attended. This
+        step's key/value must already be in a block.
 
         Scores and the weighted sum are batched matmuls over (row, kv head) in the caches' own
         layout ([..., kv_heads, t, head_dim + 1], contracting head_dim, then t), so XLA reads
@@ -649,7 +688,8 @@ class Attention(nnx.Module):
         n_kv, d = self.num_kv_heads, self.head_dim
         g = self.num_heads // n_kv
         q = (q_bkhd.astype(f32) / math.sqrt(d)).reshape(b, kk, n_kv, g, d)
-        if self.decode_impl != "pallas":  # the Pallas kernel adds k[D] itself
+        plain = masks is not None
+        if self.decode_impl != "pallas" and not plain:  # the Pallas kernel adds k[D] itself
             q = jnp.concatenate([q, jnp.ones_like(q[..., :1])], -1)
         pk, pv = prefix
         # The prefix is shared by the K samples: batch over (prompt, kv head), queries (k, g).
@@ -674,15 +714,25 @@ class Attention(nnx.Module):
         else:
             s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
             s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
+            if plain:  # masked positions score MASKED_KEY, as an augmented key's would
+                pre_mask, block_masks = masks
+                s_pre = jnp.where(pre_mask[:, None, None, :], s_pre, MASKED_KEY)
+                s_suf = [
+                    jnp.where(mask[:, None, None, :], s, MASKED_KEY)
+                    for s, mask in zip(s_suf, block_masks, strict=True)
+                ]
             m_r = functools.reduce(
                 jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1))
             )
             e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
             acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
+            total = pre_to_rows(e_pre.sum(-1))[..., None] if plain else 0.0
             for s, (_, v) in zip(s_suf, blocks, strict=True):
                 e = jnp.exp(s - m_r[..., None])
                 acc = acc + jnp.einsum("rngt,rntd->rngd", e, v.astype(f32))
-            out = acc[..., :d] / acc[..., d:]
+                if plain:
+                    total = total + e.sum(-1)[..., None]
+            out = acc / total if plain else acc[..., :d] / acc[..., d:]
         out = out.astype(to_dtype(self.o_proj.dtype))
         return self.o_proj(out.reshape(b, kk, -1))
 
@@ -871,8 +921,10 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, PrefixCache]:
         """Run left-padded prompts once: logits of the last position [B, V] and the prefix cache."""
         h, kvs = self.hidden(tokens_bp, positions_bp, mask_bp, return_kv=True)
-        aug = [augment_kv(k.swapaxes(1, 2), v.swapaxes(1, 2), mask_bp[:, None]) for k, v in kvs]
-        cache = PrefixCache(k=tuple(k for k, _ in aug), v=tuple(v for _, v in aug), mask_bp=mask_bp)
+        kvs = [(k.swapaxes(1, 2), v.swapaxes(1, 2)) for k, v in kvs]
+        if self.cfg.kv_layout == "augmented":
+            kvs = [augment_kv(k, v, mask_bp[:, None]) for k, v in kvs]
+        cache = PrefixCache(k=tuple(k for k, _ in kvs), v=tuple(v for _, v in kvs), mask_bp=mask_bp)
         return self.logits(h[:, -1]), cache
 
     def decode(
@@ -917,7 +969,7 @@ class Transformer(nnx.Module):
         per_row = step.ndim > 0
         step_bk = jnp.broadcast_to(step, tokens_bk.shape)
 
-        def write(seg, new_bknd, s):  # new: [B, K, kv_heads, head_dim + 1]
+        def write(seg, new_bknd, s):  # new: [B, K, kv_heads, cache_width]
             new = new_bknd.astype(seg.dtype).reshape(-1, *new_bknd.shape[2:])
             lo, hi = starts[s], bounds[s]
             if per_row:
@@ -946,21 +998,31 @@ class Transformer(nnx.Module):
             out = jax.vmap(lambda pool, rows: pool[rows])(blocks, local)
             return out.reshape(-1, *x.shape[1:])
 
+        masks = None
+        if not suffix.augmented:  # plain caches: the prompt mask, and suffix positions <= step
+            step_r = step_bk.reshape(-1, 1)
+            block_masks = [
+                lo + jnp.arange(hi - lo)[None, :] <= step_r
+                for lo, hi in zip(starts[:n_seg], bounds[:n_seg], strict=True)
+            ]
+            masks = (pre(prefix.mask_bp), block_masks)
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             h = block.input_layernorm(x)
             q, k_now, v_now = block.self_attn.qkv(h, positions_bk, inv_freq)
-            k_now, v_now = augment_kv(k_now, v_now)
+            if suffix.augmented:
+                k_now, v_now = augment_kv(k_now, v_now)
             ks = [write(seg, k_now, s) for s, seg in enumerate(suffix.k[i][:n_seg])]
             vs = [write(seg, v_now, s) for s, seg in enumerate(suffix.v[i][:n_seg])]
             x = x + block.self_attn.attend_cached(
                 q,
                 (pre(prefix.k[i]), pre(prefix.v[i])),
                 list(zip(ks, vs, strict=True)),
+                masks,
             )
             x = x + block.mlp(block.post_attention_layernorm(x))
             new_k.append((*ks, *suffix.k[i][n_seg:]))
             new_v.append((*vs, *suffix.v[i][n_seg:]))
         h = self.norm(x)
-        suffix = SuffixCache(tuple(new_k), tuple(new_v), bounds)
+        suffix = SuffixCache(tuple(new_k), tuple(new_v), bounds, suffix.augmented)
         return (self.logits(h), suffix, h) if return_hidden else (self.logits(h), suffix)
