@@ -10,9 +10,10 @@
 #   bash bench/gpu_session.sh train      # train step vs PyTorch, long-tailed lengths (about 9 min)
 #   bash bench/gpu_session.sh goals      # the GPU figures in one call: the Pallas kernel's
 #                                        # tests compiled for Triton, the 0.5B / 1.5B samplers
-#                                        # (Pallas and XLA decode attention) beside Tunix at full
+#                                        # (XLA decode over plain and augmented caches; the
+#                                        # Pallas kernel at 0.5B) beside Tunix at full
 #                                        # vocabulary, the 0.5B train step with cuDNN attention
-#                                        # beside PyTorch (about 9 min)
+#                                        # beside PyTorch (about 7 min)
 #   bash bench/gpu_session.sh profile    # where the time goes: kernels per decode step and per
 #                                        # train step, and the variants that test the suspects
 #                                        # (one decode window; cuDNN attention) (about 5 min)
@@ -66,9 +67,10 @@ train)
 goals)
     part kernel_tests 60 env JAX_PLATFORMS=cuda XLA_FLAGS= python3 -m pytest -q -p no:cacheprovider \
         tests/test_decode_kernel.py -k "part_attention or merged"
-    part laserjax_sampler_pallas 130 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 \
+    part laserjax_sampler_pallas 75 python3 bench/sampler_gpu.py 0.5b --top-k 0 \
         --decode-impl pallas "${HBM[@]}"
-    part laserjax_sampler 130 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 "${HBM[@]}"
+    part laserjax_sampler 200 python3 bench/sampler_gpu.py 0.5b 1.5b --top-k 0 \
+        --kv-layout plain augmented "${HBM[@]}"
     part tunix_sampler 90 python3 .peers/tunix_sampler_bench.py 1.5b
     python3 bench/sampler_gpu.py --ratios-only "$OUT/laserjax_sampler.jsonl" \
         "$OUT/laserjax_sampler_pallas.jsonl" "$OUT/tunix_sampler.jsonl" \

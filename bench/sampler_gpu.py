@@ -16,8 +16,8 @@ Other figures per line:
     row; roofline_fraction = tokens_per_s / that. `--hbm-tb-s` sets the bandwidth (default 4.3,
     an H200; 3.35 for an H100). impl_kv_bytes_per_step is what this implementation's attention
     reads per step on average: the prefix once, and each row's suffix up to the end of the
-    static window the step runs in (`Sampler.windows_for`), each key/value with head_dim + 1
-    components (the cache carries one extra component per head).
+    static window the step runs in (`Sampler.windows_for`), each key/value with the cache's
+    `cache_width` components (head_dim + 1 with `kv_layout` augmented: the Pallas kernel's).
   * self_reward_step_s / self_reward_share: a real z_c step (LASER_SPEC section 5) timed apart:
     the final state with every row marked "emitted EOS, z_c not read yet" goes through the decode
     loop once more, which runs exactly one step (the z_c read over the full cache); its share is
@@ -79,7 +79,8 @@ def emit(**kw) -> None:
 
 def summarize(peer_files: list[str]) -> None:
     """Ratio lines: each laserjax measurement over the peer lines with the same model/top-k
-    (laserjax's variants, one window or the Pallas decode kernel, over the same peer line)."""
+    (laserjax's variants, one window, the Pallas decode kernel or a kv_layout, over the same
+    peer line)."""
     lines = list(RESULTS)
     for f in peer_files:
         for raw in pathlib.Path(f).read_text().splitlines():
@@ -87,7 +88,9 @@ def summarize(peer_files: list[str]) -> None:
                 lines.append(json.loads(raw))
     ours = {r["what"]: r for r in lines if r["what"].startswith("laserjax_sampler_")}
     for what, r in ours.items():
-        tail = what[len("laserjax_sampler_") :].replace("_one_window", "").replace("_pallas", "")
+        tail = what[len("laserjax_sampler_") :]
+        for variant in ("_one_window", "_pallas", "_augmented", "_plain"):
+            tail = tail.replace(variant, "")
         for peer in ("tunix_sampler_", "transformers_generate_"):
             p = next((x for x in lines if x["what"] == peer + tail), None)
             if p is not None:
@@ -185,7 +188,7 @@ def roofline(
     kv_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2  # K and V, bf16
     rows = prompts * k
     avg_ctx_kv = (prompts * prompt_len + rows * new_tokens / 2) * kv_token  # prefix read once
-    kv_aug = kv_token * (cfg.head_dim + 1) / cfg.head_dim
+    kv_aug = kv_token * cfg.cache_width / cfg.head_dim  # the cache's own width (`kv_layout`)
     # Decode step s (s = 1 .. new_tokens - 1) runs in the first window W with s < W.
     steps = range(1, max(new_tokens, 2))
     mean_window = sum(next(w for w in windows if s < w) for s in steps) / len(steps)
@@ -267,17 +270,20 @@ def time_rollout(
     )
 
 
-def with_decode_impl(model, impl: str):
-    """The same parameters under `TransformerConfig.decode_impl` = impl (the graph only is new)."""
+def with_decode_impl(model, impl: str, layout: str = "auto"):
+    """The same parameters under `TransformerConfig.decode_impl` = impl and `kv_layout` =
+    layout (the graph only is new)."""
     import dataclasses
 
     from flax import nnx
 
     from laserjax.model import Transformer
 
-    if model.cfg.decode_impl == impl:
+    # `auto` resolves anew: the Pallas kernel reads augmented caches, the XLA decode plain ones
+    # on a GPU
+    cfg = dataclasses.replace(model.cfg, decode_impl=impl, kv_layout=layout)
+    if cfg == model.cfg:
         return model
-    cfg = dataclasses.replace(model.cfg, decode_impl=impl)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, nnx.state(model))
 
@@ -302,9 +308,11 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
         rng = np.random.default_rng(args.seed)
         lo, hi = (100, 50000) if cfg.vocab_size > 50000 else (1, cfg.vocab_size)
         prompts = rng.integers(lo, hi, size=(n, args.prompt_len)).tolist()
-        for impl, windows, top_k in itertools.product(args.decode_impl, args.windows, args.top_k):
+        for impl, layout, windows, top_k in itertools.product(
+            args.decode_impl, args.kv_layout, args.windows, args.top_k
+        ):
             sampler = Sampler(
-                with_decode_impl(model, impl),
+                with_decode_impl(model, impl, layout),
                 eos_ids=(),
                 pad_id=0,
                 self_reward_token_id=zc,
@@ -334,10 +342,12 @@ def bench_laserjax(args, name: str, shape: dict, counter: CompileCounter) -> Non
                 + (f"_k{k}" if k > 1 else "")
                 + ("_one_window" if windows == "one" else "")
                 + ("" if impl == "xla" else f"_{impl}")
+                + ("" if layout == "auto" else f"_{layout}")
             )
             emit(
                 what=what,
                 decode_impl=impl,
+                kv_layout=sampler.cfg.kv_layout,
                 windows=list(sampler.windows_for(n, args.prompt_len, k)),
                 batch=args.batch,
                 prompts=n,
@@ -511,6 +521,14 @@ def main() -> None:
         default=["xla"],
         help="TransformerConfig.decode_impl; one measurement per value (pallas: the Triton "
         "decode-attention kernel, laserjax/model/decode_kernel.py)",
+    )
+    ap.add_argument(
+        "--kv-layout",
+        nargs="+",
+        choices=["auto", "augmented", "plain"],
+        default=["auto"],
+        help="TransformerConfig.kv_layout; one measurement per value (auto: plain on a GPU, "
+        "augmented for the Pallas kernel)",
     )
     ap.add_argument(
         "--profile",
