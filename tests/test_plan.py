@@ -386,9 +386,10 @@ def test_cli_prints_table_verdict_and_json():
     summary = json.loads(text.strip().splitlines()[-1])
     assert summary["mesh"] == _shape(8, 1, 1) and summary["hbm_gib"] == 16.0
     assert summary["params"] == 494_032_768 * 4  # float32, replicated over data
-    # The command prints what the pure functions compute.
+    # The command prints what the pure functions compute, for the TPU's caches (`kv_layout`
+    # plain: head_dim components) whatever this machine is.
     cfg = load_config(None, ["model.path=Qwen/Qwen2.5-0.5B", *args])
-    model_cfg = plan.model_config_for(cfg)[0]
+    model_cfg = dataclasses.replace(plan.model_config_for(cfg)[0], kv_layout="plain")
     est = plan.estimate(model_cfg, cfg, _shape(8, 1, 1))
     assert {k: summary[k] for k in est} == est
     assert summary["fits"] == (est["peak"] <= plan.HEADROOM * 16 * plan.GiB)
