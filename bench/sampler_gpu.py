@@ -279,8 +279,7 @@ def with_decode_impl(model, impl: str, layout: str = "auto"):
 
     from laserjax.model import Transformer
 
-    # `auto` resolves anew: the Pallas kernel reads augmented caches, the XLA decode plain ones
-    # on a GPU
+    # `auto` resolves anew for this decode_impl (the Pallas kernel reads augmented caches)
     cfg = dataclasses.replace(model.cfg, decode_impl=impl, kv_layout=layout)
     if cfg == model.cfg:
         return model
@@ -527,8 +526,8 @@ def main() -> None:
         nargs="+",
         choices=["auto", "augmented", "plain"],
         default=["auto"],
-        help="TransformerConfig.kv_layout; one measurement per value (auto: plain on a GPU, "
-        "augmented for the Pallas kernel)",
+        help="TransformerConfig.kv_layout; one measurement per value (auto: augmented on a GPU, "
+        "plain on a TPU)",
     )
     ap.add_argument(
         "--profile",

@@ -738,9 +738,9 @@ def test_continuous_batching_slots_must_split_over_the_mesh(model):
 
 
 def test_plain_kv_layout_draws_what_the_augmented_one_draws():
-    """`kv_layout: plain` (head_dim components, masked by position and prompt mask: the GPU and
-    TPU caches) against `augmented` (the CPU's): static sampler with decode windows 2, 5, 8 and
-    K = 4, on one device and on a data 2 x fsdp 2 x tensor 2 mesh, and continuous batching
+    """`kv_layout: plain` (head_dim components, masked by position and prompt mask: the TPU's
+    caches) against `augmented` (the CPU's and GPU's): static sampler with decode windows 2, 5,
+    8 and K = 4, on one device and on a data 2 x fsdp 2 x tensor 2 mesh, and continuous batching
     (per-row steps, a prompt pool, slots refilled): the same tokens, log-probs and log p(z_c)
     within 1e-5 (two float32 computations of the same softmax, the masked positions weighing
     exactly 0 in both)."""
@@ -778,14 +778,12 @@ def test_plain_kv_layout_draws_what_the_augmented_one_draws():
     "platform, decode_impl, expected",
     [
         ("cpu", "xla", "augmented"),
-        ("gpu", "xla", "plain"),
+        ("gpu", "xla", "augmented"),
         ("tpu", "xla", "plain"),
         ("gpu", "pallas", "augmented"),
     ],
 )
-def test_kv_layout_auto_is_augmented_only_on_the_cpu_and_for_the_kernel(
-    platform, decode_impl, expected
-):
+def test_kv_layout_auto_is_plain_on_a_tpu_only(platform, decode_impl, expected):
     assert kv_layout_for(platform, decode_impl) == expected
     with pytest.raises(ValueError, match="`kv_layout`: the pallas decode kernel reads augmented"):
         dataclasses.replace(CFG, head_dim=16, decode_impl="pallas", kv_layout="plain")

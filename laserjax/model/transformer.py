@@ -112,10 +112,10 @@ class TransformerConfig:
     """The sampler's key/value caches: `augmented` (head_dim + 1 components, `augment_kv`: each
     key carries its own mask and each value a 1 that sums the softmax weights, so XLA:CPU reads
     the cache once and no mask), `plain` (head_dim components; attention masks by position and
-    by the prompt mask), or `auto`: augmented on the CPU and for the Pallas kernel, plain on a
-    GPU or TPU, where head_dim + 1 (65, 129) is off the 128-lane tiles: compiled for a TPU, the
-    decode program copied the whole suffix cache into another layout and back
-    (`kv_layout_for`)."""
+    by the prompt mask), or `auto` (`kv_layout_for`): plain on a TPU, where head_dim + 1 (65,
+    129) is off the 128-lane tiles (compiled for a TPU, the decode program copied the whole
+    suffix cache into another layout and back); augmented elsewhere: on the CPU, for the Pallas
+    kernel, and on a GPU, whose timed decode (H200) ran augmented, plain not yet timed there."""
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -556,7 +556,7 @@ def auto_attention_impl(dtype: str, head_dim: int) -> str:
 
 def kv_layout_for(platform: str, decode_impl: str = "xla") -> str:
     """`kv_layout: auto` on `platform` (a jax backend: cpu, gpu, tpu)."""
-    return "augmented" if platform == "cpu" or decode_impl == "pallas" else "plain"
+    return "plain" if platform == "tpu" and decode_impl != "pallas" else "augmented"
 
 
 def _causal_attend(
