@@ -105,9 +105,6 @@ class TransformerConfig:
     matmul, a max, an exp and a weights-times-values matmul) or `pallas` (one Pallas kernel per
     part, `decode_kernel.py`: a GPU (Triton) kernel, run by Pallas's interpreter on the CPU,
     refused on a TPU; head_dim a power of two >= 16). The same softmax either way."""
-    scan_prefill: bool = True
-    """Run the sampler's prefill as one `lax.scan` over the stacked blocks (one block's weights
-    gathered at a time under FSDP), not unrolled."""
     kv_layout: str = "auto"
     """The sampler's key/value caches: `augmented` (head_dim + 1 components, `augment_kv`: each
     key carries its own mask and each value a 1 that sums the softmax weights, so XLA:CPU reads
@@ -890,25 +887,20 @@ class Transformer(nnx.Module):
             x, kv = block(x, positions_bt, mask_bt, inv_freq, attend)
             return constrain(x), kv
 
-        if (self.cfg.remat and not return_kv) or (return_kv and self.cfg.scan_prefill):
-            # The blocks' parameters stacked and scanned. Training with remat: each block
-            # rematerialised in the backward pass; compiled for a TPU (v5e-8, compile only),
-            # Qwen2.5-0.5B's train step kept 3.08 GiB of temporaries this way against 4.74 with
-            # the blocks unrolled under `nnx.remat`, whose recomputations XLA scheduled early
-            # and kept live together (5.70 without remat), and compiled in 39 s instead of 126.
-            # The sampler's prefill (`scan_prefill`): one block's weights gathered at a time.
+        if self.cfg.remat and not return_kv:
+            # The blocks' parameters stacked and scanned, each block rematerialised in the
+            # backward pass: compiled for a TPU (v5e-8, compile only), Qwen2.5-0.5B's train step
+            # kept 3.08 GiB of temporaries this way against 4.74 with the blocks unrolled under
+            # `nnx.remat`, whose recomputations XLA scheduled early and kept live together
+            # (5.70 without remat), and compiled in 39 s instead of 126.
             split = [nnx.split(block) for block in self.layers]
             graphdef = split[0][0]
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
 
-            def one_block(h: jax.Array, state: nnx.State) -> tuple[jax.Array, Any]:
-                h, kv = block_fn(nnx.merge(graphdef, state), h)
-                return h, kv if return_kv else None
+            def one_block(h: jax.Array, state: nnx.State) -> tuple[jax.Array, None]:
+                return block_fn(nnx.merge(graphdef, state), h)[0], None
 
-            body = one_block if return_kv else jax.checkpoint(one_block)
-            x, kv_stack = jax.lax.scan(body, x, stacked)
-            if return_kv:
-                return self.norm(x), [(k, v) for k, v in zip(*kv_stack, strict=True)]
+            x, _ = jax.lax.scan(jax.checkpoint(one_block), x, stacked)
             return self.norm(x)
         kvs = []
         for block in self.layers:
