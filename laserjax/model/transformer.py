@@ -677,7 +677,7 @@ class Attention(nnx.Module):
         step's key/value must already be in a block.
 
         Scores and the weighted sum are batched matmuls over (row, kv head) in the caches' own
-        layout ([..., kv_heads, t, head_dim + 1], contracting head_dim, then t), so XLA reads
+        layout ([..., kv_heads, t, width], contracting head_dim, then t), so XLA reads
         each cache array where it lies, and the scores are written once and read by the max and
         by exp-times-V. The softmax over the prefix and every segment is exact: one max over all
         of them, one sum. With `decode_impl` pallas each part is one kernel instead
