@@ -917,10 +917,16 @@ class Transformer(nnx.Module):
     # -- sampling ---------------------------------------------------------------------------
 
     def prefill(
-        self, tokens_bp: jax.Array, positions_bp: jax.Array, mask_bp: jax.Array
+        self,
+        tokens_bp: jax.Array,
+        positions_bp: jax.Array,
+        mask_bp: jax.Array,
+        *,
+        constrain: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, PrefixCache]:
-        """Run left-padded prompts once: logits of the last position [B, V] and the prefix cache."""
-        h, kvs = self.hidden(tokens_bp, positions_bp, mask_bp, return_kv=True)
+        """Run left-padded prompts once: logits of the last position [B, V] and the prefix cache.
+        `constrain` pins the residual stream's sharding between blocks (`hidden`)."""
+        h, kvs = self.hidden(tokens_bp, positions_bp, mask_bp, return_kv=True, constrain=constrain)
         kvs = [(k.swapaxes(1, 2), v.swapaxes(1, 2)) for k, v in kvs]
         if self.cfg.kv_layout == "augmented":
             kvs = [augment_kv(k, v, mask_bp[:, None]) for k, v in kvs]
