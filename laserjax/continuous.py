@@ -52,6 +52,7 @@ from laserjax.sampler import (
     Sampler,
     SamplingSettings,
     _cache,
+    _constrainer,
     _draw,
     _head_gatherer,
     _is_eos,
@@ -176,10 +177,14 @@ def _prefill_into_pool(
     prompt_b: jax.Array,
     seed_key: jax.Array,
     s: SamplingSettings,
+    constrain=None,
 ) -> Pool:
     """Prefill B prompts into pool entries `entry_b` (an out-of-range entry is batch padding,
-    dropped) and draw each prompt's K first tokens, for rows prompt * K + j."""
-    logits_bv, prefix = model.prefill(tokens_bp, prompt_positions(mask_bp), mask_bp)
+    dropped) and draw each prompt's K first tokens, for rows prompt * K + j. `constrain` pins
+    the prefill's residual stream batch-sharded (`sampler._constrainer`), as the static
+    sampler's prefill does."""
+    positions_bp = prompt_positions(mask_bp)
+    logits_bv, prefix = model.prefill(tokens_bp, positions_bp, mask_bp, constrain=constrain)
     b = tokens_bp.shape[0]
     rows_bk = prompt_b[:, None] * s.k + jnp.arange(s.k, dtype=jnp.int32)
     logits_bkv = jnp.broadcast_to(logits_bv[:, None], (b, s.k, logits_bv.shape[-1]))
@@ -446,13 +451,15 @@ class ContinuousSampler:
         self.mesh, self.per = mesh, per
         self.prefill_batch = -(-PREFILL_BATCH // per) * per
         graphdef = sampler.graphdef
-        pin, gather_head = _pinner(mesh), _head_gatherer(mesh)
+        pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
 
         def model(params):
             return nnx.merge(graphdef, params)
 
         self._prefill = jax.jit(
-            lambda params, pool, *a, s: pin(_prefill_into_pool(model(params), pool, *a, s)),
+            lambda params, pool, *a, s: pin(
+                _prefill_into_pool(model(params), pool, *a, s, constrain=residual)
+            ),
             static_argnames=("s",),
             donate_argnums=(1,),
         )
