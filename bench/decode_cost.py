@@ -55,6 +55,37 @@ PRESETS = {
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 
 
+def settings(cfg: TransformerConfig, k: int, new_tokens: int) -> sm.SamplingSettings:
+    """Sampling at temperature 1 over the full vocabulary, EOS and z_c near its end."""
+    v = cfg.vocab_size
+    return sm.SamplingSettings(
+        k=k,
+        max_new_tokens=new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        eos_ids=(v - 3,),
+        pad_id=0,
+        self_reward_token_id=v - 2,
+    )
+
+
+def abstract_rollout(
+    graphdef, params, s: sm.SamplingSettings, prompts: int, prompt_len: int, windows
+):
+    """The shapes of the prefix cache and sampler state that the prefill hands the decode loop."""
+    return jax.eval_shape(
+        lambda pr, tk, m, va, seed: sm._prefill(
+            graphdef, pr, tk, m, va, seed, s, lambda x: x, windows
+        ),
+        params,
+        jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32),
+        jax.ShapeDtypeStruct((prompts, prompt_len), bool),
+        jax.ShapeDtypeStruct((prompts,), bool),
+        jax.ShapeDtypeStruct((), jnp.uint32),
+    )
+
+
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -203,35 +234,13 @@ def main() -> None:
         params_bytes=params_bytes,
         kv_bytes_per_token=kv_tok,
     )
-    v = cfg.vocab_size
     summary = {}
     for t in args.new_tokens:
-        s = sm.SamplingSettings(
-            k=k,
-            max_new_tokens=t,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            eos_ids=(v - 3,),
-            pad_id=0,
-            self_reward_token_id=v - 2,
-        )
+        s = settings(cfg, k, t)
         windows = sm.decode_windows_for(
             cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
         )
-        prefix, state = jax.eval_shape(
-            lambda pr, tk, m, va, seed, s=s, windows=windows: sm._prefill(
-                graphdef, pr, tk, m, va, seed, s, lambda x: x, windows
-            ),
-            params,
-            jax.ShapeDtypeStruct((b, p), jnp.int32),
-            jax.ShapeDtypeStruct((b, p), bool),
-            jax.ShapeDtypeStruct((b,), bool),
-            jax.ShapeDtypeStruct((), jnp.uint32),
-        )
-        windows = sm.decode_windows_for(
-            cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
-        )
+        prefix, state = abstract_rollout(graphdef, params, s, b, p, windows)
         layer_slice = rows * min(windows) * kv_tok // (2 * cfg.num_layers)
         worst, weighted, need_sum, lo = 0.0, 0.0, 0.0, 0
         for w in windows:

@@ -24,21 +24,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
+from decode_cost import PRESETS, abstract_rollout, settings
 from flax import nnx
 
 from laserjax import sampler as sm
 from laserjax.model import Transformer, TransformerConfig
-
-QWEN_05B = dict(
-    num_layers=24,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_heads=14,
-    num_kv_heads=2,
-    head_dim=64,
-    vocab_size=151936,
-)
 
 
 def emit(**kw) -> None:
@@ -48,27 +38,8 @@ def emit(**kw) -> None:
 def compile_loop(cfg, windows, rows, prompt_len, new_tokens) -> float:
     """Seconds to lower and compile the decode loop of `windows` (the prefill only traced)."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    v = cfg.vocab_size
-    s = sm.SamplingSettings(
-        k=1,
-        max_new_tokens=new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        eos_ids=(v - 3,),
-        pad_id=0,
-        self_reward_token_id=v - 2,
-    )
-    prefix, state = jax.eval_shape(
-        lambda pr, tk, m, va, seed: sm._prefill(
-            graphdef, pr, tk, m, va, seed, s, lambda x: x, windows
-        ),
-        params,
-        jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
-        jax.ShapeDtypeStruct((rows, prompt_len), bool),
-        jax.ShapeDtypeStruct((rows,), bool),
-        jax.ShapeDtypeStruct((), jnp.uint32),
-    )
+    s = settings(cfg, 1, new_tokens)
+    prefix, state = abstract_rollout(graphdef, params, s, rows, prompt_len, windows)
     loop = jax.jit(
         lambda pr, pre, st: sm._decode_loop(
             graphdef, pr, pre, st, s, lambda x: x, sm._head_gatherer(None)
@@ -98,7 +69,7 @@ def main() -> None:
         qkv_bias=True,
         dtype=args.dtype,
         param_dtype=args.dtype,
-        **QWEN_05B,
+        **PRESETS["0.5b"],
     )
     cfg = dataclasses.replace(full, num_layers=args.layers)
     params_bytes = sum(

@@ -291,8 +291,9 @@ def decode_windows_for(
         fixed = params_bytes + prompts * prompt_len * kv_row
         return window_schedule(max_new_tokens, fixed, prompts * k * kv_row, score_share, excess)
 
-    if len(schedule(max_excess)) <= max_windows:
-        return schedule(max_excess)
+    windows = schedule(max_excess)
+    if len(windows) <= max_windows:
+        return windows
     lo, hi = max_excess, 2 * max_excess  # lo takes too many windows; hi is raised until it fits
     while len(schedule(hi)) > max_windows:
         lo, hi = hi, 2 * hi
