@@ -122,22 +122,12 @@ def test_sampler_with_the_kernel_equals_the_xla_decode():
     float32 computations of the same softmax."""
     out = {}
     for model in _models():
-        smp = Sampler(
-            model,
-            eos_ids=EOS,
-            pad_id=PAD,
-            self_reward_token_id=ZC,
-            max_new_tokens=T,
-            prompt_buckets=(16,),
-            decode_windows=(2, 5, T),
-        )
+        smp = tsm.make_sampler(model, prompt_buckets=(16,), decode_windows=(2, 5, T))
         static = smp.sample(PROMPTS, k=K, temperature=1.0, seed=1)
         slots, _ = ContinuousSampler(smp, slots=4).sample(PROMPTS, k=K, temperature=1.0, seed=1)
         out[model.cfg.decode_impl] = (static, slots)
     for ref, got in zip(out["xla"], out["pallas"], strict=True):
-        np.testing.assert_array_equal(got.response_tokens, ref.response_tokens)
-        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(got.logp_zc, ref.logp_zc, atol=1e-5, rtol=0)
+        tsm.assert_equal_rollouts(got, ref)
     assert len(set(out["xla"][0].lengths.tolist())) > 1  # rows of several lengths
 
 

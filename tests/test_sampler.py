@@ -67,16 +67,25 @@ def tiny_model(seed: int = 0, scale: float = 5.0) -> Transformer:
     return nnx.merge(graphdef, state)
 
 
-def make_sampler(model, mesh=None) -> Sampler:
+def make_sampler(model, mesh=None, prompt_buckets=(8,), **kw) -> Sampler:
     return Sampler(
         model,
         eos_ids=EOS,
         pad_id=PAD,
         self_reward_token_id=ZC,
         max_new_tokens=T,
-        prompt_buckets=(8,),
+        prompt_buckets=prompt_buckets,
         mesh=mesh,
+        **kw,
     )
+
+
+def assert_equal_rollouts(got, ref, atol=1e-5):
+    """The same tokens; log-probs and log p(z_c) within `atol` (two float32 computations of the
+    same softmax)."""
+    np.testing.assert_array_equal(got.response_tokens, ref.response_tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=atol, rtol=0)
+    np.testing.assert_allclose(got.logp_zc, ref.logp_zc, atol=atol, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -427,15 +436,7 @@ def test_decode_windows_are_capped_by_raising_the_excess():
 def test_segmented_decode_equals_one_window(model, batches):
     """Decode windows (2, 5, 8): each segment of the loop reads only the suffix positions that
     can be live; the rollout equals the single-window one."""
-    seg = Sampler(
-        model,
-        eos_ids=EOS,
-        pad_id=PAD,
-        self_reward_token_id=ZC,
-        max_new_tokens=T,
-        prompt_buckets=(8,),
-        decode_windows=(2, 5, T),
-    )
+    seg = make_sampler(model, decode_windows=(2, 5, T))
     out = seg.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
     ref = batches[1.0]
     np.testing.assert_array_equal(out.response_tokens, ref.response_tokens)
@@ -756,25 +757,14 @@ def test_plain_kv_layout_draws_what_the_augmented_one_draws():
         assert model.cfg.cache_width == CFG.head_dim + (layout == "augmented")
         runs = []
         for mesh in (None, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))):
-            smp = Sampler(
-                model,
-                eos_ids=EOS,
-                pad_id=PAD,
-                self_reward_token_id=ZC,
-                max_new_tokens=T,
-                prompt_buckets=(8,),
-                decode_windows=(2, 5, T),
-                mesh=mesh,
-            )
+            smp = make_sampler(model, mesh, decode_windows=(2, 5, T))
             runs.append(smp.sample(PROMPTS, k=K, temperature=1.0, seed=SEED))
         runs.append(
             ContinuousSampler(smp, slots=4).sample(PROMPTS, k=K, temperature=1.0, seed=SEED)[0]
         )
         out[layout] = runs
     for ref, got in zip(out["augmented"], out["plain"], strict=True):
-        np.testing.assert_array_equal(got.response_tokens, ref.response_tokens)
-        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(got.logp_zc, ref.logp_zc, atol=1e-5, rtol=0)
+        assert_equal_rollouts(got, ref)
     assert len(set(out["augmented"][0].lengths.tolist())) > 1  # rows of several lengths
 
 
