@@ -5,7 +5,8 @@ since the figure is about the head and per-layer collectives are listed separate
 x tensor on 8 fake CPU devices, 256 rows. Compiles the sampler's decode loop, and the continuous
 batcher's over 256 slots, and sums the all-reduce results inside the loop body (what every step
 moves) and outside it (once per call); `per_step_by_kind` adds every other collective of a step
-(the FSDP weights' all-gathers, ...).
+(the FSDP weights' all-gathers, ...), for the sampler's weight copy sharded as in training and
+whole over fsdp (`Sampler(gather_weights=True)`, `rollout.gather_weights`).
 Before the head was gathered once per call (`sampler._head_gatherer`), the loop all-reduced the
 full float32 logits every step: 256 x 151936 x 4 bytes = 155.6 MB.
 
@@ -21,6 +22,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -82,7 +84,8 @@ def main() -> None:
     )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     v = cfg.vocab_size
-    for mesh_cfg in (MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)):
+    meshes = (MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2))
+    for mesh_cfg, gather in itertools.product(meshes, (False, True)):
         sampler = Sampler(
             model,
             eos_ids=(v - 3,),
@@ -91,6 +94,7 @@ def main() -> None:
             max_new_tokens=args.new_tokens,
             prompt_buckets=(8,),
             mesh=make_mesh(mesh_cfg),
+            gather_weights=gather,
         )
         s = sampler.settings(k=1, temperature=1.0, top_p=1.0, top_k=0)
         prefix, state, _, _ = sampler.start([[10, 11, 12]] * args.rows, s, 0)
@@ -109,10 +113,10 @@ def main() -> None:
         )
         for what, lowered in (("decode", static), ("continuous_decode", continuous)):
             moved = collective_bytes(lowered.compile().as_text())
-            emit_moved(what, mesh_cfg, args, moved, v)
+            emit_moved(what, mesh_cfg, args, moved, v, gather)
 
 
-def emit_moved(what, mesh_cfg, args, moved, v) -> None:
+def emit_moved(what, mesh_cfg, args, moved, v, gather=False) -> None:
     """The all-reduce figures, then every collective kind's bytes and count per step."""
     reduce = moved.get("all-reduce", {"loop_body": [], "outside": []})
     print(
@@ -120,6 +124,7 @@ def emit_moved(what, mesh_cfg, args, moved, v) -> None:
             dict(
                 what=f"{what}_all_reduce",
                 mesh=dict(data=mesh_cfg.data, fsdp=mesh_cfg.fsdp, tensor=mesh_cfg.tensor),
+                gather_weights=gather,
                 layers=args.layers,
                 rows=args.rows,
                 per_step_bytes=sum(reduce["loop_body"]),

@@ -383,6 +383,12 @@ class RolloutConfig:
     taking the next queued sample; the same tokens, log-probs and log p(z_c) as the static batch
     for the same seed, so training is unchanged. On a mesh the slots split over its batch axes
     (data x fsdp must divide N)."""
+    gather_weights: bool = False
+    """The sampler's compute-dtype weight copy. false: sharded as in training, so under FSDP
+    every decode step all-gathers every layer's weights across the fsdp axis. true: whole over
+    fsdp (still split over tensor), gathered once per rollout: no weight traffic between chips
+    per step, for the full weights / tensor on every device (`python -m laserjax plan` says
+    whether it fits). No effect without an fsdp axis."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))

@@ -271,6 +271,7 @@ def _slot_step(
         prefix_rows_b=st.pool_s,
         prefix_shards=shards,
         return_hidden=True,
+        row_shards=s.batch_shards,
     )
     pending = st.finished_s & live
     nxt = st.pos_s + 1

@@ -195,13 +195,14 @@ def _abstract_mesh(mesh_shape: dict[str, int]) -> AbstractMesh:
     return AbstractMesh(tuple(mesh_shape[a] for a in sharding.AXES), sharding.AXES)
 
 
-def sharded_bytes(tree: Any, mesh_shape: dict[str, int]) -> int:
-    """Bytes one device holds of a pytree of arrays / ShapeDtypeStructs sharded by PARAM_RULES."""
+def sharded_bytes(tree: Any, mesh_shape: dict[str, int], replicate: tuple[str, ...] = ()) -> int:
+    """Bytes one device holds of a pytree of arrays / ShapeDtypeStructs sharded by PARAM_RULES
+    (whole over the mesh axes in `replicate`, as `sharding.state_shardings`)."""
     mesh = _abstract_mesh(mesh_shape)
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         shape = tuple(leaf.shape)
-        spec = sharding.spec_for(sharding.path_str(path), shape, mesh)
+        spec = sharding.spec_for(sharding.path_str(path), shape, mesh, replicate)
         padded = (None,) * (len(shape) - len(spec)) + tuple(spec)
         split = 1
         for axis in padded:
@@ -243,6 +244,39 @@ def _reference_bytes(
     `ref_dtype` ("" = their own dtype), sharded like them."""
     params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), OptimConfig())
     return sharded_bytes(reference_params(params, ref_dtype), dict(mesh_items))
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler_bytes(
+    model_cfg: TransformerConfig, gather: bool, mesh_items: tuple[tuple[str, int], ...]
+) -> dict[str, int]:
+    """Per-device bytes of the sampler's compute-dtype weight copy (`Sampler.update_params`;
+    whole over fsdp when `gather`), of the LM head the decode loop replicates on top of it
+    (`sampler._head_gatherer`: the head, and an untied model's embedding), and of the layers'
+    weights a decode step all-gathers over fsdp when the copy is sharded."""
+    mesh_shape = dict(mesh_items)
+    params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), OptimConfig())
+    a = to_dtype(model_cfg.dtype)
+
+    def compute(x):
+        wide = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > a.itemsize
+        return jax.ShapeDtypeStruct(x.shape, a if wide else x.dtype)
+
+    copy = jax.tree.map(compute, params)
+    flat = {sharding.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(copy)}
+    replicate = ("fsdp",) if gather else ()
+    vocab = {p: x for p, x in flat.items() if re.search(sm.HEAD_PATHS, p)}
+    layers = {p: x for p, x in flat.items() if p.startswith("layers/")}
+    head_whole = sum(math.prod(x.shape) * x.dtype.itemsize for x in vocab.values())
+    step_gather = 0
+    if not gather:
+        whole = sharded_bytes(layers, mesh_shape, replicate=("fsdp",))
+        step_gather = whole - sharded_bytes(layers, mesh_shape)
+    return {
+        "params": sharded_bytes(copy, mesh_shape, replicate),
+        "head_gather": head_whole - sharded_bytes(vocab, mesh_shape, replicate),
+        "step_gather": step_gather,
+    }
 
 
 def _layer_param_count(m: TransformerConfig) -> int:
@@ -432,8 +466,12 @@ def estimate(
     float32 accumulator with micro-batches),
     weight_gather (two layers of weights all-gathered over fsdp, when fsdp > 1),
     activations_remat / activations_no_remat / activations (the config's choice),
-    train_peak, sampler_params (the sampler's compute-dtype weight copy), kv_prefix, kv_suffix,
-    rollout_buffers, rollout_peak, peak, rows_per_device, micro_batches.
+    train_peak, sampler_params (the sampler's compute-dtype weight copy, whole over fsdp with
+    `rollout.gather_weights`), kv_prefix, kv_suffix, rollout_buffers (the sampler state, the
+    prefill's or a decode step's working set, and head_gather: the vocabulary-sized weights the
+    decode loop replicates), rollout_peak, peak, rows_per_device, micro_batches; and
+    decode_step_gather, the weight bytes each device receives per decode step (fsdp > 1
+    without gather_weights).
     """
     mesh_shape = {a: int(mesh_shape[a]) for a in sharding.AXES}
     shards = mesh_shape["data"] * mesh_shape["fsdp"]
@@ -484,8 +522,10 @@ def estimate(
         resident + out["batch"] + out["gradients"] + out["weight_gather"] + out["activations"]
     )
 
-    a = to_dtype(model_cfg.dtype).itemsize
-    out["sampler_params"] = out["params"] * min(a, p_item) // p_item
+    copy = _sampler_bytes(model_cfg, cfg.rollout.gather_weights, tuple(mesh_shape.items()))
+    out["sampler_params"] = copy["params"]
+    out["head_gather"] = copy["head_gather"]
+    out["decode_step_gather"] = copy["step_gather"]
     prompts_dev = -(-cfg.train.prompts_per_step // shards)
     roll = rollout_bytes(
         model_cfg,
@@ -498,7 +538,7 @@ def estimate(
         shards=shards,
     )
     out["kv_prefix"], out["kv_suffix"] = roll["prefix_cache"], roll["suffix_cache"]
-    out["rollout_buffers"] = roll["sampler_state"] + roll["working"]
+    out["rollout_buffers"] = roll["sampler_state"] + roll["working"] + copy["head_gather"]
     out["rollout_peak"] = (
         resident
         + out["sampler_params"]
@@ -555,7 +595,8 @@ def compiled_rollout_memory(
         wide = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > a.itemsize
         return jax.ShapeDtypeStruct(x.shape, a if wide else x.dtype, sharding=sh)
 
-    params = jax.tree.map(sampler_copy, params, sharding.state_shardings(params, mesh))
+    replicate = ("fsdp",) if cfg.rollout.gather_weights else ()
+    params = jax.tree.map(sampler_copy, params, sharding.state_shardings(params, mesh, replicate))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     shards = math.prod(mesh.shape[ax] for ax in sharding.BATCH)
     prompts = -(-cfg.train.prompts_per_step // shards) * shards
@@ -571,6 +612,7 @@ def compiled_rollout_memory(
         eos_ids=(v - 1,),
         pad_id=0,
         self_reward_token_id=min(cfg.tokens.self_reward_token_id, v - 2),
+        batch_shards=shards,
     )
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     windows = sm.decode_windows_for(model_cfg, params_bytes, prompts, p_len, k, t_len)

@@ -106,15 +106,17 @@ VOCAB_CHUNK = 128
 """Chunk width of the full-vocabulary draw (151936 = 1187 chunks of 128 for Qwen2.5)."""
 
 
-def row_slices(x_rv: jax.Array, start_r: jax.Array, size: int) -> jax.Array:
+def row_slices(x_rv: jax.Array, start_r: jax.Array, size: int, sliced: bool = True) -> jax.Array:
     """x_rv[r, start_r[r] : start_r[r] + size] for every row: [R, size].
 
     One dynamic slice per row for up to `SLICED_ROWS_MAX` rows: XLA:CPU's cost analysis counts a
     gather as a read of the whole [R, V] operand, a dynamic slice as a read of its `size` entries
-    (what either reads). More rows take one gather (the slices are unrolled: compile time).
+    (what either reads). More rows take one gather (the slices are unrolled: compile time), and so
+    do rows split over a mesh (`sliced` False): a slice of global row i would all-gather x_rv
+    onto every device, where the gather stays on each row's shard.
     """
     r = x_rv.shape[0]
-    if r > SLICED_ROWS_MAX:
+    if r > SLICED_ROWS_MAX or not sliced:
         idx = start_r[:, None] + jnp.arange(size)
         return jnp.take_along_axis(x_rv, idx, axis=-1, mode="promise_in_bounds")
     return jnp.concatenate(
@@ -122,7 +124,9 @@ def row_slices(x_rv: jax.Array, start_r: jax.Array, size: int) -> jax.Array:
     )
 
 
-def full_vocab_draw(x_rv: jax.Array, u_r: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def full_vocab_draw(
+    x_rv: jax.Array, u_r: jax.Array | None, sliced: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """One token per row from softmax(x_rv), and logsumexp(x_rv), in two reads of x_rv.
 
     `u_r` [R] uniform in [0, 1): inverse-CDF sampling, the first token whose cumulative
@@ -131,6 +135,7 @@ def full_vocab_draw(x_rv: jax.Array, u_r: jax.Array | None) -> tuple[jax.Array, 
     for the chunk maxima, one for each chunk's mass; the cumulative sums run over the chunk
     masses ([R, V / 128]) and then inside the one chosen chunk, so no [R, V] intermediate (noise,
     sorted copy, probabilities) is ever written. Returns (tokens [R] int32, logsumexp [R]).
+    `sliced`: as `row_slices` (False where the rows are split over a mesh).
     """
     x_rv = x_rv.astype(jnp.float32)
     r, v = x_rv.shape
@@ -149,7 +154,7 @@ def full_vocab_draw(x_rv: jax.Array, u_r: jax.Array | None) -> tuple[jax.Array, 
     lse_r = top_r + jnp.log(total_r)
     if u_r is None:
         chunk_r = jnp.argmax(m_rn, axis=-1).astype(jnp.int32)
-        vals_rc = row_slices(x, chunk_r * c, c)
+        vals_rc = row_slices(x, chunk_r * c, c, sliced)
         return (chunk_r * c + jnp.argmax(vals_rc, axis=-1)).astype(jnp.int32), lse_r
 
     def pick(cum_rk, target_r, weights_rk):
@@ -164,7 +169,7 @@ def full_vocab_draw(x_rv: jax.Array, u_r: jax.Array | None) -> tuple[jax.Array, 
     cum_rn = jnp.cumsum(mass_rn, axis=-1)
     chunk_r = pick(cum_rn, target_r, mass_rn)
     before_r = jnp.take_along_axis(cum_rn - mass_rn, chunk_r[:, None], axis=-1)[:, 0]
-    w_rc = jnp.exp(row_slices(x, chunk_r * c, c) - top_r[:, None])
+    w_rc = jnp.exp(row_slices(x, chunk_r * c, c, sliced) - top_r[:, None])
     inner_r = pick(jnp.cumsum(w_rc, axis=-1), target_r - before_r, w_rc)
     return chunk_r * c + inner_r, lse_r
 
@@ -319,6 +324,9 @@ class SamplingSettings:
     eos_ids: tuple[int, ...]
     pad_id: int
     self_reward_token_id: int
+    batch_shards: int = 1
+    """How many shards the rows are split over (a mesh's data x fsdp): above 1 the draw picks
+    per-row entries with gathers, not per-row slices (`row_slices`)."""
 
     @property
     def logprob_temperature(self) -> float:
@@ -427,9 +435,10 @@ def _draw(
         temp = s.logprob_temperature
         x_t = x_rv if temp == 1 else x_rv / temp
         u_r = None if s.temperature == 0 else jax.vmap(jax.random.uniform)(keys_r)
-        tok_r, lse_r = full_vocab_draw(x_t, u_r)
-        lp_r = row_slices(x_t, tok_r, 1)[:, 0] - lse_r
-        raw_lse_r = lse_r if temp == 1 else full_vocab_draw(x_rv, None)[1]
+        sliced = s.batch_shards == 1
+        tok_r, lse_r = full_vocab_draw(x_t, u_r, sliced)
+        lp_r = row_slices(x_t, tok_r, 1, sliced)[:, 0] - lse_r
+        raw_lse_r = lse_r if temp == 1 else full_vocab_draw(x_rv, None, sliced)[1]
     else:
         tok_r = sample_tokens(x_rv, keys_r, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
         lp_r = token_logprobs(x_rv, tok_r, s.logprob_temperature)
@@ -497,7 +506,14 @@ def _decode_step(
     t = s.max_new_tokens
     positions_bk = jnp.broadcast_to(st.prompt_len_b[:, None] + st.step, st.last_bk.shape)
     logits_bkv, suffix, h_bkd = model.decode(
-        st.last_bk, positions_bk, prefix, st.suffix, st.step, window=window, return_hidden=True
+        st.last_bk,
+        positions_bk,
+        prefix,
+        st.suffix,
+        st.step,
+        window=window,
+        return_hidden=True,
+        row_shards=s.batch_shards,
     )
     # Rows whose fed token is their EOS: this step's logits sit at the EOS position.
     pending = st.finished_bk & ~st.complete_bk
@@ -659,6 +675,12 @@ class Sampler:
     the model casts to the compute dtype first) so a decode step reads half the bytes of float32
     master weights.
 
+    On a mesh the copy is sharded as in training, so under FSDP every decode step all-gathers
+    every layer's weights (the whole model per step, across the chips). `gather_weights=True`
+    keeps the copy whole over the fsdp axis instead (still split over tensor): one gather per
+    `update_params`, none per step, for the full weights / tensor on every device
+    (`rollout.gather_weights`; `python -m laserjax plan` says whether it fits).
+
     Compiles happen once per (padded prompt count, prompt bucket, sampling settings); `stats`
     counts traces and calls so tests can assert both.
     """
@@ -678,6 +700,7 @@ class Sampler:
         window_excess: float = 0.3,
         decode_windows: Sequence[int] = (),
         max_windows: int = MAX_WINDOWS,
+        gather_weights: bool = False,
     ):
         graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
         self.cfg = nnx.merge(graphdef, params).cfg
@@ -724,6 +747,7 @@ class Sampler:
             1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH)
         )
         self.cast_params = cast_params
+        self.gather_weights = bool(gather_weights)
         self.graphdef = graphdef
         self.stats = {
             "prefill_traces": 0,
@@ -749,7 +773,7 @@ class Sampler:
 
         self._prefill = jax.jit(prefill, static_argnums=(5, 6))
         self._loop = jax.jit(loop, static_argnums=(3,), donate_argnums=(2,))
-        self.params = None
+        self.params, self._gather = None, None
         self.update_params(params)
 
     def update_params(self, model_or_params: Transformer | nnx.State) -> None:
@@ -770,9 +794,18 @@ class Sampler:
                 return x.astype(compute)
             return x
 
+        self.params = None  # the previous copy goes before the new one is made
         if self.mesh is not None:
             params = jax.device_put(params, sharding.state_shardings(params, self.mesh))
-        self.params = jax.tree.map(cast, params)
+        if not (self.mesh is not None and self.gather_weights):
+            self.params = jax.tree.map(cast, params)
+            return
+        if self._gather is None:
+            # Cast where the weights lie, then lay the copy out (one program, so the gathered
+            # copy is built from the compute-dtype shards, never from whole float32 weights).
+            layout = sharding.state_shardings(params, self.mesh, replicate=("fsdp",))
+            self._gather = jax.jit(lambda t: jax.tree.map(cast, t), out_shardings=layout)
+        self.params = self._gather(params)
 
     # -- host-side preparation --------------------------------------------------------------
 
@@ -834,6 +867,7 @@ class Sampler:
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
             self_reward_token_id=self.self_reward_token_id,
+            batch_shards=self.batch_multiple,
         )
 
     def start(

@@ -72,20 +72,25 @@ def path_str(path: tuple) -> str:
     return "/".join(parts)
 
 
-def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """The PartitionSpec of one parameter (or optimizer moment) by its path."""
+def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, replicate: Sequence[str] = ()) -> P:
+    """The PartitionSpec of one parameter (or optimizer moment) by its path; the mesh axes in
+    `replicate` are dropped from it (the array is whole along them)."""
     for pattern, spec in PARAM_RULES:
         if re.search(pattern, path):
+            if replicate:
+                spec = P(*(None if axis in replicate else axis for axis in spec))
             return _fit(spec, shape, mesh)
     return P()
 
 
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """NamedShardings for every leaf of a params / optimizer-state pytree, by the rule table."""
+def state_shardings(state: Any, mesh: Mesh, replicate: Sequence[str] = ()) -> Any:
+    """NamedShardings for every leaf of a params / optimizer-state pytree, by the rule table,
+    replicated over the mesh axes in `replicate` (the sampler's gathered weight copy:
+    `replicate=("fsdp",)`)."""
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
         shape = tuple(getattr(leaf, "shape", ()))
-        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh))
+        return NamedSharding(mesh, spec_for(path_str(path), shape, mesh, replicate))
 
     return jax.tree_util.tree_map_with_path(one, state)
 

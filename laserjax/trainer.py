@@ -222,6 +222,7 @@ class Trainer:
             max_prompt_len=cfg.rollout.max_prompt_len,
             prompt_buckets=cfg.rollout.prompt_buckets,
             mesh=self.mesh,
+            gather_weights=cfg.rollout.gather_weights,
         )
         slots = cfg.rollout.slots
         return sampler, (ContinuousSampler(sampler, slots) if slots else None)
@@ -428,6 +429,9 @@ class Trainer:
                 )
                 batch = train_batch(rollout, rewards)
                 check_batch(batch, cfg.rollout.samples_per_prompt)
+                # The sampler's weight copy is not needed while the step runs (the plan's
+                # train peak does not hold it); the new policy's copy is made after.
+                self.sampler.params = None
                 self.state, metrics = self.step_fn(self.state, batch)
                 metrics = jax.device_get(metrics)
                 row = self._step_row(step, rollout, rewards, metrics, time.time() - tic)

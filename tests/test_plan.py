@@ -24,6 +24,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ import pytest
 from flax import nnx
 
 from laserjax import cli, plan, sharding
+from laserjax import sampler as sm
 from laserjax import train_step as ts
 from laserjax.config import ConfigError, MeshConfig, OptimConfig
 from laserjax.config_load import load_config
@@ -252,6 +254,47 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh, slots):
     assert est["kv_suffix"] == _device_bytes(state.suffix)
     # The estimate's compute-dtype weight copy is the sampler's (bf16 over float32 weights).
     assert est["sampler_params"] == _device_bytes(sampler.params)
+
+
+def test_sampler_weight_copy_bytes_equal_the_samplers():
+    """fsdp 2 x tensor 2, untied, both layouts of the sampler's weight copy (sharded as in
+    training, or whole over fsdp: `rollout.gather_weights`): the copy, the vocabulary-sized
+    weights the decode loop replicates, and the layer weights a decode step all-gathers when
+    the copy is sharded (what each device lacks of the whole-over-fsdp copy)."""
+    model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16", tie_word_embeddings=False)))
+    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    copies, ests = {}, {}
+    for gather in (False, True):
+        sampler = Sampler(
+            model,
+            eos_ids=(1,),
+            pad_id=0,
+            self_reward_token_id=255,
+            max_new_tokens=24,
+            prompt_buckets=(16,),
+            mesh=_mesh(1, 2, 2),
+            gather_weights=gather,
+        )
+        copies[gather] = {
+            sharding.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(sampler.params)
+        }
+        extra = (f"rollout.gather_weights={str(gather).lower()}",)
+        ests[gather] = plan.estimate(
+            model_cfg, _cfg(dtype="bfloat16", extra=extra), _shape(1, 2, 2)
+        )
+        assert ests[gather]["sampler_params"] == _device_bytes(sampler.params)
+
+    def layers(gather):
+        return sum(_device_bytes(x) for p, x in copies[gather].items() if p.startswith("layers/"))
+
+    assert layers(True) > layers(False)
+    assert ests[False]["decode_step_gather"] == layers(True) - layers(False)
+    assert ests[True]["decode_step_gather"] == 0
+    for gather in (False, True):
+        head = [x for p, x in copies[gather].items() if re.search(sm.HEAD_PATHS, p)]
+        assert len(head) == 2  # untied: the LM head and the embedding
+        replicated = sum(x.nbytes - _device_bytes(x) for x in head)
+        assert ests[gather]["head_gather"] == replicated
 
 
 # ---------------------------------------------------------------------------------------------

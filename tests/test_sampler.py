@@ -336,6 +336,70 @@ def test_sharded_equals_single_device(model, batches):
     assert_same_draws(model, batches[1.0], out, 3 * K, 1.0, SEED)
 
 
+def loop_collectives(hlo: str) -> dict[str, list[int]]:
+    """Element counts of the collectives inside the compiled program's while bodies (what every
+    decode step moves between devices), by kind."""
+    bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
+    kinds = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
+    comp, out = "", {}
+    for line in hlo.splitlines():
+        hit = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if hit:
+            comp = hit.group(1)
+        hit = re.search(rf"= (.*?) ({kinds})(?:-start)?\(", line)
+        if hit and comp in bodies:
+            shapes = re.findall(r"[a-z]+\d*\[([0-9,]*)\]", hit.group(1))
+            sizes = [math.prod(int(d) for d in s.split(",") if d) for s in shapes]
+            out.setdefault(hit.group(2), []).extend(sizes)
+    return out
+
+
+@pytest.mark.parametrize(
+    "mesh_cfg", [MeshConfig(data=1, fsdp=8, tensor=1), MeshConfig(data=2, fsdp=2, tensor=2)]
+)
+def test_gathered_weights_draw_the_same_rollout_and_move_no_weights_per_step(
+    model, batches, mesh_cfg
+):
+    """`gather_weights`: the sampler's copy whole over fsdp (split over tensor as before) draws
+    the single-device rollout. Its decode loops, static and continuous, move nothing between
+    devices per step but tensor parallelism's partial sums ([rows, hidden] all-reduces): no
+    weights, and no rows of the logits or of the embedding (per-row slices of global rows
+    would move them: `row_slices`, `Embed.rows`). The copy sharded as in training all-gathers
+    weights inside the loop on the data x fsdp x tensor mesh."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = make_mesh(mesh_cfg)
+    gathered = make_sampler(model, mesh=mesh, gather_weights=True)
+    for x in jax.tree.leaves(gathered.params):
+        assert "fsdp" not in jax.tree.leaves(tuple(x.sharding.spec)), x.sharding
+    out = gathered.sample(PROMPTS[:3], k=K, temperature=1.0, seed=SEED)
+    assert_same_draws(model, batches[1.0], out, 3 * K, 1.0, SEED)
+
+    s = gathered.settings(k=K, temperature=1.0, top_p=1.0, top_k=0)
+    local_rows = 4 * K // (mesh_cfg.data * mesh_cfg.fsdp)
+    partial_sums = [] if mesh_cfg.tensor == 1 else [local_rows * CFG.hidden_size]
+    prefix, state, _, _ = gathered.start(PROMPTS[:4], s, SEED)
+    moved = loop_collectives(
+        gathered._loop.lower(gathered.params, prefix, state, s).compile().as_text()
+    )
+    assert set(moved) <= {"all-reduce"}, moved
+    assert set(moved.get("all-reduce", [])) <= set(partial_sums), moved
+    # Continuous batching's loop condition also reads every slot's status (a few [slots]
+    # vectors and scalars); nothing larger moves.
+    slots = 8
+    cont = ContinuousSampler(gathered, slots=slots)
+    pool, st = cont.buffers(8, s)
+    key, stop, low = jax.random.key(0), jnp.int32(1), jnp.int32(-1)
+    lowered = cont._loop.lower(gathered.params, pool, st, key, stop, low, s=s, window=T)
+    moved = loop_collectives(lowered.compile().as_text())
+    assert max(sum(moved.values(), [])) <= max(partial_sums + [2 * slots]), moved
+
+    if mesh_cfg.tensor > 1:
+        sharded = make_sampler(model, mesh=mesh)
+        lowered = sharded._loop.lower(sharded.params, prefix, state, s)
+        assert loop_collectives(lowered.compile().as_text()).get("all-gather"), "contrast"
+
+
 # --- the sampling distribution ---------------------------------------------------------------
 
 

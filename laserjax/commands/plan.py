@@ -104,11 +104,17 @@ def format_table(est: dict[str, int], remat: bool) -> str:
         ("sampler_params", "the sampler's compute-dtype weight copy"),
         ("kv_prefix", "one per prompt, shared by its K samples (slots: slots / shards + 1)"),
         ("kv_suffix", "per sample (rollout.slots: per slot), max_new_tokens long"),
-        ("rollout_buffers", "tokens/log-probs + prefill or decode working set"),
+        ("rollout_buffers", "tokens/log-probs + prefill or decode working set + LM head"),
         ("rollout_peak", "params + opt + ref + sampler params + caches + buffers"),
     ]
     lines = [f"{'component':<22}{'GiB/device':>10}  note", "-" * 78]
     lines += [f"{name:<22}{_gib(est[name]):>10}  {note}" for name, note in rows]
+    if est["decode_step_gather"]:
+        step = est["decode_step_gather"] / GiB
+        lines.append(
+            f"each decode step all-gathers {step:.2f} GiB of weights per device over fsdp "
+            "(rollout.gather_weights=true: none, for a whole weight copy)"
+        )
     return "\n".join(lines)
 
 
@@ -158,6 +164,16 @@ def _fit_report(
                 f"{label}: largest micro-batch that fits: train.micro_batch_size={mb} "
                 f"({mb // shards} per device, train peak {e['train_peak'] / GiB:.2f} GiB)"
             )
+    if est["decode_step_gather"]:
+        rollout = dataclasses.replace(cfg.rollout, gather_weights=True)
+        gathered = estimate(model_cfg, dataclasses.replace(cfg, rollout=rollout), mesh_shape)
+        ok = gathered["peak"] <= HEADROOM * hbm
+        out["gather_weights_fits"] = ok
+        print(
+            f"rollout.gather_weights=true {'fits' if ok else 'does not fit'}: peak "
+            f"{gathered['peak'] / GiB:.2f} GiB (rollout {gathered['rollout_peak'] / GiB:.2f}), "
+            f"and no {est['decode_step_gather'] / GiB:.2f} GiB weight all-gather per decode step"
+        )
     if est["rollout_peak"] > HEADROOM * hbm:
         print(
             f"the rollout alone needs {est['rollout_peak'] / GiB:.2f} GiB per chip and its KV "

@@ -797,15 +797,16 @@ class Embed(nnx.Module):
         table = self.embedding[...]
         return table.at[tokens].get(mode="promise_in_bounds").astype(dtype)
 
-    def rows(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    def rows(self, tokens: jax.Array, dtype: jnp.dtype, sliced: bool = True) -> jax.Array:
         """The same lookup as one dynamic slice per token, for up to `SLICED_ROWS_MAX` tokens
-        (a decode step); more take the gather.
+        (a decode step); more take the gather, and so do tokens split over a mesh (`sliced`
+        False: a slice of global token i moves every row between the devices each step).
 
         XLA:CPU's cost analysis counts a gather as a read of the whole table, a dynamic slice as
         a read of its row, which is what either reads; the slices are unrolled, so past a few
         dozen rows they cost compile time (bench/decode_cost.py measures 64 rows).
         """
-        if tokens.size > SLICED_ROWS_MAX:
+        if tokens.size > SLICED_ROWS_MAX or not sliced:
             return self(tokens, dtype)
         table = self.embedding[...]
         flat = tokens.reshape(-1)
@@ -945,6 +946,7 @@ class Transformer(nnx.Module):
         prefix_rows_b: jax.Array | None = None,
         prefix_shards: int = 1,
         return_hidden: bool = False,
+        row_shards: int = 1,
     ) -> tuple[jax.Array, SuffixCache] | tuple[jax.Array, SuffixCache, jax.Array]:
         """One token for each of K samples per prompt, written at suffix index `step`.
 
@@ -961,10 +963,11 @@ class Transformer(nnx.Module):
         with `prefix_shards` = D > 1 the pool and the rows are split into D equal blocks and row
         block d reads only pool block d (each batch shard of a mesh gathers from its own
         entries). `return_hidden` adds the final-normalised hidden states [B, K, D] (for
-        `token_logit`).
+        `token_logit`). `row_shards` > 1: the rows are split over that many devices
+        (`Embed.rows`).
         """
         inv_freq = rope_inv_freq(self.cfg)
-        x = self.embed_tokens.rows(tokens_bk, self.dtype)
+        x = self.embed_tokens.rows(tokens_bk, self.dtype, sliced=row_shards == 1)
         bounds = suffix.bounds
         w = bounds[-1] if window is None else window
         if w not in bounds:
