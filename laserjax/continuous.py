@@ -35,6 +35,7 @@ the same programs in the same order, as with the static sampler.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import flax.struct
@@ -409,6 +410,68 @@ class SlotStats:
         return self.token_steps / max(self.slot_steps, 1)
 
 
+def default_windows(t: int) -> tuple[int, ...]:
+    """The slot loop's attention windows: doubling from max_new_tokens / 8 up to `t`."""
+    w, ws = max(WINDOW_ALIGN, -(-t // 8)), []
+    while w < t:
+        ws.append(w)
+        w *= 2
+    return (*ws, t)
+
+
+def empty_buffers(
+    cfg: TransformerConfig,
+    slots: int,
+    per: int,
+    prompt_len: int,
+    s: SamplingSettings,
+    windows: Sequence[int],
+) -> tuple[Pool, SlotState]:
+    """An empty prompt pool (one block of entries per batch shard of `per`, each one entry per
+    slot of the shard plus one) and `slots` free slots whose suffix caches end at `windows`."""
+    entries = (slots // per + 1) * per
+    shape = (entries, cfg.num_kv_heads, prompt_len, cfg.cache_width)
+    pool = Pool(
+        prefix=PrefixCache(
+            tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+            tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
+            jnp.zeros((entries, prompt_len), bool),
+        ),
+        tok0_ek=jnp.zeros((entries, s.k), jnp.int32),
+        lp0_ek=jnp.zeros((entries, s.k), jnp.float32),
+        prompt_len_e=jnp.zeros((entries,), jnp.int32),
+    )
+    return pool, _empty_slots(cfg, slots, s, tuple(windows))
+
+
+def programs(graphdef: nnx.GraphDef, mesh: Mesh | None):
+    """The two programs that hold a rollout's memory, jitted: `prefill(params, pool, tokens_bp,
+    mask_bp, entry_b, prompt_b, seed_key, s=)` (prompts into pool entries; the pool donated) and
+    `loop(params, pool, st, seed_key, stop_free, min_live, s=, window=)` (`_slot_loop`; the
+    slots donated). `ContinuousSampler` runs them; `plan --compile` compiles them from shapes."""
+    pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
+    per = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH)
+
+    def model(params):
+        return nnx.merge(graphdef, params)
+
+    prefill = jax.jit(
+        lambda params, pool, *a, s: pin(
+            _prefill_into_pool(model(params), pool, *a, s, constrain=residual)
+        ),
+        static_argnames=("s",),
+        donate_argnums=(1,),
+    )
+    loop = jax.jit(
+        lambda params, pool, st, *a, s, window: _slot_loop(
+            model(gather_head(params)), pool, st, *a, s, window, pin, per
+        ),
+        static_argnames=("s", "window"),
+        donate_argnums=(2,),
+    )
+    return prefill, loop
+
+
 class ContinuousSampler:
     """K samples per prompt through `slots` decode slots; the static `Sampler`'s outputs.
 
@@ -435,14 +498,7 @@ class ContinuousSampler:
         _require(1 <= refill <= slots, "refill", f"must be in [1, slots = {slots}], got {refill}")
         self.refill = int(refill)
         t = sampler.max_new_tokens
-        ws = tuple(int(w) for w in windows)
-        if not ws:
-            w = max(WINDOW_ALIGN, -(-t // 8))
-            ws = []
-            while w < t:
-                ws.append(w)
-                w *= 2
-            ws = (*ws, t)
+        ws = tuple(int(w) for w in windows) or default_windows(t)
         _require(
             list(ws) == sorted(set(ws)) and ws[0] > 0 and ws[-1] == t,
             "windows",
@@ -451,30 +507,12 @@ class ContinuousSampler:
         self.sampler, self.slots, self.windows = sampler, int(slots), ws
         self.mesh, self.per = mesh, per
         self.prefill_batch = -(-PREFILL_BATCH // per) * per
-        graphdef = sampler.graphdef
-        pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
-
-        def model(params):
-            return nnx.merge(graphdef, params)
-
-        self._prefill = jax.jit(
-            lambda params, pool, *a, s: pin(
-                _prefill_into_pool(model(params), pool, *a, s, constrain=residual)
-            ),
-            static_argnames=("s",),
-            donate_argnums=(1,),
-        )
+        self._prefill, self._loop = programs(sampler.graphdef, mesh)
+        pin = _pinner(mesh)
         self._update = jax.jit(
             lambda st, pool, *a, s: pin(_update_slots(st, pool, *a, s)),
             static_argnames=("s",),
             donate_argnums=(0,),
-        )
-        self._loop = jax.jit(
-            lambda params, pool, st, *a, s, window: _slot_loop(
-                model(gather_head(params)), pool, st, *a, s, window, pin, per
-            ),
-            static_argnames=("s", "window"),
-            donate_argnums=(2,),
         )
         self._gather = jax.jit(lambda st, keep_m: pin(_gather_slots(st, keep_m)))
         self._regroup = jax.jit(
@@ -492,21 +530,10 @@ class ContinuousSampler:
         """An empty prompt pool and free slots for a rollout with prompts padded to
         `prompt_len`, made on the mesh (`_shardings`). The pool holds one block of entries per
         batch shard, each one entry per slot of the shard plus one (`sample`)."""
-        cfg, entries = self.sampler.cfg, (self.slots // self.per + 1) * self.per
+        cfg, slots, per, windows = self.sampler.cfg, self.slots, self.per, self.windows
 
         def make() -> tuple[Pool, SlotState]:
-            shape = (entries, cfg.num_kv_heads, prompt_len, cfg.cache_width)
-            pool = Pool(
-                prefix=PrefixCache(
-                    tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
-                    tuple(jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)),
-                    jnp.zeros((entries, prompt_len), bool),
-                ),
-                tok0_ek=jnp.zeros((entries, s.k), jnp.int32),
-                lp0_ek=jnp.zeros((entries, s.k), jnp.float32),
-                prompt_len_e=jnp.zeros((entries,), jnp.int32),
-            )
-            return pool, _empty_slots(cfg, self.slots, s, self.windows)
+            return empty_buffers(cfg, slots, per, prompt_len, s, windows)
 
         key = (prompt_len, s)
         if key not in self._makers:  # one compile per shape, not one per rollout

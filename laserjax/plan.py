@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh
 
+from laserjax import continuous as cont
 from laserjax import sampler as sm
 from laserjax import sharding, toy_task
 from laserjax.config import Config, ConfigError, OptimConfig
@@ -580,13 +581,15 @@ def suggest_micro_batch(
 def compiled_rollout_memory(
     model_cfg: TransformerConfig, cfg: Config, mesh: Mesh
 ) -> dict[str, dict[str, int]]:
-    """XLA's own per-device numbers for the static sampler's two programs, compiled from shapes.
+    """XLA's own per-device numbers for the sampler's two programs, compiled from shapes.
 
     One rollout of the step's prompts (`train.prompts_per_step`, padded to the batch shards) at
     `rollout.max_prompt_len`, K = `rollout.samples_per_prompt`, `rollout.max_new_tokens`, with
-    the sampler's compute-dtype weight copy sharded as in training: `prefill` (the prompts' caches
+    the sampler's compute-dtype weight copy laid out as the sampler lays it (sharded as in
+    training, or whole over fsdp with `rollout.gather_weights`): `prefill` (the prompts' caches
     and the first tokens) and `decode` (the whole decode loop, its state donated). Keys of each:
-    arguments, outputs, aliased, temp. Continuous batching (`rollout.slots`) is not compiled.
+    arguments, outputs, aliased, temp. With continuous batching (`rollout.slots`) its prefill into
+    the prompt pool and its slot loop (`_compiled_slots_memory`).
     """
     params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), cfg.optim)
     a = to_dtype(model_cfg.dtype)
@@ -616,12 +619,15 @@ def compiled_rollout_memory(
     )
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     windows = sm.decode_windows_for(model_cfg, params_bytes, prompts, p_len, k, t_len)
-    constrain = sm._constrainer(mesh)
 
     def batch(shape, dtype):
         return jax.ShapeDtypeStruct(
             shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape))
         )
+
+    if cfg.rollout.slots:
+        return _compiled_slots_memory(model_cfg, graphdef, params, s, cfg, mesh, batch)
+    constrain = sm._constrainer(mesh)
 
     prefill = jax.jit(
         lambda pr, tok, mask, valid, seed: sm._prefill(
@@ -646,6 +652,47 @@ def compiled_rollout_memory(
         donate_argnums=(2,),
     )
     out["decode"] = _memory(loop.lower(params, prefix, state).compile())
+    return out
+
+
+def _compiled_slots_memory(model_cfg, graphdef, params, s, cfg, mesh, batch):
+    """`compiled_rollout_memory` with continuous batching (`rollout.slots`): the programs that
+    hold a rollout's memory (`continuous.programs`): `prefill` (a batch of prompts into the
+    prompt pool, donated) and `decode` (the slot loop at its widest window, the slots donated),
+    from the empty pool and slots `ContinuousSampler.buffers` makes."""
+    shards = s.batch_shards
+    windows = cont.default_windows(s.max_new_tokens)
+    pool, st = jax.eval_shape(
+        lambda: cont.empty_buffers(
+            model_cfg, cfg.rollout.slots, shards, cfg.rollout.max_prompt_len, s, windows
+        )
+    )
+    pool, st = (
+        jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, spec)
+        for tree, spec in ((pool, cont._shardings(mesh, pool)), (st, cont._shardings(mesh, st)))
+    )
+    replicated = sharding.replicated(mesh)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    count = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    prefill, loop = cont.programs(graphdef, mesh)
+    b = -(-PREFILL_BATCH // shards) * shards
+    p_len = cfg.rollout.max_prompt_len
+    out = {
+        "prefill": _memory(
+            prefill.lower(
+                params,
+                pool,
+                batch((b, p_len), jnp.int32),
+                batch((b, p_len), jnp.bool_),
+                batch((b,), jnp.int32),
+                batch((b,), jnp.int32),
+                key,
+                s=s,
+            ).compile()
+        )
+    }
+    lowered = loop.lower(params, pool, st, key, count, count, s=s, window=windows[-1])
+    out["decode"] = _memory(lowered.compile())
     return out
 
 

@@ -256,6 +256,27 @@ def test_kv_cache_bytes_equal_the_samplers_buffers(mesh, slots):
     assert est["sampler_params"] == _device_bytes(sampler.params)
 
 
+@pytest.mark.parametrize("slots", [0, 6])
+def test_compiled_rollout_holds_the_planned_caches(slots):
+    """XLA's numbers for the sampler's programs on data 2 x tensor 2, the static batch's and,
+    with `rollout.slots`, continuous batching's (its pool prefill and slot loop): the decode
+    program's arguments hold the planned weight copy and caches (the pool and the slots' suffix
+    caches), plus at most the sampler state and the small per-slot buffers; what each program
+    donates (the decode state, and the pool for the pool prefill) comes back aliased."""
+    model_cfg = TransformerConfig(**(TOY | dict(dtype="bfloat16")))
+    cfg = _cfg(prompts=4, k=3, p=16, t=24, dtype="bfloat16", extra=(f"rollout.slots={slots}",))
+    est = plan.estimate(model_cfg, cfg, _shape(2, 1, 2))
+    roll = plan.compiled_rollout_memory(model_cfg, cfg, _mesh(2, 1, 2))
+    held = est["sampler_params"] + est["kv_prefix"] + est["kv_suffix"]
+    state = est["rollout_buffers"] - est["head_gather"]  # sampler state + working set bound
+    assert held <= roll["decode"]["arguments"] <= held + state, (roll, est)
+    assert 0 < roll["decode"]["aliased"] <= roll["decode"]["outputs"]
+    if slots:
+        assert roll["prefill"]["aliased"] >= est["kv_prefix"]  # the pool, donated
+    else:
+        assert roll["prefill"]["aliased"] == 0
+
+
 def test_sampler_weight_copy_bytes_equal_the_samplers():
     """fsdp 2 x tensor 2, untied, both layouts of the sampler's weight copy (sharded as in
     training, or whole over fsdp: `rollout.gather_weights`): the copy, the vocabulary-sized

@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="all",
         choices=["all", "train"],
-        help="also compile the real train step and the static sampler's programs (`train`: the "
+        help="also compile the real train step and the sampler's programs (`train`: the "
         "train step only) from shapes and print XLA's own numbers: on this machine's devices, "
         "or with --slice on a machine without them on the slice's chips as compile-only "
         "devices (needs the libtpu jax pins; JAX_PLATFORMS=cpu). The 7B recipe's rollout "
@@ -210,7 +210,7 @@ def _verdict(phase: str, need: int | None, hbm_gib: float | None, fix: str) -> b
 def _xla_report(
     model_cfg, cfg, mesh, est, hbm_gib, where: str, rollout: bool = True
 ) -> dict[str, Any]:
-    """Compile the train step and the static sampler's programs from shapes; print XLA's
+    """Compile the train step and the sampler's programs from shapes; print XLA's
     numbers beside the plan's and the verdicts; return them as JSON fields."""
     out: dict[str, Any] = {}
     xla = _compiled(compiled_train_step_memory, model_cfg, cfg, mesh)
@@ -229,8 +229,6 @@ def _xla_report(
     fits = [_verdict("train step", need, hbm_gib, "lower train.micro_batch_size")]
     if not rollout:
         print("XLA: the rollout is not compiled (--compile train)")
-    elif cfg.rollout.slots:
-        print("XLA: the rollout with rollout.slots is not compiled (the static sampler's is)")
     else:
         roll = _compiled(compiled_rollout_memory, model_cfg, cfg, mesh)
         if isinstance(roll, str):
@@ -241,7 +239,7 @@ def _xla_report(
             resident = est["params"] + est["opt_state"] + est["ref_params"]
             pre, dec = roll["prefill"], roll["decode"]
             need = resident + max(
-                pre["arguments"] + pre["outputs"] + pre["temp"],
+                pre["arguments"] + pre["temp"] + pre["outputs"] - pre["aliased"],
                 dec["arguments"] + dec["temp"] + dec["outputs"] - dec["aliased"],
             )
             print(
