@@ -258,12 +258,7 @@ def _sampler_bytes(
     mesh_shape = dict(mesh_items)
     params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), OptimConfig())
     a = to_dtype(model_cfg.dtype)
-
-    def compute(x):
-        wide = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > a.itemsize
-        return jax.ShapeDtypeStruct(x.shape, a if wide else x.dtype)
-
-    copy = jax.tree.map(compute, params)
+    copy = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, sm.copy_dtype(x.dtype, a)), params)
     flat = {sharding.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(copy)}
     replicate = ("fsdp",) if gather else ()
     vocab = {p: x for p, x in flat.items() if re.search(sm.HEAD_PATHS, p)}
@@ -594,9 +589,8 @@ def compiled_rollout_memory(
     params, _ = abstract_state(dataclasses.replace(model_cfg, remat=False), cfg.optim)
     a = to_dtype(model_cfg.dtype)
 
-    def sampler_copy(x, sh):  # `Sampler.update_params`: floats wider than the compute dtype cast
-        wide = jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > a.itemsize
-        return jax.ShapeDtypeStruct(x.shape, a if wide else x.dtype, sharding=sh)
+    def sampler_copy(x, sh):  # `Sampler.update_params`
+        return jax.ShapeDtypeStruct(x.shape, sm.copy_dtype(x.dtype, a), sharding=sh)
 
     replicate = ("fsdp",) if cfg.rollout.gather_weights else ()
     params = jax.tree.map(sampler_copy, params, sharding.state_shardings(params, mesh, replicate))

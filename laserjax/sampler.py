@@ -666,6 +666,13 @@ def default_prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
     return (*out, max_prompt_len)
 
 
+def copy_dtype(dtype: jnp.dtype, compute: jnp.dtype) -> jnp.dtype:
+    """The dtype of a parameter in the sampler's weight copy: floats wider than the compute
+    dtype take it (exact: every use in the model casts to the compute dtype first)."""
+    wide = jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize > compute.itemsize
+    return compute if wide else dtype
+
+
 class Sampler:
     """Rollouts for LaSeR: K samples per prompt from one prefill, plus log p(z_c) per sample.
 
@@ -785,14 +792,9 @@ class Sampler:
         )
         compute = to_dtype(self.cfg.dtype)
 
-        def cast(x):
-            if (
-                self.cast_params
-                and jnp.issubdtype(x.dtype, jnp.floating)
-                and x.dtype.itemsize > compute.itemsize
-            ):
-                return x.astype(compute)
-            return x
+        def cast(x):  # the array itself where its dtype stays
+            dtype = copy_dtype(x.dtype, compute) if self.cast_params else x.dtype
+            return x if dtype == x.dtype else x.astype(dtype)
 
         self.params = None  # the previous copy goes before the new one is made
         if self.mesh is not None:
