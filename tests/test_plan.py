@@ -461,6 +461,26 @@ def test_cli_prints_table_verdict_and_json():
     assert summary["suggested_micro_batch_remat"] == (found and found[0])
 
 
+def test_cli_weighs_gathering_the_samplers_weights_under_fsdp():
+    """Under FSDP the command prints the weight bytes a decode step all-gathers and whether
+    `rollout.gather_weights` (no such gather, a whole copy per chip) fits."""
+    args = ["mesh.data=1", "mesh.fsdp=-1", "rollout.max_new_tokens=4096"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(["plan", "--preset", "Qwen2.5-1.5B", "--slice", "v5e-8", *args])
+    text = out.getvalue()
+    summary = json.loads(text.strip().splitlines()[-1])
+    cfg = load_config(None, ["model.path=Qwen/Qwen2.5-1.5B", *args, "rollout.gather_weights=true"])
+    model_cfg = dataclasses.replace(plan.model_config_for(cfg)[0], kv_layout="plain")
+    gathered = plan.estimate(model_cfg, cfg, _shape(1, 8, 1))
+    assert summary["decode_step_gather"] > 0 and gathered["decode_step_gather"] == 0
+    assert gathered["sampler_params"] > summary["sampler_params"]
+    fits = gathered["peak"] <= plan.HEADROOM * 16 * plan.GiB
+    assert summary["gather_weights_fits"] is fits
+    assert f"rollout.gather_weights=true {'fits' if fits else 'does not fit'}" in text
+    assert "each decode step all-gathers" in text
+
+
 @pytest.mark.slow
 def test_cli_compile_on_the_demo_config():
     """`--compile` on the CPU demo's real config: XLA's numbers printed beside the plan."""
