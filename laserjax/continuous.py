@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
@@ -444,7 +444,9 @@ def empty_buffers(
     return pool, _empty_slots(cfg, slots, s, tuple(windows))
 
 
-def programs(graphdef: nnx.GraphDef, mesh: Mesh | None):
+def programs(
+    graphdef: nnx.GraphDef, mesh: Mesh | None
+) -> tuple[Callable[..., Pool], Callable[..., SlotState]]:
     """The two programs that hold a rollout's memory, jitted: `prefill(params, pool, tokens_bp,
     mask_bp, entry_b, prompt_b, seed_key, s=)` (prompts into pool entries; the pool donated) and
     `loop(params, pool, st, seed_key, stop_free, min_live, s=, window=)` (`_slot_loop`; the
