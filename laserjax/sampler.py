@@ -682,8 +682,8 @@ class Sampler:
     the model casts to the compute dtype first) so a decode step reads half the bytes of float32
     master weights.
 
-    On a mesh the copy is sharded as in training, so under FSDP every decode step all-gathers
-    every layer's weights (the whole model per step, across the chips). `gather_weights=True`
+    On a mesh the copy is sharded as in training: under FSDP, XLA's TPU program for the 7B recipe
+    all-gathers the layers' weights inside every decode step (BUILD.md). `gather_weights=True`
     keeps the copy whole over the fsdp axis instead (still split over tensor): one gather per
     `update_params`, none per step, for the full weights / tensor on every device
     (`rollout.gather_weights`; `python -m laserjax plan` says whether it fits).
