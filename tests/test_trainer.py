@@ -609,6 +609,26 @@ def test_invalid_toy_settings_fail_before_any_compile(tmp_path, override, field,
     assert c.count == 0
 
 
+@pytest.mark.parametrize("gather", [False, True])
+def test_trainer_lays_out_the_samplers_weights_as_configured(tmp_path, gather):
+    """`rollout.gather_weights` reaches the sampler: on an FSDP mesh of this process's 8 fake
+    devices its weight copy is whole over fsdp when set, sharded as in training when not."""
+    cfg = load_config(
+        DEMO,
+        [
+            f"output_dir={tmp_path}",
+            "mesh.data=1",
+            "mesh.fsdp=-1",
+            "model.toy.sft_steps=0",
+            f"rollout.gather_weights={str(gather).lower()}",
+        ],
+    )
+    sampler, _ = Trainer(cfg)._make_samplers()
+    specs = [x.sharding.spec for x in jax.tree.leaves(sampler.params)]
+    split = [spec for spec in specs if "fsdp" in jax.tree.leaves(tuple(spec))]
+    assert (split == []) is gather, specs
+
+
 def test_real_model_token_ids_fail_before_any_compile(tmp_path):
     """The same check on the Hugging Face checkpoint path (`model.path`)."""
     from hf_utils import make_tiny_hf
