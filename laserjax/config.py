@@ -384,11 +384,11 @@ class RolloutConfig:
     for the same seed, so training is unchanged. On a mesh the slots split over its batch axes
     (data x fsdp must divide N)."""
     gather_weights: bool = False
-    """The sampler's compute-dtype weight copy. false: sharded as in training, so under FSDP
-    every decode step all-gathers every layer's weights across the fsdp axis. true: whole over
-    fsdp (still split over tensor), gathered once per rollout: no weight traffic between chips
-    per step, for the full weights / tensor on every device (`python -m laserjax plan` says
-    whether it fits). No effect without an fsdp axis."""
+    """The sampler's compute-dtype weight copy. false: sharded as in training; under FSDP, XLA's
+    TPU program then all-gathers the layers' weights inside every decode step (BUILD.md
+    "Memory"). true: whole over fsdp (still split over tensor), gathered once per rollout: no
+    weight traffic between chips per step, for the full weights / tensor on every device
+    (`python -m laserjax plan` says whether it fits). No effect without an fsdp axis."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_buckets", tuple(int(b) for b in self.prompt_buckets))
