@@ -132,7 +132,7 @@ def measure_c_ref(
         seqs.append(seq)
 
     if mesh is not None:
-        shards = math.prod(mesh.shape[a] for a in sharding.BATCH)
+        shards = sharding.batch_shards(mesh)
         batch_size = -(-batch_size // shards) * shards
     forward, params = _make_forward(model, z_token_id)
     if mesh is not None:

@@ -35,7 +35,6 @@ the same programs in the same order, as with the static sampler.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import flax.struct
@@ -452,7 +451,7 @@ def programs(
     `loop(params, pool, st, seed_key, stop_free, min_live, s=, window=)` (`_slot_loop`; the
     slots donated). `ContinuousSampler` runs them; `plan --compile` compiles them from shapes."""
     pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
-    per = 1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH)
+    per = sharding.batch_shards(mesh)
 
     def model(params):
         return nnx.merge(graphdef, params)

@@ -595,7 +595,7 @@ def compiled_rollout_memory(
     replicate = ("fsdp",) if cfg.rollout.gather_weights else ()
     params = jax.tree.map(sampler_copy, params, sharding.state_shardings(params, mesh, replicate))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    shards = math.prod(mesh.shape[ax] for ax in sharding.BATCH)
+    shards = sharding.batch_shards(mesh)
     prompts = -(-cfg.train.prompts_per_step // shards) * shards
     p_len, t_len = cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens
     k = cfg.rollout.samples_per_prompt
@@ -611,8 +611,6 @@ def compiled_rollout_memory(
         self_reward_token_id=min(cfg.tokens.self_reward_token_id, v - 2),
         batch_shards=shards,
     )
-    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    windows = sm.decode_windows_for(model_cfg, params_bytes, prompts, p_len, k, t_len)
 
     def batch(shape, dtype):
         return jax.ShapeDtypeStruct(
@@ -621,6 +619,8 @@ def compiled_rollout_memory(
 
     if cfg.rollout.slots:
         return _compiled_slots_memory(model_cfg, graphdef, params, s, cfg, mesh, batch)
+    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    windows = sm.decode_windows_for(model_cfg, params_bytes, prompts, p_len, k, t_len)
     constrain = sm._constrainer(mesh)
 
     prefill = jax.jit(

@@ -47,7 +47,6 @@ once plus the live prefix and suffix keys/values).
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Sequence
 
@@ -750,9 +749,7 @@ class Sampler:
         self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = buckets
         self.mesh = mesh
-        self.batch_multiple = (
-            1 if mesh is None else math.prod(mesh.shape[a] for a in sharding.BATCH)
-        )
+        self.batch_multiple = sharding.batch_shards(mesh)
         self.cast_params = cast_params
         self.gather_weights = bool(gather_weights)
         self.graphdef = graphdef

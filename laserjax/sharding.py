@@ -100,5 +100,10 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH, *(None,) * (ndim - 1)))
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """How many shards the batch splits into: data x fsdp (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -386,7 +386,7 @@ def _check_rows(batch: TrainBatch, settings: StepSettings, mesh: Mesh | None) ->
             "mini-batch); pick a divisor (config field train.micro_batch_size)"
         )
     if mesh is not None:
-        shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH]))
+        shards = sharding.batch_shards(mesh)
         if mb % shards:
             raise ValueError(
                 f"micro-batches of {mb} rows cannot be split over the {shards} batch "
