@@ -37,8 +37,8 @@ from laserjax import sampler as sm
 from laserjax import train_step as ts
 from laserjax.config import ConfigError, MeshConfig, OptimConfig
 from laserjax.config_load import load_config
-from laserjax.continuous import ContinuousSampler
-from laserjax.model.transformer import Transformer, TransformerConfig
+from laserjax.continuous import ContinuousSampler, default_windows
+from laserjax.model.transformer import Transformer, TransformerConfig, kv_layout_for
 from laserjax.sampler import Sampler
 
 TOY = dict(
@@ -275,6 +275,35 @@ def test_compiled_rollout_holds_the_planned_caches(slots):
         assert roll["prefill"]["aliased"] >= est["kv_prefix"]  # the pool, donated
     else:
         assert roll["prefill"]["aliased"] == 0
+
+
+@pytest.mark.slow
+def test_tpu_slot_loop_keeps_its_caches_in_their_layout(monkeypatch):
+    """XLA's TPU compiler (compile only; skipped where libtpu is not installed): continuous
+    batching's slot loop on a v5e-8 copies no suffix cache segment. Each slot writes its key
+    and value at its own position (a scatter); written as all heads at one position, the TPU
+    layout for the scatter put positions before heads and the loop copied segments in and out
+    of it on every call (0.14 GiB a layer on the 7B recipe, BUILD.md)."""
+    try:
+        devices = plan.compile_only_devices("v5e-8")
+    except ConfigError as e:
+        pytest.skip(str(e))
+    tpu = dict(kv_layout=kv_layout_for("tpu"), dtype="bfloat16")
+    model_cfg = TransformerConfig(**(TOY | dict(head_dim=128, num_kv_heads=4, num_heads=8) | tpu))
+    cfg = _cfg(prompts=8, k=8, p=64, t=1024, dtype="bfloat16", extra=("rollout.slots=64",))
+    mesh = sharding.make_mesh(MeshConfig(1, 8, 1), devices)
+    compiled = []
+    memory = plan._memory
+    monkeypatch.setattr(plan, "_memory", lambda c: compiled.append(c) or memory(c))
+    plan.compiled_rollout_memory(model_cfg, cfg, mesh)
+    lo, segments = 0, set()
+    for hi in default_windows(cfg.rollout.max_new_tokens):
+        segments.add(f"bf16[8,4,{hi - lo},128]")  # 64 slots over 8 chips, 4 kv heads
+        lo = hi
+    hlo = compiled[-1].as_text()
+    assert all(seg in hlo for seg in segments)  # the slot loop's program, holding the segments
+    copied = re.findall(r"= (bf16\[[0-9,]+\])\{[^}]*\} copy\(", hlo)
+    assert not segments & set(copied), sorted(set(copied))
 
 
 def test_sampler_weight_copy_bytes_equal_the_samplers():

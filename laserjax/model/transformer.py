@@ -986,9 +986,14 @@ class Transformer(nnx.Module):
                 at = jnp.where((at >= 0) & (at < hi - lo), at, hi - lo)  # out of range: dropped
                 # Row by row (vmap: a scatter whose row axis is a batch axis), so on a mesh
                 # each batch shard writes its own rows; an index array over all rows made
-                # XLA gather every row's new keys and values across the shards first.
+                # XLA gather every row's new keys and values across the shards first. Each
+                # update is one (head, position)'s components, contiguous in the segment's
+                # layout: written as all heads at one position, the update spanned heads, and
+                # XLA's TPU compiler laid every segment out positions before heads for the
+                # scatter, copying it in and out on each call (BUILD.md).
+                heads = jnp.arange(seg.shape[1])
                 return jax.vmap(
-                    lambda seg_r, new_r, at_r: seg_r.at[:, at_r].set(new_r, mode="drop")
+                    lambda seg_r, new_r, at_r: seg_r.at[heads, at_r].set(new_r, mode="drop")
                 )(seg, new, at)
             if s != n_seg - 1:
                 return seg
