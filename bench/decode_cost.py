@@ -13,9 +13,18 @@ read where it lies).
     python bench/decode_cost.py                 # float32, batch 64, prompt 256, 512 and 4096 new
     python bench/decode_cost.py --new-tokens 64 --model small
     python bench/decode_cost.py --new-tokens 512 --breakdown   # each window's bytes by jax op
+    JAX_PLATFORMS=cpu PYTHONPATH=/tmp/tpulib python bench/decode_cost.py --slice v5e-1 \
+        --dtype bfloat16                        # XLA's TPU compiler (libtpu, nothing runs)
 
 Use float32 (the default): XLA:CPU converts bf16 weights and caches to f32 every step, which an
 accelerator does not do, so a bf16 compile on CPU measures the conversion, not the design.
+`--slice` compiles for the first chip of a TPU slice instead (`plan.compile_only_devices`, the
+caches in the TPU's layout, `kv_layout_for("tpu")`): what the fusing compiler of the platform the
+library is built for makes of the same decode. There it compiles the whole decode loop (its
+schedule differs from a lone step's) and counts one iteration of each window's loop body in device
+memory (`bytes_by_op(..., hbm_only=True)`): XLA's own `bytes accessed` on a TPU also counts the
+moves into on-chip memory and every on-chip operand. An estimate read off the compiled program,
+not a measurement on a TPU.
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from laserjax import plan
 from laserjax import sampler as sm
 from laserjax.model import Transformer, TransformerConfig
+from laserjax.model.transformer import kv_layout_for
 
 PRESETS = {
     "0.5b": dict(
@@ -105,10 +116,12 @@ def big_moves(hlo: str, min_bytes: int) -> list[str]:
     return out
 
 
-def _shape_bytes(shape: str) -> int:
+def _shape_bytes(shape: str, hbm_only: bool = False) -> int:
+    """Bytes of the arrays in an HLO shape; `hbm_only`: only those in device memory (a TPU
+    layout's `S(n)` marks an array held on chip: VMEM, SMEM or a sync flag)."""
     total = 0
-    for m in re.finditer(r"(\w+)\[([0-9,]*)\]", shape):
-        if m.group(1) in _BYTES:
+    for m in re.finditer(r"(\w+)\[([0-9,]*)\](\{[^}]*\})?", shape):
+        if m.group(1) in _BYTES and not (hbm_only and "S(" in (m.group(3) or "")):
             n = 1
             for d in m.group(2).split(","):
                 n *= int(d) if d else 1
@@ -116,15 +129,26 @@ def _shape_bytes(shape: str) -> int:
     return total
 
 
+_SKIPPED = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast")
+_SKIPPED += ("slice-done", "copy-done")  # an async move is counted at its start
+_IN_PLACE = ("dynamic-update-slice", "scatter")  # their result is their operand, updated
+_ARRAY = re.compile(r"(\w+\[[0-9,]*\])(\{[^}]*\})?")
 _INSTR = re.compile(r"\s*(?:ROOT )?(%\S+) = (.+?) ([\w-]+)\((.*?)\)(, .*)?$")
 
 
-def bytes_by_op(hlo: str) -> dict[str, int]:
+def bytes_by_op(hlo: str, hbm_only: bool = False, start: str | None = None) -> dict[str, int]:
     """An estimate of XLA's `bytes accessed`, split by the jax op each top-level instruction of
     the entry computation (and of while bodies) came from: operands plus result, where a fused
-    operand only sliced inside its fusion counts its slices and an in-place update counts no
-    result (as XLA's cost analysis counts them). Layer numbers are folded, so the 24 layers'
-    copies of an op add up to one entry."""
+    operand only sliced inside its fusion counts its slices and an in-place update (a
+    dynamic-update-slice or scatter) counts its updates alone (as XLA's cost analysis counts a
+    dynamic-update-slice). Layer numbers are folded, so the 24 layers'
+    copies of an op add up to one entry.
+
+    `hbm_only` (a TPU program): only device-memory traffic. XLA's TPU schedule moves weights and
+    caches into on-chip memory ahead of their use (`slice-start` / `copy-start`, each counted as
+    its destination's bytes read from device memory) and keeps activations there; its own
+    `bytes accessed` counts every such move twice and every on-chip operand as well. `start`:
+    the computation to count from (a while loop's body: one iteration), default the entry."""
     comps: dict[str, list[str]] = {}
     cur, entry = None, None
     for line in hlo.splitlines():
@@ -141,7 +165,7 @@ def bytes_by_op(hlo: str) -> dict[str, int]:
     shapes = {name: out for instrs in parsed.values() for name, out, *_ in instrs}
 
     def operand_bytes(fused: str | None, i: int, full: int) -> int:
-        if fused is None:
+        if fused is None or not full:
             return full
         instrs = parsed.get(fused, [])
         param = next(
@@ -150,7 +174,7 @@ def bytes_by_op(hlo: str) -> dict[str, int]:
         uses = [u for u in instrs if param in [a.strip() for a in u[3].split(",")]]
         if uses and all(u[2] in ("dynamic-slice", "slice") for u in uses):
             return sum(_shape_bytes(u[1]) for u in uses)
-        if uses and all(u[2] == "dynamic-update-slice" for u in uses):
+        if uses and all(u[2] in _IN_PLACE for u in uses):
             return 0
         return full
 
@@ -159,29 +183,41 @@ def bytes_by_op(hlo: str) -> dict[str, int]:
     def walk(comp: str) -> None:
         for _, shape, op, args, rest in parsed[comp]:
             rest = rest or ""
-            if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+            if op in _SKIPPED:
                 continue
             if op == "while":
                 walk(re.search(r"body=(%[^,\s]+)", rest).group(1))
                 continue
-            calls = re.search(r"calls=(%[^,\s]+)", rest)
-            fused = calls.group(1) if op == "fusion" and calls else None
             operands = [a.strip() for a in args.split(",") if a.strip().startswith("%")]
-            nbytes = sum(
-                operand_bytes(fused, i, _shape_bytes(shapes.get(a, "")))
-                for i, a in enumerate(operands)
-            )
-            in_place = fused and any(
-                o == "dynamic-update-slice" for _, _, o, *_ in parsed[fused][-1:]
-            )
-            nbytes += 0 if in_place else _shape_bytes(shape)
+            if op in ("slice-start", "copy-start"):  # one move: its destination's bytes
+                arrays = _ARRAY.findall(shape)  # ((source), dest, flag) / (dest, source, flag)
+                dest = "".join(arrays[1] if op == "slice-start" else arrays[0])
+                moved = _shape_bytes(dest)
+                source = shapes.get(operands[0], "")
+                nbytes = moved * (bool(_shape_bytes(source, True)) + bool(_shape_bytes(dest, True)))
+            else:
+                calls = re.search(r"calls=(%[^,\s]+)", rest)
+                fused = calls.group(1) if op == "fusion" and calls else None
+                nbytes = sum(
+                    operand_bytes(fused, i, _shape_bytes(shapes.get(a, ""), hbm_only))
+                    for i, a in enumerate(operands)
+                )
+                in_place = fused and any(o in _IN_PLACE for _, _, o, *_ in parsed[fused][-1:])
+                nbytes += 0 if in_place else _shape_bytes(shape, hbm_only)
             meta = re.search(r'op_name="([^"]*)"', rest)
             key = re.sub(r"^(jit\([^)]*\)/)+", "", meta.group(1) if meta else op)
             key = re.sub(r"\d+", "#", key)
             out[key] = out.get(key, 0) + nbytes
 
-    walk(entry)
+    walk(start or entry)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def while_bodies(hlo: str) -> list[str]:
+    """The bodies of the entry computation's while loops, in program order."""
+    entry = hlo[hlo.index("\nENTRY ") :]
+    entry = entry[: entry.index("\n}")]
+    return re.findall(r"= .+? while\(.*?body=(%[^,\s]+)", entry)
 
 
 def main() -> None:
@@ -204,9 +240,15 @@ def main() -> None:
         action="store_true",
         help="also print each window's bytes split by jax op (`bytes_by_op`)",
     )
+    ap.add_argument(
+        "--slice",
+        help="compile for the first chip of this TPU slice (e.g. v5e-1; needs libtpu, "
+        "JAX_PLATFORMS=cpu)",
+    )
     args = ap.parse_args()
 
     shape = PRESETS[args.model]
+    layout = {"kv_layout": kv_layout_for("tpu")} if args.slice else {}
     cfg = TransformerConfig(
         model_type="qwen2",
         rope_theta=1e6,
@@ -215,8 +257,19 @@ def main() -> None:
         dtype=args.dtype,
         param_dtype=args.dtype,
         **shape,
+        **layout,
     )
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    on = None
+    if args.slice:
+        chip = jax.sharding.SingleDeviceSharding(plan.compile_only_devices(args.slice)[0])
+
+        def on(tree):
+            return jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip), tree
+            )
+
+        params = on(params)
     item = jnp.dtype(args.dtype).itemsize
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
@@ -225,7 +278,8 @@ def main() -> None:
     emit(
         what="env",
         jax=jax.__version__,
-        backend=jax.default_backend(),
+        backend=f"tpu ({args.slice}, compile only)" if args.slice else jax.default_backend(),
+        kv_layout=cfg.kv_layout,
         model=args.model,
         dtype=args.dtype,
         batch=b,
@@ -241,19 +295,40 @@ def main() -> None:
             cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
         )
         prefix, state = abstract_rollout(graphdef, params, s, b, p, windows)
+        if on:
+            prefix, state = on(prefix), on(state)
         layer_slice = rows * min(windows) * kv_tok // (2 * cfg.num_layers)
         worst, weighted, need_sum, lo = 0.0, 0.0, 0.0, 0
-        for w in windows:
-
-            def step(pr, pre, st, w=w, s=s):
-                return sm._decode_step(nnx.merge(graphdef, pr), pre, st, s, w)
-
+        if args.slice:  # the whole decode loop: on a TPU its bodies move more than one step
             t0 = time.perf_counter()
-            compiled = jax.jit(step, donate_argnums=(2,)).lower(params, prefix, state).compile()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            got = float(cost["bytes accessed"])
-            moves = big_moves(compiled.as_text(), layer_slice)
+            loop_hlo = (
+                jax.jit(
+                    lambda pr, pre, st, s=s: sm._decode_loop(graphdef, pr, pre, st, s, lambda x: x),
+                    donate_argnums=(2,),
+                )
+                .lower(params, prefix, state)
+                .compile()
+                .as_text()
+            )
+            bodies = dict(zip(windows, while_bodies(loop_hlo), strict=True))
+            loop_s = time.perf_counter() - t0
+        for w in windows:
+            if args.slice:
+                hlo, xla, compile_s = loop_hlo, None, loop_s
+                got = sum(bytes_by_op(hlo, hbm_only=True, start=bodies[w]).values())
+            else:
+
+                def step(pr, pre, st, w=w, s=s):
+                    return sm._decode_step(nnx.merge(graphdef, pr), pre, st, s, w)
+
+                t0 = time.perf_counter()
+                jitted = jax.jit(step, donate_argnums=(2,))
+                compiled = jitted.lower(params, prefix, state).compile()
+                cost = compiled.cost_analysis()
+                cost = cost[0] if isinstance(cost, list) else cost
+                xla = got = float(cost["bytes accessed"])
+                hlo, compile_s = compiled.as_text(), time.perf_counter() - t0
+            moves = big_moves(hlo, layer_slice)
 
             def need(pos):
                 return params_bytes + (b * p + rows * (pos + 1)) * kv_tok
@@ -270,8 +345,8 @@ def main() -> None:
                 new_tokens=t,
                 window=w,
                 steps=f"{lo}..{w - 1}",
-                compile_s=round(time.perf_counter() - t0, 1),
-                xla_bytes=got,
+                compile_s=round(compile_s, 1),
+                **({"hbm_bytes_from_hlo": got} if args.slice else {"xla_bytes": xla}),
                 min_bytes_first_step=need(lo),
                 ratio_first_step=round(first, 3),
                 ratio_last_step=round(got / need(w - 1), 3),
@@ -279,12 +354,12 @@ def main() -> None:
                 examples=moves[:3],
             )
             if args.breakdown:
-                split = bytes_by_op(compiled.as_text())
+                split = bytes_by_op(hlo, bool(args.slice), bodies[w] if args.slice else None)
                 emit(
                     what="window_bytes_by_op",
                     new_tokens=t,
                     window=w,
-                    estimate_over_xla=round(sum(split.values()) / got, 4),
+                    estimate_over_xla=round(sum(split.values()) / xla, 4) if xla else None,
                     mb={k: round(v / 1e6, 1) for k, v in split.items() if v >= 1e6},
                 )
             lo = w
