@@ -132,6 +132,7 @@ def _shape_bytes(shape: str, hbm_only: bool = False) -> int:
 _SKIPPED = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast")
 _SKIPPED += ("slice-done", "copy-done")  # an async move is counted at its start
 _IN_PLACE = ("dynamic-update-slice", "scatter")  # their result is their operand, updated
+_READS_PART = ("dynamic-slice", "slice", "gather")  # read only what they return
 _ARRAY = re.compile(r"(\w+\[[0-9,]*\])(\{[^}]*\})?")
 _INSTR = re.compile(r"\s*(?:ROOT )?(%\S+) = (.+?) ([\w-]+)\((.*?)\)(, .*)?$")
 
@@ -139,9 +140,9 @@ _INSTR = re.compile(r"\s*(?:ROOT )?(%\S+) = (.+?) ([\w-]+)\((.*?)\)(, .*)?$")
 def bytes_by_op(hlo: str, hbm_only: bool = False, start: str | None = None) -> dict[str, int]:
     """An estimate of XLA's `bytes accessed`, split by the jax op each top-level instruction of
     the entry computation (and of while bodies) came from: operands plus result, where a fused
-    operand only sliced inside its fusion counts its slices and an in-place update (a
-    dynamic-update-slice or scatter) counts its updates alone (as XLA's cost analysis counts a
-    dynamic-update-slice). Layer numbers are folded, so the 24 layers'
+    operand only sliced or gathered inside its fusion counts what is taken, and an in-place update
+    (a dynamic-update-slice or scatter, fused or not) counts its updates alone (as XLA's cost
+    analysis counts a dynamic-update-slice). Layer numbers are folded, so the 24 layers'
     copies of an op add up to one entry.
 
     `hbm_only` (a TPU program): only device-memory traffic. XLA's TPU schedule moves weights and
@@ -172,7 +173,7 @@ def bytes_by_op(hlo: str, hbm_only: bool = False, start: str | None = None) -> d
             (n for n, _, op, a, _ in instrs if op == "parameter" and a.strip() == str(i)), None
         )
         uses = [u for u in instrs if param in [a.strip() for a in u[3].split(",")]]
-        if uses and all(u[2] in ("dynamic-slice", "slice") for u in uses):
+        if uses and all(u[2] in _READS_PART for u in uses):
             return sum(_shape_bytes(u[1]) for u in uses)
         if uses and all(u[2] in _IN_PLACE for u in uses):
             return 0
@@ -195,6 +196,14 @@ def bytes_by_op(hlo: str, hbm_only: bool = False, start: str | None = None) -> d
                 moved = _shape_bytes(dest)
                 source = shapes.get(operands[0], "")
                 nbytes = moved * (bool(_shape_bytes(source, True)) + bool(_shape_bytes(dest, True)))
+            elif op in _IN_PLACE and _shape_bytes(shape, True) == _shape_bytes(shape):
+                # Unfused, in device memory: the operand is updated where it lies.
+                updates = operands[1:] if op == "dynamic-update-slice" else operands[2:]
+                nbytes = sum(_shape_bytes(shapes.get(a, ""), hbm_only) for a in updates)
+            elif op in _READS_PART:  # unfused: reads what it returns (and its indices)
+                source = _shape_bytes(shapes.get(operands[0], ""), hbm_only)
+                nbytes = (_shape_bytes(shape) if source else 0) + _shape_bytes(shape, hbm_only)
+                nbytes += sum(_shape_bytes(shapes.get(a, ""), hbm_only) for a in operands[1:])
             else:
                 calls = re.search(r"calls=(%[^,\s]+)", rest)
                 fused = calls.group(1) if op == "fusion" and calls else None
