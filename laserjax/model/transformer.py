@@ -419,6 +419,24 @@ class PrefixCache:
     v: tuple[jax.Array, ...]
     mask_bp: jax.Array
 
+    def rows(self, rows_b: jax.Array, shards: int = 1) -> PrefixCache:
+        """The cache of each of B rows, row b holding entry `rows_b[b]` (a pool of prompts shared
+        by rows, as in continuous batching). With `shards` = D > 1 the entries and the rows are
+        split into D equal blocks and row block d reads only entry block d (each batch shard of
+        a mesh gathers from its own entries)."""
+
+        def take(x):
+            if shards == 1:
+                return x[rows_b]
+            # Block by block (vmap: the block axis is a batch axis of the gather), so on a mesh
+            # no shard reads another's entries.
+            blocks = x.reshape(shards, -1, *x.shape[1:])
+            local = rows_b.reshape(shards, -1) - blocks.shape[1] * jnp.arange(shards)[:, None]
+            out = jax.vmap(lambda pool, rows: pool[rows])(blocks, local)
+            return out.reshape(-1, *x.shape[1:])
+
+        return PrefixCache(tuple(map(take, self.k)), tuple(map(take, self.v)), take(self.mask_bp))
+
 
 @flax.struct.dataclass
 class SuffixCache:
@@ -943,8 +961,6 @@ class Transformer(nnx.Module):
         step: jax.Array,
         *,
         window: int | None = None,
-        prefix_rows_b: jax.Array | None = None,
-        prefix_shards: int = 1,
         return_hidden: bool = False,
         row_shards: int = 1,
     ) -> tuple[jax.Array, SuffixCache] | tuple[jax.Array, SuffixCache, jax.Array]:
@@ -958,11 +974,8 @@ class Transformer(nnx.Module):
         that can be live. `step` is a scalar (every row at the same index, which must lie in the
         window's last segment: one in-place dynamic-update-slice per layer) or an int array
         [B, K] (rows at their own indices below the window, as in continuous batching: a scatter
-        per segment that drops the rows outside it). `prefix_rows_b`, when given, says which row
-        of the prefix cache each of the B rows attends to (a pool of prompts shared by rows);
-        with `prefix_shards` = D > 1 the pool and the rows are split into D equal blocks and row
-        block d reads only pool block d (each batch shard of a mesh gathers from its own
-        entries). `return_hidden` adds the final-normalised hidden states [B, K, D] (for
+        per segment that drops the rows outside it; the prefix then holds one entry per row,
+        `PrefixCache.rows`). `return_hidden` adds the final-normalised hidden states [B, K, D] (for
         `token_logit`). `row_shards` > 1: the rows are split over that many devices
         (`Embed.rows`).
         """
@@ -999,19 +1012,6 @@ class Transformer(nnx.Module):
                 return seg
             return jax.lax.dynamic_update_slice(seg, new[:, :, None], (0, 0, step - lo, 0))
 
-        def pre(x):  # the prefix cache rows of the B rows
-            if prefix_rows_b is None:
-                return x
-            if prefix_shards == 1:
-                return x[prefix_rows_b]
-            # Block by block (vmap: the block axis is a batch axis of the gather), so on a mesh
-            # no shard reads another's pool entries.
-            blocks = x.reshape(prefix_shards, -1, *x.shape[1:])
-            local = prefix_rows_b.reshape(prefix_shards, -1)
-            local = local - blocks.shape[1] * jnp.arange(prefix_shards)[:, None]
-            out = jax.vmap(lambda pool, rows: pool[rows])(blocks, local)
-            return out.reshape(-1, *x.shape[1:])
-
         masks = None
         if not suffix.augmented:  # plain caches: the prompt mask, and suffix positions <= step
             step_r = step_bk.reshape(-1, 1)
@@ -1019,7 +1019,7 @@ class Transformer(nnx.Module):
                 lo + jnp.arange(hi - lo)[None, :] <= step_r
                 for lo, hi in zip(starts[:n_seg], bounds[:n_seg], strict=True)
             ]
-            masks = (pre(prefix.mask_bp), block_masks)
+            masks = (prefix.mask_bp, block_masks)
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             h = block.input_layernorm(x)
@@ -1030,7 +1030,7 @@ class Transformer(nnx.Module):
             vs = [write(seg, v_now, s) for s, seg in enumerate(suffix.v[i][:n_seg])]
             x = x + block.self_attn.attend_cached(
                 q,
-                (pre(prefix.k[i]), pre(prefix.v[i])),
+                (prefix.k[i], prefix.v[i]),
                 list(zip(ks, vs, strict=True)),
                 masks,
             )
