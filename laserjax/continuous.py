@@ -325,8 +325,8 @@ def _slot_loop(
     blocks the slots and the pool are split into (slot block d reads pool block d).
 
     No slot changes prompt inside the loop, so each slot's prompt cache is taken out of the pool
-    once per call, not every step: gathered every step, XLA's TPU loop read and wrote 0.7 GB a
-    step more than the rows' caches at the 0.5B shape with 64 slots (bench/README)."""
+    once per call, not every step: gathered every step, XLA's TPU slot loop read 2.25 GB a step
+    at the 0.5B shape with 64 slots, 1.87 GB now (compile only, bench/README)."""
     prefix = pool.prefix.rows(st.pool_s, shards)
     prompt_len_s = pool.prompt_len_e[st.pool_s]
 
