@@ -13,7 +13,7 @@ read where it lies).
     python bench/decode_cost.py                 # float32, batch 64, prompt 256, 512 and 4096 new
     python bench/decode_cost.py --new-tokens 64 --model small
     python bench/decode_cost.py --new-tokens 512 --breakdown   # each window's bytes by jax op
-    JAX_PLATFORMS=cpu PYTHONPATH=/tmp/tpulib python bench/decode_cost.py --slice v5e-1 \
+    JAX_PLATFORMS=cpu PYTHONPATH=/tmp/tpulib python bench/decode_cost.py --slice v5e-8 \
         --dtype bfloat16                        # XLA's TPU compiler (libtpu, nothing runs)
 
 Use float32 (the default): XLA:CPU converts bf16 weights and caches to f32 every step, which an
@@ -251,7 +251,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--slice",
-        help="compile for the first chip of this TPU slice (e.g. v5e-1; needs libtpu, "
+        help="compile for the first chip of this TPU slice (e.g. v5e-8; needs libtpu, "
         "JAX_PLATFORMS=cpu)",
     )
     args = ap.parse_args()
