@@ -255,9 +255,11 @@ def _slot_step(
     seed_key: jax.Array,
     s: SamplingSettings,
     window: int,
+    write_after_read: bool = False,
 ) -> SlotState:
     """`sampler._decode_step` with every slot at its own response index; `prefix` holds each
-    slot's prompt cache (`PrefixCache.rows` of the pool) and `prompt_len_s` its length."""
+    slot's prompt cache (`PrefixCache.rows` of the pool) and `prompt_len_s` its length;
+    `write_after_read`: `Transformer.decode`'s."""
     t = s.max_new_tokens
     n = st.pos_s.shape[0]
     live = st.occupied_s & ~st.complete_s
@@ -270,6 +272,7 @@ def _slot_step(
         window=window,
         return_hidden=True,
         row_shards=s.batch_shards,
+        write_after_read=write_after_read,
     )
     pending = st.finished_s & live
     nxt = st.pos_s + 1
@@ -318,15 +321,18 @@ def _slot_loop(
     window: int,
     pin=lambda st: st,
     shards: int = 1,
+    write_after_read: bool = False,
 ) -> SlotState:
     """Steps while some row is live and every live row's next position fits the window; stop
     early when `stop_free` (> 0) slots have freed or the live rows drop to `min_live`. `pin`
     keeps each step's state on the mesh's shardings (`_pinner`); `shards` is the number of
-    blocks the slots and the pool are split into (slot block d reads pool block d).
+    blocks the slots and the pool are split into (slot block d reads pool block d);
+    `write_after_read`: `Transformer.decode`'s (`writes_after_reading`).
 
     No slot changes prompt inside the loop, so each slot's prompt cache is taken out of the pool
     once per call, not every step: gathered every step, XLA's TPU slot loop read 2.25 GB a step
-    at the 0.5B shape with 64 slots, 1.87 GB now (compile only, bench/README)."""
+    at the 0.5B shape with 64 slots, 1.87 GB taken once, 1.65 GB writing after reading
+    (compile only, bench/README)."""
     prefix = pool.prefix.rows(st.pool_s, shards)
     prompt_len_s = pool.prompt_len_e[st.pool_s]
 
@@ -337,9 +343,12 @@ def _slot_loop(
         refill = (stop_free > 0) & (freed.sum() >= stop_free)
         return jnp.any(live) & fits & ~refill & (live.sum() > min_live)
 
-    return jax.lax.while_loop(
-        cond, lambda st: pin(_slot_step(model, prefix, prompt_len_s, st, seed_key, s, window)), st
-    )
+    def step(st: SlotState) -> SlotState:
+        return pin(
+            _slot_step(model, prefix, prompt_len_s, st, seed_key, s, window, write_after_read)
+        )
+
+    return jax.lax.while_loop(cond, step, st)
 
 
 def _status(st: SlotState) -> dict[str, jax.Array]:
@@ -447,15 +456,28 @@ def empty_buffers(
     return pool, _empty_slots(cfg, slots, s, tuple(windows))
 
 
+def writes_after_reading(mesh: Mesh | None) -> bool:
+    """Whether the slot loop on `mesh`'s devices (default: jax's default backend) writes each
+    step's keys and values after attention has read the caches (`Transformer.decode`'s
+    `write_after_read`): on a TPU only (the slot loop at the 0.5B shape, 64 slots, compile only:
+    1.65 GB a step against 1.87). XLA:CPU copies every segment to do so (4.1 GB a step without,
+    7.4 with), and XLA's GPU compiler spends a kernel per layer on the extra part for 3% fewer
+    bytes (bench/README)."""
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    return platform == "tpu"
+
+
 def programs(
-    graphdef: nnx.GraphDef, mesh: Mesh | None
+    graphdef: nnx.GraphDef, mesh: Mesh | None, write_after_read: bool | None = None
 ) -> tuple[Callable[..., Pool], Callable[..., SlotState]]:
     """The two programs that hold a rollout's memory, jitted: `prefill(params, pool, tokens_bp,
     mask_bp, entry_b, prompt_b, seed_key, s=)` (prompts into pool entries; the pool donated) and
     `loop(params, pool, st, seed_key, stop_free, min_live, s=, window=)` (`_slot_loop`; the
-    slots donated). `ContinuousSampler` runs them; `plan --compile` compiles them from shapes."""
+    slots donated). `ContinuousSampler` runs them; `plan --compile` compiles them from shapes.
+    `write_after_read`: default `writes_after_reading(mesh)`."""
     pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
     per = sharding.batch_shards(mesh)
+    after = writes_after_reading(mesh) if write_after_read is None else write_after_read
 
     def model(params):
         return nnx.merge(graphdef, params)
@@ -469,7 +491,7 @@ def programs(
     )
     loop = jax.jit(
         lambda params, pool, st, *a, s, window: _slot_loop(
-            model(gather_head(params)), pool, st, *a, s, window, pin, per
+            model(gather_head(params)), pool, st, *a, s, window, pin, per, after
         ),
         static_argnames=("s", "window"),
         donate_argnums=(2,),
@@ -490,9 +512,18 @@ class ContinuousSampler:
     made 64 returns instead of 210 and kept 93-94% of slot-steps busy instead of 96-98%, at a
     speed the machine's noise could not tell apart (`bench/tunix_lengths.py --refill 1 4`);
     where steps are short next to a host round trip (a GPU), it is the setting to measure.
+    `write_after_read` (default: by platform, `writes_after_reading`) only moves where each
+    step's keys and values are written; the rows drawn are the same.
     """
 
-    def __init__(self, sampler: Sampler, slots: int, windows: Sequence[int] = (), refill: int = 1):
+    def __init__(
+        self,
+        sampler: Sampler,
+        slots: int,
+        windows: Sequence[int] = (),
+        refill: int = 1,
+        write_after_read: bool | None = None,
+    ):
         mesh, per = sampler.mesh, sampler.batch_multiple
         _require(slots >= 1, "slots", f"must be >= 1, got {slots}")
         _require(
@@ -512,7 +543,7 @@ class ContinuousSampler:
         self.sampler, self.slots, self.windows = sampler, int(slots), ws
         self.mesh, self.per = mesh, per
         self.prefill_batch = -(-PREFILL_BATCH // per) * per
-        self._prefill, self._loop = programs(sampler.graphdef, mesh)
+        self._prefill, self._loop = programs(sampler.graphdef, mesh, write_after_read)
         pin = _pinner(mesh)
         self._update = jax.jit(
             lambda st, pool, *a, s: pin(_update_slots(st, pool, *a, s)),

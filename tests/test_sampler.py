@@ -21,9 +21,9 @@ from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
 from laserjax.config import MeshConfig
-from laserjax.continuous import ContinuousSampler
+from laserjax.continuous import ContinuousSampler, writes_after_reading
 from laserjax.model import Transformer, TransformerConfig
-from laserjax.model.transformer import kv_layout_for
+from laserjax.model.transformer import SuffixCache, kv_layout_for
 from laserjax.sampler import (
     Sampler,
     SamplingSettings,
@@ -830,6 +830,28 @@ def test_plain_kv_layout_draws_what_the_augmented_one_draws():
     for ref, got in zip(out["augmented"], out["plain"], strict=True):
         assert_equal_rollouts(got, ref)
     assert len(set(out["augmented"][0].lengths.tolist())) > 1  # rows of several lengths
+
+
+@pytest.mark.parametrize("layout", ["augmented", "plain"])
+def test_continuous_batching_writing_after_reading_draws_the_same_rows(batches, layout):
+    """`write_after_read` (the slot loop on a TPU or GPU, `writes_after_reading`; asked for here
+    on the CPU): each step attends over the segments as they were plus its own keys and values as
+    a part of their own, then writes them. Slots crossing segments (windows 2, 5, 8), on one
+    device and on a data 2 x fsdp 2 x tensor 2 mesh, in both cache layouts: every row equals the
+    static sampler's (tokens exactly; log-probs and log p(z_c) within 1e-5, two float32 sums of
+    the same softmax in another order)."""
+    assert not writes_after_reading(None)  # XLA:CPU would copy every segment (continuous.py)
+    _, state = nnx.split(tiny_model())
+    cfg = dataclasses.replace(CFG, kv_layout=layout)
+    model = nnx.merge(nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0))), state)
+    for mesh, slots in ((None, 3), (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), 4)):
+        smp = make_sampler(model, mesh)
+        cont = ContinuousSampler(smp, slots, (2, 5, T), write_after_read=True)
+        out, _ = cont.sample(PROMPTS, k=K, temperature=1.0, seed=SEED)
+        assert_equal_rollouts(out, batches[1.0])
+    one = jnp.zeros((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match="write_after_read needs per-row steps"):
+        model.decode(one, one, None, SuffixCache.zeros(cfg, 1, 1, T), 0, write_after_read=True)
 
 
 @pytest.mark.parametrize(

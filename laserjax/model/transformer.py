@@ -730,8 +730,16 @@ class Attention(nnx.Module):
             ]
             out = decode_kernel.merge_parts(parts)
         else:
+            # Each part's scores take their own copy of the queries (a barrier copies nothing):
+            # given one query array, XLA's GPU compiler merged the parts' score matmuls into one
+            # over the parts' keys concatenated, a copy of every part's keys and values each
+            # step (the slot loop at the 0.5B shape: 3.8 GB a step, 2.8 without; bench/README).
+            q_pre, *q_parts = jax.lax.optimization_barrier((q_pre, *[q_r] * len(blocks)))
             s_pre = jnp.einsum("bnqd,bntd->bnqt", q_pre, pk.astype(f32))
-            s_suf = [jnp.einsum("rngd,rntd->rngt", q_r, k.astype(f32)) for k, _ in blocks]
+            s_suf = [
+                jnp.einsum("rngd,rntd->rngt", q_p, k.astype(f32))
+                for q_p, (k, _) in zip(q_parts, blocks, strict=True)
+            ]
             if plain:  # masked positions score MASKED_KEY, as an augmented key's would
                 pre_mask, block_masks = masks
                 s_pre = jnp.where(pre_mask[:, None, None, :], s_pre, MASKED_KEY)
@@ -963,6 +971,7 @@ class Transformer(nnx.Module):
         window: int | None = None,
         return_hidden: bool = False,
         row_shards: int = 1,
+        write_after_read: bool = False,
     ) -> tuple[jax.Array, SuffixCache] | tuple[jax.Array, SuffixCache, jax.Array]:
         """One token for each of K samples per prompt, written at suffix index `step`.
 
@@ -978,6 +987,14 @@ class Transformer(nnx.Module):
         `PrefixCache.rows`). `return_hidden` adds the final-normalised hidden states [B, K, D] (for
         `token_logit`). `row_shards` > 1: the rows are split over that many devices
         (`Embed.rows`).
+
+        `write_after_read` (per-row steps only): attention reads the segments as they were, with
+        this step's keys and values as a part of their own, and the scatter writes them after.
+        Written first, the segments a step had just updated were attention's operands, and
+        XLA's TPU slot loop updated them on chip and copied them back every step (1.87 against
+        1.65 GB a step at the 0.5B shape with 64 slots, compile only, bench/README). XLA:CPU
+        cannot order the read before the in-place write and copies every segment instead, so
+        continuous batching asks for it on a TPU only (`continuous.writes_after_reading`).
         """
         inv_freq = rope_inv_freq(self.cfg)
         x = self.embed_tokens.rows(tokens_bk, self.dtype, sliced=row_shards == 1)
@@ -1012,28 +1029,36 @@ class Transformer(nnx.Module):
                 return seg
             return jax.lax.dynamic_update_slice(seg, new[:, :, None], (0, 0, step - lo, 0))
 
+        if write_after_read and not per_row:
+            raise ValueError("write_after_read needs per-row steps (an int array [B, K])")
         masks = None
         if not suffix.augmented:  # plain caches: the prompt mask, and suffix positions <= step
-            step_r = step_bk.reshape(-1, 1)
+            # (< step when this step's key and value come as a part of their own)
+            last_r = step_bk.reshape(-1, 1) - int(write_after_read)
             block_masks = [
-                lo + jnp.arange(hi - lo)[None, :] <= step_r
+                lo + jnp.arange(hi - lo)[None, :] <= last_r
                 for lo, hi in zip(starts[:n_seg], bounds[:n_seg], strict=True)
             ]
-            masks = (prefix.mask_bp, block_masks)
+            masks = (prefix.mask_bp, block_masks + [jnp.ones((1, 1), bool)] * write_after_read)
+
+        def as_part(new_bknd):  # [B, K, kv_heads, width] -> [B * K, kv_heads, 1, width]
+            new = new_bknd.astype(suffix.k[0][0].dtype)
+            return new.reshape(-1, *new.shape[2:])[:, :, None]
+
         new_k, new_v = [], []
         for i, block in enumerate(self.layers):
             h = block.input_layernorm(x)
             q, k_now, v_now = block.self_attn.qkv(h, positions_bk, inv_freq)
             if suffix.augmented:
                 k_now, v_now = augment_kv(k_now, v_now)
-            ks = [write(seg, k_now, s) for s, seg in enumerate(suffix.k[i][:n_seg])]
-            vs = [write(seg, v_now, s) for s, seg in enumerate(suffix.v[i][:n_seg])]
-            x = x + block.self_attn.attend_cached(
-                q,
-                (prefix.k[i], prefix.v[i]),
-                list(zip(ks, vs, strict=True)),
-                masks,
-            )
+            old_k, old_v = suffix.k[i][:n_seg], suffix.v[i][:n_seg]
+            ks = [write(seg, k_now, s) for s, seg in enumerate(old_k)]
+            vs = [write(seg, v_now, s) for s, seg in enumerate(old_v)]
+            if write_after_read:  # the segments as they were, and this step's key and value
+                parts = [*zip(old_k, old_v, strict=True), (as_part(k_now), as_part(v_now))]
+            else:
+                parts = list(zip(ks, vs, strict=True))
+            x = x + block.self_attn.attend_cached(q, (prefix.k[i], prefix.v[i]), parts, masks)
             x = x + block.mlp(block.post_attention_layernorm(x))
             new_k.append((*ks, *suffix.k[i][n_seg:]))
             new_v.append((*vs, *suffix.v[i][n_seg:]))
