@@ -15,6 +15,8 @@ read where it lies).
     python bench/decode_cost.py --new-tokens 512 --breakdown   # each window's bytes by jax op
     JAX_PLATFORMS=cpu PYTHONPATH=/tmp/tpulib python bench/decode_cost.py --slice v5e-8 \
         --dtype bfloat16                        # XLA's TPU compiler (libtpu, nothing runs)
+    JAX_PLATFORMS=cpu PYTHONPATH=/tmp/cudalib python bench/decode_cost.py --gpu h200 \
+        --dtype bfloat16 --new-tokens 512 --slots 64   # XLA's GPU compiler, the slot loop
 
 Use float32 (the default): XLA:CPU converts bf16 weights and caches to f32 every step, which an
 accelerator does not do, so a bf16 compile on CPU measures the conversion, not the design.
@@ -24,13 +26,16 @@ library is built for makes of the same decode. There it compiles the whole decod
 schedule differs from a lone step's) and counts one iteration of each window's loop body in device
 memory (`bytes_by_op(..., hbm_only=True)`): XLA's own `bytes accessed` on a TPU also counts the
 moves into on-chip memory and every on-chip operand. An estimate read off the compiled program,
-not a measurement on a TPU.
+not a measurement on a TPU. `--gpu h200` compiles for a GPU the same way, with no GPU here
+(`gpu_device`), and also counts each loop body's kernels. `--slots N`: continuous batching's slot
+loop (`slot_loop_cost`) instead of the static batch's decode loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import re
 import time
 
@@ -38,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from laserjax import continuous as cont
 from laserjax import plan
 from laserjax import sampler as sm
 from laserjax.model import Transformer, TransformerConfig
@@ -229,6 +235,68 @@ def while_bodies(hlo: str) -> list[str]:
     return re.findall(r"= .+? while\(.*?body=(%[^,\s]+)", entry)
 
 
+_NO_KERNEL = (*_SKIPPED, "opt-barrier", "while")
+
+
+def kernels(hlo: str, comp: str) -> int:
+    """Instructions of computation `comp` (a loop body) that run as kernels of their own on a
+    GPU: fusions, library calls, copies, ... (not parameters, tuples, bitcasts or barriers)."""
+    body = hlo[hlo.index(f"\n{comp} (") :]
+    body = body[: body.index("\n}")]
+    return sum(
+        1 for ln in body.splitlines()[1:] if (m := _INSTR.match(ln)) and m[3] not in _NO_KERNEL
+    )
+
+
+def gpu_device(spec: str) -> jax.Device:
+    """A compile-only GPU: XLA's GPU compiler for the card `spec` describes (a
+    GpuTargetConfigProto in text; a name looks in bench/gpu_targets/), with no GPU here. Needs
+    jax's CUDA plugin (`pip install --target DIR jax-cuda12-plugin==<jax version>
+    jax-cuda12-pjrt==<jax version>`, `PYTHONPATH=DIR`, `JAX_PLATFORMS=cpu`). Nothing is
+    autotuned: the card picks its own matmul kernels, so kernels and bytes are XLA's plan."""
+    from jax.experimental import topologies
+
+    path = pathlib.Path(spec)
+    if not path.exists():
+        path = pathlib.Path(__file__).parent / "gpu_targets" / f"{spec}.txtpb"
+    topo = topologies.get_topology_desc(
+        platform="cuda", target_config=path.read_text(), topology="1x1x1"
+    )
+    return topo.devices[0]
+
+
+def slot_loop_cost(cfg, graphdef, params, on, args, t: int, hbm_only: bool) -> dict:
+    """Continuous batching's slot loop (`continuous.programs`, as the library compiles it for
+    the device, `writes_after_reading`, unless `--write-after-read`), `args.slots` slots at its
+    widest window, every slot's prompt of `args.prompt_len` positions: one iteration's bytes
+    (`bytes_by_op` of the loop body) against the minimum, every parameter once and every slot's
+    prompt and window of keys and values (no two slots share a prompt's cache)."""
+    s = settings(cfg, args.k, t)
+    windows = cont.default_windows(t)
+    pool, st = jax.eval_shape(
+        lambda: cont.empty_buffers(cfg, args.slots, 1, args.prompt_len, s, windows)
+    )
+    pool, st = on(pool), on(st)
+    key = on(jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+    count = on(jax.ShapeDtypeStruct((), jnp.int32))
+    (device,) = jax.tree.leaves(params)[0].sharding.device_set
+    after = {"yes": True, "no": False}.get(args.write_after_read, device.platform == "tpu")
+    _, loop = cont.programs(graphdef, None, after)
+    t0 = time.perf_counter()
+    hlo = (
+        loop.lower(params, pool, st, key, count, count, s=s, window=windows[-1]).compile().as_text()
+    )
+    body = while_bodies(hlo)[-1]
+    return dict(
+        hlo=hlo,
+        body=body,
+        window=windows[-1],
+        write_after_read=after,
+        compile_s=time.perf_counter() - t0,
+        bytes=sum(bytes_by_op(hlo, hbm_only=hbm_only, start=body).values()),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="0.5b", choices=list(PRESETS))
@@ -254,10 +322,32 @@ def main() -> None:
         help="compile for the first chip of this TPU slice (e.g. v5e-8; needs libtpu, "
         "JAX_PLATFORMS=cpu)",
     )
+    ap.add_argument(
+        "--gpu",
+        help="compile for this GPU with none here (h200, h100, or a GpuTargetConfigProto text "
+        "file; needs jax's CUDA plugin, JAX_PLATFORMS=cpu): bytes and kernels per step",
+    )
+    ap.add_argument(
+        "--slots",
+        type=int,
+        default=0,
+        help="continuous batching's slot loop with this many slots instead of the static batch",
+    )
+    ap.add_argument(
+        "--write-after-read",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="the slot loop's `write_after_read` (auto: the library's choice for the device)",
+    )
     args = ap.parse_args()
 
     shape = PRESETS[args.model]
-    layout = {"kv_layout": kv_layout_for("tpu")} if args.slice else {}
+    device = platform = None
+    if args.slice:
+        device, platform = plan.compile_only_devices(args.slice)[0], "tpu"
+    elif args.gpu:
+        device, platform = gpu_device(args.gpu), "gpu"
+    layout = {"kv_layout": kv_layout_for(platform)} if platform else {}
     cfg = TransformerConfig(
         model_type="qwen2",
         rope_theta=1e6,
@@ -269,16 +359,13 @@ def main() -> None:
         **layout,
     )
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    on = None
-    if args.slice:
-        chip = jax.sharding.SingleDeviceSharding(plan.compile_only_devices(args.slice)[0])
+    chip = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
 
-        def on(tree):
-            return jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip), tree
-            )
+    def on(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip), tree)
 
-        params = on(params)
+    params = on(params)
+    hbm_only = platform == "tpu"
     item = jnp.dtype(args.dtype).itemsize
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
@@ -287,7 +374,9 @@ def main() -> None:
     emit(
         what="env",
         jax=jax.__version__,
-        backend=f"tpu ({args.slice}, compile only)" if args.slice else jax.default_backend(),
+        backend=f"{platform} ({args.slice or args.gpu}, compile only)"
+        if platform
+        else jax.default_backend(),
         kv_layout=cfg.kv_layout,
         model=args.model,
         dtype=args.dtype,
@@ -298,17 +387,38 @@ def main() -> None:
         kv_bytes_per_token=kv_tok,
     )
     summary = {}
+    if args.slots:
+        for t in args.new_tokens:
+            got = slot_loop_cost(cfg, graphdef, params, on, args, t, hbm_only)
+            need = params_bytes + args.slots * (p + got["window"]) * kv_tok
+            summary[t] = dict(per_step=round(got["bytes"] / need, 3))
+            emit(
+                what="slot_loop",
+                new_tokens=t,
+                slots=args.slots,
+                window=got["window"],
+                write_after_read=got["write_after_read"],
+                compile_s=round(got["compile_s"], 1),
+                bytes_per_step=got["bytes"],
+                min_bytes=need,
+                ratio=summary[t]["per_step"],
+                **({"kernels_per_step": kernels(got["hlo"], got["body"])} if args.gpu else {}),
+            )
+            if args.breakdown:
+                split = bytes_by_op(got["hlo"], hbm_only, got["body"])
+                mb = {k: round(v / 1e6, 1) for k, v in split.items() if v >= 1e6}
+                emit(what="slot_loop_bytes_by_op", new_tokens=t, mb=mb)
+        emit(what="summary", **{str(t): v for t, v in summary.items()})
+        return
     for t in args.new_tokens:
         s = settings(cfg, k, t)
         windows = sm.decode_windows_for(
             cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
         )
-        prefix, state = abstract_rollout(graphdef, params, s, b, p, windows)
-        if on:
-            prefix, state = on(prefix), on(state)
+        prefix, state = on(abstract_rollout(graphdef, params, s, b, p, windows))
         layer_slice = rows * min(windows) * kv_tok // (2 * cfg.num_layers)
         worst, weighted, need_sum, lo = 0.0, 0.0, 0.0, 0
-        if args.slice:  # the whole decode loop: on a TPU its bodies move more than one step
+        if platform:  # the whole decode loop: on a TPU its bodies move more than one step
             t0 = time.perf_counter()
             loop_hlo = (
                 jax.jit(
@@ -322,9 +432,9 @@ def main() -> None:
             bodies = dict(zip(windows, while_bodies(loop_hlo), strict=True))
             loop_s = time.perf_counter() - t0
         for w in windows:
-            if args.slice:
+            if platform:
                 hlo, xla, compile_s = loop_hlo, None, loop_s
-                got = sum(bytes_by_op(hlo, hbm_only=True, start=bodies[w]).values())
+                got = sum(bytes_by_op(hlo, hbm_only=hbm_only, start=bodies[w]).values())
             else:
 
                 def step(pr, pre, st, w=w, s=s):
@@ -355,7 +465,8 @@ def main() -> None:
                 window=w,
                 steps=f"{lo}..{w - 1}",
                 compile_s=round(compile_s, 1),
-                **({"hbm_bytes_from_hlo": got} if args.slice else {"xla_bytes": xla}),
+                **({"device_bytes_from_hlo": got} if platform else {"xla_bytes": xla}),
+                **({"kernels_per_step": kernels(hlo, bodies[w])} if args.gpu else {}),
                 min_bytes_first_step=need(lo),
                 ratio_first_step=round(first, 3),
                 ratio_last_step=round(got / need(w - 1), 3),
@@ -363,7 +474,7 @@ def main() -> None:
                 examples=moves[:3],
             )
             if args.breakdown:
-                split = bytes_by_op(hlo, bool(args.slice), bodies[w] if args.slice else None)
+                split = bytes_by_op(hlo, hbm_only, bodies[w] if platform else None)
                 emit(
                     what="window_bytes_by_op",
                     new_tokens=t,
