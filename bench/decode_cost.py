@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
+import sys
 import time
 
 import jax
@@ -297,6 +299,91 @@ def slot_loop_cost(cfg, graphdef, params, on, args, t: int, hbm_only: bool) -> d
     )
 
 
+def tunix_decode_step(device, args, hbm_only: bool) -> dict:
+    """Google Tunix 0.1.7's decode loop (`Sampler._decode_fn`, its static batch over a cache of
+    prompt + new tokens) compiled for `device` at the benchmark's shape (`--model 0.5b`, batch,
+    prompt, the first of `--new-tokens`, bf16; the peer benchmark's Qwen2 preset and import,
+    ../shared/bench/tunix_sampler_bench.py): one iteration's bytes (`bytes_by_op`) and kernels
+    (`kernels`: on a GPU). Nothing runs: the model is abstract and the prefill is traced for its
+    output's shapes."""
+    sys.path.append(str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench"))
+    if os.environ.get("TUNIX_DIR"):
+        sys.path.append(os.environ["TUNIX_DIR"])
+    import numpy as np
+    import tunix_sampler_bench as peer
+
+    _, sampler_lib, qwen2_lib = peer.import_tunix()
+    shape = peer.PRESETS[args.model]
+    cfg = qwen2_lib.ModelConfig(
+        num_layers=shape["layers"],
+        vocab_size=shape["vocab"],
+        embed_dim=shape["hidden"],
+        hidden_dim=shape["intermediate"],
+        num_heads=shape["heads"],
+        head_dim=shape["head_dim"],
+        num_kv_heads=shape["kv_heads"],
+        rope_theta=shape["rope_theta"],
+        norm_eps=shape["rms_eps"],
+        use_tied_embedding=shape["tied"],
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+    )
+    b, p, t, v = args.batch, args.prompt_len, args.new_tokens[0], shape["vocab"]
+    model = nnx.eval_shape(lambda: qwen2_lib.Qwen2(cfg, rngs=nnx.Rngs(params=0)))
+    cache = sampler_lib.CacheConfig(
+        cache_size=p + t,
+        num_layers=shape["layers"],
+        num_kv_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"],
+    )
+    sampler = sampler_lib.Sampler(model, peer.IdTokenizer(eos_id=v), cache)
+    chip = jax.sharding.SingleDeviceSharding(device)
+
+    def on(tree):
+        def put(x):
+            if not hasattr(x, "shape"):  # the state's static fields
+                return x
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=chip)
+
+        return jax.tree.map(put, tree)
+
+    def prefill(params, state, images, **kw):  # shapes only
+        def run(pr, st):
+            return sampler._prefill_fn(pr, st, images, **kw)
+
+        return jax.eval_shape(run, params, state)
+
+    class Compiled(Exception):
+        pass
+
+    def decode(params, state):
+        jitted = jax.jit(sampler._decode_fn, donate_argnums=(1,))
+        raise Compiled(jitted.lower(on(params), on(state)).compile().as_text())
+
+    sampler._compiled_prefill_fn, sampler._compiled_decode_fn = prefill, decode
+    ids = np.random.default_rng(0).integers(100, 50000, size=(b, p))
+    t0 = time.perf_counter()
+    try:
+        sampler(
+            [" ".join(map(str, row)) for row in ids],
+            max_generation_steps=t,
+            max_prompt_length=p,
+            echo=False,
+            temperature=1.0,
+            top_p=1.0,
+            eos_tokens=[v],
+            seed=0,
+        )
+    except Compiled as done:
+        hlo = done.args[0]
+    body = while_bodies(hlo)[-1]
+    return dict(
+        compile_s=round(time.perf_counter() - t0, 1),
+        bytes_per_step=sum(bytes_by_op(hlo, hbm_only=hbm_only, start=body).values()),
+        kernels_per_step=kernels(hlo, body),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="0.5b", choices=list(PRESETS))
@@ -332,6 +419,12 @@ def main() -> None:
         type=int,
         default=0,
         help="continuous batching's slot loop with this many slots instead of the static batch",
+    )
+    ap.add_argument(
+        "--tunix",
+        action="store_true",
+        help="also compile Google Tunix 0.1.7's decode loop at the same shape (TUNIX_DIR: where "
+        "it is installed, as for tunix_lengths.py); with --slice or --gpu",
     )
     ap.add_argument(
         "--write-after-read",
@@ -387,6 +480,11 @@ def main() -> None:
         kv_bytes_per_token=kv_tok,
     )
     summary = {}
+    if args.tunix:
+        tunix = tunix_decode_step(device, args, hbm_only)
+        if not args.gpu:  # a TPU program's instructions are not kernels
+            del tunix["kernels_per_step"]
+        emit(what="tunix_decode_step", new_tokens=args.new_tokens[0], **tunix)
     if args.slots:
         for t in args.new_tokens:
             got = slot_loop_cost(cfg, graphdef, params, on, args, t, hbm_only)
@@ -417,7 +515,7 @@ def main() -> None:
         )
         prefix, state = on(abstract_rollout(graphdef, params, s, b, p, windows))
         layer_slice = rows * min(windows) * kv_tok // (2 * cfg.num_layers)
-        worst, weighted, need_sum, lo = 0.0, 0.0, 0.0, 0
+        worst, weighted, need_sum, lo, launched = 0.0, 0.0, 0.0, 0, 0
         if platform:  # the whole decode loop: on a TPU its bodies move more than one step
             t0 = time.perf_counter()
             loop_hlo = (
@@ -458,6 +556,7 @@ def main() -> None:
             first = got / need(lo)
             worst = max(worst, first)
             weighted += got * len(steps)
+            launched += kernels(hlo, bodies[w]) * len(steps) if args.gpu else 0
             need_sum += sum(need(i) for i in steps)
             emit(
                 what="window",
@@ -484,6 +583,13 @@ def main() -> None:
                 )
             lo = w
         summary[t] = dict(worst=round(worst, 3), average=round(weighted / need_sum, 3))
+        summary[t]["bytes_per_step"] = round(weighted / t)  # steps 0 .. t - 1
+        if args.gpu:
+            summary[t]["kernels_per_step"] = round(launched / t)
+        if args.tunix and t == args.new_tokens[0]:
+            summary[t]["tunix_bytes_over_laserjax"] = round(
+                tunix["bytes_per_step"] / summary[t]["bytes_per_step"], 2
+            )
         emit(what="generation", new_tokens=t, windows=list(windows), **summary[t])
     emit(what="summary", goal="<= 1.3 at every step", **{str(t): v for t, v in summary.items()})
 
