@@ -1039,7 +1039,8 @@ class Transformer(nnx.Module):
                 lo + jnp.arange(hi - lo)[None, :] <= last_r
                 for lo, hi in zip(starts[:n_seg], bounds[:n_seg], strict=True)
             ]
-            masks = (prefix.mask_bp, block_masks + [jnp.ones((1, 1), bool)] * write_after_read)
+            new_part = [jnp.ones((1, 1), bool)] if write_after_read else []
+            masks = (prefix.mask_bp, block_masks + new_part)
 
         def as_part(new_bknd):  # [B, K, kv_heads, width] -> [B * K, kv_heads, 1, width]
             new = new_bknd.astype(suffix.k[0][0].dtype)
