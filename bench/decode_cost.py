@@ -258,12 +258,22 @@ def gpu_device(spec: str) -> jax.Device:
     autotuned: the card picks its own matmul kernels, so kernels and bytes are XLA's plan."""
     from jax.experimental import topologies
 
-    path = pathlib.Path(spec)
+    path, known = pathlib.Path(spec), pathlib.Path(__file__).parent / "gpu_targets"
     if not path.exists():
-        path = pathlib.Path(__file__).parent / "gpu_targets" / f"{spec}.txtpb"
-    topo = topologies.get_topology_desc(
-        platform="cuda", target_config=path.read_text(), topology="1x1x1"
-    )
+        path = known / f"{spec}.txtpb"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in known.glob("*.txtpb")))
+        raise SystemExit(f"--gpu {spec}: not a file, nor one of bench/gpu_targets' {names}")
+    try:
+        topo = topologies.get_topology_desc(
+            platform="cuda", target_config=path.read_text(), topology="1x1x1"
+        )
+    except NotImplementedError:  # no CUDA plugin on the path
+        raise SystemExit(
+            f"--gpu: XLA's GPU compiler is not here; pip install --target DIR "
+            f'"jax-cuda12-plugin=={jax.__version__}" "jax-cuda12-pjrt=={jax.__version__}" and '
+            "run with PYTHONPATH=DIR JAX_PLATFORMS=cpu"
+        ) from None
     return topo.devices[0]
 
 
