@@ -697,9 +697,16 @@ class Attention(nnx.Module):
         Scores and the weighted sum are batched matmuls over (row, kv head) in the caches' own
         layout ([..., kv_heads, t, width], contracting head_dim, then t), so XLA reads
         each cache array where it lies, and the scores are written once and read by the max and
-        by exp-times-V. The softmax over the prefix and every segment is exact: one max over all
-        of them, one sum. With `decode_impl` pallas each part is one kernel instead
-        (`decode_kernel.part_attention`) and the parts merge by their maxima (`merge_parts`).
+        by exp-times-V. The softmax over the prefix and every segment is exact. Augmented caches
+        (the CPU's and GPU's) take one max over all parts and one sum. Plain ones (a TPU's) take
+        each part's own max and sum and merge the parts by their maxima: a part's scores are
+        then dead once its sums are taken, where one max over all parts kept every part's
+        scores alive until the last, and XLA's TPU slot loop moved the long parts' scores
+        through device memory (4096 new tokens, 64 slots, 0.5B shape: 5.2 against 4.4 GB a
+        step, compile only; bench/README). XLA:CPU reads the same bytes either way; XLA's GPU
+        compiler spends a kernel per part and layer on the merge. With `decode_impl` pallas each
+        part is one kernel instead (`decode_kernel.part_attention`), merged the same way
+        (`merge_parts`).
         """
         f32 = jnp.float32
         b, kk = q_bkhd.shape[:2]
@@ -747,18 +754,31 @@ class Attention(nnx.Module):
                     jnp.where(mask[:, None, None, :], s, MASKED_KEY)
                     for s, mask in zip(s_suf, block_masks, strict=True)
                 ]
-            m_r = functools.reduce(
-                jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1))
-            )
-            e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
-            acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
-            total = pre_to_rows(e_pre.sum(-1))[..., None] if plain else 0.0
-            for s, (_, v) in zip(s_suf, blocks, strict=True):
-                e = jnp.exp(s - m_r[..., None])
-                acc = acc + jnp.einsum("rngt,rntd->rngd", e, v.astype(f32))
-                if plain:
-                    total = total + e.sum(-1)[..., None]
-            out = acc / total if plain else acc[..., :d] / acc[..., d:]
+            if plain:  # each part its own max, merged after (see the docstring)
+
+                def part(s, v, eq):  # (weighted values and the weights' sum, max)
+                    m = s.max(-1)
+                    e = jnp.exp(s - m[..., None])
+                    acc_p = jnp.einsum(eq, e, v.astype(f32))
+                    return jnp.concatenate([acc_p, e.sum(-1)[..., None]], -1), m
+
+                a_pre, m_pre = part(s_pre, pv, "bnqt,bntd->bnqd")
+                parts = [(pre_to_rows(a_pre), pre_to_rows(m_pre))]
+                parts += [
+                    part(s, v, "rngt,rntd->rngd") for s, (_, v) in zip(s_suf, blocks, strict=True)
+                ]
+                m_r = functools.reduce(jnp.maximum, [m for _, m in parts])
+                acc = sum(jnp.exp(m - m_r)[..., None] * a for a, m in parts)
+            else:  # one max over every part; the values' last component sums the weights
+                m_r = functools.reduce(
+                    jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1))
+                )
+                e_pre = jnp.exp(s_pre - rows_to_pre(m_r)[..., None])
+                acc = pre_to_rows(jnp.einsum("bnqt,bntd->bnqd", e_pre, pv.astype(f32)))
+                for s, (_, v) in zip(s_suf, blocks, strict=True):
+                    e = jnp.exp(s - m_r[..., None])
+                    acc = acc + jnp.einsum("rngt,rntd->rngd", e, v.astype(f32))
+            out = acc[..., :d] / acc[..., d:]
         out = out.astype(to_dtype(self.o_proj.dtype))
         return self.o_proj(out.reshape(b, kk, -1))
 
