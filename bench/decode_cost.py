@@ -278,20 +278,21 @@ def gpu_device(spec: str) -> jax.Device:
 
 
 def slot_loop_cost(cfg, graphdef, params, on, args, t: int, hbm_only: bool) -> dict:
-    """Continuous batching's slot loop (`continuous.programs`, as the library compiles it for
-    the device, `writes_after_reading`, unless `--write-after-read`), `args.slots` slots at its
+    """Continuous batching's slot loop (`continuous.programs` with `default_windows`, as the
+    library compiles it for the device, `writes_after_reading` unless `--write-after-read`),
+    `args.slots` slots at its
     widest window, every slot's prompt of `args.prompt_len` positions: one iteration's bytes
     (`bytes_by_op` of the loop body) against the minimum, every parameter once and every slot's
     prompt and window of keys and values (no two slots share a prompt's cache)."""
     s = settings(cfg, args.k, t)
-    windows = cont.default_windows(t)
+    (device,) = jax.tree.leaves(params)[0].sharding.device_set
+    windows = cont.default_windows(t, device.platform)
     pool, st = jax.eval_shape(
         lambda: cont.empty_buffers(cfg, args.slots, 1, args.prompt_len, s, windows)
     )
     pool, st = on(pool), on(st)
     key = on(jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
     count = on(jax.ShapeDtypeStruct((), jnp.int32))
-    (device,) = jax.tree.leaves(params)[0].sharding.device_set
     after = {"yes": True, "no": False}.get(args.write_after_read, device.platform == "tpu")
     _, loop = cont.programs(graphdef, None, after)
     t0 = time.perf_counter()

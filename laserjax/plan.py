@@ -655,7 +655,7 @@ def _compiled_slots_memory(model_cfg, graphdef, params, s, cfg, mesh, batch):
     prompt pool, donated) and `decode` (the slot loop at its widest window, the slots donated),
     from the empty pool and slots `ContinuousSampler.buffers` makes."""
     shards = s.batch_shards
-    windows = cont.default_windows(s.max_new_tokens)
+    windows = cont.default_windows(s.max_new_tokens, cont.platform_of(mesh))
     pool, st = jax.eval_shape(
         lambda: cont.empty_buffers(
             model_cfg, cfg.rollout.slots, shards, cfg.rollout.max_prompt_len, s, windows

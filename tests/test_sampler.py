@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
 from laserjax.config import MeshConfig
-from laserjax.continuous import ContinuousSampler, writes_after_reading
+from laserjax.continuous import ContinuousSampler, default_windows, writes_after_reading
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.transformer import SuffixCache, kv_layout_for
 from laserjax.sampler import (
@@ -852,6 +852,14 @@ def test_continuous_batching_writing_after_reading_draws_the_same_rows(batches, 
     one = jnp.zeros((1, 1), jnp.int32)
     with pytest.raises(ValueError, match="write_after_read needs per-row steps"):
         model.decode(one, one, None, SuffixCache.zeros(cfg, 1, 1, T), 0, write_after_read=True)
+
+
+def test_slot_loop_windows_by_platform():
+    """The slot loop's default windows: doubling from max_new_tokens / 8 on the CPU and a TPU,
+    one window on a GPU (`default_windows`: the loop spends most steps at its widest window,
+    where one segment compiled to 43% fewer kernels and 5% fewer bytes for an H200)."""
+    assert default_windows(512, "cpu") == default_windows(512, "tpu") == (64, 128, 256, 512)
+    assert default_windows(512, "gpu") == (512,)
 
 
 @pytest.mark.parametrize(
