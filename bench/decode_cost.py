@@ -280,10 +280,10 @@ def gpu_device(spec: str) -> jax.Device:
 def slot_loop_cost(cfg, graphdef, params, on, args, t: int, hbm_only: bool) -> dict:
     """Continuous batching's slot loop (`continuous.programs` with `default_windows`, as the
     library compiles it for the device, `writes_after_reading` unless `--write-after-read`),
-    `args.slots` slots at its
-    widest window, every slot's prompt of `args.prompt_len` positions: one iteration's bytes
-    (`bytes_by_op` of the loop body) against the minimum, every parameter once and every slot's
-    prompt and window of keys and values (no two slots share a prompt's cache)."""
+    `args.slots` slots at its widest window, every slot's prompt of `args.prompt_len` positions:
+    one iteration's bytes (`bytes_by_op` of the loop body) against the minimum, every parameter
+    once and every slot's prompt and window of keys and values (no two slots share a prompt's
+    cache)."""
     s = settings(cfg, args.k, t)
     (device,) = jax.tree.leaves(params)[0].sharding.device_set
     windows = cont.default_windows(t, device.platform)
@@ -293,7 +293,8 @@ def slot_loop_cost(cfg, graphdef, params, on, args, t: int, hbm_only: bool) -> d
     pool, st = on(pool), on(st)
     key = on(jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
     count = on(jax.ShapeDtypeStruct((), jnp.int32))
-    after = {"yes": True, "no": False}.get(args.write_after_read, device.platform == "tpu")
+    auto = cont.writes_after_reading(device.platform)
+    after = {"yes": True, "no": False}.get(args.write_after_read, auto)
     _, loop = cont.programs(graphdef, None, after)
     t0 = time.perf_counter()
     hlo = (
@@ -567,7 +568,8 @@ def main() -> None:
             first = got / need(lo)
             worst = max(worst, first)
             weighted += got * len(steps)
-            launched += kernels(hlo, bodies[w]) * len(steps) if args.gpu else 0
+            launch = kernels(hlo, bodies[w]) if args.gpu else 0
+            launched += launch * len(steps)
             need_sum += sum(need(i) for i in steps)
             emit(
                 what="window",
@@ -576,7 +578,7 @@ def main() -> None:
                 steps=f"{lo}..{w - 1}",
                 compile_s=round(compile_s, 1),
                 **({"device_bytes_from_hlo": got} if platform else {"xla_bytes": xla}),
-                **({"kernels_per_step": kernels(hlo, bodies[w])} if args.gpu else {}),
+                **({"kernels_per_step": launch} if args.gpu else {}),
                 min_bytes_first_step=need(lo),
                 ratio_first_step=round(first, 3),
                 ratio_last_step=round(got / need(w - 1), 3),

@@ -470,14 +470,13 @@ def platform_of(mesh: Mesh | None) -> str:
     return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
-def writes_after_reading(mesh: Mesh | None) -> bool:
-    """Whether the slot loop on `mesh`'s devices (default: jax's default backend) writes each
-    step's keys and values after attention has read the caches (`Transformer.decode`'s
-    `write_after_read`): on a TPU only (the slot loop at the 0.5B shape, 64 slots, compile only:
-    1.65 GB a step against 1.87). XLA:CPU copies every segment to do so (4.1 GB a step without,
-    7.4 with), and XLA's GPU compiler spends a kernel per layer on the extra part for 3% fewer
-    bytes (bench/README)."""
-    return platform_of(mesh) == "tpu"
+def writes_after_reading(platform: str) -> bool:
+    """Whether the slot loop on `platform` (`platform_of` its mesh) writes each step's keys and
+    values after attention has read the caches (`Transformer.decode`'s `write_after_read`): on
+    a TPU only (the slot loop at the 0.5B shape, 64 slots, compile only: 1.65 GB a step against
+    1.87). XLA:CPU copies every segment to do so (4.1 GB a step without, 7.4 with), and XLA's GPU
+    compiler spends a kernel per layer on the extra part for 3% fewer bytes (bench/README)."""
+    return platform == "tpu"
 
 
 def programs(
@@ -487,10 +486,12 @@ def programs(
     mask_bp, entry_b, prompt_b, seed_key, s=)` (prompts into pool entries; the pool donated) and
     `loop(params, pool, st, seed_key, stop_free, min_live, s=, window=)` (`_slot_loop`; the
     slots donated). `ContinuousSampler` runs them; `plan --compile` compiles them from shapes.
-    `write_after_read`: default `writes_after_reading(mesh)`."""
+    `write_after_read`: default `writes_after_reading` on the mesh's platform."""
     pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
     per = sharding.batch_shards(mesh)
-    after = writes_after_reading(mesh) if write_after_read is None else write_after_read
+    after = write_after_read
+    if after is None:
+        after = writes_after_reading(platform_of(mesh))
 
     def model(params):
         return nnx.merge(graphdef, params)

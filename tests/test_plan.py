@@ -37,7 +37,12 @@ from laserjax import sampler as sm
 from laserjax import train_step as ts
 from laserjax.config import ConfigError, MeshConfig, OptimConfig
 from laserjax.config_load import load_config
-from laserjax.continuous import ContinuousSampler, default_windows, writes_after_reading
+from laserjax.continuous import (
+    ContinuousSampler,
+    default_windows,
+    platform_of,
+    writes_after_reading,
+)
 from laserjax.model.transformer import Transformer, TransformerConfig, kv_layout_for
 from laserjax.sampler import Sampler
 
@@ -292,7 +297,8 @@ def test_tpu_slot_loop_keeps_its_caches_in_their_layout(monkeypatch):
     model_cfg = TransformerConfig(**(TOY | dict(head_dim=128, num_kv_heads=4, num_heads=8) | tpu))
     cfg = _cfg(prompts=8, k=8, p=64, t=1024, dtype="bfloat16", extra=("rollout.slots=64",))
     mesh = sharding.make_mesh(MeshConfig(1, 8, 1), devices)
-    assert writes_after_reading(mesh)  # the loop compiled here writes after attention's reads
+    # the loop compiled here writes after attention's reads
+    assert writes_after_reading(platform_of(mesh))
     compiled = []
     memory = plan._memory
     monkeypatch.setattr(plan, "_memory", lambda c: compiled.append(c) or memory(c))

@@ -840,7 +840,8 @@ def test_continuous_batching_writing_after_reading_draws_the_same_rows(batches, 
     device and on a data 2 x fsdp 2 x tensor 2 mesh, in both cache layouts: every row equals the
     static sampler's (tokens exactly; log-probs and log p(z_c) within 1e-5, two float32 sums of
     the same softmax in another order)."""
-    assert not writes_after_reading(None)  # XLA:CPU would copy every segment (continuous.py)
+    assert not writes_after_reading("cpu")  # XLA:CPU would copy every segment (continuous.py)
+    assert writes_after_reading("tpu")
     _, state = nnx.split(tiny_model())
     cfg = dataclasses.replace(CFG, kv_layout=layout)
     model = nnx.merge(nnx.graphdef(Transformer(cfg, rngs=nnx.Rngs(0))), state)

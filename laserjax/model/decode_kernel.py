@@ -144,12 +144,13 @@ def merge_parts(parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Arra
     """Softmax-weighted values over all parts from each part's (o, l, m) (same shapes across
     parts): the parts' sums rescaled to their common max, as one softmax over every position."""
     m_all = functools.reduce(jnp.maximum, [m for _, _, m in parts])
-    o_sum = l_sum = 0.0
-    for o, total, m in parts:
-        w = jnp.exp(m - m_all)
-        o_sum = o_sum + w[..., None] * o
-        l_sum = l_sum + w * total
-    return o_sum / l_sum[..., None]
+    # The sum rides as one more component of the values: one rescaled sum over the parts (kept
+    # as two, XLA's TPU slot loop read 2% more at 4096 new tokens).
+    acc = sum(
+        jnp.exp(m - m_all)[..., None] * jnp.concatenate([o, total[..., None]], -1)
+        for o, total, m in parts
+    )
+    return acc[..., :-1] / acc[..., -1:]
 
 
 def interpret_here() -> bool:

@@ -756,19 +756,17 @@ class Attention(nnx.Module):
                 ]
             if plain:  # each part its own max, merged after (see the docstring)
 
-                def part(s, v, eq):  # (weighted values and the weights' sum, max)
+                def part(s, v, eq):  # (weighted values, the weights' sum, max)
                     m = s.max(-1)
                     e = jnp.exp(s - m[..., None])
-                    acc_p = jnp.einsum(eq, e, v.astype(f32))
-                    return jnp.concatenate([acc_p, e.sum(-1)[..., None]], -1), m
+                    return jnp.einsum(eq, e, v.astype(f32)), e.sum(-1), m
 
-                a_pre, m_pre = part(s_pre, pv, "bnqt,bntd->bnqd")
-                parts = [(pre_to_rows(a_pre), pre_to_rows(m_pre))]
+                pre = part(s_pre, pv, "bnqt,bntd->bnqd")
+                parts = [tuple(pre_to_rows(x) for x in pre)]
                 parts += [
                     part(s, v, "rngt,rntd->rngd") for s, (_, v) in zip(s_suf, blocks, strict=True)
                 ]
-                m_r = functools.reduce(jnp.maximum, [m for _, m in parts])
-                acc = sum(jnp.exp(m - m_r)[..., None] * a for a, m in parts)
+                out = decode_kernel.merge_parts(parts)
             else:  # one max over every part; the values' last component sums the weights
                 m_r = functools.reduce(
                     jnp.maximum, [s.max(-1) for s in s_suf], pre_to_rows(s_pre.max(-1))
@@ -778,7 +776,7 @@ class Attention(nnx.Module):
                 for s, (_, v) in zip(s_suf, blocks, strict=True):
                     e = jnp.exp(s - m_r[..., None])
                     acc = acc + jnp.einsum("rngt,rntd->rngd", e, v.astype(f32))
-            out = acc[..., :d] / acc[..., d:]
+                out = acc[..., :d] / acc[..., d:]
         out = out.astype(to_dtype(self.o_proj.dtype))
         return self.o_proj(out.reshape(b, kk, -1))
 
