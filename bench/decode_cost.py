@@ -404,7 +404,16 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[512, 4096])
-    ap.add_argument("--excess", type=float, default=0.3, help="Sampler(window_excess=...)")
+    ap.add_argument(
+        "--excess", type=float, default=sm.WINDOW_EXCESS, help="Sampler(window_excess=...)"
+    )
+    ap.add_argument(
+        "--cpu-options",
+        choices=("library", "none"),
+        default="library",
+        help="XLA:CPU compiles each step with the decode programs' options "
+        "(`sampler.DECODE_COMPILER_OPTIONS`) or with none (XLA's defaults)",
+    )
     ap.add_argument(
         "--max-windows",
         type=int,
@@ -476,6 +485,7 @@ def main() -> None:
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item
     b, k, p = args.batch, args.k, args.prompt_len
     rows = b * k
+    opts = sm.decode_compiler_options("cpu") if args.cpu_options == "library" else {}
     emit(
         what="env",
         jax=jax.__version__,
@@ -483,6 +493,7 @@ def main() -> None:
         if platform
         else jax.default_backend(),
         kv_layout=cfg.kv_layout,
+        cpu_options=opts if not platform else None,
         model=args.model,
         dtype=args.dtype,
         batch=b,
@@ -552,7 +563,7 @@ def main() -> None:
 
                 t0 = time.perf_counter()
                 jitted = jax.jit(step, donate_argnums=(2,))
-                compiled = jitted.lower(params, prefix, state).compile()
+                compiled = jitted.lower(params, prefix, state).compile(compiler_options=opts)
                 cost = compiled.cost_analysis()
                 cost = cost[0] if isinstance(cost, list) else cost
                 xla = got = float(cost["bytes accessed"])

@@ -58,8 +58,10 @@ from laserjax.sampler import (
     _head_gatherer,
     _is_eos,
     _require,
+    decode_compiler_options,
     prompt_positions,
 )
+from laserjax.sharding import platform_of
 
 PREFILL_BATCH = 8
 """Prompts per prefill call (padded; on a mesh rounded up to a multiple of the batch axes'
@@ -464,12 +466,6 @@ def empty_buffers(
     return pool, _empty_slots(cfg, slots, s, tuple(windows))
 
 
-def platform_of(mesh: Mesh | None) -> str:
-    """The platform of `mesh`'s devices (compile-only ones too); without a mesh, jax's default
-    backend."""
-    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-
-
 def writes_after_reading(platform: str) -> bool:
     """Whether the slot loop on `platform` (`platform_of` its mesh) writes each step's keys and
     values after attention has read the caches (`Transformer.decode`'s `write_after_read`): on
@@ -509,6 +505,7 @@ def programs(
         ),
         static_argnames=("s", "window"),
         donate_argnums=(2,),
+        compiler_options=decode_compiler_options(platform_of(mesh)),
     )
     return prefill, loop
 

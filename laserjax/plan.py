@@ -644,6 +644,7 @@ def compiled_rollout_memory(
             graphdef, pr, pre, st, s, constrain, sm._head_gatherer(mesh)
         ),
         donate_argnums=(2,),
+        compiler_options=sm.decode_compiler_options(sharding.platform_of(mesh)),
     )
     out["decode"] = _memory(loop.lower(params, prefix, state).compile())
     return out
@@ -655,7 +656,7 @@ def _compiled_slots_memory(model_cfg, graphdef, params, s, cfg, mesh, batch):
     prompt pool, donated) and `decode` (the slot loop at its widest window, the slots donated),
     from the empty pool and slots `ContinuousSampler.buffers` makes."""
     shards = s.batch_shards
-    windows = cont.default_windows(s.max_new_tokens, cont.platform_of(mesh))
+    windows = cont.default_windows(s.max_new_tokens, sharding.platform_of(mesh))
     pool, st = jax.eval_shape(
         lambda: cont.empty_buffers(
             model_cfg, cfg.rollout.slots, shards, cfg.rollout.max_prompt_len, s, windows

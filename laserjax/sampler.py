@@ -223,6 +223,12 @@ def row_keys(seed_key: jax.Array, row_r: jax.Array, index_r: jax.Array) -> jax.A
 WINDOW_ALIGN = 64
 """Decode windows are multiples of this (or the full suffix length)."""
 
+WINDOW_EXCESS = 0.25
+"""The most a decode step may read over the least it must (`decode_windows_for`, as modelled)
+before the next window starts. At the 0.5B shape on XLA:CPU a step reads 1.19x its least with
+no window slack at all (activations, scores), so below about 0.2 every window is one
+`WINDOW_ALIGN` longer than the last; 0.25 takes 6 windows at 512 new tokens."""
+
 MAX_WINDOWS = 16
 """Most decode windows a rollout compiles (`decode_windows_for`). Uncapped, the 30% excess bound
 took 47 windows for Qwen2.5-0.5B's shape at 64 rows x 4096 new tokens in bf16, 51 for the 7B
@@ -230,38 +236,66 @@ recipe per chip; on an H200 each window added about 10 s to the 0.5B decode prog
 (3 windows 47 s, one 26 s)."""
 
 
+DECODE_COMPILER_OPTIONS: dict[str, dict[str, str]] = {
+    "cpu": {
+        "xla_cpu_experimental_ynn_fusion_type": (
+            "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+        )
+    },
+}
+"""XLA options the decode programs (the static decode loop, continuous batching's slot loop)
+compile with, by platform (`decode_compiler_options`). XLA:CPU hands YNNPACK only its matmuls
+by default, and writes every elementwise result and reduction between them to memory; with
+reductions too it fuses the elementwise work around the matmuls into them (the MLP's
+silu(gate) x up, attention's exp into exp-times-V). Qwen2.5-0.5B's shape, float32, 64 rows,
+window 64 (bench/decode_cost.py): a step reads 2,850 MB against 3,113 MB, runs in the same
+297 ms on 2 cores, and draws the same outputs to 7.5e-8. Other platforms fuse these already."""
+
+
+def decode_compiler_options(platform: str) -> dict[str, str]:
+    """`DECODE_COMPILER_OPTIONS` for `platform` (`sharding.platform_of` a mesh): a new dict."""
+    return dict(DECODE_COMPILER_OPTIONS.get(platform, {}))
+
+
 def window_schedule(
     max_new_tokens: int,
-    fixed_bytes: float,
-    position_bytes: float,
-    score_share: float = 0.0,
+    least: tuple[float, float],
+    read: tuple[float, float],
     max_excess: float = 0.2,
     align: int = WINDOW_ALIGN,
 ) -> tuple[int, ...]:
     """Increasing static attention windows ending at `max_new_tokens` (module docstring).
 
-    A step run with window W reads about F + W * R * (1 + score_share): F = `fixed_bytes` (the
-    parameters and the prefix cache), R = `position_bytes` (one suffix position's keys and values
-    across all rows and layers), `score_share` the attention scores' traffic per position
-    relative to R. The least step s must read is F + (s + 1) * R. Window W_i serves the steps
-    W_{i-1} <= s < W_i, so the largest W_i with
-    F + W_i R (1 + score_share) <= (1 + max_excess) (F + (W_{i-1} + 1) R), rounded down to
-    `align` (and at least one `align` more than W_{i-1}), bounds every step's excess over the
-    modelled traffic.
+    `least` = (L0, L1): decode step s must read at least L0 + (s + 1) * L1 bytes (the parameters
+    and the prefix cache, plus every live suffix position). `read` = (R0, R1): a step run with
+    window W reads R0 + W * R1 (what the step moves besides, per step and per window position).
+    Window W_i serves the steps W_{i-1} <= s < W_i (W_0 = 0), so W_i is the largest multiple of
+    `align` with R0 + W_i R1 <= (1 + max_excess) (L0 + (W_{i-1} + 1) L1), and at least one
+    `align` more than W_{i-1}: every step reads at most `max_excess` over its least, as modelled,
+    unless one `align` already exceeds that.
     """
-    if position_bytes <= 0:
+    (l0, l1), (r0, r1) = least, read
+    if l1 <= 0 or r1 <= 0:
         return (max_new_tokens,)
-    f = fixed_bytes / position_bytes
-    # The first window is one `align`: the rule above would allow more, but the steps it serves
-    # also pay the step's fixed overheads (activations, the prefix's scores, the vocabulary
-    # passes) that F leaves out, and these first steps have the least slack for them.
-    w = min(align, max_new_tokens)
-    out = [w]
+    out, w = [], 0
     while w < max_new_tokens:
-        best = ((1 + max_excess) * (f + w + 1) - f) / (1 + score_share)
+        best = ((1 + max_excess) * (l0 + (w + 1) * l1) - r0) / r1
         w = min(max_new_tokens, max(w + align, int(best) // align * align))
         out.append(w)
     return tuple(out)
+
+
+SCORE_BYTES = 14
+"""Bytes a decode step moves per attended position and query head for the float32 attention
+scores: written by the scores matmul, read by the max and by exp-times-V (3 x 4), plus what
+comes with them; measured on XLA:CPU with `DECODE_COMPILER_OPTIONS` at the 0.5B shape (a window
+position costs 1.172x its keys and values there: 12.8 bytes; bench/decode_cost.py)."""
+
+ACTIVATION_FLOATS = 32
+"""Hidden-size float32 vectors per row and layer a decode step writes or reads besides the
+weights and caches (norms, projections' outputs, rotary embedding, residuals), modelled with the
+logits' three passes (written by the head, read by the draw's two passes): 28.8 measured at the
+0.5B shape on XLA:CPU with `DECODE_COMPILER_OPTIONS`."""
 
 
 def decode_windows_for(
@@ -271,14 +305,14 @@ def decode_windows_for(
     prompt_len: int,
     k: int,
     max_new_tokens: int,
-    max_excess: float = 0.3,
+    max_excess: float = WINDOW_EXCESS,
     max_windows: int = MAX_WINDOWS,
 ) -> tuple[int, ...]:
-    """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring): a step reads
-    the parameters and the prefix cache, plus per window position every row's keys/values
-    (`cache_width` components each) and the float32 attention scores, one per query
-    head: written by the scores matmul, read by the max, read and written by the exp (XLA:CPU
-    does not fuse it into the matmul that reads it) and read by exp-times-V, 5 passes in all.
+    """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring). A step must
+    read the parameters, the prefix cache and the live suffix keys/values (`head_dim` wide). It
+    reads the parameters, the caches as laid out (`cache_width` wide), the float32 scores of
+    every attended position (`SCORE_BYTES` per query head) and the activations
+    (`ACTIVATION_FLOATS`, the logits' three passes).
 
     At most `max_windows` windows: where `max_excess` would take more, the least excess whose
     schedule fits replaces it (each window is a loop over every layer in the compiled program, so
@@ -288,12 +322,16 @@ def decode_windows_for(
     if max_windows == 1:
         return (max_new_tokens,)
     item = to_dtype(cfg.dtype).itemsize
-    kv_row = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.cache_width * item
-    score_share = 5 * cfg.num_heads * 4 / (2 * cfg.num_kv_heads * cfg.cache_width * item)
+    layers, rows, prefix = cfg.num_layers, prompts * k, prompts * prompt_len
+    kv_least = 2 * layers * cfg.num_kv_heads * cfg.head_dim * item
+    kv_read = 2 * layers * cfg.num_kv_heads * cfg.cache_width * item
+    kv_read += layers * cfg.num_heads * SCORE_BYTES
+    activations = rows * 4 * (3 * cfg.vocab_size + ACTIVATION_FLOATS * layers * cfg.hidden_size)
+    least = (params_bytes + prefix * kv_least, rows * kv_least)
+    read = (params_bytes + prefix * kv_read + activations, rows * kv_read)
 
     def schedule(excess: float) -> tuple[int, ...]:
-        fixed = params_bytes + prompts * prompt_len * kv_row
-        return window_schedule(max_new_tokens, fixed, prompts * k * kv_row, score_share, excess)
+        return window_schedule(max_new_tokens, least, read, excess)
 
     windows = schedule(max_excess)
     if len(windows) <= max_windows:
@@ -703,7 +741,7 @@ class Sampler:
         prompt_buckets: Sequence[int] = (),
         mesh: Mesh | None = None,
         cast_params: bool = True,
-        window_excess: float = 0.3,
+        window_excess: float = WINDOW_EXCESS,
         decode_windows: Sequence[int] = (),
         max_windows: int = MAX_WINDOWS,
         gather_weights: bool = False,
@@ -776,7 +814,12 @@ class Sampler:
             return _decode_loop(graphdef, params, prefix, state, settings, constrain, gather_head)
 
         self._prefill = jax.jit(prefill, static_argnums=(5, 6))
-        self._loop = jax.jit(loop, static_argnums=(3,), donate_argnums=(2,))
+        self._loop = jax.jit(
+            loop,
+            static_argnums=(3,),
+            donate_argnums=(2,),
+            compiler_options=decode_compiler_options(sharding.platform_of(mesh)),
+        )
         self.params, self._gather = None, None
         self.update_params(params)
 
@@ -987,4 +1030,5 @@ __all__ = [
     "default_prompt_buckets",
     "window_schedule",
     "decode_windows_for",
+    "decode_compiler_options",
 ]

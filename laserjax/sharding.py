@@ -107,3 +107,9 @@ def batch_shards(mesh: Mesh | None) -> int:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def platform_of(mesh: Mesh | None) -> str:
+    """The platform of `mesh`'s devices (compile-only ones too); without a mesh, jax's default
+    backend."""
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform

@@ -21,14 +21,22 @@ from jax.sharding import PartitionSpec as P
 
 from laserjax import sharding
 from laserjax.config import MeshConfig
-from laserjax.continuous import ContinuousSampler, default_windows, writes_after_reading
+from laserjax.continuous import (
+    ContinuousSampler,
+    default_windows,
+    empty_buffers,
+    programs,
+    writes_after_reading,
+)
 from laserjax.model import Transformer, TransformerConfig
 from laserjax.model.transformer import SuffixCache, kv_layout_for
 from laserjax.sampler import (
     Sampler,
     SamplingSettings,
     _constrainer,
+    _decode_loop,
     _prefill,
+    decode_compiler_options,
     decode_windows_for,
     full_vocab_draw,
     prompt_positions,
@@ -467,14 +475,52 @@ def test_full_vocab_draw_across_chunks():
     np.testing.assert_array_equal(row_slices(y, starts, 5), gathered)
 
 
+def _ynn_fused_ops(hlo: str) -> set[str]:
+    """The ops inside the YNNPACK fusions of a compiled XLA:CPU program."""
+    bodies = dict(re.findall(r"\n(%\S+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S))
+    called = re.findall(r"fusion\([^\n]*calls=(%[^,\s]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
+    return {op for c in called for op in re.findall(r" (\w+)\(", bodies.get(c, ""))}
+
+
+def test_decode_programs_compile_with_the_platforms_options():
+    """The static decode loop and the slot loop compile with `DECODE_COMPILER_OPTIONS` on the
+    CPU: XLA:CPU then fuses the MLP's silu (a divide) into the matmuls' YNNPACK fusions, which
+    it does not with its defaults (the static loop jitted without options, the reference)."""
+    assert decode_compiler_options("tpu") == decode_compiler_options("gpu") == {}
+    # Big enough for XLA:CPU to fuse: at hidden size 64 it leaves the silu alone either way.
+    cfg = dataclasses.replace(
+        CFG, hidden_size=128, intermediate_size=512, head_dim=32, vocab_size=512
+    )
+    sp = make_sampler(Transformer(cfg, rngs=nnx.Rngs(0)))
+    s = sp.settings(k=K, temperature=1.0, top_p=1.0, top_k=0)
+    prefix, state, *_ = sp.start(PROMPTS, s, SEED)
+    static = sp._loop.lower(sp.params, prefix, state, s).compile()
+    assert "divide" in _ynn_fused_ops(static.as_text())
+    plain = jax.jit(
+        lambda pr, pre, st: _decode_loop(sp.graphdef, pr, pre, st, s, lambda x: x, lambda x: x)
+    )
+    assert "divide" not in _ynn_fused_ops(plain.lower(sp.params, prefix, state).compile().as_text())
+    windows = default_windows(T)
+    pool, slots = empty_buffers(cfg, len(PROMPTS) * K, 1, 8, s, windows)
+    key, count = jax.random.key(0), jnp.int32(0)
+    _, loop = programs(sp.graphdef, None)
+    slot = loop.lower(sp.params, pool, slots, key, count, count, s=s, window=windows[-1])
+    assert "divide" in _ynn_fused_ops(slot.compile().as_text())
+
+
 def test_window_schedule_bounds_the_modelled_excess():
-    f, r, share, e = 1000.0, 1.0, 0.1, 0.3
-    w = window_schedule(4096, f, r, share, e, align=64)
-    assert w[0] == 64 and w[-1] == 4096 and list(w) == sorted(set(w))
-    assert all(b % 64 == 0 for b in w)
-    for lo, hi in zip(w[:-1], w[1:], strict=True):  # the step lo reads window hi
-        assert f + hi * r * (1 + share) <= (1 + e) * (f + lo + 1) * r or hi == lo + 64
-    assert window_schedule(40, f, r, share, e) == (40,)
+    least, read, e = (1000.0, 1.0), (1100.0, 1.2), 0.3
+    w = window_schedule(4096, least, read, e, align=64)
+    assert w[-1] == 4096 and list(w) == sorted(set(w)) and all(b % 64 == 0 for b in w)
+    for lo, hi in zip((0, *w[:-1]), w, strict=True):  # the step lo reads window hi
+        fits = read[0] + hi * read[1] <= (1 + e) * (least[0] + (lo + 1) * least[1])
+        assert fits or hi == lo + 64 or hi == 4096
+        if hi < 4096:  # the largest window that fits: one `align` more does not
+            assert read[0] + (hi + 64) * read[1] > (1 + e) * (least[0] + (lo + 1) * least[1])
+    assert w[0] == 128  # (1.3 * 1001 - 1100) / 1.2 = 167.8, rounded down to 64
+    assert window_schedule(40, least, read, e) == (40,)
+    # No slack the bound allows: every window one `align` longer than the last.
+    assert window_schedule(256, least, (1400.0, 1.2), e) == (64, 128, 192, 256)
     assert decode_windows_for(CFG, 10**6, 4, 8, 2, 8) == (8,)
 
 
