@@ -15,7 +15,7 @@ prompts, the same rows in each (one EOS id among 151,936: nearly every row runs 
 Each variant is built and compiled once (compile seconds printed: more windows, longer compile),
 then the timed rollouts alternate between them, `--rounds` rounds, and the fastest of each is
 kept: the 2-core CPU is shared, so the load average is printed before and after. Outputs are
-compared too: the same tokens, and the largest log-prob gap.
+compared too: rows with the same tokens, and the log-probs up to a row's first difference.
 
     python bench/cpu_decode_options.py                     # 0.5B widths, 4 of 24 layers, f32
     python bench/cpu_decode_options.py --layers 24 --rounds 2
@@ -124,13 +124,19 @@ def main() -> None:
         emit(what="first_call", variant=name, seconds=round(first, 2))
     ref = outs["library"]
     for name, out in outs.items():
-        same = bool(np.array_equal(out.response_tokens, ref.response_tokens))
-        gap = float(np.max(np.abs(out.logprobs - ref.logprobs)))
+        # A near-uniform draw (random weights, 151,936 tokens) can flip on a last-bit difference
+        # of the logits, after which a row's tokens part: compare each row up to that token.
+        differs = out.response_tokens != ref.response_tokens
+        first = np.where(differs.any(1), differs.argmax(1), differs.shape[1])
+        upto = np.arange(differs.shape[1])[None] < first[:, None]
+        gap = float(np.max(np.abs(out.logprobs - ref.logprobs), where=upto, initial=0.0))
         emit(
             what="outputs",
             variant=name,
-            same_tokens=same,
-            max_logprob_gap=gap,
+            rows_identical=int((first == differs.shape[1]).sum()),
+            rows=len(first),
+            first_difference_median=float(np.median(first)),
+            logprob_gap_before_it=gap,
             decode_steps=out.decode_steps,
             tokens=int(out.lengths.sum()),
         )

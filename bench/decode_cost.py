@@ -534,7 +534,7 @@ def main() -> None:
     for t in args.new_tokens:
         s = settings(cfg, k, t)
         windows = sm.decode_windows_for(
-            cfg, params_bytes, b, p, k, t, args.excess, args.max_windows
+            cfg, params_bytes, b, p, k, t, args.excess, args.max_windows, platform or "cpu"
         )
         prefix, state = on(abstract_rollout(graphdef, params, s, b, p, windows))
         layer_slice = rows * min(windows) * kv_tok // (2 * cfg.num_layers)

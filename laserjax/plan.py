@@ -620,7 +620,9 @@ def compiled_rollout_memory(
     if cfg.rollout.slots:
         return _compiled_slots_memory(model_cfg, graphdef, params, s, cfg, mesh, batch)
     params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    windows = sm.decode_windows_for(model_cfg, params_bytes, prompts, p_len, k, t_len)
+    windows = sm.decode_windows_for(
+        model_cfg, params_bytes, prompts, p_len, k, t_len, platform=sharding.platform_of(mesh)
+    )
     constrain = sm._constrainer(mesh)
 
     prefill = jax.jit(

@@ -41,7 +41,9 @@ a long generation does not read (or mask) the unused tail of the preallocated ca
 segmented: one `while_loop` per window of `window_schedule`, each running the steps that fit its
 window; together they run exactly the steps the single loop would. The windows grow with the
 step so that each step reads at most a set excess over the least it must read (every parameter
-once plus the live prefix and suffix keys/values).
+once plus the live prefix and suffix keys/values), as `decode_windows_for` models a step's
+traffic. On the CPU the decode programs compile with `DECODE_COMPILER_OPTIONS`, which fuse the
+work around the step's matmuls into them.
 """
 
 from __future__ import annotations
@@ -227,13 +229,14 @@ WINDOW_EXCESS = 0.25
 """The most a decode step may read over the least it must (`decode_windows_for`, as modelled)
 before the next window starts. At the 0.5B shape on XLA:CPU a step reads 1.19x its least with
 no window slack at all (activations, scores), so below about 0.2 every window is one
-`WINDOW_ALIGN` longer than the last; 0.25 takes 6 windows at 512 new tokens."""
+`WINDOW_ALIGN` longer than the last; 0.25 takes 7 windows at 512 new tokens there, and the cap
+(`MAX_WINDOWS`) at 4096. On a TPU 0.25 takes 4 windows at 512 (0.3 took 3 before 28 Nov 2026)."""
 
 MAX_WINDOWS = 16
-"""Most decode windows a rollout compiles (`decode_windows_for`). Uncapped, the 30% excess bound
-took 47 windows for Qwen2.5-0.5B's shape at 64 rows x 4096 new tokens in bf16, 51 for the 7B
-recipe per chip; on an H200 each window added about 10 s to the 0.5B decode program's compile
-(3 windows 47 s, one 26 s)."""
+"""Most decode windows a rollout compiles (`decode_windows_for`). Uncapped, the excess bound takes
+30 windows for Qwen2.5-0.5B's shape at 64 rows x 4096 new tokens on the CPU (float32) and 58 on
+a TPU (bf16); on an H200 each window added about 10 s to the 0.5B decode program's compile (3
+windows 47 s, one 26 s)."""
 
 
 DECODE_COMPILER_OPTIONS: dict[str, dict[str, str]] = {
@@ -244,12 +247,13 @@ DECODE_COMPILER_OPTIONS: dict[str, dict[str, str]] = {
     },
 }
 """XLA options the decode programs (the static decode loop, continuous batching's slot loop)
-compile with, by platform (`decode_compiler_options`). XLA:CPU hands YNNPACK only its matmuls
-by default, and writes every elementwise result and reduction between them to memory; with
-reductions too it fuses the elementwise work around the matmuls into them (the MLP's
+compile with, by platform (`decode_compiler_options`). By default XLA:CPU hands YNNPACK the
+matmuls and little else, and writes most elementwise results and reductions between them to
+memory; with reductions added it fuses the work around the matmuls into them (the MLP's
 silu(gate) x up, attention's exp into exp-times-V). Qwen2.5-0.5B's shape, float32, 64 rows,
-window 64 (bench/decode_cost.py): a step reads 2,850 MB against 3,113 MB, runs in the same
-297 ms on 2 cores, and draws the same outputs to 7.5e-8. Other platforms fuse these already."""
+window 64: a step reads 2,850 MB against 3,113 MB (bench/decode_cost.py); a whole rollout takes
+the same time on 2 cores, where it is bound by arithmetic (bench/cpu_decode_options.py). Other
+platforms fuse these already."""
 
 
 def decode_compiler_options(platform: str) -> dict[str, str]:
@@ -261,8 +265,9 @@ def window_schedule(
     max_new_tokens: int,
     least: tuple[float, float],
     read: tuple[float, float],
-    max_excess: float = 0.2,
+    max_excess: float = WINDOW_EXCESS,
     align: int = WINDOW_ALIGN,
+    first: int | None = None,
 ) -> tuple[int, ...]:
     """Increasing static attention windows ending at `max_new_tokens` (module docstring).
 
@@ -271,13 +276,17 @@ def window_schedule(
     window W reads R0 + W * R1 (what the step moves besides, per step and per window position).
     Window W_i serves the steps W_{i-1} <= s < W_i (W_0 = 0), so W_i is the largest multiple of
     `align` with R0 + W_i R1 <= (1 + max_excess) (L0 + (W_{i-1} + 1) L1), and at least one
-    `align` more than W_{i-1}: every step reads at most `max_excess` over its least, as modelled,
-    unless one `align` already exceeds that.
-    """
+    `align` more than W_{i-1}: every step reads at most `max_excess` over its least, as
+    modelled, unless one `align` already exceeds that. `first`: the first window instead (where
+    the model leaves out the step's fixed overheads, the first steps have the least room for
+    them)."""
     (l0, l1), (r0, r1) = least, read
     if l1 <= 0 or r1 <= 0:
         return (max_new_tokens,)
     out, w = [], 0
+    if first is not None:
+        w = min(first, max_new_tokens)
+        out.append(w)
     while w < max_new_tokens:
         best = ((1 + max_excess) * (l0 + (w + 1) * l1) - r0) / r1
         w = min(max_new_tokens, max(w + align, int(best) // align * align))
@@ -285,17 +294,54 @@ def window_schedule(
     return tuple(out)
 
 
-SCORE_BYTES = 14
-"""Bytes a decode step moves per attended position and query head for the float32 attention
-scores: written by the scores matmul, read by the max and by exp-times-V (3 x 4), plus what
-comes with them; measured on XLA:CPU with `DECODE_COMPILER_OPTIONS` at the 0.5B shape (a window
-position costs 1.172x its keys and values there: 12.8 bytes; bench/decode_cost.py)."""
+@dataclasses.dataclass(frozen=True)
+class StepTraffic:
+    """What a decode step moves besides the parameters and the caches, per compiler
+    (`STEP_TRAFFIC`; `decode_windows_for` models a step with it)."""
 
-ACTIVATION_FLOATS = 32
-"""Hidden-size float32 vectors per row and layer a decode step writes or reads besides the
-weights and caches (norms, projections' outputs, rotary embedding, residuals), modelled with the
-logits' three passes (written by the head, read by the draw's two passes): 28.8 measured at the
-0.5B shape on XLA:CPU with `DECODE_COMPILER_OPTIONS`."""
+    score_bytes: float
+    """Per window position and query head: the float32 attention scores' passes."""
+    prompt_scores: bool
+    """Whether the prompt positions' scores count too (`score_bytes` each)."""
+    activation_floats: float
+    """Hidden-size float32 vectors per row and layer (norms, projections' outputs, rotary
+    embedding, residuals)."""
+    vocab_passes: int
+    """Passes over the [rows, vocabulary] float32 logits."""
+    first_window: int | None
+    """The first window, where the model leaves the step's fixed overheads out (None: by the
+    excess bound like the others)."""
+
+
+STEP_TRAFFIC = {
+    "cpu": StepTraffic(
+        score_bytes=14, prompt_scores=True, activation_floats=32, vocab_passes=3, first_window=None
+    ),
+}
+"""Measured on XLA:CPU with `DECODE_COMPILER_OPTIONS` at Qwen2.5-0.5B's shape (64 rows, float32,
+bench/decode_cost.py): the scores written by their matmul and read by the max and by
+exp-times-V, 12.6 bytes (a window position costs 1.17x its keys and values), taken as 14
+because from 16 cache parts on (the 15th window) XLA:CPU takes some parts' exp out of their
+fusions, 100-200 MB a step over the trend at 4096 new tokens; 28.8 activation vectors besides
+the logits' three passes (written by the head, read by the draw's two)."""
+
+FUSED_STEP_TRAFFIC = StepTraffic(
+    score_bytes=20,
+    prompt_scores=False,
+    activation_floats=0,
+    vocab_passes=0,
+    first_window=WINDOW_ALIGN,
+)
+"""Other compilers (TPU, GPU) fuse the activations and the scores' passes into the matmuls; five
+float32 passes per window position stand in for them, which keeps the windows' segments short:
+on XLA's TPU compiler a segment of 448 positions was brought on chip and copied back every step,
+none of 384 or fewer at the 0.5B shape (bench/README). The schedule this gives is the one the
+TPU and GPU figures of bench/README were taken with before 28 Nov 2026 (at 0.3 excess)."""
+
+
+def step_traffic(platform: str) -> StepTraffic:
+    """`STEP_TRAFFIC` for `platform`, `FUSED_STEP_TRAFFIC` where it has none."""
+    return STEP_TRAFFIC.get(platform, FUSED_STEP_TRAFFIC)
 
 
 def decode_windows_for(
@@ -307,12 +353,13 @@ def decode_windows_for(
     max_new_tokens: int,
     max_excess: float = WINDOW_EXCESS,
     max_windows: int = MAX_WINDOWS,
+    platform: str = "cpu",
 ) -> tuple[int, ...]:
-    """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring). A step must
-    read the parameters, the prefix cache and the live suffix keys/values (`head_dim` wide). It
-    reads the parameters, the caches as laid out (`cache_width` wide), the float32 scores of
-    every attended position (`SCORE_BYTES` per query head) and the activations
-    (`ACTIVATION_FLOATS`, the logits' three passes).
+    """`window_schedule` for a rollout of `prompts` x `k` rows (module docstring), compiled for
+    `platform` (`sharding.platform_of` a mesh). A step must read the parameters, the prefix cache
+    and the live suffix keys/values (`head_dim` wide). It reads the parameters, the caches as laid
+    out (`cache_width` wide) and what `step_traffic(platform)` adds: the scores of every attended
+    position, the activations and the logits.
 
     At most `max_windows` windows: where `max_excess` would take more, the least excess whose
     schedule fits replaces it (each window is a loop over every layer in the compiled program, so
@@ -325,13 +372,16 @@ def decode_windows_for(
     layers, rows, prefix = cfg.num_layers, prompts * k, prompts * prompt_len
     kv_least = 2 * layers * cfg.num_kv_heads * cfg.head_dim * item
     kv_read = 2 * layers * cfg.num_kv_heads * cfg.cache_width * item
-    kv_read += layers * cfg.num_heads * SCORE_BYTES
-    activations = rows * 4 * (3 * cfg.vocab_size + ACTIVATION_FLOATS * layers * cfg.hidden_size)
+    traffic = step_traffic(platform)
+    scores = layers * cfg.num_heads * traffic.score_bytes
+    per_row = traffic.vocab_passes * cfg.vocab_size
+    per_row += traffic.activation_floats * layers * cfg.hidden_size
+    fixed = params_bytes + prefix * (kv_read + scores * traffic.prompt_scores) + rows * 4 * per_row
     least = (params_bytes + prefix * kv_least, rows * kv_least)
-    read = (params_bytes + prefix * kv_read + activations, rows * kv_read)
+    read = (fixed, rows * (kv_read + scores))
 
     def schedule(excess: float) -> tuple[int, ...]:
-        return window_schedule(max_new_tokens, least, read, excess)
+        return window_schedule(max_new_tokens, least, read, excess, first=traffic.first_window)
 
     windows = schedule(max_excess)
     if len(windows) <= max_windows:
@@ -948,6 +998,7 @@ class Sampler:
             self.max_new_tokens,
             self.window_excess,
             self.max_windows,
+            sharding.platform_of(self.mesh),
         )
 
     def sample(
@@ -1031,4 +1082,5 @@ __all__ = [
     "window_schedule",
     "decode_windows_for",
     "decode_compiler_options",
+    "step_traffic",
 ]

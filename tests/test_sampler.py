@@ -42,6 +42,7 @@ from laserjax.sampler import (
     prompt_positions,
     row_slices,
     sample_tokens,
+    step_traffic,
     token_logprobs,
     window_schedule,
 )
@@ -518,10 +519,36 @@ def test_window_schedule_bounds_the_modelled_excess():
         if hi < 4096:  # the largest window that fits: one `align` more does not
             assert read[0] + (hi + 64) * read[1] > (1 + e) * (least[0] + (lo + 1) * least[1])
     assert w[0] == 128  # (1.3 * 1001 - 1100) / 1.2 = 167.8, rounded down to 64
+    given = window_schedule(4096, least, read, e, first=64)
+    assert given[0] == 64 and given[1] == 192  # (1.3 * 1065 - 1100) / 1.2 = 237.9
     assert window_schedule(40, least, read, e) == (40,)
     # No slack the bound allows: every window one `align` longer than the last.
     assert window_schedule(256, least, (1400.0, 1.2), e) == (64, 128, 192, 256)
     assert decode_windows_for(CFG, 10**6, 4, 8, 2, 8) == (8,)
+
+
+def test_decode_windows_model_the_platforms_traffic():
+    """XLA:CPU's step moves its scores and activations through memory, so its windows are
+    shorter than a TPU's, whose compiler keeps them on chip; the TPU keeps the schedule its
+    compiled-traffic figures were taken with (bench/README)."""
+    cfg = dataclasses.replace(
+        CFG,
+        num_layers=24,
+        hidden_size=896,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        vocab_size=151936,
+        dtype="bfloat16",
+        kv_layout="plain",
+    )  # Qwen2.5-0.5B's decode shape
+    args = (cfg, 988065536, 64, 256, 1, 4096)
+    tpu = decode_windows_for(*args, platform="tpu")
+    assert tpu[:4] == (64, 448, 832, 1216) and tpu[-3:] == (3712, 3904, 4096) and len(tpu) == 16
+    assert decode_windows_for(*args, platform="gpu") == tpu
+    cpu = decode_windows_for(*args, platform="cpu")
+    assert len(cpu) == 16 and cpu[1] < tpu[1]
+    assert step_traffic("tpu") == step_traffic("gpu") != step_traffic("cpu")
 
 
 def test_decode_windows_are_capped_by_raising_the_excess():
