@@ -411,8 +411,9 @@ def main() -> None:
         "--cpu-options",
         choices=("library", "none"),
         default="library",
-        help="XLA:CPU compiles each step with the decode programs' options "
-        "(`sampler.DECODE_COMPILER_OPTIONS`) or with none (XLA's defaults)",
+        help="XLA:CPU compiles each static-loop step with the decode programs' options "
+        "(`sampler.DECODE_COMPILER_OPTIONS`) or with none (XLA's defaults); the slot loop "
+        "(--slots) compiles as the library's program does",
     )
     ap.add_argument(
         "--max-windows",
