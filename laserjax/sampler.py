@@ -49,7 +49,9 @@ work around the step's matmuls into them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import warnings
 from collections.abc import Sequence
 
 import flax.struct
@@ -257,8 +259,31 @@ platforms fuse these already."""
 
 
 def decode_compiler_options(platform: str) -> dict[str, str]:
-    """`DECODE_COMPILER_OPTIONS` for `platform` (`sharding.platform_of` a mesh): a new dict."""
-    return dict(DECODE_COMPILER_OPTIONS.get(platform, {}))
+    """`DECODE_COMPILER_OPTIONS` for `platform` (`sharding.platform_of` a mesh): a new dict, empty
+    (XLA's defaults, with a warning) where this jaxlib's compiler does not take them."""
+    options = DECODE_COMPILER_OPTIONS.get(platform, {})
+    if options and not _compiler_takes(platform, tuple(sorted(options.items()))):
+        return {}
+    return dict(options)
+
+
+@functools.cache
+def _compiler_takes(platform: str, options: tuple[tuple[str, str], ...]) -> bool:
+    """Whether `platform`'s compiler (this jaxlib's) accepts `options`: an option or value it
+    does not know fails every compile, and `jax>=0.6` spans versions before YNNPACK's fusions."""
+    try:
+        device = jax.devices(platform)[0]
+        x = jax.device_put(np.float32(0), device)
+        jax.jit(lambda y: y + 1, compiler_options=dict(options)).lower(x).compile()
+    except Exception as e:  # XLA's errors for an unknown option vary by version
+        warnings.warn(
+            f"XLA ({platform}) does not take the decode programs' options {dict(options)} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); they compile with its "
+            "defaults, reading more memory per decode step",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def window_schedule(

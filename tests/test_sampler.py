@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from laserjax import sampler as sampler_module
 from laserjax import sharding
 from laserjax.config import MeshConfig
 from laserjax.continuous import (
@@ -507,6 +508,17 @@ def test_decode_programs_compile_with_the_platforms_options():
     _, loop = programs(sp.graphdef, None)
     slot = loop.lower(sp.params, pool, slots, key, count, count, s=s, window=windows[-1])
     assert "divide" in _ynn_fused_ops(slot.compile().as_text())
+
+
+def test_decode_options_a_compiler_does_not_take_fall_back_to_its_defaults(monkeypatch):
+    """An option (or value) this jaxlib's XLA does not know would fail every compile: the decode
+    programs then compile with XLA's defaults, and say so."""
+    bad = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NO_SUCH_KIND"}
+    monkeypatch.setitem(sampler_module.DECODE_COMPILER_OPTIONS, "cpu", bad)
+    with pytest.warns(UserWarning, match="LIBRARY_FUSION_TYPE_NO_SUCH_KIND"):
+        assert decode_compiler_options("cpu") == {}
+    monkeypatch.undo()
+    assert decode_compiler_options("cpu") == sampler_module.DECODE_COMPILER_OPTIONS["cpu"]
 
 
 def test_window_schedule_bounds_the_modelled_excess():
