@@ -33,11 +33,11 @@ import time
 
 import jax
 import numpy as np
-from decode_cost import PRESETS
+from decode_cost import PRESETS, qwen2_config
 from flax import nnx
 
 from laserjax import sampler as sm
-from laserjax.model import Transformer, TransformerConfig
+from laserjax.model import Transformer
 
 
 def emit(**kw) -> None:
@@ -61,15 +61,7 @@ def main() -> None:
     args = ap.parse_args()
 
     shape = dict(PRESETS["0.5b"], num_layers=args.layers)
-    cfg = TransformerConfig(
-        model_type="qwen2",
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-        qkv_bias=True,
-        dtype="float32",
-        param_dtype="float32",
-        **shape,
-    )
+    cfg = qwen2_config(shape, "float32")
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     prompts = rng.integers(10, cfg.vocab_size - 10, (args.rows, args.prompt_len)).tolist()

@@ -71,6 +71,23 @@ PRESETS = {
         vocab_size=8192,
     ),
 }
+
+
+def qwen2_config(shape: dict, dtype: str, **kw) -> TransformerConfig:
+    """A Qwen2 model (rope theta 1e6, tied embeddings, q/k/v biases) of `shape` (`PRESETS`) in
+    `dtype`, weights and compute; `kw`: more `TransformerConfig` fields."""
+    return TransformerConfig(
+        model_type="qwen2",
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        qkv_bias=True,
+        dtype=dtype,
+        param_dtype=dtype,
+        **shape,
+        **kw,
+    )
+
+
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 
 
@@ -463,16 +480,7 @@ def main() -> None:
     elif args.gpu:
         device, platform = gpu_device(args.gpu), "gpu"
     layout = {"kv_layout": kv_layout_for(platform)} if platform else {}
-    cfg = TransformerConfig(
-        model_type="qwen2",
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-        qkv_bias=True,
-        dtype=args.dtype,
-        param_dtype=args.dtype,
-        **shape,
-        **layout,
-    )
+    cfg = qwen2_config(shape, args.dtype, **layout)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     chip = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
 

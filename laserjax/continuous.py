@@ -484,10 +484,8 @@ def programs(
     slots donated). `ContinuousSampler` runs them; `plan --compile` compiles them from shapes.
     `write_after_read`: default `writes_after_reading` on the mesh's platform."""
     pin, gather_head, residual = _pinner(mesh), _head_gatherer(mesh), _constrainer(mesh)
-    per = sharding.batch_shards(mesh)
-    after = write_after_read
-    if after is None:
-        after = writes_after_reading(platform_of(mesh))
+    per, platform = sharding.batch_shards(mesh), platform_of(mesh)
+    after = writes_after_reading(platform) if write_after_read is None else write_after_read
 
     def model(params):
         return nnx.merge(graphdef, params)
@@ -505,7 +503,7 @@ def programs(
         ),
         static_argnames=("s", "window"),
         donate_argnums=(2,),
-        compiler_options=decode_compiler_options(platform_of(mesh)),
+        compiler_options=decode_compiler_options(platform),
     )
     return prefill, loop
 

@@ -641,14 +641,8 @@ def compiled_rollout_memory(
     prefix, state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), compiled.out_info
     )
-    loop = jax.jit(
-        lambda pr, pre, st: sm._decode_loop(
-            graphdef, pr, pre, st, s, constrain, sm._head_gatherer(mesh)
-        ),
-        donate_argnums=(2,),
-        compiler_options=sm.decode_compiler_options(sharding.platform_of(mesh)),
-    )
-    out["decode"] = _memory(loop.lower(params, prefix, state).compile())
+    loop = sm.decode_program(graphdef, mesh)
+    out["decode"] = _memory(loop.lower(params, prefix, state, s).compile())
     return out
 
 

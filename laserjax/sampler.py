@@ -52,7 +52,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.struct
 import jax
@@ -765,6 +765,27 @@ def _constrainer(mesh: Mesh | None):
     return constrain
 
 
+def decode_program(
+    graphdef: nnx.GraphDef, mesh: Mesh | None, on_trace: Callable[[], None] = lambda: None
+) -> Callable[..., SamplerState]:
+    """The decode loop, jitted: `loop(params, prefix, state, settings)` (`_decode_loop`; the state
+    donated, the settings static), compiled with `decode_compiler_options` for the mesh's
+    platform; `on_trace` runs at each trace. `Sampler` runs it; `plan --compile` compiles it
+    from shapes."""
+    constrain, gather_head = _constrainer(mesh), _head_gatherer(mesh)
+
+    def loop(params, prefix, state, settings):
+        on_trace()
+        return _decode_loop(graphdef, params, prefix, state, settings, constrain, gather_head)
+
+    return jax.jit(
+        loop,
+        static_argnums=(3,),
+        donate_argnums=(2,),
+        compiler_options=decode_compiler_options(sharding.platform_of(mesh)),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The host-side driver.
 
@@ -882,19 +903,11 @@ class Sampler:
                 graphdef, params, tokens_bp, mask_bp, valid_b, seed, settings, constrain, windows
             )
 
-        gather_head = _head_gatherer(mesh)
-
-        def loop(params, prefix, state, settings):
+        def count_trace() -> None:
             self.stats["decode_traces"] += 1
-            return _decode_loop(graphdef, params, prefix, state, settings, constrain, gather_head)
 
         self._prefill = jax.jit(prefill, static_argnums=(5, 6))
-        self._loop = jax.jit(
-            loop,
-            static_argnums=(3,),
-            donate_argnums=(2,),
-            compiler_options=decode_compiler_options(sharding.platform_of(mesh)),
-        )
+        self._loop = decode_program(graphdef, mesh, count_trace)
         self.params, self._gather = None, None
         self.update_params(params)
 
@@ -1107,5 +1120,6 @@ __all__ = [
     "window_schedule",
     "decode_windows_for",
     "decode_compiler_options",
+    "decode_program",
     "step_traffic",
 ]
